@@ -1,0 +1,44 @@
+"""muscle_kernels: fast MuScleLoRA (Wu et al., ACL 2024) for backdoor-robust fine-tuning.
+
+Core (imported eagerly, light): the layer and its functional op. Everything that pulls in heavier dependencies
+(transformers, the C++/CUDA extension, the defended training loop) is imported on first attribute access, so
+`import muscle_kernels` stays fast and never fails because an optional piece cannot be built.
+"""
+from __future__ import annotations
+
+import importlib
+
+from .nn import MuScleLoRALinear
+from .ops.lowrank_linear import available_backends, muscle_lora_linear
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it (imported lazily)
+_LAZY = {
+    "align_gradients_": "muscle_kernels.ops.grad_align",
+    "grad_align_reduce": "muscle_kernels.ops.grad_align",
+    "grad_align_apply_": "muscle_kernels.ops.grad_align",
+    "GradientAligner": "muscle_kernels.defense.aligner",
+    "MuScleLoRAConfig": "muscle_kernels.integrations.config",
+    "apply_muscle_lora": "muscle_kernels.integrations.apply",
+    "save_adapter": "muscle_kernels.integrations.adapters",
+    "load_adapter": "muscle_kernels.integrations.adapters",
+    "merge_and_unload": "muscle_kernels.integrations.adapters",
+    "export_peft": "muscle_kernels.integrations.peft_export",
+    "MuScleLoRACallback": "muscle_kernels.integrations.trainer",
+}
+
+__all__ = ["MuScleLoRALinear", "muscle_lora_linear", "available_backends", "__version__", *_LAZY]
+
+
+def __getattr__(name):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'muscle_kernels' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

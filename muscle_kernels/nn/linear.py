@@ -1,0 +1,178 @@
+"""MuScleLoRALinear: a drop-in replacement for nn.Linear with multi-scale low-rank adapter branches (SPEC section 2).
+
+The base weight and bias are frozen; the trainable adapter is lora_L [n*r, in] and lora_R [out, n*r]; the radial
+scales s_j = k_i * alpha / r live in a buffer. The forward pass is one call of the fused op (muscle_lora_linear), which
+picks the Triton kernels on CUDA and the composed-GEMM path on the CPU.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..ops.lowrank_linear.function import BACKENDS, muscle_lora_linear
+from ..ops.lowrank_linear.reference import make_scales, merged_delta
+
+__all__ = ["MuScleLoRALinear", "INIT_MODES"]
+
+INIT_MODES = ("lora", "seed")
+
+
+def _check_config(freq_band, inner_rank, alpha, dropout, init):
+    try:
+        band = tuple(float(k) for k in freq_band)
+    except TypeError:
+        raise TypeError(f"freq_band: expected a sequence of positive numbers, got {freq_band!r}") from None
+    if len(band) == 0:
+        raise ValueError("freq_band: expected at least one radial scale, got an empty sequence")
+    if any(not math.isfinite(k) or k <= 0 for k in band):
+        raise ValueError(f"freq_band: expected positive finite scales, got {freq_band!r}")
+    if isinstance(inner_rank, bool) or not isinstance(inner_rank, int) or inner_rank < 1:
+        raise ValueError(f"inner_rank: expected an integer >= 1, got {inner_rank!r}")
+    if not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"alpha: expected a positive number, got {alpha!r}")
+    if not isinstance(dropout, (int, float)) or not (0.0 <= dropout < 1.0):
+        raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
+    if init not in INIT_MODES:
+        raise ValueError(f"init: expected one of {INIT_MODES}, got {init!r}")
+    # Keep integers as integers in the repr and the saved config (the paper's bands are integers).
+    return tuple(int(k) if float(k).is_integer() else k for k in band)
+
+
+class MuScleLoRALinear(nn.Module):
+    """``y = x W^T + b + ((drop(x) L^T) * s) R^T`` with n = len(freq_band) branches of rank ``inner_rank``.
+
+    A plain LoRA layer is ``freq_band=(1,), inner_rank=r, alpha=lora_alpha``.
+
+    init="lora" (default): L kaiming-uniform(a=sqrt(5)), R zero, so the output equals the base layer's at step 0.
+    init="seed": both kaiming-uniform(a=sqrt(5)), as the paper's MultiScaleLowRankLinear.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        freq_band: Sequence[float] = (1, 2, 3, 4),
+        inner_rank: int = 1,
+        alpha: float = 4.0,
+        dropout: float = 0.0,
+        init: str = "lora",
+        backend: str = "auto",
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+        base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._setup(base.weight, base.bias, freq_band, inner_rank, alpha, dropout, init, backend)
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        *,
+        freq_band: Sequence[float] = (1, 2, 3, 4),
+        inner_rank: int = 1,
+        alpha: float = 4.0,
+        dropout: float = 0.0,
+        init: str = "lora",
+        backend: str = "auto",
+    ) -> "MuScleLoRALinear":
+        """Wrap an existing nn.Linear: its weight and bias Parameters are reused (not copied) and frozen."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self._setup(linear.weight, linear.bias, freq_band, inner_rank, alpha, dropout, init, backend)
+        return self
+
+    def _setup(self, weight, bias, freq_band, inner_rank, alpha, dropout, init, backend):
+        self.freq_band = _check_config(freq_band, inner_rank, alpha, dropout, init)
+        if backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+        self.inner_rank = int(inner_rank)
+        self.alpha = float(alpha)
+        self.dropout = float(dropout)
+        self.init = init
+        self.backend = backend
+        self.out_features, self.in_features = weight.shape
+        weight.requires_grad_(False)
+        self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
+        if bias is not None:
+            bias.requires_grad_(False)
+            self.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias, requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        nr = len(self.freq_band) * self.inner_rank
+        factory = dict(device=weight.device, dtype=weight.dtype)
+        self.lora_L = nn.Parameter(torch.empty(nr, self.in_features, **factory))
+        self.lora_R = nn.Parameter(torch.empty(self.out_features, nr, **factory))
+        self.register_buffer(
+            "scales", make_scales(self.freq_band, self.inner_rank, self.alpha, device=weight.device), persistent=True
+        )
+        self.merged = False
+        self.reset_adapter_parameters()
+
+    @property
+    def n_branches(self) -> int:
+        return len(self.freq_band)
+
+    def reset_adapter_parameters(self) -> None:
+        if self.merged:
+            raise RuntimeError("reset_adapter_parameters: unmerge() first; the base weight holds the old adapter")
+        nn.init.kaiming_uniform_(self.lora_L, a=math.sqrt(5))
+        if self.init == "seed":
+            nn.init.kaiming_uniform_(self.lora_R, a=math.sqrt(5))
+        else:
+            nn.init.zeros_(self.lora_R)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return nn.functional.linear(x, self.weight, self.bias)
+        return muscle_lora_linear(
+            x, self.weight, self.bias, self.lora_L, self.lora_R, self.scales,
+            dropout_p=self.dropout, training=self.training, backend=self.backend,
+        )
+
+    @torch.no_grad()
+    def delta_weight(self) -> torch.Tensor:
+        """R diag(s) L in fp32 (fp64 for fp64 layers): what merge() adds to the base weight."""
+        return merged_delta(self.lora_L, self.lora_R, self.scales)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the adapter into the base weight: W <- W + R diag(s) L. Forward then costs a bare nn.Linear."""
+        if self.merged:
+            raise RuntimeError("merge: the adapter is already merged")
+        self.weight.copy_((self.weight.to(self._acc_dtype()) + self.delta_weight()).to(self.weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the adapter again (exact up to rounding in the weight's dtype)."""
+        if not self.merged:
+            raise RuntimeError("unmerge: the adapter is not merged")
+        self.weight.copy_((self.weight.to(self._acc_dtype()) - self.delta_weight()).to(self.weight.dtype))
+        self.merged = False
+
+    def _acc_dtype(self):
+        return torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+
+    def extra_repr(self) -> str:
+        band = ", ".join(str(k) for k in self.freq_band)
+        text = (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"freq_band=({band}), inner_rank={self.inner_rank}, alpha={self.alpha:g}"
+        )
+        if self.dropout:
+            text += f", dropout={self.dropout:g}"
+        if self.merged:
+            text += ", merged=True"
+        return text

@@ -1,0 +1,1 @@
+"""Kernels, launchers and autograd functions; no nn.Module code lives here."""

@@ -1,0 +1,79 @@
+"""The "torch" path of the multi-scale low-rank linear op: a few composed GEMMs, no [M, out] intermediate.
+
+This is the path for CPU tensors (and for CUDA tensors when Triton is not available). It is built to sit close to the
+FLOP floor of the bare layer on a CPU: the adapter adds four skinny GEMMs of [M, n*r] size and two in-place
+`addmm_`s, and nothing of size [M, out] besides y and dx themselves.
+
+Dropout on the adapter input is regenerated from a seed in backward instead of storing an [M, in] mask.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+__all__ = ["lowrank_linear_fwd_torch", "lowrank_linear_bwd_torch", "dropout_mask_torch"]
+
+
+def dropout_mask_torch(shape, p: float, seed: int, device) -> torch.Tensor:
+    """Keep-mask (bool) of the torch path, a pure function of (shape, p, seed, device)."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int(seed))
+    return torch.rand(shape, generator=gen, device=device) >= p
+
+
+def _dropped(x2: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    if p <= 0.0:
+        return x2
+    mask = dropout_mask_torch(x2.shape, p, seed, x2.device)
+    return x2 * mask.to(x2.dtype) * (1.0 / (1.0 - p))
+
+
+def lowrank_linear_fwd_torch(
+    x2: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_L: torch.Tensor,
+    lora_R: torch.Tensor,
+    scales: torch.Tensor,
+    dropout_p: float,
+    seed: int,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """x2: [M, in] -> (y [M, out], T [M, n*r]) with T = drop(x) L^T (unscaled, saved for backward)."""
+    y = torch.addmm(bias, x2, weight.t()) if bias is not None else torch.mm(x2, weight.t())
+    t = torch.mm(_dropped(x2, dropout_p, seed), lora_L.t())
+    # In place: the expansion never materialises a second [M, out] tensor.
+    y.addmm_(t * scales.to(t.dtype), lora_R.t())
+    return y, t
+
+
+def lowrank_linear_bwd_torch(
+    dy2: torch.Tensor,
+    x2: torch.Tensor,
+    weight: torch.Tensor,
+    lora_L: torch.Tensor,
+    lora_R: torch.Tensor,
+    scales: torch.Tensor,
+    t: torch.Tensor,
+    dropout_p: float,
+    seed: int,
+    needs_dx: bool,
+    needs_dL: bool,
+    needs_dR: bool,
+):
+    """SPEC section 2 gradients: dx = dy W + drop'((G s) L), dR = dy^T (T s), dL = (G s)^T drop(x), G = dy R."""
+    s = scales.to(dy2.dtype)
+    dx = dL = dR = None
+    gs = torch.mm(dy2, lora_R) * s if (needs_dx or needs_dL) else None
+    if needs_dx:
+        dx = torch.mm(dy2, weight)
+        if dropout_p > 0.0:
+            keep = dropout_mask_torch(x2.shape, dropout_p, seed, x2.device).to(dx.dtype)
+            dx.add_(torch.mm(gs, lora_L) * keep, alpha=1.0 / (1.0 - dropout_p))
+        else:
+            dx.addmm_(gs, lora_L)
+    if needs_dR:
+        dR = torch.mm(dy2.t(), t * s)
+    if needs_dL:
+        dL = torch.mm(gs.t(), _dropped(x2, dropout_p, seed))
+    return dx, dL, dR

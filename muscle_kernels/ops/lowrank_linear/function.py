@@ -1,0 +1,263 @@
+"""The functional multi-scale low-rank linear op, its backends and its autograd.
+
+    muscle_lora_linear(x, weight, bias, lora_L, lora_R, scales, *, dropout_p, training, backend) -> y
+
+Backends:
+- "reference": the pure-PyTorch oracle (reference.py), gradients by autograd; for debugging.
+- "torch": a few composed GEMMs (cpu.py); the path for CPU tensors.
+- "triton": the fused kernels (triton_ops.py); the path for CUDA tensors (and for CPU tensors under
+  TRITON_INTERPRET=1, which is how the kernels are tested without a GPU).
+- "auto": triton for CUDA tensors when Triton is usable, torch otherwise. The environment variable
+  MUSCLE_KERNELS_BACKEND overrides "auto" (e.g. MUSCLE_KERNELS_BACKEND=reference to rule the kernels out).
+
+The fast backends run behind two `torch.library` custom ops (forward and backward) with fake kernels and a registered
+autograd formula, so `torch.compile` traces a model that uses the layer without graph breaks. Backward saves
+T = drop(x) L^T ([M, n*r]) and never an [M, out] intermediate; dropout is regenerated from a seed.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import List, Optional, Tuple
+
+import torch
+
+from .cpu import lowrank_linear_bwd_torch, lowrank_linear_fwd_torch
+from .reference import lowrank_linear_reference
+
+__all__ = ["muscle_lora_linear", "available_backends", "resolve_backend", "BACKENDS"]
+
+BACKENDS = ("auto", "reference", "torch", "triton")
+_ENV_BACKEND = "MUSCLE_KERNELS_BACKEND"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_ops():
+    """Import the Triton launchers lazily; None when Triton is missing or broken (one clear reason is kept)."""
+    try:
+        from . import triton_ops
+    except Exception as exc:  # ImportError, or a Triton too old for the kernels
+        _triton_ops.error = f"{type(exc).__name__}: {exc}"
+        return None
+    return triton_ops
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_usable(device: torch.device) -> bool:
+    if _triton_ops() is None:
+        return False
+    return device.type == "cuda" or _interpreting()
+
+
+def available_backends(device="cpu") -> List[str]:
+    """The backends that can run on tensors of `device` in this process."""
+    device = torch.device(device)
+    names = ["reference", "torch"]
+    if _triton_usable(device):
+        names.append("triton")
+    return names
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        forced = os.environ.get(_ENV_BACKEND, "").strip()
+        if forced and forced != "auto":
+            if forced not in BACKENDS:
+                raise ValueError(f"{_ENV_BACKEND}: expected one of {BACKENDS}, got {forced!r}")
+            return resolve_backend(forced, device)
+        return "triton" if (device.type == "cuda" and _triton_usable(device)) else "torch"
+    if backend == "triton" and not _triton_usable(device):
+        why = getattr(_triton_ops, "error", None) or (
+            f"tensors are on {device.type}; Triton needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter)"
+        )
+        raise RuntimeError(f"backend='triton' is not available: {why}")
+    return backend
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Input checks: every message names the argument and what was expected.
+# --------------------------------------------------------------------------------------------------------------------
+def _check_inputs(x, weight, bias, lora_L, lora_R, scales, dropout_p):
+    named = [("x", x), ("weight", weight), ("lora_L", lora_L), ("lora_R", lora_R), ("scales", scales)]
+    if bias is not None:
+        named.append(("bias", bias))
+    for name, t in named:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name}: expected a floating-point tensor, got dtype {t.dtype}")
+    if x.dim() < 1:
+        raise ValueError("x: expected at least one dimension [..., in_features], got a 0-d tensor")
+    if weight.dim() != 2:
+        raise ValueError(f"weight: expected 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
+    out_f, in_f = weight.shape
+    if x.shape[-1] != in_f:
+        raise ValueError(f"x: expected last dimension {in_f} (weight's in_features), got shape {tuple(x.shape)}")
+    if bias is not None and tuple(bias.shape) != (out_f,):
+        raise ValueError(f"bias: expected shape ({out_f},), got {tuple(bias.shape)}")
+    if lora_L.dim() != 2 or lora_L.shape[1] != in_f:
+        raise ValueError(f"lora_L: expected shape [n*r, {in_f}], got {tuple(lora_L.shape)}")
+    nr = lora_L.shape[0]
+    if nr < 1:
+        raise ValueError("lora_L: expected at least one row (n*r >= 1), got 0")
+    if tuple(lora_R.shape) != (out_f, nr):
+        raise ValueError(f"lora_R: expected shape ({out_f}, {nr}) to match weight and lora_L, got {tuple(lora_R.shape)}")
+    if tuple(scales.shape) != (nr,):
+        raise ValueError(f"scales: expected shape ({nr},) (one scale per row of lora_L), got {tuple(scales.shape)}")
+    for name, t in named[1:]:
+        if name != "scales" and t.dtype != x.dtype:
+            raise TypeError(f"{name}: expected dtype {x.dtype} (the dtype of x), got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name}: expected device {x.device} (the device of x), got {t.device}")
+    if scales.requires_grad:
+        raise ValueError("scales: expected a constant (requires_grad=False); the radial scales are not trained")
+    if not (0.0 <= float(dropout_p) < 1.0):
+        raise ValueError(f"dropout_p: expected a probability in [0, 1), got {dropout_p}")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Custom ops (forward and backward) and their autograd formula.
+# --------------------------------------------------------------------------------------------------------------------
+def _impl(backend: str):
+    if backend == "triton":
+        ops = _triton_ops()
+        return ops.lowrank_linear_fwd_triton, ops.lowrank_linear_bwd_triton
+    return lowrank_linear_fwd_torch, lowrank_linear_bwd_torch
+
+
+def _t_dtype(x: torch.Tensor, backend: str) -> torch.dtype:
+    # The Triton kernels keep T in fp32 (it is tiny, and backward reuses it); the torch path in x's dtype.
+    return torch.float32 if backend == "triton" else x.dtype
+
+
+@torch.library.custom_op("muscle_kernels::lowrank_linear_fwd", mutates_args=())
+def _fwd_op(
+    x2: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_L: torch.Tensor,
+    lora_R: torch.Tensor,
+    scales: torch.Tensor,
+    dropout_p: float,
+    seed: int,
+    backend: str,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    fwd, _ = _impl(backend)
+    return fwd(x2, weight, bias, lora_L, lora_R, scales, dropout_p, seed)
+
+
+@_fwd_op.register_fake
+def _(x2, weight, bias, lora_L, lora_R, scales, dropout_p, seed, backend):
+    m = x2.shape[0]
+    return x2.new_empty(m, weight.shape[0]), x2.new_empty(m, lora_L.shape[0], dtype=_t_dtype(x2, backend))
+
+
+@torch.library.custom_op("muscle_kernels::lowrank_linear_bwd", mutates_args=())
+def _bwd_op(
+    dy2: torch.Tensor,
+    x2: torch.Tensor,
+    weight: torch.Tensor,
+    lora_L: torch.Tensor,
+    lora_R: torch.Tensor,
+    scales: torch.Tensor,
+    t: torch.Tensor,
+    dropout_p: float,
+    seed: int,
+    backend: str,
+    needs_dx: bool,
+    needs_dL: bool,
+    needs_dR: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _, bwd = _impl(backend)
+    dx, dL, dR = bwd(dy2, x2, weight, lora_L, lora_R, scales, t, dropout_p, seed, needs_dx, needs_dL, needs_dR)
+    # A custom op cannot return None: an empty tensor stands for "not needed".
+    empty = x2.new_empty(0)
+    return (dx if dx is not None else empty, dL if dL is not None else empty, dR if dR is not None else empty)
+
+
+@_bwd_op.register_fake
+def _(dy2, x2, weight, lora_L, lora_R, scales, t, dropout_p, seed, backend, needs_dx, needs_dL, needs_dR):
+    empty = x2.new_empty(0)
+    return (
+        x2.new_empty(x2.shape) if needs_dx else empty,
+        lora_L.new_empty(lora_L.shape) if needs_dL else empty,
+        lora_R.new_empty(lora_R.shape) if needs_dR else empty,
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x2, weight, bias, lora_L, lora_R, scales, dropout_p, seed, backend = inputs
+    _, t = output
+    ctx.save_for_backward(x2, weight, lora_L, lora_R, scales, t)
+    ctx.dropout_p, ctx.seed, ctx.backend = dropout_p, seed, backend
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, dy2, _dt):
+    x2, weight, lora_L, lora_R, scales, t = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dy2 = dy2.contiguous()
+    dx, dL, dR = _bwd_op(
+        dy2, x2, weight, lora_L, lora_R, scales, t, ctx.dropout_p, ctx.seed, ctx.backend, need[0], need[3], need[4]
+    )
+    # The base is frozen in MuScleLoRA, but a user who unfreezes it must not get a silently missing gradient.
+    dW = dy2.t().mm(x2) if need[1] else None
+    db = dy2.sum(0) if (ctx.has_bias and need[2]) else None
+    return (dx if need[0] else None, dW, db, dL if need[3] else None, dR if need[4] else None,
+            None, None, None, None)
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Public function.
+# --------------------------------------------------------------------------------------------------------------------
+def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def muscle_lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_L: torch.Tensor,
+    lora_R: torch.Tensor,
+    scales: torch.Tensor,
+    *,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Multi-scale low-rank linear: ``y = x W^T + b + ((drop(x) L^T) * s) R^T``.
+
+    Shapes: x ``[..., in]``, weight ``[out, in]``, bias ``[out]`` or None, lora_L ``[n*r, in]``, lora_R
+    ``[out, n*r]``, scales ``[n*r]``; returns ``[..., out]``. x, weight, bias, lora_L and lora_R share one dtype
+    (fp32, fp16, bf16 or fp64) and device; under autocast they are cast to the autocast dtype. Dropout (probability
+    ``dropout_p``) applies to the adapter input only and only when ``training``.
+    """
+    device_type = x.device.type if isinstance(x, torch.Tensor) else "cpu"
+    cast = _autocast_dtype(device_type)
+    if cast is not None and isinstance(x, torch.Tensor) and x.is_floating_point():
+        x, weight, lora_L, lora_R = (t.to(cast) for t in (x, weight, lora_L, lora_R))
+        bias = bias.to(cast) if bias is not None else None
+    _check_inputs(x, weight, bias, lora_L, lora_R, scales, dropout_p)
+    p = float(dropout_p) if training else 0.0
+    name = resolve_backend(backend, x.device)
+    if name == "reference":
+        mask = None
+        if p > 0.0:
+            mask = torch.rand(x.shape, device=x.device) >= p
+        return lowrank_linear_reference(x, weight, bias, lora_L, lora_R, scales, mask, p)
+    seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if p > 0.0 else 0
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()  # one copy at most, only for a non-contiguous x
+    y2, _ = _fwd_op(x2, weight.contiguous(), bias, lora_L.contiguous(), lora_R.contiguous(), scales, p, seed, name)
+    return y2.reshape(*lead, weight.shape[0])
