@@ -10,9 +10,12 @@ Backends:
 - "auto": triton for CUDA tensors when Triton is usable, torch otherwise. The environment variable
   MUSCLE_KERNELS_BACKEND overrides "auto" (e.g. MUSCLE_KERNELS_BACKEND=reference to rule the kernels out).
 
-The fast backends run behind two `torch.library` custom ops (forward and backward) with fake kernels and a registered
-autograd formula, so `torch.compile` traces a model that uses the layer without graph breaks. Backward saves
-T = drop(x) L^T ([M, n*r]) and never an [M, out] intermediate; dropout is regenerated from a seed.
+In eager mode the fast backends run through a plain `torch.autograd.Function`: a `torch.library.custom_op` call costs
+about 250 us of Python dispatch per call on our 2-core CPU (measured: 338 us vs 55 us for an 8x64x64 layer), which
+would eat the adapter's whole budget on a GPU. Under `torch.compile` the same forward/backward implementations are
+reached through two custom ops (forward and backward) with fake kernels and a registered autograd formula, so a
+compiled model that uses the layer traces without graph breaks. Backward saves T = drop(x) L^T ([M, n*r]) and never an
+[M, out] intermediate; dropout is regenerated from a seed.
 """
 from __future__ import annotations
 
@@ -215,6 +218,31 @@ def _backward(ctx, dy2, _dt):
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _LowRankLinearFunction(torch.autograd.Function):
+    """The eager-mode twin of the custom ops above: same implementations, same saved tensors, no dispatch cost."""
+
+    @staticmethod
+    def forward(ctx, x2, weight, bias, lora_L, lora_R, scales, dropout_p, seed, backend):
+        fwd, _ = _impl(backend)
+        y, t = fwd(x2, weight, bias, lora_L, lora_R, scales, dropout_p, seed)
+        ctx.save_for_backward(x2, weight, lora_L, lora_R, scales, t)
+        ctx.dropout_p, ctx.seed, ctx.backend, ctx.has_bias = dropout_p, seed, backend, bias is not None
+        ctx.mark_non_differentiable(t)
+        return y, t
+
+    @staticmethod
+    def backward(ctx, dy2, _dt):
+        x2, weight, lora_L, lora_R, scales, t = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dy2 = dy2.contiguous()
+        _, bwd = _impl(ctx.backend)
+        dx, dL, dR = bwd(dy2, x2, weight, lora_L, lora_R, scales, t, ctx.dropout_p, ctx.seed, need[0],
+                         need[3], need[4])
+        dW = dy2.t().mm(x2) if need[1] else None
+        db = dy2.sum(0) if (ctx.has_bias and need[2]) else None
+        return dx, dW, db, dL, dR, None, None, None, None
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Public function.
 # --------------------------------------------------------------------------------------------------------------------
@@ -259,5 +287,9 @@ def muscle_lora_linear(
     seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if p > 0.0 else 0
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).contiguous()  # one copy at most, only for a non-contiguous x
-    y2, _ = _fwd_op(x2, weight.contiguous(), bias, lora_L.contiguous(), lora_R.contiguous(), scales, p, seed, name)
+    args = (x2, weight.contiguous(), bias, lora_L.contiguous(), lora_R.contiguous(), scales, p, seed, name)
+    if torch.compiler.is_compiling():
+        y2, _ = _fwd_op(*args)
+    else:
+        y2, _ = _LowRankLinearFunction.apply(*args)
     return y2.reshape(*lead, weight.shape[0])
