@@ -1,0 +1,342 @@
+"""Launchers of the Triton kernels of the multi-scale low-rank linear op (the "triton" backend of function.py).
+
+    lowrank_linear_fwd_triton(x2, weight, bias, lora_L, lora_R, scales, dropout_p, seed) -> (y [M, out], T [M, n*r] fp32)
+    lowrank_linear_bwd_triton(dy2, x2, weight, lora_L, lora_R, scales, t, dropout_p, seed,
+                              needs_dx, needs_dL, needs_dR) -> (dx | None, dL | None, dR | None)
+    dropout_mask_triton(shape, p, seed, device) -> bool keep-mask that the kernels regenerate in-kernel
+
+Inputs arrive 2-D and contiguous (function.py flattens and copies at most once); x, weight, bias, L and R share one
+dtype among fp32 / fp16 / bf16, scales is any float [n*r]. Launch plan (kernels in triton_fwd.py / triton_bwd.py):
+
+    forward   small n*r, no dropout:  fused GEMM, T accumulated in its K loop               (1 launch)
+              otherwise:               shrink T = drop(x) L^T, then fused GEMM loading T     (2 launches)
+    backward  dx (+ G for dL):         fused GEMM dx = dy W + ((dy R) s) L, same two modes   (1-2 launches)
+              dR = dy^T (T s), dL = (G s)^T drop(x): M-reductions                           (1 launch each)
+
+fp32 inputs use TF32 in tl.dot only when torch.backends.cuda.matmul.allow_tf32 is set, IEEE otherwise.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+
+from .triton_bwd import _reduce_m_kernel
+from .triton_fwd import _dropout_mask_kernel, _fused_lowrank_mm_kernel, _shrink_kernel
+
+__all__ = [
+    "lowrank_linear_fwd_triton", "lowrank_linear_bwd_triton", "dropout_mask_triton",
+    "fused_configs", "shrink_config", "reduce_config", "block_r",
+]
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Tests set this to fill every output with NaN before the launch, so that a tile a kernel forgot to write fails.
+_FILL_NAN = False
+# Tests set these to exercise both launch modes and the split (atomic) reductions on small shapes.
+_FORCE_FUSE_T: Optional[bool] = None
+_FORCE_SPLIT: Optional[int] = None
+
+# Largest padded n*r accumulated inside the GEMM's K loop (T_MODE 0). Above it the separate shrink is cheaper:
+# the in-loop product costs BLOCK_R / BLOCK_N of the GEMM's MMA work, the shrink about one extra read of x.
+FUSE_T_MAX_R = 32
+H100_SMEM = 227 * 1024
+
+
+def block_r(nr: int) -> int:
+    """n*r padded to a power of two >= 16 (tl.dot's smallest tile side)."""
+    return max(16, triton.next_power_of_2(int(nr)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configurations. Hopper first (wgmma wants BLOCK_M >= 64 per warp group; 128x256 with 2 warp groups is the
+# classic H100 tile), the smaller ones keep Ampere (164 KiB shared) and short M busy. BLOCK_K * element size is
+# 128 bytes (one swizzled shared-memory row): 64 for fp16/bf16, 32 for fp32.
+# ----------------------------------------------------------------------------------------------------------------
+_FUSED_SHAPES = [
+    # BLOCK_M, BLOCK_N, warps, stages
+    (128, 256, 8, 3),
+    (128, 128, 8, 4),
+    (128, 128, 4, 4),
+    (64, 128, 4, 4),
+    (128, 64, 4, 4),
+    (64, 64, 4, 4),
+]
+
+
+def _fused_smem(bm, bn, bk, br, stages, elt):
+    return stages * (bm * bk + bk * bn + bk * br) * elt
+
+
+def fused_configs(elt_size: int, br: int = FUSE_T_MAX_R, smem_limit: int = H100_SMEM):
+    """The shipped configs of the fused GEMM for an element size (bytes), pruned to fit shared memory."""
+    bk = 128 // elt_size
+    out = []
+    for bm, bn, w, st in _FUSED_SHAPES:
+        while st > 2 and _fused_smem(bm, bn, bk, br, st, elt_size) > smem_limit:
+            st -= 1
+        if _fused_smem(bm, bn, bk, br, st, elt_size) <= smem_limit:
+            out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                                     num_warps=w, num_stages=st))
+    return out
+
+
+_INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2},
+                                    num_warps=4, num_stages=1)
+
+
+def _all_fused_configs():
+    if _INTERPRET:
+        # The interpreter cannot benchmark several configs (and would take minutes): one small config.
+        return [_INTERPRETER_CONFIG]
+    seen, out = set(), []
+    for elt in (2, 4):
+        for c in fused_configs(elt):
+            key = (tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages)
+            if key not in seen:
+                seen.add(key)
+                out.append(c)
+    return out
+
+
+def _prune_fused(configs, named_args, **kwargs):
+    if _INTERPRET:
+        return configs
+    elt = named_args["a_ptr"].element_size()
+    keep = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
+            for c in fused_configs(elt)}
+    return [c for c in configs
+            if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) in keep]
+
+
+# Autotuned per (M bucket, N, K, n*r, mode, B's layout, dtypes): a new token count within a power-of-two bucket
+# reuses the tuned config instead of re-tuning.
+_fused_tuned = triton.autotune(
+    configs=_all_fused_configs(),
+    key=["m_bucket", "N", "K", "NR", "T_MODE", "OUT_DROP", "stride_bk"],
+    prune_configs_by={"early_config_prune": _prune_fused},
+)(_fused_lowrank_mm_kernel)
+
+
+def shrink_config(br: int, elt_size: int):
+    """(BLOCK_M, BLOCK_K, warps, stages) of the shrink kernel: memory-bound, so enough stages to stream x."""
+    if _INTERPRET:
+        return 32, 32, 4, 1
+    bk = 128 // elt_size
+    if br <= 64:
+        return 64, bk, 4, 4
+    return 64, bk, 8, 3
+
+
+def reduce_config(br: int, elt_size: int):
+    """(BLOCK_M, BLOCK_N, warps, stages) of the M-reduction kernel."""
+    if _INTERPRET:
+        return 32, 32, 4, 1
+    bm = 128 // elt_size
+    if br <= 64:
+        return bm, 128, 4, 4
+    return bm, 64, 8, 3
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Helpers.
+# ----------------------------------------------------------------------------------------------------------------
+def _alloc(shape, dtype, device):
+    if _FILL_NAN:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    if _INTERPRET:
+        return "ieee"
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"  # ignored by tl.dot for fp16/bf16 operands
+
+
+def _m_bucket(m: int) -> int:
+    return min(16384, max(16, triton.next_power_of_2(m)))
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def _splits(tiles: int, length: int, block: int, device: torch.device) -> int:
+    """How many slices of a reduction of `length` so that tiles * slices fills the GPU about twice."""
+    if _FORCE_SPLIT is not None:
+        return max(1, min(_FORCE_SPLIT, triton.cdiv(length, block)))
+    if torch.are_deterministic_algorithms_enabled():
+        return 1
+    want = triton.cdiv(2 * _num_sms(device), max(tiles, 1))
+    # Each slice keeps at least 4 blocks of work so the atomics stay a rounding error.
+    return max(1, min(want, triton.cdiv(length, 4 * block)))
+
+
+def _fuse_t(m: int, nr: int, dropout_p: float) -> bool:
+    if _FORCE_FUSE_T is not None:
+        return _FORCE_FUSE_T and dropout_p == 0.0 and block_r(nr) <= 64
+    if dropout_p > 0.0:
+        return False
+    # Short M is bound by reading W: there the extra launch and read of x cost more than the in-loop product.
+    return block_r(nr) <= FUSE_T_MAX_R or (m <= 256 and block_r(nr) <= 64)
+
+
+def _check_dtypes(x2, **others):
+    if x2.dtype not in _DTYPES:
+        raise TypeError(f"x: the triton backend supports float32, float16 and bfloat16, got {x2.dtype}")
+    for name, t in others.items():
+        if t is not None and t.dtype != x2.dtype:
+            raise TypeError(f"{name}: expected dtype {x2.dtype} (the dtype of x), got {t.dtype}")
+
+
+def _launch_shrink(a, p, t, rows_stride_p, k_stride_p, dropout_p, seed):
+    """t[M, NR] (fp32) = drop(a) @ P^T where P[r, k] = p[r * rows_stride_p + k * k_stride_p]."""
+    m, k = a.shape
+    nr = t.shape[1]
+    br = block_r(nr)
+    bm, bk, warps, stages = shrink_config(br, a.element_size())
+    m_tiles = triton.cdiv(m, bm)
+    split = _splits(m_tiles, k, bk, a.device)
+    k_per_split = triton.cdiv(triton.cdiv(k, split), bk) * bk
+    split = triton.cdiv(k, k_per_split) if k > 0 else 1
+    if split > 1 or k == 0:
+        t.zero_()
+    if k == 0:
+        return
+    _shrink_kernel[(m_tiles, split)](
+        a, p, t, m, k, nr, k_per_split, seed, dropout_p, 1.0 / (1.0 - dropout_p),
+        a.stride(0), a.stride(1), rows_stride_p, k_stride_p, t.stride(0), t.stride(1),
+        HAS_DROP=dropout_p > 0.0, ATOMIC=split > 1, BLOCK_R=br, UPCAST=_INTERPRET,
+        PRECISION=_precision(a.dtype), BLOCK_M=bm, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+    )
+
+
+def _launch_reduce(a, g, s, c, c_strides, dropout_p, seed):
+    """c[N, NR] (fp32, strides c_strides) = drop(a)^T (g * s), a: [M, N], g: [M, NR] fp32."""
+    m, n = a.shape
+    nr = g.shape[1]
+    br = block_r(nr)
+    bm, bn, warps, stages = reduce_config(br, a.element_size())
+    n_tiles = triton.cdiv(n, bn)
+    split = _splits(n_tiles, m, bm, a.device)
+    m_per_split = triton.cdiv(triton.cdiv(m, split), bm) * bm
+    split = triton.cdiv(m, m_per_split)
+    if split > 1:
+        c.zero_()
+    _reduce_m_kernel[(n_tiles, split)](
+        a, g, s, c, m, n, nr, m_per_split, seed, dropout_p, 1.0 / (1.0 - dropout_p),
+        a.stride(0), a.stride(1), g.stride(0), g.stride(1), c_strides[0], c_strides[1],
+        HAS_DROP=dropout_p > 0.0, ATOMIC=split > 1, BLOCK_R=br, UPCAST=_INTERPRET,
+        PRECISION=_precision(a.dtype), BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
+    )
+
+
+def _launch_fused(a, b_strides, b, p, p_strides, q, q_strides, s, bias, t, c, n, t_mode, store_t, out_drop,
+                  dropout_p, seed):
+    m, k = a.shape
+    nr = s.shape[0]
+    br = block_r(nr) if t_mode == 0 else min(64, block_r(nr))
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+    _fused_tuned[grid](
+        a, b, p, q, s, bias if bias is not None else s, t, c,
+        m, n, k, nr, _m_bucket(m), seed, dropout_p, 1.0 / (1.0 - dropout_p),
+        a.stride(0), a.stride(1), b_strides[0], b_strides[1], p_strides[0], p_strides[1],
+        q_strides[0], q_strides[1], t.stride(0), t.stride(1), c.stride(0), c.stride(1),
+        HAS_BIAS=bias is not None, T_MODE=t_mode, STORE_T=store_t, OUT_DROP=out_drop,
+        BLOCK_R=br, UPCAST=_INTERPRET, PRECISION=_precision(a.dtype),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public launchers.
+# ----------------------------------------------------------------------------------------------------------------
+def lowrank_linear_fwd_triton(x2, weight, bias, lora_L, lora_R, scales, dropout_p: float, seed: int):
+    """x2 [M, in] -> (y [M, out] in x's dtype, T [M, n*r] fp32), T = drop(x) L^T unscaled (saved for backward)."""
+    _check_dtypes(x2, weight=weight, bias=bias, lora_L=lora_L, lora_R=lora_R)
+    m, k = x2.shape
+    n, nr = weight.shape[0], lora_L.shape[0]
+    p = float(dropout_p)
+    y = _alloc((m, n), x2.dtype, x2.device)
+    t = _alloc((m, nr), torch.float32, x2.device)
+    if m == 0:
+        return y, t
+    s = scales.to(device=x2.device, dtype=torch.float32).contiguous()
+    fuse = _fuse_t(m, nr, p)
+    if not fuse:
+        # P[r, k] = L[r, k]
+        _launch_shrink(x2, lora_L, t, lora_L.stride(0), lora_L.stride(1), p, int(seed))
+    # B[k, n] = W[n, k]; Q[n, r] = R[n, r]
+    _launch_fused(x2, (weight.stride(1), weight.stride(0)), weight, lora_L, (lora_L.stride(0), lora_L.stride(1)),
+                  lora_R, (lora_R.stride(0), lora_R.stride(1)), s, bias, t, y, n,
+                  t_mode=0 if fuse else 1, store_t=fuse, out_drop=False, dropout_p=p, seed=int(seed))
+    return y, t
+
+
+def lowrank_linear_bwd_triton(dy2, x2, weight, lora_L, lora_R, scales, t, dropout_p, seed,
+                              needs_dx, needs_dL, needs_dR):
+    """SPEC section 2: dx = dy W + drop'((G s) L), dR = dy^T (T s), dL = (G s)^T drop(x), with G = dy R."""
+    _check_dtypes(x2, dy=dy2, weight=weight, lora_L=lora_L, lora_R=lora_R)
+    m, k = x2.shape
+    n, nr = weight.shape[0], lora_L.shape[0]
+    p, seed = float(dropout_p), int(seed)
+    dev = x2.device
+    if m == 0:
+        return (_alloc((0, k), x2.dtype, dev) if needs_dx else None,
+                torch.zeros_like(lora_L) if needs_dL else None,
+                torch.zeros_like(lora_R) if needs_dR else None)
+    s = scales.to(device=dev, dtype=torch.float32).contiguous()
+    dx = dL = dR = None
+    g = None
+    # P[r, k'] = R^T[r, k'] = R[k', r] (the K of this GEMM runs over out)
+    r_as_p = (lora_R.stride(1), lora_R.stride(0))
+    if needs_dx:
+        dx = _alloc((m, k), x2.dtype, dev)
+        fuse = _fuse_t(m, nr, 0.0)
+        if needs_dL or not fuse:
+            g = _alloc((m, nr), torch.float32, dev)
+        if not fuse:
+            _launch_shrink(dy2, lora_R, g, r_as_p[0], r_as_p[1], 0.0, seed)
+        # B[k', n'] = W[k', n'] (k' over out, n' over in); Q[n', r] = L[r, n']
+        _launch_fused(dy2, (weight.stride(0), weight.stride(1)), weight, lora_R, r_as_p,
+                      lora_L, (lora_L.stride(1), lora_L.stride(0)), s, None, g if g is not None else s[None, :], dx, k,
+                      t_mode=0 if fuse else 1, store_t=fuse and needs_dL, out_drop=p > 0.0, dropout_p=p, seed=seed)
+    elif needs_dL:
+        g = _alloc((m, nr), torch.float32, dev)
+        _launch_shrink(dy2, lora_R, g, r_as_p[0], r_as_p[1], 0.0, seed)
+    if needs_dL:
+        dl32 = _alloc((nr, k), torch.float32, dev)
+        _launch_reduce(x2, g, s, dl32, (dl32.stride(1), dl32.stride(0)), p, seed)
+        dL = dl32.to(lora_L.dtype)
+    if needs_dR:
+        t32 = t.to(torch.float32).contiguous()
+        dr32 = _alloc((n, nr), torch.float32, dev)
+        _launch_reduce(dy2, t32, s, dr32, (dr32.stride(0), dr32.stride(1)), 0.0, seed)
+        dR = dr32.to(lora_R.dtype)
+    return dx, dL, dR
+
+
+def dropout_mask_triton(shape, p: float, seed: int, device) -> torch.Tensor:
+    """The keep-mask (bool, `shape`) that the kernels generate for an input of that shape: keep x[..., c] of
+    flattened row m iff uniform(philox(seed, c, m)) >= p. For tests against the reference's `dropout_mask`."""
+    shape = tuple(int(v) for v in shape)
+    if len(shape) < 1:
+        raise ValueError("shape: expected at least one dimension [..., in_features]")
+    k = shape[-1]
+    m = 1
+    for v in shape[:-1]:
+        m *= v
+    out = torch.empty((m, k), dtype=torch.uint8, device=device)
+    if m and k:
+        _dropout_mask_kernel[(triton.cdiv(m, 32), triton.cdiv(k, 32))](out, m, k, int(seed), float(p),
+                                                                      BLOCK_M=32, BLOCK_K=32)
+    return out.bool().reshape(shape)
