@@ -1,0 +1,248 @@
+"""The Triton kernels of the multi-scale low-rank linear op against the fp64 reference.
+
+Without a GPU they run under TRITON_INTERPRET=1 (set by conftest.py) on small shapes; with one, on CUDA tensors.
+Every output buffer is NaN-filled before the launch (triton_ops._FILL_NAN) so an unwritten tile fails.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from muscle_kernels.ops.lowrank_linear import muscle_lora_linear
+from muscle_kernels.ops.lowrank_linear.cpu import lowrank_linear_bwd_torch, lowrank_linear_fwd_torch
+from muscle_kernels.ops.lowrank_linear.function import available_backends
+from muscle_kernels.ops.lowrank_linear.reference import lowrank_linear_reference
+
+from .utils import DEVICE, assert_close
+
+if "triton" not in available_backends(DEVICE):
+    pytest.skip("the triton backend is not usable here (no Triton, or no CUDA and no interpreter)",
+                allow_module_level=True)
+
+from muscle_kernels.ops.lowrank_linear import triton_ops  # noqa: E402
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+ON_GPU = DEVICE.type == "cuda"
+
+
+@pytest.fixture(autouse=True)
+def _nan_outputs(monkeypatch):
+    monkeypatch.setattr(triton_ops, "_FILL_NAN", True)
+    monkeypatch.setattr(triton_ops, "_FORCE_FUSE_T", None)
+    monkeypatch.setattr(triton_ops, "_FORCE_SPLIT", None)
+
+
+def _problem(m, k, n, nr, bias, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g, dtype=torch.float64)
+    w = torch.randn(n, k, generator=g, dtype=torch.float64) / k ** 0.5
+    b = torch.randn(n, generator=g, dtype=torch.float64) if bias else None
+    lo = torch.randn(nr, k, generator=g, dtype=torch.float64) / k ** 0.5
+    ro = torch.randn(n, nr, generator=g, dtype=torch.float64) / nr ** 0.5
+    s = torch.rand(nr, generator=g, dtype=torch.float64) * 4 + 0.25
+    dy = torch.randn(m, n, generator=g, dtype=torch.float64)
+    return x, w, b, lo, ro, s, dy
+
+
+def _reference(x, w, b, lo, ro, s, dy, mask, p):
+    """fp64 y and gradients (dx, dL, dR) of the reference by autograd."""
+    xr, lr, rr = (v.clone().requires_grad_() for v in (x, lo, ro))
+    y = lowrank_linear_reference(xr, w, b, lr, rr, s, mask, p)
+    y.backward(dy)
+    return y.detach(), xr.grad, lr.grad, rr.grad
+
+
+def _cast(dtype, *tensors):
+    return [None if v is None else v.to(device=DEVICE, dtype=dtype) for v in tensors]
+
+
+def _check_all(dtype, x, w, b, lo, ro, s, dy, p=0.0, seed=0, needs=(True, True, True), scales_dtype=torch.float32):
+    mask = triton_ops.dropout_mask_triton(x.shape, p, seed, DEVICE).cpu() if p > 0 else None
+    ref_y, ref_dx, ref_dl, ref_dr = _reference(x, w, b, lo, ro, s, dy, mask, p)
+    xc, wc, bc, lc, rc, dyc = _cast(dtype, x, w, b, lo, ro, dy)
+    sc = s.to(device=DEVICE, dtype=scales_dtype)
+    y, t = triton_ops.lowrank_linear_fwd_triton(xc, wc, bc, lc, rc, sc, p, seed)
+    assert y.dtype == dtype and t.dtype == torch.float32
+    dx, dl, dr = triton_ops.lowrank_linear_bwd_triton(dyc, xc, wc, lc, rc, sc, t, p, seed, *needs)
+
+    # Plain PyTorch in the same dtype (the torch path) sets the error budget for fp16/bf16.
+    base = None
+    if dtype != torch.float32 and p == 0.0:
+        by, bt = lowrank_linear_fwd_torch(*[v.cpu() if v is not None else None for v in (xc, wc, bc, lc, rc)],
+                                          s.float(), 0.0, 0)
+        bdx, bdl, bdr = lowrank_linear_bwd_torch(dyc.cpu(), xc.cpu(), wc.cpu(), lc.cpu(), rc.cpu(), s.float(), bt,
+                                                 0.0, 0, True, True, True)
+        base = dict(y=by, dx=bdx, dL=bdl, dR=bdr)
+
+    def check(name, ref, got):
+        if base is None:
+            assert_close(name, ref, got.cpu())
+        else:
+            assert_close(name, ref, got.cpu(), base=base[name].float(), atol=_atol(dtype, ref))
+
+    check("y", ref_y, y)
+    # T from the inputs as the kernel saw them (rounded to dtype), so only the fp32 accumulation is judged.
+    xd = xc.cpu().double() if mask is None else xc.cpu().double() * mask / (1 - p)
+    assert_close("T", xd @ lc.cpu().double().t(), t.cpu())
+    for name, ref, got, need in (("dx", ref_dx, dx, needs[0]), ("dL", ref_dl, dl, needs[1]),
+                                 ("dR", ref_dr, dr, needs[2])):
+        if not need:
+            assert got is None, f"{name}: expected None when not needed"
+            continue
+        assert got.dtype == dtype, f"{name}: dtype {got.dtype} != parameter dtype {dtype}"
+        check(name, ref, got)
+
+
+def _atol(dtype, ref):
+    # Low-precision absolute slack, relative to the tensor's size: one rounding step of the output's magnitude.
+    eps = {torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7, torch.float32: 2 ** -20}[dtype]
+    return 2 * eps * ref.abs().max().item()
+
+
+SHAPES = [
+    # (M, in, out, n*r, bias)
+    pytest.param(1, 48, 72, 1, True, id="M1-nr1"),
+    pytest.param(37, 48, 72, 16, False, id="M37-nr16-nobias"),
+    pytest.param(130, 72, 48, 64, True, id="M130-nr64"),
+    pytest.param(37, 130, 72, 4, True, id="M37-in130-nr4"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m,k,n,nr,bias", SHAPES)
+def test_launchers_match_reference(dtype, m, k, n, nr, bias):
+    _check_all(dtype, *_problem(m, k, n, nr, bias))
+
+
+@pytest.mark.parametrize("fuse,split", [(True, 1), (False, 3)], ids=["T-in-loop", "shrink+split-reductions"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_both_launch_modes(monkeypatch, fuse, split, dtype):
+    monkeypatch.setattr(triton_ops, "_FORCE_FUSE_T", fuse)
+    monkeypatch.setattr(triton_ops, "_FORCE_SPLIT", split)
+    _check_all(dtype, *_problem(130, 130, 72, 16, True, seed=1))
+
+
+@pytest.mark.parametrize("nr", [128, 256] if ON_GPU else [256], ids=lambda v: f"nr{v}")
+def test_large_rank(nr):
+    _check_all(torch.float32 if not ON_GPU else torch.bfloat16, *_problem(37, 48, 72, nr, True, seed=2))
+
+
+@pytest.mark.parametrize("split", [1, 3], ids=["split1", "split3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_dropout_matches_reference_with_the_kernel_mask(monkeypatch, dtype, split):
+    monkeypatch.setattr(triton_ops, "_FORCE_SPLIT", split)
+    x, w, b, lo, ro, s, dy = _problem(130, 72, 48, 16, True, seed=3)
+    # fp16/bf16 have no same-dtype PyTorch baseline with this mask: compare with dtype tolerances instead.
+    mask = triton_ops.dropout_mask_triton(x.shape, 0.25, 99, DEVICE).cpu()
+    ref_y, ref_dx, ref_dl, ref_dr = _reference(x, w, b, lo, ro, s, dy, mask, 0.25)
+    xc, wc, bc, lc, rc, dyc = _cast(dtype, x, w, b, lo, ro, dy)
+    sc = s.float().to(DEVICE)
+    y, t = triton_ops.lowrank_linear_fwd_triton(xc, wc, bc, lc, rc, sc, 0.25, 99)
+    dx, dl, dr = triton_ops.lowrank_linear_bwd_triton(dyc, xc, wc, lc, rc, sc, t, 0.25, 99, True, True, True)
+    for name, ref, got in (("y", ref_y, y), ("dx", ref_dx, dx), ("dL", ref_dl, dl), ("dR", ref_dr, dr)):
+        if dtype == torch.float32:
+            assert_close(name, ref, got.cpu())
+        else:
+            assert_close(name, ref, got.cpu(), atol=4 * _atol(dtype, ref))
+
+
+def test_dropout_mask_is_a_dropout_mask():
+    shape = (64, 96)
+    a = triton_ops.dropout_mask_triton(shape, 0.3, 5, DEVICE)
+    b = triton_ops.dropout_mask_triton(shape, 0.3, 5, DEVICE)
+    c = triton_ops.dropout_mask_triton(shape, 0.3, 6, DEVICE)
+    assert a.dtype == torch.bool and a.shape == shape
+    assert torch.equal(a, b), "mask: not a pure function of the seed"
+    assert not torch.equal(a, c), "mask: a different seed gave the same mask"
+    kept = a.float().mean().item()
+    assert 0.65 < kept < 0.75, f"mask: kept fraction {kept:.3f}, expected about 0.7"
+    # Rows and columns are independent streams: no two rows are identical.
+    assert len({tuple(r.tolist()) for r in a.cpu()}) == shape[0], "mask: repeated rows"
+    # Leading dimensions flatten into rows, exactly as the op flattens x.
+    assert torch.equal(triton_ops.dropout_mask_triton((4, 16, 96), 0.3, 5, DEVICE).reshape(shape), a)
+
+
+@pytest.mark.parametrize("needs", [(True, False, False), (False, True, False), (False, False, True),
+                                   (False, True, True), (True, True, False)],
+                         ids=["dx", "dL", "dR", "dL+dR", "dx+dL"])
+@pytest.mark.parametrize("p", [0.0, 0.2], ids=["p0", "p0.2"])
+def test_partial_gradients(needs, p):
+    _check_all(torch.float32, *_problem(37, 48, 72, 16, False, seed=4), p=p, seed=11, needs=needs)
+
+
+def test_scales_of_any_float_dtype():
+    _check_all(torch.float32, *_problem(37, 48, 72, 4, True, seed=5), scales_dtype=torch.float64)
+
+
+def test_empty_batch():
+    x, w, b, lo, ro, s, dy = _cast(torch.float32, *_problem(1, 48, 72, 4, True))
+    y, t = triton_ops.lowrank_linear_fwd_triton(x[:0], w, b, lo, ro, s, 0.0, 0)
+    assert y.shape == (0, 72) and t.shape == (0, 4)
+    dx, dl, dr = triton_ops.lowrank_linear_bwd_triton(dy[:0], x[:0], w, lo, ro, s, t, 0.0, 0, True, True, True)
+    assert dx.shape == (0, 48)
+    assert torch.equal(dl, torch.zeros_like(lo)), "dL: expected zeros for an empty batch"
+    assert torch.equal(dr, torch.zeros_like(ro)), "dR: expected zeros for an empty batch"
+
+
+def test_bad_dtypes_name_the_argument():
+    x, w, b, lo, ro, s, dy = _problem(4, 48, 72, 4, True)
+    with pytest.raises(TypeError, match="x:"):
+        triton_ops.lowrank_linear_fwd_triton(*_cast(torch.float64, x, w, b, lo, ro), s, 0.0, 0)
+    x32, w32, b32, l32, r32 = _cast(torch.float32, x, w, b, lo, ro)
+    with pytest.raises(TypeError, match="lora_R:"):
+        triton_ops.lowrank_linear_fwd_triton(x32, w32, b32, l32, r32.half(), s.float(), 0.0, 0)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Through the public op and the layer.
+# ------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_op_backend_triton_3d_noncontiguous(dtype):
+    x, w, b, lo, ro, s, dy = _problem(2 * 3 * 7, 48, 72, 16, True, seed=6)
+    x3 = x.reshape(2, 3, 7, 48).transpose(0, 1)  # non-contiguous on purpose
+    dy3 = dy.reshape(2, 3, 7, 72).transpose(0, 1)
+    ref_y, ref_dx, ref_dl, ref_dr = _reference(x3.reshape(-1, 48), w, b, lo, ro, s, dy3.reshape(-1, 72), None, 0.0)
+    xc, wc, bc, lc, rc = _cast(dtype, x3, w, b, lo, ro)
+    xc.requires_grad_(), lc.requires_grad_(), rc.requires_grad_()
+    y = muscle_lora_linear(xc, wc, bc, lc, rc, s.float().to(DEVICE), backend="triton")
+    assert y.shape == (3, 2, 7, 72)
+    y.backward(dy3.to(device=DEVICE, dtype=dtype))
+    tol = None if dtype == torch.float32 else 2 * _atol(dtype, ref_y)
+    assert_close("y", ref_y, y.detach().reshape(-1, 72).cpu(), atol=tol)
+    for name, ref, got in (("dx", ref_dx, xc.grad.reshape(-1, 48)), ("dL", ref_dl, lc.grad), ("dR", ref_dr, rc.grad)):
+        assert_close(name, ref, got.cpu(), atol=None if dtype == torch.float32 else 2 * _atol(dtype, ref))
+
+
+def test_op_dropout_seed_is_replayed_in_backward():
+    x, w, b, lo, ro, s, dy = _problem(37, 48, 72, 16, True, seed=7)
+    torch.manual_seed(1234)
+    seed = int(torch.randint(0, 2**31 - 1, (1,)).item())  # what muscle_lora_linear draws first
+    mask = triton_ops.dropout_mask_triton(x.shape, 0.3, seed, DEVICE).cpu()
+    ref_y, ref_dx, ref_dl, ref_dr = _reference(x, w, b, lo, ro, s, dy, mask, 0.3)
+    xc, wc, bc, lc, rc = _cast(torch.float32, x, w, b, lo, ro)
+    for v in (xc, lc, rc):
+        v.requires_grad_()
+    torch.manual_seed(1234)
+    y = muscle_lora_linear(xc, wc, bc, lc, rc, s.float().to(DEVICE), dropout_p=0.3, training=True, backend="triton")
+    y.backward(dy.float().to(DEVICE))
+    for name, ref, got in (("y", ref_y, y.detach()), ("dx", ref_dx, xc.grad), ("dL", ref_dl, lc.grad),
+                           ("dR", ref_dr, rc.grad)):
+        assert_close(name, ref, got.cpu())
+
+
+def test_layer_with_triton_backend_matches_torch_backend():
+    from muscle_kernels.nn.linear import MuScleLoRALinear
+
+    torch.manual_seed(8)
+    lay = MuScleLoRALinear(48, 72, freq_band=(1, 2, 3, 4), inner_rank=2, alpha=4.0, init="seed", backend="triton",
+                           device=DEVICE)
+    twin = MuScleLoRALinear(48, 72, freq_band=(1, 2, 3, 4), inner_rank=2, alpha=4.0, init="seed", backend="torch",
+                            device=DEVICE)
+    twin.load_state_dict(lay.state_dict())
+    x = torch.randn(5, 9, 48, device=DEVICE)
+    y1, y2 = lay(x), twin(x)
+    assert_close("y", y2.double(), y1)
+    g = torch.randn_like(y1)
+    y1.backward(g), y2.backward(g)
+    assert_close("dL", twin.lora_L.grad.double(), lay.lora_L.grad)
+    assert_close("dR", twin.lora_R.grad.double(), lay.lora_R.grad)
