@@ -1,0 +1,166 @@
+"""Save, load and merge MuScleLoRA adapters.
+
+An adapter directory holds two files:
+- `muscle_lora_config.json`: the MuScleLoRAConfig plus the model class it was trained on;
+- `muscle_lora_adapter.safetensors`: only the adapter factors (lora_L, lora_R, scales) of every MuScleLoRA layer,
+  the other trainable tensors, and everything in `modules_to_save` (the classification head, which a pretrained
+  checkpoint does not contain).
+Loading checks the config, the key set and every shape, and names each mismatch.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, Union
+
+import torch
+from torch import nn
+
+from ..nn.linear import MuScleLoRALinear
+from .apply import CONFIG_ATTR, adapter_layers, apply_muscle_lora
+from .config import MuScleLoRAConfig
+from .heads import ScoreHead, conv1d_from_linear
+from .patterns import resolve
+
+__all__ = ["save_adapter", "load_adapter", "merge_and_unload", "adapter_state_dict", "CONFIG_FILE", "WEIGHTS_FILE"]
+
+CONFIG_FILE = "muscle_lora_config.json"
+WEIGHTS_FILE = "muscle_lora_adapter.safetensors"
+_FORMAT_VERSION = 1
+
+
+def _config_of(model: nn.Module, caller: str) -> MuScleLoRAConfig:
+    config = getattr(model, CONFIG_ATTR, None)
+    if not isinstance(config, MuScleLoRAConfig):
+        raise ValueError(f"{caller}: the model has no MuScleLoRA adapters (call apply_muscle_lora first)")
+    return config
+
+
+def adapter_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The tensors save_adapter writes: {state-dict key: tensor} (detached, sharing storage with the model)."""
+    config = _config_of(model, "adapter_state_dict")
+    layers = adapter_layers(model)
+    merged = [n for n, m in layers.items() if m.merged]
+    if merged:
+        raise RuntimeError(f"the adapters of {merged[:3]} are merged into their base weights; unmerge() them first")
+    state = model.state_dict()
+    keys = set()
+    for name in layers:
+        keys |= {f"{name}.lora_L", f"{name}.lora_R", f"{name}.scales"}
+    keys |= {n for n, p in model.named_parameters() if p.requires_grad}
+    if config.modules_to_save:
+        module_names = [n for n, _ in model.named_modules() if n]
+        for prefix in resolve(module_names, config.modules_to_save, "modules_to_save"):
+            keys |= {k for k in state if k.startswith(prefix + ".")}
+    return {k: state[k] for k in state if k in keys}
+
+
+def save_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> None:
+    """Write the adapter of `model` (after apply_muscle_lora) to the directory `path` (created if needed)."""
+    from safetensors.torch import save_file
+
+    config = _config_of(model, "save_adapter")
+    tensors = adapter_state_dict(model)
+    os.makedirs(path, exist_ok=True)
+    # clone(): safetensors refuses tensors that share storage (tied weights), and the files must not alias the model.
+    save_file({k: v.detach().to("cpu").clone().contiguous() for k, v in tensors.items()},
+              os.path.join(path, WEIGHTS_FILE), metadata={"format": "pt"})
+    meta = {"format_version": _FORMAT_VERSION, "model_class": type(model).__name__,
+            "model_type": getattr(getattr(model, "config", None), "model_type", None), "config": config.to_dict()}
+    with open(os.path.join(path, CONFIG_FILE), "w") as f:
+        json.dump(meta, f, indent=2, sort_keys=True)
+
+
+def load_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
+    """Load an adapter saved by save_adapter into `model` and return it.
+
+    A plain model (no adapters yet) gets apply_muscle_lora with the saved config first; a model that already has
+    adapters must have been set up with the same config. Raises ValueError naming every mismatch (config field,
+    missing or unexpected tensor, shape).
+    """
+    from safetensors.torch import load_file
+
+    config_path, weights_path = os.path.join(path, CONFIG_FILE), os.path.join(path, WEIGHTS_FILE)
+    for p in (config_path, weights_path):
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"load_adapter: {p} not found; is {path!r} a directory written by save_adapter?")
+    with open(config_path) as f:
+        meta = json.load(f)
+    if meta.get("format_version") != _FORMAT_VERSION:
+        raise ValueError(f"load_adapter: {config_path} has format_version {meta.get('format_version')!r}, this "
+                         f"version of muscle_kernels reads {_FORMAT_VERSION}")
+    saved = MuScleLoRAConfig.from_dict(meta["config"])
+    if meta.get("model_class") != type(model).__name__:
+        raise ValueError(f"load_adapter: the adapter was saved from a {meta.get('model_class')}, the model is a "
+                         f"{type(model).__name__}")
+    current = getattr(model, CONFIG_ATTR, None)
+    if current is None:
+        apply_muscle_lora(model, saved)
+    else:
+        diff = current.diff(saved)
+        if diff:
+            lines = "; ".join(f"{k}: model has {a!r}, adapter has {b!r}" for k, (a, b) in diff.items())
+            raise ValueError(f"load_adapter: the model's MuScleLoRAConfig differs from the saved one ({lines})")
+
+    tensors = load_file(weights_path)
+    expected = adapter_state_dict(model)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    bad_shapes = [f"{k}: saved {tuple(tensors[k].shape)}, model {tuple(expected[k].shape)}"
+                  for k in sorted(set(tensors) & set(expected)) if tensors[k].shape != expected[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    if unexpected:
+        problems.append(f"unexpected tensors {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+    if bad_shapes:
+        problems.append("shape mismatch: " + "; ".join(bad_shapes[:8]))
+    if problems:
+        raise ValueError(f"load_adapter: {path} does not fit the model: " + " | ".join(problems))
+    with torch.no_grad():
+        for k, target in expected.items():
+            target.copy_(tensors[k])
+    return model
+
+
+@torch.no_grad()
+def merge_and_unload(model: nn.Module, *, collapse_head: bool = True) -> nn.Module:
+    """Fold every adapter into its base weight (W += R diag(s) L) and put plain modules back; returns `model`.
+
+    MuScleLoRA layers become nn.Linear again (Conv1D where GPT-2 had one). With collapse_head (default), the paper's
+    two-layer LLM head becomes the single bias-free `score` Linear it equals in eval mode, so the result is a
+    standard transformers model that save_pretrained / from_pretrained handle. requires_grad flags are left as they
+    are (base weights stay frozen).
+    """
+    for name, layer in adapter_layers(model).items():
+        if not layer.merged:
+            layer.merge()
+        plain = _plain_module(layer)
+        plain.train(layer.training)
+        hook = getattr(layer, "_hf_hook", None)
+        if hook is not None:
+            from accelerate.hooks import add_hook_to_module
+
+            add_hook_to_module(plain, hook)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, plain)
+    head = getattr(model, "score", None)
+    if collapse_head and isinstance(head, ScoreHead):
+        weight = head.collapsed_weight()
+        linear = nn.Linear(head.in_features, head.out_features, bias=False, device="meta")
+        linear.weight = nn.Parameter(weight.to(head.out_proj.weight.dtype),
+                                     requires_grad=head.out_proj.weight.requires_grad)
+        model.score = linear.train(head.training)
+    if hasattr(model, CONFIG_ATTR):
+        delattr(model, CONFIG_ATTR)
+    return model
+
+
+def _plain_module(layer: MuScleLoRALinear) -> nn.Module:
+    if getattr(layer, "muscle_source", "linear") == "conv1d":
+        return conv1d_from_linear(layer.weight, layer.bias)
+    linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+    linear.weight = layer.weight
+    if layer.bias is not None:
+        linear.bias = layer.bias
+    return linear

@@ -1,0 +1,247 @@
+"""MuScleLoRAConfig: where the adapters go and how big they are, as a JSON-serialisable dataclass.
+
+`MuScleLoRAConfig.for_model(model)` returns the paper's recipe (SPEC section 2) for the model's architecture:
+
+- BERT-style encoders (a `classifier` Linear on top of `pooler.dense`): plain LoRA r=8, alpha=32 on the attention
+  `query`/`value`; MSLR (inner rank 1, alpha 6) on `pooler.dense` and `classifier`.
+- RoBERTa-style encoders (a `classifier` module with `dense` + `out_proj`): the same LoRA; MSLR on `classifier.dense`.
+- Decoder LLMs with a `score` head (Llama, Mistral, Qwen2, GPT-2, ...): plain LoRA r=2, alpha=8 on the attention
+  projections PEFT targets by default (`q_proj`/`v_proj`; GPT-2's fused `c_attn`); the `score` head is replaced by the
+  paper's two-layer head (hidden -> 16 -> labels, no bias, dropout 0.1) with MSLR (bands 1..4, alpha 4) on its first
+  layer.
+
+Frequency band for encoders ("base" vs "large"): the paper tunes the band per checkpoint -- [1..9] for bert-large and
+roberta-large, [1,4,8,...,28] for bert-base, [1,2,4,6,...,16] for roberta-base. A model counts as "large" when it has
+at least 24 layers or a hidden size of at least 1024 (bert/roberta-large: 24 x 1024; base: 12 x 768); every smaller
+model (MiniLM, DistilRoBERTa, tiny test models) gets its family's base band.
+
+What trains: the paper's code freezes everything except the adapter factors, including the rest of the
+classification head (RoBERTa's `classifier.out_proj`, the LLM head's `out_proj`, BERT's classifier base weight): the
+adapters learn to map into the frozen, randomly initialised head. `trainable` (empty in the recipe) adds module or
+parameter patterns that train in full. The head itself is always saved (`modules_to_save`), because a freshly
+initialised head is not part of the pretrained checkpoint and the adapter is useless without it.
+
+Patterns follow PEFT's `target_modules`: a list entry matches a module whose full name equals it or ends with
+"." + entry; a single string is a regular expression that must match the full name.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import List, Optional, Union
+
+from ..nn.linear import INIT_MODES
+
+__all__ = ["MuScleLoRAConfig", "BANDS"]
+
+Patterns = Union[str, List[str]]
+
+# The paper's frequency bands per checkpoint family (its plmDefense.py and llm configs).
+BANDS = {
+    "large": [1, 2, 3, 4, 5, 6, 7, 8, 9],
+    "bert-base": [1, 4, 8, 12, 16, 20, 24, 28],
+    "roberta-base": [1, 2, 4, 6, 8, 10, 12, 14, 16],
+    "llm": [1, 2, 3, 4],
+}
+
+# Attention projections PEFT's LoRA targets by default, for the model types PEFT does not know or when peft is not
+# installed (kept small on purpose: anything else is looked up in peft's own table).
+_DEFAULT_LORA_TARGETS = {
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "camembert": ["query", "value"],
+    "electra": ["query", "value"],
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "mixtral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "opt": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+}
+
+_CONFIG_FILE_VERSION = 1
+
+
+@dataclass
+class MuScleLoRAConfig:
+    """Which modules get adapters and with what hyper-parameters (see the module docstring for the recipes).
+
+    lora_targets: modules that get one plain LoRA branch (freq_band=(1,), inner_rank=lora_rank, alpha=lora_alpha;
+        scale alpha/r, as PEFT).
+    mslr_targets: modules that get the multi-scale branches (freq_band, inner_rank, mslr_alpha).
+    dropout: adapter-input dropout of every adapter layer.
+    init: initialisation of the MSLR layers: "lora" (R = 0, the output is unchanged at step 0) or "seed" (the paper's
+        kaiming-uniform L and R). Plain LoRA branches always use the LoRA init, as PEFT does.
+    trainable: other module or parameter patterns that train in full (everything else is frozen).
+    modules_to_save: modules saved in full with the adapter (the classification head).
+    score_head_hidden: when set, the model's `score` Linear (hidden -> labels) is replaced by the paper's two-layer
+        head hidden -> score_head_hidden -> labels (no bias, dropout score_head_dropout in between); its first layer
+        `score.dense` can then be an MSLR target.
+    backend: forwarded to MuScleLoRALinear ("auto", "torch", "triton", "reference").
+    """
+
+    lora_targets: Patterns = field(default_factory=list)
+    lora_rank: int = 8
+    lora_alpha: float = 32.0
+    mslr_targets: Patterns = field(default_factory=list)
+    freq_band: List[float] = field(default_factory=lambda: [1, 2, 3, 4])
+    inner_rank: int = 1
+    mslr_alpha: float = 6.0
+    dropout: float = 0.0
+    init: str = "lora"
+    trainable: Patterns = field(default_factory=list)
+    modules_to_save: Patterns = field(default_factory=list)
+    score_head_hidden: Optional[int] = None
+    score_head_dropout: float = 0.1
+    backend: str = "auto"
+
+    def __post_init__(self):
+        for name in ("lora_targets", "mslr_targets", "trainable", "modules_to_save"):
+            value = getattr(self, name)
+            if isinstance(value, (tuple, set, frozenset)):
+                value = sorted(value) if isinstance(value, (set, frozenset)) else list(value)
+                setattr(self, name, value)
+            if not isinstance(value, (str, list)) or (isinstance(value, list)
+                                                       and not all(isinstance(p, str) and p for p in value)):
+                raise TypeError(f"{name}: expected a list of module-name patterns or one regular expression, "
+                                f"got {value!r}")
+        if not self.lora_targets and not self.mslr_targets:
+            raise ValueError("MuScleLoRAConfig: give lora_targets and/or mslr_targets (module-name patterns); "
+                             "MuScleLoRAConfig.for_model(model) builds the paper's recipe")
+        for name in ("lora_rank", "inner_rank"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: expected an integer >= 1, got {v!r}")
+        for name in ("lora_alpha", "mslr_alpha"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ValueError(f"{name}: expected a positive number, got {v!r}")
+            setattr(self, name, float(v))
+        try:
+            band = [float(k) for k in self.freq_band]
+        except TypeError:
+            raise TypeError(f"freq_band: expected a list of positive numbers, got {self.freq_band!r}") from None
+        if not band or any(not math.isfinite(k) or k <= 0 for k in band):
+            raise ValueError(f"freq_band: expected a non-empty list of positive numbers, got {self.freq_band!r}")
+        self.freq_band = [int(k) if k.is_integer() else k for k in band]
+        for name in ("dropout", "score_head_dropout"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
+                raise ValueError(f"{name}: expected a probability in [0, 1), got {v!r}")
+        if self.init not in INIT_MODES:
+            raise ValueError(f"init: expected one of {INIT_MODES}, got {self.init!r}")
+        h = self.score_head_hidden
+        if h is not None and (isinstance(h, bool) or not isinstance(h, int) or h < 1):
+            raise ValueError(f"score_head_hidden: expected None or an integer >= 1, got {h!r}")
+
+    # -- serialisation -----------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "MuScleLoRAConfig":
+        if not isinstance(data, dict):
+            raise TypeError(f"data: expected a dict, got {type(data).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"MuScleLoRAConfig: unknown field(s) {unknown}; known fields are {sorted(names)}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "MuScleLoRAConfig":
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        with open(path, "w") as f:
+            f.write(self.to_json())
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike]) -> "MuScleLoRAConfig":
+        with open(path) as f:
+            return cls.from_json(f.read())
+
+    def diff(self, other: "MuScleLoRAConfig") -> dict:
+        """{field: (self's value, other's value)} for every field that differs."""
+        a, b = self.to_dict(), other.to_dict()
+        return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+
+    # -- the paper's recipes -----------------------------------------------------------------------------------------
+    @classmethod
+    def for_model(cls, model, **overrides) -> "MuScleLoRAConfig":
+        """The paper's recipe for `model` (a transformers model); keyword arguments override single fields."""
+        recipe = _recipe(model, has_lora_targets="lora_targets" in overrides)
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise TypeError(f"for_model: unknown field(s) {unknown}")
+        recipe.update(overrides)
+        return cls(**recipe)
+
+
+def _model_config(model):
+    config = getattr(model, "config", None)
+    if config is None:
+        raise TypeError(f"model: expected a transformers model with a .config, got {type(model).__name__}; "
+                        "build MuScleLoRAConfig(lora_targets=..., mslr_targets=...) by hand for other modules")
+    return config
+
+
+def _lora_targets_for(model_type: str) -> Optional[List[str]]:
+    try:
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as peft_table
+    except ImportError:  # peft is optional; our small table covers the paper's models
+        peft_table = {}
+    targets = _DEFAULT_LORA_TARGETS.get(model_type) or peft_table.get(model_type)
+    return list(targets) if targets else None
+
+
+def _is_large(config) -> bool:
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None) or 0
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None) or 0
+    return layers >= 24 or hidden >= 1024
+
+
+def _recipe(model, has_lora_targets: bool = False) -> dict:
+    from torch import nn
+
+    config = _model_config(model)
+    model_type = getattr(config, "model_type", None) or type(model).__name__
+    lora_targets = _lora_targets_for(model_type)
+    classifier = getattr(model, "classifier", None)
+    score = getattr(model, "score", None)
+    pooler_dense = getattr(getattr(getattr(model, "base_model", None), "pooler", None), "dense", None)
+
+    if isinstance(classifier, nn.Module) and isinstance(getattr(classifier, "dense", None), nn.Linear):
+        family, mslr_targets, head = "roberta", ["classifier.dense"], "classifier"
+    elif isinstance(classifier, nn.Linear) and isinstance(pooler_dense, nn.Linear):
+        prefix = next(n for n, m in model.named_modules() if m is pooler_dense)
+        family, mslr_targets, head = "bert", [prefix, "classifier"], "classifier"
+    elif isinstance(score, nn.Linear):
+        family, mslr_targets, head = "llm", ["score.dense"], "score"
+    else:
+        raise ValueError(
+            f"MuScleLoRAConfig.for_model: no recipe for {type(model).__name__} (model_type {model_type!r}): the paper's "
+            "recipes need a BERT-style head (pooler.dense + classifier), a RoBERTa-style head (classifier.dense + "
+            "classifier.out_proj) or an LLM `score` head. Build MuScleLoRAConfig(lora_targets=[...], "
+            "mslr_targets=[...], modules_to_save=[...]) with your model's module names instead")
+    if lora_targets is None and not has_lora_targets:
+        raise ValueError(
+            f"MuScleLoRAConfig.for_model: unknown attention module names for model_type {model_type!r}; pass "
+            "lora_targets=[...] (e.g. the query and value projections' names), e.g. "
+            f"MuScleLoRAConfig.for_model(model, lora_targets=['q_proj', 'v_proj'])")
+
+    if family == "llm":
+        return dict(lora_targets=lora_targets, lora_rank=2, lora_alpha=8.0, mslr_targets=mslr_targets,
+                    freq_band=list(BANDS["llm"]), inner_rank=1, mslr_alpha=4.0, modules_to_save=[head],
+                    score_head_hidden=16, score_head_dropout=0.1)
+    band = BANDS["large"] if _is_large(config) else BANDS[f"{family}-base"]
+    return dict(lora_targets=lora_targets, lora_rank=8, lora_alpha=32.0, mslr_targets=mslr_targets,
+                freq_band=list(band), inner_rank=1, mslr_alpha=6.0, modules_to_save=[head])
