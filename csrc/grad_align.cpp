@@ -1,0 +1,224 @@
+// Gradient alignment (SPEC section 3): op schemas and the CPU kernels.
+//
+// Three ops in the `muscle_kernels` namespace, all over lists of tensors (grads[i] and refs[i] pair up):
+//   grad_align_reduce(grads, refs) -> stats [n, 3] fp32: <g, r>, ||g||^2, ||r||^2 per pair, one pass over g and r.
+//   grad_align_apply(grads!, refs, coeffs [n, 2] fp32): g <- a * r + b * g with (a, b) = coeffs[i], in place.
+//   grad_align_fused(grads!, refs, raw_ratio) -> stats: reduce, the coefficient rule of grad_align_common.h, apply.
+// The two stages exist apart so that a sharded run can all-reduce the stats in between (FSDP2).
+//
+// CPU design. The lists are cut into work items of at most kChunk elements (one tensor each) and the items are shared
+// out with at::parallel_for, so a list of many small LoRA tensors and a list of a few huge embeddings both keep every
+// core busy. Each item does the three reductions in one pass: kLanes independent fp32 accumulators per sum (the
+// compiler turns the lane loop into SIMD registers; a single scalar accumulator would be a serial dependency chain
+// that GCC may not reorder without -ffast-math), flushed into double every kFlush elements so the fp32 part never
+// sums more than kFlush / kLanes terms. Items are summed per tensor in a fixed order: results do not depend on the
+// thread count. fp64 tensors accumulate in double throughout.
+//
+// Vectorisation choice: plain lane loops + -O3, and -march=native for a JIT build (see extension.py: the build runs
+// on the machine that uses it; MUSCLE_KERNELS_CPU_ARCH overrides it for images built on one machine and run on
+// another). at::vec::Vectorized would need CPU_CAPABILITY_* defines and matching -m flags in an out-of-tree build
+// (without them it silently degrades to the same generic loops), so it buys nothing here.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "grad_align_common.h"
+
+namespace muscle_kernels {
+
+constexpr int64_t kChunk = 1 << 16;  // elements per work item: 256 KiB of fp32, a few hundred items for BERT-base
+constexpr int kLanes = 16;           // 2 AVX2 / 1 AVX-512 register(s) of fp32 per accumulator
+constexpr int64_t kFlush = 1024;     // fp32 lanes are flushed into double every kFlush elements
+
+void check_lists(at::TensorList grads, at::TensorList refs, const char* op) {
+  TORCH_CHECK(grads.size() == refs.size(), op, ": grads and refs must have the same length, got ", grads.size(),
+              " and ", refs.size());
+  if (grads.empty()) return;
+  const auto device = grads[0].device();
+  for (size_t i = 0; i < grads.size(); ++i) {
+    const auto& g = grads[i];
+    const auto& r = refs[i];
+    TORCH_CHECK(g.device() == device, op, ": grads[", i, "] is on ", g.device(), " but grads[0] is on ", device,
+                " (one device per call)");
+    TORCH_CHECK(r.device() == g.device(), op, ": refs[", i, "] is on ", r.device(), " but grads[", i, "] is on ",
+                g.device());
+    TORCH_CHECK(r.sizes() == g.sizes(), op, ": refs[", i, "] has shape ", r.sizes(), " but grads[", i,
+                "] has shape ", g.sizes());
+    TORCH_CHECK(r.scalar_type() == g.scalar_type(), op, ": refs[", i, "] is ", r.scalar_type(), " but grads[", i,
+                "] is ", g.scalar_type());
+    const auto st = g.scalar_type();
+    TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble, op, ": grads[", i,
+                "] has dtype ", st, "; expected float32, float16, bfloat16 or float64");
+    TORCH_CHECK(g.is_contiguous() && r.is_contiguous(), op, ": grads[", i, "] and refs[", i,
+                "] must be contiguous (the Python wrappers make contiguous copies)");
+  }
+}
+
+void check_coeffs(const at::Tensor& coeffs, at::TensorList grads) {
+  const int64_t n = static_cast<int64_t>(grads.size());
+  TORCH_CHECK(coeffs.scalar_type() == at::kFloat, "grad_align_apply: coeffs must be float32, got ",
+              coeffs.scalar_type());
+  TORCH_CHECK(coeffs.dim() == 2 && coeffs.size(0) == n && coeffs.size(1) == 2,
+              "grad_align_apply: coeffs must have shape [n_tensors, 2] = [", n, ", 2], got ", coeffs.sizes());
+  TORCH_CHECK(coeffs.is_contiguous(), "grad_align_apply: coeffs must be contiguous");
+  if (n > 0) {
+    TORCH_CHECK(coeffs.device() == grads[0].device(), "grad_align_apply: coeffs is on ", coeffs.device(),
+                " but the gradients are on ", grads[0].device());
+  }
+}
+
+namespace {
+
+struct Item {
+  int64_t tensor;
+  int64_t begin;
+  int64_t end;
+};
+
+std::vector<Item> make_items(at::TensorList grads) {
+  std::vector<Item> items;
+  for (size_t t = 0; t < grads.size(); ++t) {
+    const int64_t n = grads[t].numel();
+    for (int64_t b = 0; b < n; b += kChunk) items.push_back({static_cast<int64_t>(t), b, std::min(n, b + kChunk)});
+  }
+  return items;
+}
+
+// acc_t: float for 16/32-bit inputs (lanes flushed to double), double for fp64 inputs.
+template <typename scalar_t, typename acc_t>
+void reduce_range(const scalar_t* __restrict__ g, const scalar_t* __restrict__ r, int64_t n, double out[3]) {
+  double dgr = 0.0, dgg = 0.0, drr = 0.0;
+  acc_t gr[kLanes], gg[kLanes], rr[kLanes];
+  int64_t i = 0;
+  const int64_t n_vec = n - n % kLanes;
+  while (i < n_vec) {
+    for (int j = 0; j < kLanes; ++j) gr[j] = gg[j] = rr[j] = acc_t(0);
+    const int64_t stop = std::min(n_vec, i + kFlush);
+    for (; i < stop; i += kLanes) {
+      for (int j = 0; j < kLanes; ++j) {
+        const acc_t a = static_cast<acc_t>(g[i + j]);
+        const acc_t b = static_cast<acc_t>(r[i + j]);
+        gr[j] += a * b;
+        gg[j] += a * a;
+        rr[j] += b * b;
+      }
+    }
+    for (int j = 0; j < kLanes; ++j) {
+      dgr += gr[j];
+      dgg += gg[j];
+      drr += rr[j];
+    }
+  }
+  for (; i < n; ++i) {
+    const double a = static_cast<double>(g[i]);
+    const double b = static_cast<double>(r[i]);
+    dgr += a * b;
+    dgg += a * a;
+    drr += b * b;
+  }
+  out[0] = dgr;
+  out[1] = dgg;
+  out[2] = drr;
+}
+
+template <typename scalar_t, typename acc_t>
+void apply_range(scalar_t* __restrict__ g, const scalar_t* __restrict__ r, int64_t n, float a_f, float b_f, int mode) {
+  const acc_t a = static_cast<acc_t>(a_f);
+  const acc_t b = static_cast<acc_t>(b_f);
+  switch (mode) {
+    case kReplace:
+      for (int64_t i = 0; i < n; ++i) g[i] = static_cast<scalar_t>(a * static_cast<acc_t>(r[i]));
+      break;
+    case kScale:
+      for (int64_t i = 0; i < n; ++i) g[i] = static_cast<scalar_t>(b * static_cast<acc_t>(g[i]));
+      break;
+    case kBlend:
+      for (int64_t i = 0; i < n; ++i)
+        g[i] = static_cast<scalar_t>(a * static_cast<acc_t>(r[i]) + b * static_cast<acc_t>(g[i]));
+      break;
+    default:
+      break;
+  }
+}
+
+template <typename scalar_t>
+using acc_type_t = typename std::conditional<std::is_same<scalar_t, double>::value, double, float>::type;
+
+at::Tensor reduce_cpu(at::TensorList grads, at::TensorList refs) {
+  check_lists(grads, refs, "grad_align_reduce");
+  const int64_t n = static_cast<int64_t>(grads.size());
+  const auto items = make_items(grads);
+  std::vector<double> partial(items.size() * 3, 0.0);
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t k = lo; k < hi; ++k) {
+      const Item& it = items[k];
+      const auto& g = grads[it.tensor];
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "grad_align_reduce_cpu", [&] {
+        reduce_range<scalar_t, acc_type_t<scalar_t>>(g.const_data_ptr<scalar_t>() + it.begin,
+                                                     refs[it.tensor].const_data_ptr<scalar_t>() + it.begin,
+                                                     it.end - it.begin, &partial[3 * k]);
+      });
+    }
+  });
+  std::vector<double> sums(static_cast<size_t>(n) * 3, 0.0);
+  for (size_t k = 0; k < items.size(); ++k)
+    for (int c = 0; c < 3; ++c) sums[3 * items[k].tensor + c] += partial[3 * k + c];
+  auto stats = at::empty({n, 3}, at::TensorOptions().dtype(at::kFloat));
+  float* s = stats.data_ptr<float>();
+  for (int64_t i = 0; i < 3 * n; ++i) s[i] = static_cast<float>(sums[i]);
+  return stats;
+}
+
+void apply_cpu(at::TensorList grads, at::TensorList refs, const at::Tensor& coeffs) {
+  check_lists(grads, refs, "grad_align_apply");
+  check_coeffs(coeffs, grads);
+  const float* c = coeffs.const_data_ptr<float>();
+  std::vector<Item> items;
+  for (const auto& it : make_items(grads))
+    if (apply_mode(c[2 * it.tensor], c[2 * it.tensor + 1]) != kKeep) items.push_back(it);
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t k = lo; k < hi; ++k) {
+      const Item& it = items[k];
+      const auto& g = grads[it.tensor];
+      const float a = c[2 * it.tensor], b = c[2 * it.tensor + 1];
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "grad_align_apply_cpu", [&] {
+        apply_range<scalar_t, acc_type_t<scalar_t>>(g.mutable_data_ptr<scalar_t>() + it.begin,
+                                                    refs[it.tensor].const_data_ptr<scalar_t>() + it.begin,
+                                                    it.end - it.begin, a, b, apply_mode(a, b));
+      });
+    }
+  });
+}
+
+at::Tensor fused_cpu(at::TensorList grads, at::TensorList refs, double raw_ratio) {
+  TORCH_CHECK(raw_ratio >= 0.0 && raw_ratio <= 1.0, "grad_align: raw_ratio must be in [0, 1], got ", raw_ratio);
+  auto stats = reduce_cpu(grads, refs);
+  const int64_t n = stats.size(0);
+  auto coeffs = at::empty({n, 2}, at::TensorOptions().dtype(at::kFloat));
+  const float* s = stats.const_data_ptr<float>();
+  float* c = coeffs.data_ptr<float>();
+  for (int64_t t = 0; t < n; ++t) align_coefficients(s[3 * t], s[3 * t + 1], s[3 * t + 2], raw_ratio, &c[2 * t], &c[2 * t + 1]);
+  apply_cpu(grads, refs, coeffs);
+  return stats;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(muscle_kernels, m) {
+  m.def("grad_align_reduce(Tensor[] grads, Tensor[] refs) -> Tensor");
+  m.def("grad_align_apply(Tensor(a!)[] grads, Tensor[] refs, Tensor coeffs) -> ()");
+  m.def("grad_align_fused(Tensor(a!)[] grads, Tensor[] refs, float raw_ratio) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(muscle_kernels, CPU, m) {
+  m.impl("grad_align_reduce", &reduce_cpu);
+  m.impl("grad_align_apply", &apply_cpu);
+  m.impl("grad_align_fused", &fused_cpu);
+}
+
+}  // namespace muscle_kernels

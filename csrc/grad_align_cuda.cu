@@ -1,0 +1,299 @@
+// Gradient alignment on CUDA: the same three ops as grad_align.cpp, registered for the CUDA dispatch key.
+//
+//   reduce: multi-tensor launches (multi_tensor_apply.cuh); each block reads one 64K-element chunk of g and r once
+//           with 16-byte loads, reduces <g,r>, ||g||^2, ||r||^2 in fp32 registers (double for fp64 tensors) and writes
+//           one partial triple to partials[tensor, chunk]. No atomics: the result is deterministic.
+//   finish: one block per tensor sums its partials in a fixed order (in double), writes the fp32 stats row and, for
+//           the fused op, the (a, b) coefficients of grad_align_common.h.
+//   apply:  multi-tensor launches again; each block reads its tensor's (a, b) from device memory and writes
+//           g <- a r + b g (g is not read when b == 0; a kept tensor is not touched at all).
+// Everything is enqueued on the current stream; there is no host synchronisation and no copy to the host, so the
+// fused op is safe to capture in a CUDA graph and to overlap with other work. Tensors are grouped by dtype on the
+// host (a few lines of C++ over the list, no Python loop).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "grad_align_common.h"
+#include "multi_tensor_apply.cuh"
+
+namespace muscle_kernels {
+
+// Defined in grad_align.cpp (shared argument checks with the same messages on every device).
+void check_lists(at::TensorList grads, at::TensorList refs, const char* op);
+void check_coeffs(const at::Tensor& coeffs, at::TensorList grads);
+
+namespace {
+
+constexpr int kThreads = 512;
+
+template <typename T>
+struct AccType {
+  using type = float;
+};
+template <>
+struct AccType<double> {
+  using type = double;
+};
+
+// 16 bytes of T: one vectorised load/store.
+template <typename T>
+struct alignas(16) Pack {
+  static constexpr int N = 16 / sizeof(T);
+  T v[N];
+};
+
+__device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t warp_sum(acc_t x) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_down_sync(0xffffffffu, x, offset);
+  return x;
+}
+
+// Sums three values over the block; thread 0 gets the totals.
+template <typename acc_t>
+__device__ __forceinline__ void block_sum3(acc_t& a, acc_t& b, acc_t& c) {
+  __shared__ acc_t shared[3][32];
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  a = warp_sum(a);
+  b = warp_sum(b);
+  c = warp_sum(c);
+  if (lane == 0) {
+    shared[0][warp] = a;
+    shared[1][warp] = b;
+    shared[2][warp] = c;
+  }
+  __syncthreads();
+  const int n_warps = (blockDim.x + 31) >> 5;
+  if (warp == 0) {
+    a = lane < n_warps ? shared[0][lane] : acc_t(0);
+    b = lane < n_warps ? shared[1][lane] : acc_t(0);
+    c = lane < n_warps ? shared[2][lane] : acc_t(0);
+    a = warp_sum(a);
+    b = warp_sum(b);
+    c = warp_sum(c);
+  }
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) reduce_kernel(mta::TensorListMeta<2> meta, float* __restrict__ partials,
+                                                          int64_t max_chunks) {
+  using acc_t = typename AccType<scalar_t>::type;
+  const int slot = meta.block_to_tensor[blockIdx.x];
+  const int64_t chunk = meta.block_to_chunk[blockIdx.x];
+  const int64_t start = chunk * mta::kChunkSize;
+  const int64_t len = min(static_cast<int64_t>(mta::kChunkSize), meta.sizes[slot] - start);
+  const scalar_t* g = static_cast<const scalar_t*>(meta.addresses[0][slot]) + start;
+  const scalar_t* r = static_cast<const scalar_t*>(meta.addresses[1][slot]) + start;
+
+  acc_t gr = 0, gg = 0, rr = 0;
+  int64_t done = 0;
+  if (aligned16(g) && aligned16(r)) {
+    using P = Pack<scalar_t>;
+    const int64_t n_packs = len / P::N;
+    const P* gp = reinterpret_cast<const P*>(g);
+    const P* rp = reinterpret_cast<const P*>(r);
+    for (int64_t p = threadIdx.x; p < n_packs; p += blockDim.x) {
+      const P gv = gp[p];
+      const P rv = rp[p];
+#pragma unroll
+      for (int j = 0; j < P::N; ++j) {
+        const acc_t a = static_cast<acc_t>(gv.v[j]);
+        const acc_t b = static_cast<acc_t>(rv.v[j]);
+        gr += a * b;
+        gg += a * a;
+        rr += b * b;
+      }
+    }
+    done = n_packs * P::N;
+  }
+  for (int64_t i = done + threadIdx.x; i < len; i += blockDim.x) {
+    const acc_t a = static_cast<acc_t>(g[i]);
+    const acc_t b = static_cast<acc_t>(r[i]);
+    gr += a * b;
+    gg += a * a;
+    rr += b * b;
+  }
+  block_sum3(gr, gg, rr);
+  if (threadIdx.x == 0) {
+    float* out = partials + (static_cast<int64_t>(meta.tensor_index[slot]) * max_chunks + chunk) * 3;
+    out[0] = static_cast<float>(gr);
+    out[1] = static_cast<float>(gg);
+    out[2] = static_cast<float>(rr);
+  }
+}
+
+constexpr int kFinishThreads = 128;
+
+// One block per tensor. coeffs may be null (reduce only).
+__global__ void __launch_bounds__(kFinishThreads) finish_kernel(const float* __restrict__ partials, int64_t max_chunks,
+                                                                float* __restrict__ stats, float* __restrict__ coeffs,
+                                                                double rho) {
+  const int64_t t = blockIdx.x;
+  const float* p = partials + t * max_chunks * 3;
+  double gr = 0, gg = 0, rr = 0;
+  for (int64_t c = threadIdx.x; c < max_chunks; c += blockDim.x) {
+    gr += p[3 * c];
+    gg += p[3 * c + 1];
+    rr += p[3 * c + 2];
+  }
+  block_sum3(gr, gg, rr);
+  if (threadIdx.x == 0) {
+    const float s0 = static_cast<float>(gr), s1 = static_cast<float>(gg), s2 = static_cast<float>(rr);
+    stats[3 * t] = s0;
+    stats[3 * t + 1] = s1;
+    stats[3 * t + 2] = s2;
+    if (coeffs != nullptr) align_coefficients(s0, s1, s2, rho, &coeffs[2 * t], &coeffs[2 * t + 1]);
+  }
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ scalar_t combine(int mode, float a, float b, scalar_t gv, scalar_t rv) {
+  using acc_t = typename AccType<scalar_t>::type;
+  const acc_t r = static_cast<acc_t>(rv);
+  if (mode == kReplace) return static_cast<scalar_t>(static_cast<acc_t>(a) * r);
+  const acc_t g = static_cast<acc_t>(gv);
+  if (mode == kScale) return static_cast<scalar_t>(static_cast<acc_t>(b) * g);
+  return static_cast<scalar_t>(static_cast<acc_t>(a) * r + static_cast<acc_t>(b) * g);
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) apply_kernel(mta::TensorListMeta<2> meta, const float* __restrict__ coeffs) {
+  const int slot = meta.block_to_tensor[blockIdx.x];
+  const int64_t t = meta.tensor_index[slot];
+  const float a = coeffs[2 * t];
+  const float b = coeffs[2 * t + 1];
+  const int mode = apply_mode(a, b);
+  if (mode == kKeep) return;  // whole block leaves together: no divergence
+  const int64_t chunk = meta.block_to_chunk[blockIdx.x];
+  const int64_t start = chunk * mta::kChunkSize;
+  const int64_t len = min(static_cast<int64_t>(mta::kChunkSize), meta.sizes[slot] - start);
+  scalar_t* g = static_cast<scalar_t*>(meta.addresses[0][slot]) + start;
+  const scalar_t* r = static_cast<const scalar_t*>(meta.addresses[1][slot]) + start;
+
+  int64_t done = 0;
+  if (aligned16(g) && aligned16(r)) {
+    using P = Pack<scalar_t>;
+    const int64_t n_packs = len / P::N;
+    P* gp = reinterpret_cast<P*>(g);
+    const P* rp = reinterpret_cast<const P*>(r);
+    for (int64_t p = threadIdx.x; p < n_packs; p += blockDim.x) {
+      P gv;
+      if (mode != kReplace) gv = gp[p];  // replace never reads g (a NaN there must not matter)
+      P rv;
+      if (mode != kScale) rv = rp[p];
+      P out;
+#pragma unroll
+      for (int j = 0; j < P::N; ++j) out.v[j] = combine<scalar_t>(mode, a, b, gv.v[j], rv.v[j]);
+      gp[p] = out;
+    }
+    done = n_packs * P::N;
+  }
+  for (int64_t i = done + threadIdx.x; i < len; i += blockDim.x) {
+    const scalar_t gv = mode != kReplace ? g[i] : scalar_t(0);
+    const scalar_t rv = mode != kScale ? r[i] : scalar_t(0);
+    g[i] = combine<scalar_t>(mode, a, b, gv, rv);
+  }
+}
+
+// Groups the list by dtype and runs `body(scalar_t tag, lists, index)` once per dtype present.
+template <typename Body>
+void for_each_dtype_group(at::TensorList grads, at::TensorList refs, Body&& body) {
+  const at::ScalarType dtypes[] = {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble};
+  for (const auto dtype : dtypes) {
+    std::vector<std::vector<at::Tensor>> lists(2);
+    std::vector<int64_t> index;
+    for (size_t i = 0; i < grads.size(); ++i) {
+      if (grads[i].scalar_type() != dtype || grads[i].numel() == 0) continue;
+      lists[0].push_back(grads[i]);
+      lists[1].push_back(refs[i]);
+      index.push_back(static_cast<int64_t>(i));
+    }
+    if (!index.empty()) body(dtype, lists, index);
+  }
+}
+
+// Reduce into stats [n, 3]; with coeffs non-null also fill the fused op's coefficients.
+void reduce_into(at::TensorList grads, at::TensorList refs, at::Tensor& stats, float* coeffs, double rho) {
+  const int64_t n = static_cast<int64_t>(grads.size());
+  int64_t max_chunks = 1;
+  for (const auto& g : grads) max_chunks = std::max<int64_t>(max_chunks, (g.numel() + mta::kChunkSize - 1) / mta::kChunkSize);
+  // Zero-filled so that empty tensors (no blocks) and tensors with fewer chunks finish with exact zeros.
+  auto partials = at::zeros({n, max_chunks, 3}, grads[0].options().dtype(at::kFloat));
+  auto stream = at::cuda::getCurrentCUDAStream();
+  float* partials_ptr = partials.data_ptr<float>();
+  for_each_dtype_group(grads, refs, [&](at::ScalarType dtype, const std::vector<std::vector<at::Tensor>>& lists,
+                                        const std::vector<int64_t>& index) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "grad_align_reduce_cuda", [&] {
+      mta::multi_tensor_apply<2>(lists, index, [&](const mta::TensorListMeta<2>& meta, int n_blocks) {
+        reduce_kernel<scalar_t><<<n_blocks, kThreads, 0, stream>>>(meta, partials_ptr, max_chunks);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  });
+  finish_kernel<<<static_cast<unsigned int>(n), kFinishThreads, 0, stream>>>(partials_ptr, max_chunks,
+                                                                             stats.data_ptr<float>(), coeffs, rho);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void apply_with(at::TensorList grads, at::TensorList refs, const float* coeffs) {
+  auto stream = at::cuda::getCurrentCUDAStream();
+  for_each_dtype_group(grads, refs, [&](at::ScalarType dtype, const std::vector<std::vector<at::Tensor>>& lists,
+                                        const std::vector<int64_t>& index) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "grad_align_apply_cuda", [&] {
+      mta::multi_tensor_apply<2>(lists, index, [&](const mta::TensorListMeta<2>& meta, int n_blocks) {
+        apply_kernel<scalar_t><<<n_blocks, kThreads, 0, stream>>>(meta, coeffs);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  });
+}
+
+at::Tensor reduce_cuda(at::TensorList grads, at::TensorList refs) {
+  check_lists(grads, refs, "grad_align_reduce");
+  const int64_t n = static_cast<int64_t>(grads.size());
+  TORCH_CHECK(n > 0, "grad_align_reduce: empty lists have no device (the Python wrapper handles them)");
+  const c10::cuda::CUDAGuard guard(grads[0].device());
+  auto stats = at::empty({n, 3}, grads[0].options().dtype(at::kFloat));
+  reduce_into(grads, refs, stats, nullptr, 0.0);
+  return stats;
+}
+
+void apply_cuda(at::TensorList grads, at::TensorList refs, const at::Tensor& coeffs) {
+  check_lists(grads, refs, "grad_align_apply");
+  check_coeffs(coeffs, grads);
+  if (grads.empty()) return;
+  const c10::cuda::CUDAGuard guard(grads[0].device());
+  apply_with(grads, refs, coeffs.const_data_ptr<float>());
+}
+
+at::Tensor fused_cuda(at::TensorList grads, at::TensorList refs, double raw_ratio) {
+  TORCH_CHECK(raw_ratio >= 0.0 && raw_ratio <= 1.0, "grad_align: raw_ratio must be in [0, 1], got ", raw_ratio);
+  check_lists(grads, refs, "grad_align_fused");
+  const int64_t n = static_cast<int64_t>(grads.size());
+  TORCH_CHECK(n > 0, "grad_align_fused: empty lists have no device (the Python wrapper handles them)");
+  const c10::cuda::CUDAGuard guard(grads[0].device());
+  auto stats = at::empty({n, 3}, grads[0].options().dtype(at::kFloat));
+  auto coeffs = at::empty({n, 2}, grads[0].options().dtype(at::kFloat));
+  reduce_into(grads, refs, stats, coeffs.data_ptr<float>(), raw_ratio);
+  apply_with(grads, refs, coeffs.const_data_ptr<float>());
+  return stats;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(muscle_kernels, CUDA, m) {
+  m.impl("grad_align_reduce", &reduce_cuda);
+  m.impl("grad_align_apply", &apply_cuda);
+  m.impl("grad_align_fused", &fused_cuda);
+}
+
+}  // namespace muscle_kernels

@@ -1,0 +1,75 @@
+// Multi-tensor launches in the style of apex's multi_tensor_apply: the addresses and sizes of many tensors are packed
+// into one kernel-argument struct, the tensors are cut into chunks of kChunkSize elements, and each CUDA block handles
+// one (tensor, chunk) pair. A list of hundreds of tensors then costs a handful of launches instead of one per tensor,
+// and nothing is copied to the device beforehand (the struct travels in the kernel parameters).
+//
+// Limits: the struct must fit the classic 4 KiB kernel-parameter space, so one launch carries at most kMaxTensors
+// tensors and kMaxBlocks blocks; the launcher starts a new launch when either runs out. All tensors of one call must
+// share a dtype (the caller groups by dtype) and be contiguous.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace muscle_kernels {
+namespace mta {
+
+constexpr int kChunkSize = 65536;
+constexpr int kMaxTensors = 64;
+constexpr int kMaxBlocks = 320;
+
+template <int DEPTH>
+struct TensorListMeta {
+  void* addresses[DEPTH][kMaxTensors];
+  int64_t sizes[kMaxTensors];
+  int32_t tensor_index[kMaxTensors];  // position of the tensor in the caller's full list (for stats/coeffs)
+  uint8_t block_to_tensor[kMaxBlocks];
+  int32_t block_to_chunk[kMaxBlocks];
+};
+static_assert(sizeof(TensorListMeta<2>) <= 4000, "kernel parameters must stay under 4 KiB");
+
+// lists[d][k]: the k-th tensor of the d-th list; index[k]: its position in the caller's list.
+// launch(meta, n_blocks) must enqueue one kernel with n_blocks blocks on the current stream.
+template <int DEPTH, typename Launch>
+void multi_tensor_apply(const std::vector<std::vector<at::Tensor>>& lists, const std::vector<int64_t>& index,
+                        Launch&& launch) {
+  TORCH_CHECK(lists.size() == DEPTH, "multi_tensor_apply: expected ", DEPTH, " lists");
+  TensorListMeta<DEPTH> meta;
+  int n_tensors = 0;
+  int n_blocks = 0;
+  const size_t count = lists[0].size();
+  for (size_t k = 0; k < count; ++k) {
+    const int64_t numel = lists[0][k].numel();
+    if (numel == 0) continue;
+    const int64_t n_chunks = (numel + kChunkSize - 1) / kChunkSize;
+    bool in_meta = false;
+    for (int64_t chunk = 0; chunk < n_chunks; ++chunk) {
+      if (!in_meta) {
+        for (int d = 0; d < DEPTH; ++d) meta.addresses[d][n_tensors] = lists[d][k].data_ptr();
+        meta.sizes[n_tensors] = numel;
+        meta.tensor_index[n_tensors] = static_cast<int32_t>(index[k]);
+        ++n_tensors;
+        in_meta = true;
+      }
+      meta.block_to_tensor[n_blocks] = static_cast<uint8_t>(n_tensors - 1);
+      meta.block_to_chunk[n_blocks] = static_cast<int32_t>(chunk);
+      ++n_blocks;
+      const bool blocks_full = n_blocks == kMaxBlocks;
+      const bool tensors_full = n_tensors == kMaxTensors && chunk == n_chunks - 1;
+      if (blocks_full || tensors_full) {
+        launch(meta, n_blocks);
+        n_blocks = 0;
+        n_tensors = 0;
+        in_meta = false;  // a tensor cut in the middle is re-registered in the next launch
+      }
+    }
+  }
+  if (n_blocks > 0) launch(meta, n_blocks);
+}
+
+}  // namespace mta
+}  // namespace muscle_kernels

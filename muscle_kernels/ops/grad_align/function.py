@@ -1,0 +1,201 @@
+"""Public gradient-alignment functions (SPEC section 3) over lists of tensors.
+
+    align_gradients_(grads, ref_grads, *, raw_ratio=0.0) -> stats [n, 3] fp32
+    grad_align_reduce(grads, refs) -> stats [n, 3] fp32
+    grad_align_coeffs(stats, raw_ratio=0.0) -> coeffs [n, 2] fp32
+    grad_align_apply_(grads, refs, coeffs, *, raw_ratio=0.0) -> None
+
+For every pair (g, r): g <- (1 - raw_ratio) * |<g, r>| / ||r||^2 * r + raw_ratio * g, in place; refs are never
+written. stats[i] = (<g_i, r_i>, ||g_i||^2, ||r_i||^2) of the inputs, accumulated in fp32 or better (fp64 for fp64
+tensors) and returned as fp32 on the gradients' device.
+
+Kept tensors. A pair is left bit-for-bit unchanged when ||g||^2 or ||r||^2 is zero (SPEC), when its stats row is
+not finite -- a NaN or inf anywhere in g or r shows up as a NaN/inf in that row, which is how callers detect it --
+or when the coefficient overflows fp32. Other tensors are processed normally: one bad tensor never corrupts another.
+
+Two stages. `align_gradients_` is `grad_align_reduce` -> `grad_align_coeffs` -> `grad_align_apply_` in one call
+(one op, no host sync on CUDA). A sharded run (FSDP2) calls the stages itself and all-reduces (sums) the stats over
+the shards in between, because <g, r>, ||g||^2 and ||r||^2 of a sharded tensor are sums over its shards.
+
+Coefficient convention of `grad_align_apply_`:
+- coeffs [n, 2] fp32: (a, b) per tensor, and g <- a * r + b * g. (0, 1) keeps g untouched (r is not read); b == 0
+  overwrites g with a * r without reading g; a == 0 scales g without reading r. `grad_align_coeffs` produces them.
+- coeffs [n] (any float dtype): the projection coefficients c = |<g, r>| / ||r||^2, combined with raw_ratio into
+  (a, b) = ((1 - raw_ratio) * c, raw_ratio); no keep rule is applied, the caller decides.
+
+Backends: "auto" uses the compiled extension when it has a kernel for the device (built on first use, see
+extension.py) and the torch._foreach fallback otherwise; "extension" insists on the extension; "foreach" forces the
+fallback. The environment variable MUSCLE_KERNELS_GRAD_ALIGN_BACKEND overrides "auto".
+"""
+from __future__ import annotations
+
+import os
+from typing import List, Sequence, Tuple
+
+import torch
+
+from . import extension
+from .reference import (
+    align_gradients_foreach,
+    grad_align_apply_foreach,
+    grad_align_coeffs,
+    grad_align_reduce_foreach,
+)
+
+__all__ = ["align_gradients_", "grad_align_reduce", "grad_align_apply_", "grad_align_coeffs", "resolve_backend",
+           "BACKENDS"]
+
+BACKENDS = ("auto", "extension", "foreach")
+_ENV_BACKEND = "MUSCLE_KERNELS_GRAD_ALIGN_BACKEND"
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check_lists(grads, refs, name_g: str = "grads", name_r: str = "refs") -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    if isinstance(grads, torch.Tensor) or isinstance(refs, torch.Tensor):
+        raise TypeError(f"{name_g} and {name_r}: expected lists of tensors, got a single tensor")
+    grads, refs = list(grads), list(refs)
+    if len(grads) != len(refs):
+        raise ValueError(f"{name_g} and {name_r} must have the same length, got {len(grads)} and {len(refs)}")
+    device = None
+    for i, (g, r) in enumerate(zip(grads, refs)):
+        if not isinstance(g, torch.Tensor):
+            raise TypeError(f"{name_g}[{i}]: expected a tensor, got {type(g).__name__}")
+        if not isinstance(r, torch.Tensor):
+            raise TypeError(f"{name_r}[{i}]: expected a tensor, got {type(r).__name__}")
+        if g.dtype not in _DTYPES:
+            raise TypeError(f"{name_g}[{i}]: dtype {g.dtype} is not supported; expected float32, float16, bfloat16 "
+                            "or float64")
+        if r.dtype != g.dtype:
+            raise TypeError(f"{name_r}[{i}] has dtype {r.dtype} but {name_g}[{i}] has dtype {g.dtype}")
+        if r.shape != g.shape:
+            raise ValueError(f"{name_r}[{i}] has shape {tuple(r.shape)} but {name_g}[{i}] has shape {tuple(g.shape)}")
+        if r.device != g.device:
+            raise ValueError(f"{name_r}[{i}] is on {r.device} but {name_g}[{i}] is on {g.device}")
+        if device is None:
+            device = g.device
+        elif g.device != device:
+            raise ValueError(f"{name_g}[{i}] is on {g.device} but {name_g}[0] is on {device}; one device per call")
+    return grads, refs
+
+
+def resolve_backend(backend: str, device: torch.device, op: str = "grad_align_fused") -> str:
+    """'extension' or 'foreach' for tensors on `device`."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        forced = os.environ.get(_ENV_BACKEND, "").strip()
+        if forced and forced != "auto":
+            if forced not in BACKENDS:
+                raise ValueError(f"{_ENV_BACKEND}: expected one of {BACKENDS}, got {forced!r}")
+            return resolve_backend(forced, device, op)
+        extension.load_extension()
+        return "extension" if extension.has_kernel(op, device.type) else "foreach"
+    if backend == "extension":
+        if extension.load_extension() is None:
+            raise RuntimeError(f"backend='extension' is not available: {extension.extension_info().error}")
+        if not extension.has_kernel(op, device.type):
+            raise RuntimeError(f"backend='extension': the extension has no {device.type} kernel "
+                               f"(built {extension.extension_info().name})")
+    return backend
+
+
+class _Contiguous:
+    """Contiguous stand-ins for non-contiguous gradients (the kernels need flat memory); copied back on exit."""
+
+    def __init__(self, grads: List[torch.Tensor], refs: List[torch.Tensor]):
+        self.orig = grads
+        self.grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
+        self.refs = [r.contiguous() for r in refs]
+
+    def write_back(self):
+        for orig, work in zip(self.orig, self.grads):
+            if work is not orig:
+                orig.copy_(work)
+
+
+def align_gradients_(grads: Sequence[torch.Tensor], ref_grads: Sequence[torch.Tensor], *, raw_ratio: float = 0.0,
+                     backend: str = "auto") -> torch.Tensor:
+    """Align every gradient with its reference gradient, in place (SPEC section 3).
+
+    Args:
+        grads: tensors g_i (e.g. `p.grad` of the trainable parameters), modified in place. Any mix of shapes
+            (empty tensors too) and of float32/float16/bfloat16/float64, all on one device.
+        ref_grads: reference gradients r_i, same shape/dtype/device as grads[i]; not modified.
+        raw_ratio: rho in [0, 1]: 0 replaces g by its projection c * r, otherwise the result is blended
+            (1 - rho) * c * r + rho * g.
+        backend: "auto" | "extension" | "foreach" (see the module docstring).
+
+    Returns:
+        stats [n, 3] fp32 on the gradients' device: (<g, r>, ||g||^2, ||r||^2) before alignment. A row with a NaN/inf
+        marks a tensor that had a non-finite value and was left unchanged; zero in column 1 or 2 marks a tensor left
+        unchanged because g or r was zero.
+    """
+    grads, refs = _check_lists(grads, ref_grads, "grads", "ref_grads")
+    raw_ratio = float(raw_ratio)
+    if not 0.0 <= raw_ratio <= 1.0:
+        raise ValueError(f"raw_ratio: expected a number in [0, 1], got {raw_ratio}")
+    if not grads:
+        return torch.zeros(0, 3, dtype=torch.float32)
+    work = _Contiguous(grads, refs)
+    if resolve_backend(backend, grads[0].device) == "extension":
+        stats = torch.ops.muscle_kernels.grad_align_fused(work.grads, work.refs, raw_ratio)
+    else:
+        stats = align_gradients_foreach(work.grads, work.refs, raw_ratio)
+    work.write_back()
+    return stats
+
+
+def grad_align_reduce(grads: Sequence[torch.Tensor], refs: Sequence[torch.Tensor], *,
+                      backend: str = "auto") -> torch.Tensor:
+    """Stage 1: stats [n, 3] fp32 = (<g_i, r_i>, ||g_i||^2, ||r_i||^2), one pass over g and r, nothing written.
+
+    Under FSDP2 all-reduce (sum) the result over the shards before `grad_align_coeffs`.
+    """
+    grads, refs = _check_lists(grads, refs)
+    if not grads:
+        return torch.zeros(0, 3, dtype=torch.float32)
+    grads = [g.contiguous() for g in grads]
+    refs = [r.contiguous() for r in refs]
+    if resolve_backend(backend, grads[0].device, "grad_align_reduce") == "extension":
+        return torch.ops.muscle_kernels.grad_align_reduce(grads, refs)
+    return grad_align_reduce_foreach(grads, refs)
+
+
+def grad_align_apply_(grads: Sequence[torch.Tensor], refs: Sequence[torch.Tensor], coeffs: torch.Tensor, *,
+                      raw_ratio: float = 0.0, backend: str = "auto") -> None:
+    """Stage 2: g_i <- a_i * r_i + b_i * g_i in place (see the module docstring for the two coeffs forms).
+
+    Args:
+        coeffs: [n, 2] fp32 (a, b) per tensor -- as made by `grad_align_coeffs(stats, raw_ratio)` -- or [n]
+            projection coefficients c_i, turned into (a, b) = ((1 - raw_ratio) * c_i, raw_ratio).
+        raw_ratio: only used with [n] coeffs; must be 0 with [n, 2] coeffs (the ratio is already inside).
+    """
+    grads, refs = _check_lists(grads, refs)
+    if not isinstance(coeffs, torch.Tensor):
+        raise TypeError(f"coeffs: expected a tensor, got {type(coeffs).__name__}")
+    n = len(grads)
+    raw_ratio = float(raw_ratio)
+    if not 0.0 <= raw_ratio <= 1.0:
+        raise ValueError(f"raw_ratio: expected a number in [0, 1], got {raw_ratio}")
+    if not coeffs.is_floating_point():
+        raise TypeError(f"coeffs: expected a floating-point tensor, got {coeffs.dtype}")
+    if coeffs.shape == (n,):
+        c = coeffs.detach().double()
+        coeffs = torch.stack([((1.0 - raw_ratio) * c).float(), torch.full_like(c, raw_ratio).float()], dim=1)
+    elif coeffs.shape == (n, 2):
+        if raw_ratio != 0.0:
+            raise ValueError("raw_ratio: must be 0 with [n, 2] coeffs (b already is the raw ratio)")
+        coeffs = coeffs.detach().float()
+    else:
+        raise ValueError(f"coeffs: expected shape [{n}] or [{n}, 2] for {n} tensors, got {tuple(coeffs.shape)}")
+    if not grads:
+        return
+    if coeffs.device != grads[0].device:
+        raise ValueError(f"coeffs is on {coeffs.device} but the gradients are on {grads[0].device}")
+    coeffs = coeffs.contiguous()
+    work = _Contiguous(grads, refs)
+    if resolve_backend(backend, grads[0].device, "grad_align_apply") == "extension":
+        torch.ops.muscle_kernels.grad_align_apply(work.grads, work.refs, coeffs)
+    else:
+        grad_align_apply_foreach(work.grads, work.refs, coeffs)
+    work.write_back()
