@@ -67,7 +67,11 @@ def make_layers(in_f, out_f, band, rank, dtype=torch.float32):
         holder = nn.Sequential()
         holder.add_module("proj", copy.deepcopy(bare))
         cfg = peft.LoraConfig(r=len(band) * rank, lora_alpha=2.0 * rank, target_modules=["proj"])
-        layers["peft"] = peft.get_peft_model(holder, cfg).base_model.model.proj
+        lora = peft.get_peft_model(holder, cfg).base_model.model.proj
+        with torch.no_grad():  # the same function as ours: A = L, B = R diag(s) / PEFT's scalar scaling
+            lora.lora_A["default"].weight.copy_(ours.lora_L)
+            lora.lora_B["default"].weight.copy_(ours.lora_R * ours.scales / lora.scaling["default"])
+        layers["peft"] = lora
     except ImportError:
         print("peft is not installed: the PEFT column is left out", file=sys.stderr)
     return layers
