@@ -68,3 +68,15 @@ def test_wheel_installs_and_imports_in_a_clean_venv(wheel, tmp_path):
     assert proc.stdout.startswith("ok"), proc.stdout
     exe = env_dir / "bin" / "muscle-lora"
     assert exe.exists(), "console script muscle-lora was not installed"
+
+
+def test_sdist_carries_sources(tmp_path):
+    pytest.importorskip("build", reason="the 'build' package is not installed (pip install -e '.[test]' brings it)")
+    subprocess.run([sys.executable, "-m", "build", "--sdist", "--no-isolation", "--outdir", str(tmp_path), str(ROOT)],
+                   check=True, capture_output=True, text=True, cwd=ROOT)
+    import tarfile
+
+    (sdist,) = tmp_path.glob("muscle_kernels-*.tar.gz")
+    names = tarfile.open(sdist).getnames()
+    for needed in ("csrc/grad_align.cpp", "csrc/grad_align_cuda.cu", "pyproject.toml", "setup.py", "README.md"):
+        assert any(n.endswith(needed) for n in names), f"{needed} is missing from the sdist"
