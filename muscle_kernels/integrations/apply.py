@@ -38,6 +38,10 @@ def apply_muscle_lora(model: nn.Module, config: Optional[MuScleLoRAConfig] = Non
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    existing = adapter_layers(model)
+    if existing:
+        raise RuntimeError(f"apply_muscle_lora: the model already has MuScleLoRA layers ({next(iter(existing))}, "
+                           "...); use load_adapter to load weights into it, or merge_and_unload first")
     if config is None:
         config = MuScleLoRAConfig.for_model(model, **overrides)
     elif not isinstance(config, MuScleLoRAConfig):
@@ -45,10 +49,6 @@ def apply_muscle_lora(model: nn.Module, config: Optional[MuScleLoRAConfig] = Non
                         f"got {type(config).__name__}")
     elif overrides:
         config = MuScleLoRAConfig.from_dict({**config.to_dict(), **overrides})
-    existing = adapter_layers(model)
-    if existing:
-        raise RuntimeError(f"apply_muscle_lora: the model already has MuScleLoRA layers ({next(iter(existing))}, "
-                           "...); use load_adapter to load weights into it, or merge_and_unload first")
 
     if config.score_head_hidden is not None:
         _replace_score_head(model, config)
@@ -121,15 +121,18 @@ def _swap(model: nn.Module, name: str, module: nn.Module, **layer_kwargs) -> Non
 def _set_trainable(model: nn.Module, patterns) -> None:
     names = [n for n, _ in model.named_modules() if n] + [n for n, _ in model.named_parameters()]
     layers = adapter_layers(model).values()
-    frozen_base = {id(m.weight) for m in layers} | {id(m.bias) for m in layers if m.bias is not None}
+    # Base weights of adapter layers stay frozen (the fused op has no weight gradient); the adapter factors already
+    # train. A pattern that selects nothing else is a mistake worth reporting.
+    skip = {id(m.weight) for m in layers} | {id(m.bias) for m in layers if m.bias is not None}
+    skip |= {id(m.lora_L) for m in layers} | {id(m.lora_R) for m in layers}
     for pattern in ([patterns] if isinstance(patterns, str) else patterns):
         selected = set(resolve(names, pattern if isinstance(patterns, str) else [pattern], "trainable"))
         hits = [(n, p) for n, p in model.named_parameters() if any(q in selected for q in _prefixes(n))]
-        usable = [p for _, p in hits if id(p) not in frozen_base]
+        usable = [p for _, p in hits if id(p) not in skip]
         if not usable:
-            raise ValueError(f"trainable: {pattern!r} only selects base weights of adapter layers "
-                             f"({[n for n, _ in hits][:4]}), which stay frozen; drop it, or drop the module from "
-                             "lora_targets/mslr_targets to train it in full")
+            raise ValueError(f"trainable: {pattern!r} only selects adapter layers ({[n for n, _ in hits][:4]}), "
+                             "whose factors train already and whose base weights stay frozen; drop it, or drop the "
+                             "module from lora_targets/mslr_targets to train it in full")
         for p in usable:
             p.requires_grad_(True)
 
