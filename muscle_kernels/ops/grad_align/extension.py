@@ -84,10 +84,26 @@ def source_dir() -> Optional[Path]:
     return None
 
 
+def _usable_cuda_home(path: Optional[str]) -> bool:
+    if not path:
+        return False
+    has_nvcc = os.path.exists(os.path.join(path, "bin", "nvcc"))
+    has_cudart = any(glob.glob(os.path.join(path, lib, "libcudart.so*")) for lib in ("lib64", "lib"))
+    return has_nvcc and has_cudart
+
+
 def _cuda_home() -> Optional[str]:
+    """The CUDA toolkit to build with: torch's guess when it has both nvcc and libcudart, else /usr/local/cuda.
+
+    torch derives CUDA_HOME from `which nvcc` when the variable is unset; with a wrapper script such as
+    /usr/local/bin/nvcc that gives /usr/local, where the link step then cannot find libcudart."""
     from torch.utils import cpp_extension
 
-    return cpp_extension.CUDA_HOME
+    for candidate in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), cpp_extension.CUDA_HOME,
+                      "/usr/local/cuda"):
+        if _usable_cuda_home(candidate):
+            return candidate
+    return None
 
 
 def want_cuda() -> bool:
@@ -149,6 +165,14 @@ def _env(**values):
                 os.environ[k] = v
 
 
+@contextlib.contextmanager
+def _restore(cpp_extension, home):
+    try:
+        yield
+    finally:
+        cpp_extension.CUDA_HOME = home
+
+
 def build_name(cuda: bool) -> str:
     return f"{_BASE_NAME}_{'cuda' if cuda else 'cpu'}"
 
@@ -165,7 +189,10 @@ def _build(cuda: bool, verbose: bool) -> str:
     _info.sources = sources
     cflags = ["-O3", "-fopenmp", *_cpu_arch_flags()]  # the C++ standard is torch's own default
     arch_env = os.environ.get("TORCH_CUDA_ARCH_LIST") or (_arch_list() if cuda else None)
-    with _env(TORCH_CUDA_ARCH_LIST=arch_env if cuda else None):
+    saved_home = cpp_extension.CUDA_HOME
+    if cuda:
+        cpp_extension.CUDA_HOME = _cuda_home()  # read by cpp_extension at build time (see _cuda_home)
+    with _env(TORCH_CUDA_ARCH_LIST=arch_env if cuda else None), _restore(cpp_extension, saved_home):
         return cpp_extension.load(
             name=build_name(cuda),
             sources=sources,
