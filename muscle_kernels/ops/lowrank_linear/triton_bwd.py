@@ -6,7 +6,8 @@
 Both are ``C[N, NR] = drop(A)[M, N]^T (B[M, NR] * s)``: tiny outputs, a long reduction over M, memory-bound on the
 read of A. Each program owns BLOCK_N columns and a slice of M; when there are too few column tiles to fill the GPU the
 M range is split across programs that add into a zeroed fp32 C with atomics (the launcher keeps a single split, and so
-a deterministic sum, when torch.use_deterministic_algorithms is on). The dx GEMM and the forward live in triton_fwd.py.
+a deterministic sum, when torch.use_deterministic_algorithms is on). A third grid axis splits NR into BLOCK_R chunks
+where one chunk would not fit in registers (fp32 without TF32). The dx GEMM and the forward live in triton_fwd.py.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def _reduce_m_kernel(
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rr = tl.arange(0, BLOCK_R)
+    rr = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
     rm0 = tl.arange(0, BLOCK_M)
     n_ok = rn < N
     r_ok = rr < NR

@@ -9,8 +9,9 @@ Design (SPEC section 2, M = all leading dims flattened, R = n*r padded to BLOCK_
   GEMM, from the A tile already in registers/shared memory, and the N-tile-0 programs store it for backward. This
   recomputes it once per N tile: BLOCK_R / BLOCK_N extra MMA work (6% at R=16, BLOCK_N=256), so it is used for small R.
   T_MODE 1: the small product was computed by `_shrink_kernel` (one extra read of A, ~ FLOPS / (N * bandwidth) of
-  the GEMM, i.e. 2-6% on an H100) and the tile just loads it; used for large R and whenever dropout is on, because
-  regenerating the dropout mask once per N tile would cost ~40 integer ops per element per tile.
+  the GEMM, i.e. 2-6% on an H100); the tile loads it and seeds its accumulator with ``(T * s) Q^T`` before the K loop
+  (masked by dropout first in backward, so one [BLOCK_M, BLOCK_N] accumulator is ever live). Used for large R and
+  whenever dropout is on, because regenerating the mask once per N tile would cost ~40 integer ops per element.
 - Dropout keeps element (m, c) of x iff ``uniform(philox(seed, c, m)) >= p``: a pure function of the seed and the
   coordinates, whatever the tiling, so backward regenerates it and no [M, in] mask is ever stored. The 1 / (1 - p)
   factor is applied to fp32 accumulators, never to low-precision operands.
@@ -78,7 +79,24 @@ def _fused_lowrank_mm_kernel(
     b_cols = b_ptr + rn_safe[None, :] * stride_bn
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if T_MODE == 0:
+    if T_MODE == 1:
+        # The precomputed [M, NR] product seeds the accumulator before the K loop, in chunks of BLOCK_R so any NR up
+        # to 256 fits; a second [BLOCK_M, BLOCK_N] accumulator would spill at 128x256 (1.5 KB/thread at sm_90).
+        for r0 in range(0, NR, BLOCK_R):
+            rc = r0 + rr
+            rc_ok = rc < NR
+            t = tl.load(t_ptr + rm_safe[:, None] * stride_tm + rc[None, :] * stride_tr, mask=rc_ok[None, :], other=0.0)
+            sc = tl.load(s_ptr + rc, mask=rc_ok, other=0.0)
+            q = tl.load(q_ptr + rn_safe[None, :] * stride_qn + rc[:, None] * stride_qr, mask=rc_ok[:, None], other=0.0)
+            if UPCAST:
+                q = q.to(tl.float32)
+            acc = tl.dot((t * sc[None, :]).to(q.dtype), q, acc, input_precision=PRECISION)
+        if OUT_DROP:
+            # Backward through dropout: only the adapter's part of dx is masked (SPEC: dx = dy W + drop'(...)).
+            keep = _keep_mask(seed, rm[:, None], rn[None, :], drop_p)
+            acc = tl.where(keep, acc * drop_scale, 0.0)
+    else:
+        tl.static_assert(not OUT_DROP, "OUT_DROP needs T_MODE 1 (the masked part must come before the base GEMM)")
         t_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
@@ -96,8 +114,8 @@ def _fused_lowrank_mm_kernel(
                 pt = pt.to(tl.float32)
             t_acc = tl.dot(a, pt, t_acc, input_precision=PRECISION)
 
-    s = tl.load(s_ptr + rr, mask=r_ok, other=0.0)
     if T_MODE == 0:
+        s = tl.load(s_ptr + rr, mask=r_ok, other=0.0)
         if STORE_T:
             if pid_n == 0:
                 tl.store(t_ptr + rm.to(tl.int64)[:, None] * stride_tm + rr[None, :] * stride_tr, t_acc,
@@ -105,29 +123,7 @@ def _fused_lowrank_mm_kernel(
         q = tl.load(q_ptr + rn_safe[None, :] * stride_qn + rr[:, None] * stride_qr, mask=r_ok[:, None], other=0.0)
         if UPCAST:
             q = q.to(tl.float32)
-        ts = (t_acc * s[None, :]).to(q.dtype)
-        if OUT_DROP:
-            lr = tl.dot(ts, q, input_precision=PRECISION)
-        else:
-            acc = tl.dot(ts, q, acc, input_precision=PRECISION)
-    else:
-        # The precomputed [M, NR] product, in chunks of BLOCK_R so any NR up to 256 fits in registers.
-        lr = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for r0 in range(0, NR, BLOCK_R):
-            rc = r0 + rr
-            rc_ok = rc < NR
-            t = tl.load(t_ptr + rm_safe[:, None] * stride_tm + rc[None, :] * stride_tr, mask=rc_ok[None, :], other=0.0)
-            sc = tl.load(s_ptr + rc, mask=rc_ok, other=0.0)
-            q = tl.load(q_ptr + rn_safe[None, :] * stride_qn + rc[:, None] * stride_qr, mask=rc_ok[:, None], other=0.0)
-            if UPCAST:
-                q = q.to(tl.float32)
-            lr = tl.dot((t * sc[None, :]).to(q.dtype), q, lr, input_precision=PRECISION)
-        if not OUT_DROP:
-            acc += lr
-    if OUT_DROP:
-        # Backward through dropout: only the adapter's contribution to dx is masked (SPEC: dx = dy W + drop'(...)).
-        keep = _keep_mask(seed, rm[:, None], rn[None, :], drop_p)
-        acc += tl.where(keep, lr * drop_scale, 0.0)
+        acc = tl.dot((t_acc * s[None, :]).to(q.dtype), q, acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn_safe).to(tl.float32)[None, :]
     c = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :] * stride_cn

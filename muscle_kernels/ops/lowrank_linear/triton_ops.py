@@ -28,7 +28,7 @@ from .triton_fwd import _dropout_mask_kernel, _fused_lowrank_mm_kernel, _shrink_
 
 __all__ = [
     "lowrank_linear_fwd_triton", "lowrank_linear_bwd_triton", "dropout_mask_triton",
-    "fused_configs", "shrink_config", "reduce_config", "block_r",
+    "fused_configs", "shrink_config", "reduce_config", "block_r", "FUSE_T_MAX_R", "T_CHUNK",
 ]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -43,6 +43,8 @@ _FORCE_SPLIT: Optional[int] = None
 # Largest padded n*r accumulated inside the GEMM's K loop (T_MODE 0). Above it the separate shrink is cheaper:
 # the in-loop product costs BLOCK_R / BLOCK_N of the GEMM's MMA work, the shrink about one extra read of x.
 FUSE_T_MAX_R = 32
+# Chunk of n*r per tl.dot when the GEMM loads a precomputed T (T_MODE 1): 64 spills at 128x256 on sm_90.
+T_CHUNK = 32
 H100_SMEM = 227 * 1024
 
 
@@ -65,17 +67,36 @@ _FUSED_SHAPES = [
     (128, 64, 4, 4),
     (64, 64, 4, 4),
 ]
+# fp32 without TF32 runs on FMA units, whose operands live in registers: only the smaller tiles fit without spills.
+_FUSED_SHAPES_IEEE = [
+    (64, 64, 4, 3),
+    (128, 64, 8, 3),
+    (64, 128, 8, 3),
+]
+# Backward through dropout regenerates the mask of the whole output tile in the epilogue (4 Philox words per element):
+# 128x256 spills 15 KB per thread and 128x64 with 4 warps 152 bytes at sm_90, these do not.
+_FUSED_SHAPES_DROP = [
+    (128, 128, 8, 4),
+    (64, 128, 4, 4),
+    (64, 64, 4, 4),
+]
 
 
 def _fused_smem(bm, bn, bk, br, stages, elt):
     return stages * (bm * bk + bk * bn + bk * br) * elt
 
 
-def fused_configs(elt_size: int, br: int = FUSE_T_MAX_R, smem_limit: int = H100_SMEM):
-    """The shipped configs of the fused GEMM for an element size (bytes), pruned to fit shared memory."""
+def fused_configs(elt_size: int, precision: str = "tf32", out_drop: bool = False, br: int = FUSE_T_MAX_R,
+                  smem_limit: int = H100_SMEM):
+    """The shipped configs of the fused GEMM for an element size (bytes), tl.dot precision and dropout epilogue,
+    fitted to shared memory."""
     bk = 128 // elt_size
     out = []
-    for bm, bn, w, st in _FUSED_SHAPES:
+    if elt_size == 4 and precision == "ieee":
+        shapes = _FUSED_SHAPES_IEEE
+    else:
+        shapes = _FUSED_SHAPES_DROP if out_drop else _FUSED_SHAPES
+    for bm, bn, w, st in shapes:
         while st > 2 and _fused_smem(bm, bn, bk, br, st, elt_size) > smem_limit:
             st -= 1
         if _fused_smem(bm, bn, bk, br, st, elt_size) <= smem_limit:
@@ -93,8 +114,9 @@ def _all_fused_configs():
         # The interpreter cannot benchmark several configs (and would take minutes): one small config.
         return [_INTERPRETER_CONFIG]
     seen, out = set(), []
-    for elt in (2, 4):
-        for c in fused_configs(elt):
+    for elt, prec, drop in ((2, "tf32", False), (4, "tf32", False), (4, "ieee", False), (2, "tf32", True),
+                            (4, "tf32", True)):
+        for c in fused_configs(elt, prec, drop):
             key = (tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages)
             if key not in seen:
                 seen.add(key)
@@ -107,7 +129,7 @@ def _prune_fused(configs, named_args, **kwargs):
         return configs
     elt = named_args["a_ptr"].element_size()
     keep = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
-            for c in fused_configs(elt)}
+            for c in fused_configs(elt, kwargs["PRECISION"], kwargs["OUT_DROP"])}
     return [c for c in configs
             if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) in keep]
 
@@ -116,7 +138,7 @@ def _prune_fused(configs, named_args, **kwargs):
 # reuses the tuned config instead of re-tuning.
 _fused_tuned = triton.autotune(
     configs=_all_fused_configs(),
-    key=["m_bucket", "N", "K", "NR", "T_MODE", "OUT_DROP", "stride_bk"],
+    key=["m_bucket", "N", "K", "NR", "T_MODE", "OUT_DROP", "stride_bk", "PRECISION"],
     prune_configs_by={"early_config_prune": _prune_fused},
 )(_fused_lowrank_mm_kernel)
 
@@ -131,14 +153,17 @@ def shrink_config(br: int, elt_size: int):
     return 64, bk, 8, 3
 
 
-def reduce_config(br: int, elt_size: int):
-    """(BLOCK_M, BLOCK_N, warps, stages) of the M-reduction kernel."""
+def reduce_config(br: int, elt_size: int, precision: str = "tf32"):
+    """(BLOCK_M, BLOCK_N, BLOCK_R, warps, stages) of the M-reduction kernel; BLOCK_R < br splits NR over the grid."""
     if _INTERPRET:
-        return 32, 32, 4, 1
+        return 32, 32, min(br, 64), 4, 1
     bm = 128 // elt_size
+    if elt_size == 4 and precision == "ieee":
+        # FMA dot: a [64, 256] fp32 accumulator made ptxas spill 20 KB (at 32 registers); chunks of 64 do not.
+        return bm, 64, min(br, 64), 4, 3
     if br <= 64:
-        return bm, 128, 4, 4
-    return bm, 64, 8, 3
+        return bm, 128, br, 4, 4
+    return bm, 64, br, 8, 3
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -223,18 +248,19 @@ def _launch_reduce(a, g, s, c, c_strides, dropout_p, seed):
     m, n = a.shape
     nr = g.shape[1]
     br = block_r(nr)
-    bm, bn, warps, stages = reduce_config(br, a.element_size())
-    n_tiles = triton.cdiv(n, bn)
+    prec = _precision(a.dtype)
+    bm, bn, br, warps, stages = reduce_config(br, a.element_size(), prec)
+    n_tiles = triton.cdiv(n, bn) * triton.cdiv(nr, br)
     split = _splits(n_tiles, m, bm, a.device)
     m_per_split = triton.cdiv(triton.cdiv(m, split), bm) * bm
     split = triton.cdiv(m, m_per_split)
     if split > 1:
         c.zero_()
-    _reduce_m_kernel[(n_tiles, split)](
+    _reduce_m_kernel[(triton.cdiv(n, bn), split, triton.cdiv(nr, br))](
         a, g, s, c, m, n, nr, m_per_split, seed, dropout_p, 1.0 / (1.0 - dropout_p),
         a.stride(0), a.stride(1), g.stride(0), g.stride(1), c_strides[0], c_strides[1],
         HAS_DROP=dropout_p > 0.0, ATOMIC=split > 1, BLOCK_R=br, UPCAST=_INTERPRET,
-        PRECISION=_precision(a.dtype), BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
+        PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
     )
 
 
@@ -242,7 +268,7 @@ def _launch_fused(a, b_strides, b, p, p_strides, q, q_strides, s, bias, t, c, n,
                   dropout_p, seed):
     m, k = a.shape
     nr = s.shape[0]
-    br = block_r(nr) if t_mode == 0 else min(64, block_r(nr))
+    br = block_r(nr) if t_mode == 0 else min(T_CHUNK, block_r(nr))
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
@@ -301,7 +327,7 @@ def lowrank_linear_bwd_triton(dy2, x2, weight, lora_L, lora_R, scales, t, dropou
     r_as_p = (lora_R.stride(1), lora_R.stride(0))
     if needs_dx:
         dx = _alloc((m, k), x2.dtype, dev)
-        fuse = _fuse_t(m, nr, 0.0)
+        fuse = _fuse_t(m, nr, p)  # dropout needs the masked low-rank part first (T_MODE 1)
         if needs_dL or not fuse:
             g = _alloc((m, nr), torch.float32, dev)
         if not fuse:

@@ -1,0 +1,200 @@
+"""Offline sm_90 (H100) compile report of every shipped config of every Triton kernel of the low-rank linear op.
+
+No GPU needed: each (kernel, variant, dtype, config) is compiled with ``triton.compile(ASTSource(...),
+target=GPUTarget("cuda", 90, 32))`` with the specialisations the runtime would make for typical LLM shapes (unit
+strides as constants, pointers / N / K / leading strides divisible by 16), then the PTX goes through ``ptxas -v`` for
+registers and spills. Prints a table and exits non-zero when a shipped config spills, needs more than the H100's
+227 KiB of shared memory, or (fp16/bf16) does not use wgmma.
+
+    python benchmarks/sm90_report.py            # everything (a few minutes on 2 cores)
+    python benchmarks/sm90_report.py --subset   # the largest config of each kernel/variant/dtype (what the test runs)
+
+As a module: ``report_rows(subset=False) -> list[dict]`` and ``failures(rows) -> list[str]``. It must run without
+TRITON_INTERPRET=1 (the interpreter replaces the kernels by Python functions that cannot be compiled).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+
+H100_SMEM = 227 * 1024
+DTYPES = ("fp16", "bf16", "fp32-tf32", "fp32-ieee")
+_ELT = {"fp16": 2, "bf16": 2, "fp32-tf32": 4, "fp32-ieee": 4}
+
+
+def _tl_dtype(dtype: str) -> str:
+    return dtype.split("-")[0]
+
+
+def _precision(dtype: str) -> str:
+    return "ieee" if dtype == "fp32-ieee" else "tf32"
+
+
+def _jobs(subset: bool):
+    """Every (kernel, variant, dtype, constexprs, unit strides, warps, stages) that the launchers can ship."""
+    from muscle_kernels.ops.lowrank_linear import triton_ops as ops
+
+    jobs = []
+    for dtype in DTYPES:
+        elt, prec = _ELT[dtype], _precision(dtype)
+        # Forward: A = x [M, in], B[k, n] = W[n, k]; backward dx: A = dy, B[k, n] = W[k, n] (other unit strides).
+        fwd_unit = ("stride_ak", "stride_bk", "stride_pk", "stride_qr", "stride_tr", "stride_cn")
+        dx_unit = ("stride_ak", "stride_bn", "stride_pr", "stride_qn", "stride_tr", "stride_cn")
+        variants = [
+            ("fwd T-in-loop", fwd_unit, dict(HAS_BIAS=True, T_MODE=0, STORE_T=True, OUT_DROP=False,
+                                             BLOCK_R=ops.FUSE_T_MAX_R)),
+            ("fwd T-loaded", fwd_unit, dict(HAS_BIAS=True, T_MODE=1, STORE_T=False, OUT_DROP=False,
+                                            BLOCK_R=ops.T_CHUNK)),
+            ("dx G-in-loop", dx_unit, dict(HAS_BIAS=False, T_MODE=0, STORE_T=True, OUT_DROP=False,
+                                           BLOCK_R=ops.FUSE_T_MAX_R)),
+            ("dx G-loaded+drop", dx_unit, dict(HAS_BIAS=False, T_MODE=1, STORE_T=False, OUT_DROP=True,
+                                               BLOCK_R=ops.T_CHUNK)),
+        ]
+        for name, unit, ce in variants:
+            cfgs = ops.fused_configs(elt, prec, ce["OUT_DROP"])
+            for c in cfgs[:1] if subset else cfgs:
+                meta = dict(ce, UPCAST=False, PRECISION=prec, **c.kwargs)
+                jobs.append(("fused", name, dtype, meta, unit, c.num_warps, c.num_stages))
+        brs = (256,) if subset else (16, 64, 256)
+        for br in brs:
+            bm, bk, w, st = ops.shrink_config(br, elt)
+            meta = dict(HAS_DROP=True, ATOMIC=True, BLOCK_R=br, UPCAST=False, PRECISION=prec, BLOCK_M=bm, BLOCK_K=bk)
+            jobs.append(("shrink", "drop+split", dtype, meta, ("stride_ak", "stride_tr"), w, st))
+            bm, bn, bc, w, st = ops.reduce_config(br, elt, prec)
+            meta = dict(HAS_DROP=False, ATOMIC=True, BLOCK_R=bc, UPCAST=False, PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn)
+            jobs.append(("reduce", "dR split", dtype, meta, ("stride_an", "stride_gr", "stride_cr"), w, st))
+            meta = dict(meta, HAS_DROP=True)
+            jobs.append(("reduce", "dL drop+split", dtype, meta, ("stride_an", "stride_gr", "stride_cn"), w, st))
+    return jobs
+
+
+def _kernel(name):
+    from muscle_kernels.ops.lowrank_linear import triton_bwd, triton_fwd
+
+    return {"fused": triton_fwd._fused_lowrank_mm_kernel, "shrink": triton_fwd._shrink_kernel,
+            "reduce": triton_bwd._reduce_m_kernel}[name]
+
+
+def _ptxas():
+    from triton.backends.nvidia import compiler as nv
+
+    try:
+        return nv.get_ptxas(90).path  # triton >= 3.4
+    except TypeError:
+        return nv.get_ptxas().path
+
+
+def _compile_one(job):
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    kname, variant, dtype, meta, unit, warps, stages = job
+    fn = _kernel(kname)
+    tl_dt = _tl_dtype(dtype)
+    fp32_ptrs = {"s_ptr", "t_ptr", "g_ptr"} | ({"c_ptr"} if kname == "reduce" else set())
+    floats = {"drop_p", "drop_scale"}
+    signature, constexprs, attrs = {}, {}, {}
+    for i, arg in enumerate(fn.arg_names):
+        if arg in meta:
+            signature[arg], constexprs[arg] = "constexpr", meta[arg]
+        elif arg.endswith("_ptr"):
+            signature[arg] = "*fp32" if arg in fp32_ptrs else f"*{tl_dt}"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif arg in floats:
+            signature[arg] = "fp32"
+        elif arg in unit:
+            signature[arg], constexprs[arg] = "constexpr", 1
+        else:
+            signature[arg] = "i32"
+            # M (tokens) and the seed are arbitrary; sizes and leading strides of LLM layers are multiples of 16.
+            if arg.startswith("stride") or arg in ("N", "K", "k_per_split", "m_per_split"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    target = GPUTarget("cuda", 90, 32)
+    backend = triton.compiler.make_backend(target)
+    options = backend.parse_options({"num_warps": warps, "num_stages": stages})
+    src = triton.compiler.ASTSource(fn, signature, constexprs, attrs)
+    ck = triton.compile(src, target=target, options=options.__dict__)
+    ptx = ck.asm["ptx"]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        arch = re.search(r"\.target\s+(sm_\w+)", ptx).group(1)
+        out = subprocess.run([_ptxas(), "-v", f"--gpu-name={arch}", path, "-o", os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True, check=True).stderr
+    regs = int(re.search(r"Used (\d+) registers", out).group(1))
+    spills = int(re.search(r"(\d+) bytes spill stores", out).group(1)) + int(
+        re.search(r"(\d+) bytes spill loads", out).group(1))
+    blocks = "x".join(str(meta[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R") if k in meta)
+    return dict(kernel=kname, variant=variant, dtype=dtype, blocks=blocks, warps=warps, stages=stages, registers=regs,
+                spills=spills, smem=int(ck.metadata.shared), wgmma="wgmma.mma_async" in ptx)
+
+
+def failures(rows):
+    """Why each failing row fails (empty list: the report passes)."""
+    bad = []
+    for r in rows:
+        tag = f"{r['kernel']} {r['variant']} {r['dtype']} {r['blocks']} w{r['warps']} s{r['stages']}"
+        if r["spills"]:
+            bad.append(f"{tag}: spills {r['spills']} bytes")
+        if r["smem"] > H100_SMEM:
+            bad.append(f"{tag}: shared memory {r['smem']} > {H100_SMEM}")
+        if r["dtype"] in ("fp16", "bf16") and not r["wgmma"]:
+            bad.append(f"{tag}: no wgmma")
+    return bad
+
+
+def report_rows(subset: bool = False, workers: int = 2, progress: bool = True, dtypes=None, variants=None):
+    """Compile every shipped config (or a representative subset) for sm_90; one dict per compiled kernel.
+
+    dtypes / variants (e.g. ("bf16",), ("fwd T-in-loop", "dL drop+split")) narrow the jobs further."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise RuntimeError("sm90_report: unset TRITON_INTERPRET (the interpreter's kernels cannot be compiled)")
+    jobs = [j for j in _jobs(subset)
+            if (dtypes is None or j[2] in dtypes) and (variants is None or j[1] in variants)]
+    from tqdm import tqdm
+
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        it = pool.map(_compile_one, jobs)
+        rows = list(tqdm(it, total=len(jobs), desc="sm_90 compile", disable=not progress, file=sys.stderr))
+    return rows
+
+
+def format_table(rows):
+    head = ("kernel", "variant", "dtype", "blocks (MxNxKxR)", "warps", "stages", "regs", "spills", "smem KiB", "wgmma")
+    lines = [head]
+    for r in rows:
+        lines.append((r["kernel"], r["variant"], r["dtype"], r["blocks"], str(r["warps"]), str(r["stages"]),
+                      str(r["registers"]), str(r["spills"]), f"{r['smem'] / 1024:.1f}", "yes" if r["wgmma"] else "no"))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    fmt = lambda line: "| " + " | ".join(c.ljust(w) for c, w in zip(line, widths)) + " |"  # noqa: E731
+    out = [fmt(lines[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out += [fmt(line) for line in lines[1:]]
+    return "\n".join(out)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--subset", action="store_true", help="only the largest config of each kernel/variant/dtype")
+    parser.add_argument("--workers", type=int, default=2, help="parallel compiles (default 2)")
+    args = parser.parse_args(argv)
+    import triton
+
+    rows = report_rows(subset=args.subset, workers=args.workers)
+    print(f"sm_90 compile report, triton {triton.__version__}, ptxas {_ptxas()}")
+    print(format_table(rows))
+    bad = failures(rows)
+    for b in bad:
+        print("FAIL:", b)
+    print(f"{len(rows)} kernels compiled, {len(bad)} failures")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    os.environ.pop("TRITON_INTERPRET", None)
+    sys.exit(main())
