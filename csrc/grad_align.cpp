@@ -33,7 +33,10 @@
 namespace muscle_kernels {
 
 constexpr int64_t kChunk = 1 << 16;  // elements per work item: 256 KiB of fp32, a few hundred items for BERT-base
-constexpr int64_t kFlush = 1024;     // fp32 partial sums are flushed into double every kFlush elements
+constexpr int64_t kFlush = 1024;
+// Below this many elements in a whole call the work runs on the calling thread: waking the OpenMP team costs more
+// than it saves for a LoRA-size list (and much more when the machine is oversubscribed).
+constexpr int64_t kParallelMinElements = 1 << 18;     // fp32 partial sums are flushed into double every kFlush elements
 
 void check_lists(at::TensorList grads, at::TensorList refs, const char* op) {
   TORCH_CHECK(grads.size() == refs.size(), op, ": grads and refs must have the same length, got ", grads.size(),
@@ -79,6 +82,19 @@ struct Item {
   int64_t begin;
   int64_t end;
 };
+
+// at::parallel_for over the items, or a plain loop on this thread when the call is small.
+template <typename F>
+void for_items(const std::vector<Item>& items, const F& body) {
+  int64_t total = 0;
+  for (const auto& it : items) total += it.end - it.begin;
+  const int64_t n = static_cast<int64_t>(items.size());
+  if (total < kParallelMinElements) {
+    body(0, n);
+  } else {
+    at::parallel_for(0, n, 1, body);
+  }
+}
 
 std::vector<Item> make_items(at::TensorList grads) {
   std::vector<Item> items;
@@ -191,7 +207,7 @@ at::Tensor reduce_cpu(at::TensorList grads, at::TensorList refs) {
   const int64_t n = static_cast<int64_t>(grads.size());
   const auto items = make_items(grads);
   std::vector<double> partial(items.size() * 3, 0.0);
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t lo, int64_t hi) {
+  for_items(items, [&](int64_t lo, int64_t hi) {
     for (int64_t k = lo; k < hi; ++k) {
       const Item& it = items[k];
       const auto& g = grads[it.tensor];
@@ -218,7 +234,7 @@ void apply_cpu(at::TensorList grads, at::TensorList refs, const at::Tensor& coef
   std::vector<Item> items;
   for (const auto& it : make_items(grads))
     if (apply_mode(c[2 * it.tensor], c[2 * it.tensor + 1]) != kKeep) items.push_back(it);
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t lo, int64_t hi) {
+  for_items(items, [&](int64_t lo, int64_t hi) {
     for (int64_t k = lo; k < hi; ++k) {
       const Item& it = items[k];
       const auto& g = grads[it.tensor];
