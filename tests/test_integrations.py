@@ -414,3 +414,16 @@ def test_real_minilm_offline(tmp_path, monkeypatch):
     want = model(**batch).logits
     save_adapter(model, tmp_path)
     assert torch.equal(load_adapter(fresh_head_copy(base), tmp_path)(**batch).logits, want)
+
+
+def test_seed_init_and_regex_patterns():
+    torch.manual_seed(0)
+    model = apply_muscle_lora(tiny_model("bert"), MuScleLoRAConfig(
+        lora_targets=r"bert\.encoder\.layer\.\d+\.attention\.self\.(query|key)", mslr_targets=["bert.pooler.dense"],
+        freq_band=[1, 2], init="seed"))
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, MuScleLoRALinear)}
+    assert sorted(layers) == sorted([f"bert.encoder.layer.{i}.attention.self.{p}" for i in range(2)
+                                     for p in ("key", "query")] + ["bert.pooler.dense"])
+    assert layers["bert.pooler.dense"].lora_R.abs().sum() > 0, "seed init: the MSLR layer's R is random"
+    assert all(m.lora_R.abs().sum() == 0 for n, m in layers.items() if n != "bert.pooler.dense"), \
+        "plain LoRA branches keep PEFT's init (R = 0) whatever `init` says"
