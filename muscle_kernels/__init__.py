@@ -26,6 +26,9 @@ _LAZY = {
     "merge_and_unload": "muscle_kernels.integrations.adapters",
     "export_peft": "muscle_kernels.integrations.peft_export",
     "MuScleLoRACallback": "muscle_kernels.integrations.trainer",
+    "MuScleLoRATrainer": "muscle_kernels.integrations.trainer",
+    "print_trainable_parameters": "muscle_kernels.integrations.apply",
+    "trainable_parameter_summary": "muscle_kernels.integrations.apply",
 }
 
 __all__ = ["MuScleLoRALinear", "muscle_lora_linear", "available_backends", "__version__", *_LAZY]
