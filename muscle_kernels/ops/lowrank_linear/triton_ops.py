@@ -61,8 +61,7 @@ def block_r(nr: int) -> int:
 _FUSED_SHAPES = [
     # BLOCK_M, BLOCK_N, warps, stages
     (128, 256, 8, 3),
-    (128, 128, 8, 4),
-    (128, 128, 4, 4),
+    (128, 128, 8, 4),  # 128x128 with 4 warps spilled 184 bytes in the T-loaded prologue at sm_90
     (64, 128, 4, 4),
     (128, 64, 4, 4),
     (64, 64, 4, 4),
@@ -159,8 +158,8 @@ def reduce_config(br: int, elt_size: int, precision: str = "tf32"):
         return 32, 32, min(br, 64), 4, 1
     bm = 128 // elt_size
     if elt_size == 4 and precision == "ieee":
-        # FMA dot: a [64, 256] fp32 accumulator made ptxas spill 20 KB (at 32 registers); chunks of 64 do not.
-        return bm, 64, min(br, 64), 4, 3
+        # FMA dot: a [64, 256] fp32 accumulator made ptxas spill 20 KB, [64, 64] with 4 warps 1.1 KB; 8 warps do not.
+        return bm, 64, min(br, 64), 8, 3
     if br <= 64:
         return bm, 128, br, 4, 4
     return bm, 64, br, 8, 3
@@ -204,13 +203,11 @@ def _splits(tiles: int, length: int, block: int, device: torch.device) -> int:
     return max(1, min(want, triton.cdiv(length, 4 * block)))
 
 
-def _fuse_t(m: int, nr: int, dropout_p: float) -> bool:
-    if _FORCE_FUSE_T is not None:
-        return _FORCE_FUSE_T and dropout_p == 0.0 and block_r(nr) <= 64
-    if dropout_p > 0.0:
+def _fuse_t(nr: int, dropout_p: float) -> bool:
+    # Dropout needs T_MODE 1 (see triton_fwd.py); a wider in-loop T would need configs the sm_90 report has not seen.
+    if dropout_p > 0.0 or block_r(nr) > FUSE_T_MAX_R:
         return False
-    # Short M is bound by reading W: there the extra launch and read of x cost more than the in-loop product.
-    return block_r(nr) <= FUSE_T_MAX_R or (m <= 256 and block_r(nr) <= 64)
+    return True if _FORCE_FUSE_T is None else _FORCE_FUSE_T
 
 
 def _check_dtypes(x2, **others):
@@ -297,7 +294,7 @@ def lowrank_linear_fwd_triton(x2, weight, bias, lora_L, lora_R, scales, dropout_
     if m == 0:
         return y, t
     s = scales.to(device=x2.device, dtype=torch.float32).contiguous()
-    fuse = _fuse_t(m, nr, p)
+    fuse = _fuse_t(nr, p)
     if not fuse:
         # P[r, k] = L[r, k]
         _launch_shrink(x2, lora_L, t, lora_L.stride(0), lora_L.stride(1), p, int(seed))
@@ -327,7 +324,7 @@ def lowrank_linear_bwd_triton(dy2, x2, weight, lora_L, lora_R, scales, t, dropou
     r_as_p = (lora_R.stride(1), lora_R.stride(0))
     if needs_dx:
         dx = _alloc((m, k), x2.dtype, dev)
-        fuse = _fuse_t(m, nr, p)  # dropout needs the masked low-rank part first (T_MODE 1)
+        fuse = _fuse_t(nr, p)  # dropout needs the masked low-rank part first (T_MODE 1)
         if needs_dL or not fuse:
             g = _alloc((m, nr), torch.float32, dev)
         if not fuse:
