@@ -217,7 +217,8 @@ def test_empty_list_and_non_contiguous(backend):
 
 def test_thread_count_does_not_change_results():
     _backend_or_skip("extension", "cpu")
-    grads, refs = make_lists("cpu", seed=9)
+    # over 1M elements in total, so that the kernel really splits the work over threads
+    grads, refs = make_lists("cpu", seed=9, spec=MIXED + [(((1 << 20) + 77,), torch.float32, "plain")])
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
