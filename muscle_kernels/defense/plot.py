@@ -1,0 +1,50 @@
+"""The picture of a run: CACC and ASR per method, and the dev ASR per epoch (when the backdoor is learned)."""
+from __future__ import annotations
+
+import math
+import os
+from typing import List
+
+__all__ = ["plot_results"]
+
+
+def plot_results(results: List[dict], path: str) -> str:
+    """Write a PNG with two panels (matplotlib, Agg backend: no display needed); returns `path`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [r["method"] for r in results]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    xs = range(len(methods))
+    width = 0.38
+    cacc = [100 * r["cacc"] for r in results]
+    asr = [100 * r["asr"] for r in results]
+    b1 = ax1.bar([x - width / 2 for x in xs], cacc, width, label="CACC (clean accuracy)", color="#4878d0")
+    b2 = ax1.bar([x + width / 2 for x in xs], asr, width, label="ASR (attack success)", color="#d65f5f")
+    for bars in (b1, b2):
+        for bar in bars:
+            ax1.annotate(f"{bar.get_height():.1f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                         ha="center", va="bottom", fontsize=8)
+    ax1.set_xticks(list(xs), methods)
+    ax1.set_ylim(0, 110)
+    ax1.set_ylabel("% on the test sets (best dev epoch)")
+    ax1.legend(loc="lower left", fontsize=8)
+    ax1.set_title("Clean accuracy vs backdoor")
+    for r in results:
+        hist = r.get("history", [])
+        ys = [100 * h["dev_asr"] for h in hist if not math.isnan(h.get("dev_asr", float("nan")))]
+        if ys:
+            ax2.plot(range(1, len(ys) + 1), ys, marker="o", label=r["method"])
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel("dev ASR %")
+    ax2.set_ylim(-5, 105)
+    ax2.set_title("Backdoor learned per epoch")
+    if ax2.lines:
+        ax2.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

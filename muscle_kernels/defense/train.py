@@ -1,0 +1,413 @@
+"""Defended fine-tuning: the four methods on the same model, data and seed, with CACC / ASR at the best dev epoch.
+
+Methods (SPEC sections 2-3):
+- "vanilla": full fine-tuning of every weight.
+- "lora": plain LoRA (rank 8, alpha 32) on the attention query/value projections; the classification head trains in
+  full (the usual PEFT set-up for sequence classification).
+- "muscle": the paper's adapter recipe, `MuScleLoRAConfig.for_model(model)` (LoRA in the backbone, multi-scale
+  low-rank branches on the head's dense layers), without gradient alignment.
+- "muscle-ga": the full method: the same adapters, and every step's gradient aligned with the gradient of a clean
+  reference batch (GradientAligner). The reference set is drawn from the clean dev data and removed from it -- for
+  every method, so that all of them pick their best epoch on the same dev samples.
+
+Each epoch ends with an evaluation on the clean dev set (and on the poisoned dev set when there is one, to show when a
+backdoor is learned); the adapter of the epoch with the best clean dev accuracy is restored and measured on the
+held-out test sets, as the paper does.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .data import DataError, Sample, check_labels
+from .metrics import accuracy, attack_success_rate
+
+__all__ = ["METHODS", "Settings", "Splits", "split_reference", "train_method", "run_methods", "evaluate",
+           "resolve_device"]
+
+METHODS = ("vanilla", "lora", "muscle", "muscle-ga")
+
+
+@dataclass
+class Settings:
+    """Everything that defines a run; methods differ only in what defines them (adapters, alignment, vanilla_lr).
+
+    lr: AdamW learning rate of the adapter methods; vanilla_lr: of full fine-tuning (needs a far smaller one).
+    ref_size / ref_batch_size / ref_select: the clean reference set of muscle-ga (drawn from dev, removed from it)
+        and how it is cut into reference batches; ref_select is "random" or "kmeans" (over hidden states).
+    min_ref_loss / max_raw_ratio / ga_warmup_epochs: the alignment gate (SPEC section 3).
+    freq_band / mslr_alpha: override the recipe's multi-scale head (None: MuScleLoRAConfig.for_model's choice).
+    """
+
+    epochs: int = 3
+    lr: float = 2e-3
+    vanilla_lr: float = 5e-5
+    batch_size: int = 32
+    eval_batch_size: int = 128
+    max_length: int = 64
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.06
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    ref_size: int = 96
+    ref_batch_size: int = 16
+    ref_select: str = "random"
+    min_ref_loss: float = 0.4
+    max_raw_ratio: float = 0.1
+    ga_warmup_epochs: int = 1
+    lora_rank: int = 8
+    lora_alpha: float = 32.0
+    freq_band: Optional[List[float]] = None
+    mslr_alpha: Optional[float] = None
+    device: str = "auto"
+
+    def __post_init__(self):
+        ints = dict(epochs=1, batch_size=1, eval_batch_size=1, max_length=2, ref_size=1, ref_batch_size=1,
+                    ga_warmup_epochs=0, lora_rank=1, seed=-2**63)
+        for name, low in ints.items():
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"{name}: expected an integer >= {low}, got {v!r}")
+        for name in ("lr", "vanilla_lr", "lora_alpha"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ValueError(f"{name}: expected a positive number, got {v!r}")
+        for name in ("weight_decay", "min_ref_loss", "max_grad_norm"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name}: expected a number >= 0, got {v!r}")
+        for name in ("warmup_ratio", "max_raw_ratio"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+                raise ValueError(f"{name}: expected a fraction in [0, 1], got {v!r}")
+        if self.ref_select not in ("random", "kmeans"):
+            raise ValueError(f"ref_select: expected 'random' or 'kmeans', got {self.ref_select!r}")
+        if self.mslr_alpha is not None and not (isinstance(self.mslr_alpha, (int, float)) and self.mslr_alpha > 0):
+            raise ValueError(f"mslr_alpha: expected None or a positive number, got {self.mslr_alpha!r}")
+        if self.freq_band is not None:
+            try:
+                band = [float(k) for k in self.freq_band]
+            except (TypeError, ValueError):
+                band = []
+            if not band or any(not math.isfinite(k) or k <= 0 for k in band):
+                raise ValueError(f"freq_band: expected None or a non-empty list of positive numbers, "
+                                 f"got {self.freq_band!r}")
+            self.freq_band = [int(k) if k.is_integer() else k for k in band]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Splits:
+    """train may be poisoned; dev and test_clean are clean; test_poison holds triggered non-target samples labelled
+    with the target (ASR = accuracy on it); dev_poison (optional) is the same for dev; ref is the clean reference
+    set of muscle-ga (filled by split_reference)."""
+
+    train: List[Sample]
+    dev: List[Sample]
+    test_clean: List[Sample]
+    test_poison: List[Sample]
+    dev_poison: List[Sample] = field(default_factory=list)
+    ref: List[Sample] = field(default_factory=list)
+
+
+def split_reference(splits: Splits, settings: Settings, *, model=None, tokenizer=None) -> Splits:
+    """Draw `ref_size` clean samples from dev as the reference set and remove them from dev.
+
+    ref_select="kmeans" clusters the samples' hidden states (needs `model` and `tokenizer`) and takes the samples
+    nearest to the centroids (defense/refset.py)."""
+    if splits.ref:
+        return splits
+    if len(splits.dev) < settings.ref_size + 2:
+        raise DataError(f"dev: {len(splits.dev)} clean samples cannot give a reference set of {settings.ref_size} "
+                        f"and leave a dev set to choose the best epoch on; lower ref_size or add dev data")
+    from .refset import hidden_state_features, select_reference
+
+    features = None
+    if settings.ref_select == "kmeans":
+        if model is None or tokenizer is None:
+            raise ValueError("ref_select='kmeans' clusters hidden states: pass model= and tokenizer=")
+        device = next(model.parameters()).device
+        features = hidden_state_features(model, _batches(tokenizer, splits.dev, settings.eval_batch_size,
+                                                         settings.max_length, device), progress=False)
+    idx = select_reference(len(splits.dev), settings.ref_size, method=settings.ref_select, features=features,
+                           seed=settings.seed).tolist()
+    chosen = set(idx)
+    ref = [splits.dev[i] for i in sorted(chosen)]
+    dev = [s for i, s in enumerate(splits.dev) if i not in chosen]
+    return dataclasses.replace(splits, dev=dev, ref=ref)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {name!r} asked for, but no CUDA device is available")
+    return device
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+def _batches(tokenizer, samples: Sequence[Sample], batch_size: int, max_length: int, device,
+             order: Optional[Sequence[int]] = None):
+    """Tokenized batches with dynamic padding (each batch padded to its own longest sample)."""
+    order = range(len(samples)) if order is None else order
+    order = list(order)
+    for start in range(0, len(order), batch_size):
+        chunk = [samples[i] for i in order[start:start + batch_size]]
+        enc = tokenizer([s.text for s in chunk], padding=True, truncation=True, max_length=max_length,
+                        return_tensors="pt")
+        enc["labels"] = torch.tensor([s.label for s in chunk], dtype=torch.long)
+        yield {k: v.to(device) for k, v in enc.items()}
+
+
+def _forward_kwargs(model, batch):
+    # token_type_ids only where the model takes them (tokenizers of decoder models may still return them)
+    if "token_type_ids" in batch and getattr(model.config, "type_vocab_size", 0) in (0, None):
+        batch = {k: v for k, v in batch.items() if k != "token_type_ids"}
+    return batch
+
+
+@torch.no_grad()
+def predict(model, tokenizer, samples: Sequence[Sample], settings: Settings, device, *, desc: str = "eval",
+            progress: bool = True) -> List[int]:
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.eval()
+    preds = []
+    n_batches = math.ceil(len(samples) / settings.eval_batch_size)
+    for batch in tqdm(_batches(tokenizer, samples, settings.eval_batch_size, settings.max_length, device),
+                      total=n_batches, desc=desc, leave=False, disable=not progress):
+        batch = _forward_kwargs(model, batch)
+        batch.pop("labels")
+        preds.extend(model(**batch).logits.argmax(-1).tolist())
+    model.train(was_training)
+    return preds
+
+
+def evaluate(model, tokenizer, samples: Sequence[Sample], settings: Settings, device, *, poisoned: bool = False,
+             target_label: Optional[int] = None, desc: str = "eval", progress: bool = True) -> float:
+    """Clean accuracy, or (poisoned=True) the attack success rate on a triggered set."""
+    if not samples:
+        return float("nan")
+    preds = predict(model, tokenizer, samples, settings, device, desc=desc, progress=progress)
+    if poisoned:
+        target = samples[0].label if target_label is None else target_label
+        return attack_success_rate(preds, target)
+    return accuracy(preds, [s.label for s in samples])
+
+
+def _prepare(model: nn.Module, method: str, settings: Settings) -> nn.Module:
+    """Put the method's adapters in (or unfreeze everything for vanilla)."""
+    if method == "vanilla":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    from ..integrations.apply import apply_muscle_lora
+    from ..integrations.config import MuScleLoRAConfig
+
+    overrides = dict(lora_rank=settings.lora_rank, lora_alpha=settings.lora_alpha)
+    if method == "lora":
+        recipe = MuScleLoRAConfig.for_model(model)
+        # Plain LoRA: no multi-scale head; the head's modules train in full instead.
+        config = MuScleLoRAConfig.for_model(model, mslr_targets=[], trainable=list(recipe.modules_to_save),
+                                            score_head_hidden=None, **overrides)
+    else:
+        if settings.freq_band is not None:
+            overrides["freq_band"] = list(settings.freq_band)
+        if settings.mslr_alpha is not None:
+            overrides["mslr_alpha"] = float(settings.mslr_alpha)
+        config = MuScleLoRAConfig.for_model(model, **overrides)
+    return apply_muscle_lora(model, config)
+
+
+def make_aligner(params, ref_batches, loss_fn, settings: Settings):
+    from .aligner import GradientAligner
+
+    # Blending only starts at epoch ga_warmup_epochs; a run that ends before it never blends.
+    blends = settings.epochs > settings.ga_warmup_epochs
+    return GradientAligner(params, ref_batches, loss_fn, min_ref_loss=settings.min_ref_loss,
+                           max_raw_ratio=settings.max_raw_ratio if blends else 0.0,
+                           warmup_epochs=settings.ga_warmup_epochs,
+                           epochs=settings.epochs, one_batch=True)
+
+
+def _lr_lambda(total_steps: int, warmup_ratio: float) -> Callable[[int], float]:
+    warmup = int(round(total_steps * warmup_ratio))
+
+    def f(step: int) -> float:  # linear warm-up, then linear decay to zero (the transformers default)
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return f
+
+
+def train_method(method: str, model_factory: Callable[[], nn.Module], tokenizer, splits: Splits,
+                 settings: Settings, *, output_dir: Optional[str] = None, progress: bool = True,
+                 log: Callable[[str], None] = print) -> dict:
+    """Fine-tune a fresh model from `model_factory()` with `method`; return its result record.
+
+    The record: method, cacc, asr (at the best dev epoch), best_epoch, train_seconds, step_seconds (median time of
+    one optimizer step), history (per epoch: dev accuracy, dev ASR, train loss, share of aligned steps), settings.
+    With `output_dir`, the adapter (or, for vanilla, the full model) goes to output_dir/<method>/.
+    """
+    from tqdm.auto import tqdm
+
+    if method not in METHODS:
+        raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+    if method == "muscle-ga" and not splits.ref:
+        raise ValueError("muscle-ga needs a clean reference set: call split_reference(splits, settings) first")
+    device = resolve_device(settings.device)
+    # Same seed for every method: the same fresh head, the same batch order.
+    torch.manual_seed(settings.seed)
+    model = model_factory()
+    num_labels = int(getattr(model.config, "num_labels", 2))
+    for name in ("train", "dev", "test_clean", "test_poison"):
+        check_labels(getattr(splits, name), num_labels, name)
+    model = _prepare(model, method, settings).to(device)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise RuntimeError(f"{method}: the model has no trainable parameters")
+    lr = settings.vanilla_lr if method == "vanilla" else settings.lr
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=settings.weight_decay)
+    steps_per_epoch = math.ceil(len(splits.train) / settings.batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps_per_epoch * settings.epochs,
+                                                              settings.warmup_ratio))
+    aligner = None
+    if method == "muscle-ga":
+        ref_batches = list(_batches(tokenizer, splits.ref, settings.ref_batch_size, settings.max_length, device))
+        aligner = make_aligner(params, ref_batches, lambda m, b: m(**_forward_kwargs(m, b)).loss, settings)
+
+    gen = torch.Generator().manual_seed(settings.seed)
+    history, step_times = [], []
+    best = dict(acc=-1.0, epoch=-1, state=None)
+    train_seconds = 0.0
+    for epoch in range(settings.epochs):
+        order = torch.randperm(len(splits.train), generator=gen).tolist()
+        losses, branches = [], []
+        bar = tqdm(_batches(tokenizer, splits.train, settings.batch_size, settings.max_length, device, order),
+                   total=steps_per_epoch, desc=f"{method} epoch {epoch + 1}/{settings.epochs}", leave=False,
+                   disable=not progress)
+        for batch in bar:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            loss = model(**_forward_kwargs(model, batch)).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if aligner is not None:
+                branches.append(_branch(aligner.step(model, epoch)))
+            if settings.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+            opt.step()
+            sched.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            step_times.append(dt)
+            train_seconds += dt
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        dev_acc = evaluate(model, tokenizer, splits.dev, settings, device, desc="dev", progress=progress)
+        dev_asr = evaluate(model, tokenizer, splits.dev_poison, settings, device, poisoned=True, desc="dev-poison",
+                           progress=progress) if splits.dev_poison else float("nan")
+        record = dict(epoch=epoch + 1, train_loss=statistics.fmean(losses), dev_acc=dev_acc, dev_asr=dev_asr)
+        if aligner is not None:
+            # the share of steps whose gradient was replaced by its projection (the rest: blended or raw)
+            record["aligned_fraction"] = branches.count("replace") / max(1, len(branches))
+            record["blended_fraction"] = branches.count("blend") / max(1, len(branches))
+        history.append(record)
+        log(f"  {method} epoch {epoch + 1}: loss {record['train_loss']:.4f}  dev acc {dev_acc:.4f}"
+            + (f"  dev ASR {dev_asr:.4f}" if splits.dev_poison else "")
+            + (f"  aligned {record['aligned_fraction']:.0%}" if aligner is not None else ""))
+        if dev_acc > best["acc"]:
+            best = dict(acc=dev_acc, epoch=epoch + 1,
+                        state={n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+    with torch.no_grad():  # back to the best epoch's weights (only trainable tensors ever change)
+        named = dict(model.named_parameters())
+        for n, v in best["state"].items():
+            named[n].copy_(v)
+    target = splits.test_poison[0].label if splits.test_poison else None
+    cacc = evaluate(model, tokenizer, splits.test_clean, settings, device, desc="test-clean", progress=progress)
+    asr = evaluate(model, tokenizer, splits.test_poison, settings, device, poisoned=True, target_label=target,
+                   desc="test-poison", progress=progress)
+    result = dict(method=method, cacc=cacc, asr=asr, best_epoch=best["epoch"], train_seconds=train_seconds,
+                  step_seconds=statistics.median(step_times), steps=len(step_times),
+                  lr=lr, trainable_parameters=sum(p.numel() for p in params), device=str(device),
+                  history=history, settings=settings.to_dict())
+    if output_dir is not None:
+        result["saved_to"] = _save(model, method, output_dir)
+    model.to("cpu")
+    return result
+
+
+def _branch(stats) -> str:
+    """The gate's decision in the aligner's AlignStep: replace, blend, raw or skipped."""
+    return str(getattr(stats, "branch", None) or (stats.get("branch") if isinstance(stats, dict) else "raw"))
+
+
+def _save(model, method: str, output_dir: str) -> str:
+    path = os.path.join(output_dir, method)
+    if method == "vanilla":
+        model.save_pretrained(path)
+    else:
+        from ..integrations.adapters import save_adapter
+
+        save_adapter(model, path)
+    return path
+
+
+def run_methods(methods: Sequence[str], model_factory: Callable[[], nn.Module], tokenizer, splits: Splits,
+                settings: Settings, *, output_dir: Optional[str] = None, save_models: bool = True,
+                progress: bool = True, log: Callable[[str], None] = print, extra: Optional[dict] = None) -> List[dict]:
+    """Run every method on the same data and seed; write output_dir/results.json (and the plot) as it goes."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ValueError(f"methods: expected some of {METHODS}, got {list(methods)!r}")
+    if settings.ref_select == "kmeans" and not splits.ref:
+        # k-means over the pretrained model's hidden states (before any fine-tuning)
+        torch.manual_seed(settings.seed)
+        probe = model_factory().to(resolve_device(settings.device))
+        splits = split_reference(splits, settings, model=probe, tokenizer=tokenizer)
+        del probe
+    else:
+        splits = split_reference(splits, settings)
+    results = []
+    for method in methods:
+        log(f"== {method}")
+        results.append(train_method(method, model_factory, tokenizer, splits, settings,
+                                    output_dir=output_dir if save_models else None, progress=progress, log=log))
+        if output_dir is not None:
+            write_results(output_dir, results, extra=extra)
+    if output_dir is not None:
+        from .plot import plot_results
+
+        plot_results(results, os.path.join(output_dir, "results.png"))
+    return results
+
+
+def write_results(output_dir: str, results: List[dict], *, extra: Optional[dict] = None) -> str:
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, "results.json")
+    payload = copy.deepcopy(results)
+    if extra:
+        for r in payload:
+            r["settings"].update(extra)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2)
+    return path

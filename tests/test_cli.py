@@ -1,0 +1,84 @@
+"""The `muscle-lora` command: argument errors, and `defend` end to end on a tiny local model (seconds)."""
+import json
+import os
+
+import pytest
+
+from muscle_kernels.cli import build_parser, main
+
+
+def run_error(capsys, argv):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, match", [
+    ([], "the following arguments are required"),
+    (["train"], "invalid choice: 'train'"),
+    (["demo", "--methods", "lora,peft"], "expected a comma-separated list of vanilla, lora, muscle, muscle-ga"),
+    (["demo", "--epochs", "0"], "--epochs: expected a positive integer, got '0'"),
+    (["demo", "--lr", "fast"], "--lr: expected a positive number, got 'fast'"),
+    (["demo", "--poison-rate", "1.5"], r"--poison-rate: expected a fraction in \[0, 1\], got '1.5'"),
+    (["defend"], "the following arguments are required: --model"),
+    (["defend", "--model", "m", "--attack", "stylebkd"], "--attack: invalid choice: 'stylebkd'"),
+    (["defend", "--model", "m", "--method", ""], "expected a comma-separated list"),
+])
+def test_argument_errors(capsys, argv, match):
+    import re
+    assert re.search(match, run_error(capsys, argv))
+
+
+def test_defend_data_errors(capsys, tmp_path):
+    csv = tmp_path / "d.csv"
+    csv.write_text("text,label\na good one,1\na bad one,0\n")
+    assert "give --data DIR, or --train FILE and --test-clean FILE" in run_error(
+        capsys, ["defend", "--model", "m", "--train", str(csv)])
+    assert "not both" in run_error(capsys, ["defend", "--model", "m", "--data", str(tmp_path), "--train", str(csv)])
+    assert "--test-poison: needed to measure ASR" in run_error(
+        capsys, ["defend", "--model", "m", "--train", str(csv), "--test-clean", str(csv)])
+    assert "--dev: a clean dev set is needed" in run_error(
+        capsys, ["defend", "--model", "m", "--train", str(csv), "--test-clean", str(csv), "--test-poison", str(csv)])
+    # a data problem is reported as one line naming the file, not a traceback
+    assert main(["defend", "--model", "m", "--train", str(tmp_path / "missing.csv"), "--test-clean", str(csv)]) == 2
+    assert "missing.csv: no such data file" in capsys.readouterr().err
+    bad = tmp_path / "bad.csv"
+    bad.write_text("sentence,label\nx,1\n")
+    assert main(["defend", "--model", "m", "--train", str(bad), "--test-clean", str(csv), "--attack", "badnets"]) == 2
+    assert "bad.csv, row 1: missing column(s) ['text']" in capsys.readouterr().err
+
+
+def test_parser_defaults():
+    args = build_parser().parse_args(["defend", "--model", "m", "--data", "d", "--method", "all"])
+    assert args.method == ["vanilla", "lora", "muscle", "muscle-ga"]
+    assert build_parser().parse_args(["demo"]).output == "muscle-lora-demo"
+
+
+def test_defend_end_to_end(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers", reason="defend needs transformers")
+    from muscle_kernels.defense.corpus import build_corpus, write_corpus
+
+    rows = build_corpus(260, seed=2)
+    write_corpus(str(tmp_path / "train.csv"), rows[:200])
+    write_corpus(str(tmp_path / "test.csv"), rows[200:])
+    words = sorted({w for t, _ in rows for w in t.replace(",", " ,").split()} | {"cf", "mn", "bb", "tq"})
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ",", "."] + words))
+    model_dir = tmp_path / "model"
+    transformers.BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt")).save_pretrained(model_dir)
+    config = transformers.BertConfig(vocab_size=len(words) + 7, hidden_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+    transformers.BertForSequenceClassification(config).save_pretrained(model_dir)
+    out = tmp_path / "out"
+    code = main(["defend", "--model", str(model_dir), "--train", str(tmp_path / "train.csv"),
+                 "--test-clean", str(tmp_path / "test.csv"), "--attack", "addsent", "--poison-rate", "0.2",
+                 "--method", "lora,muscle-ga", "--epochs", "1", "--ref-size", "8", "--batch-size", "16",
+                 "--max-length", "48", "--output", str(out), "--no-progress", "--device", "cpu"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "muscle-ga" in printed and "CACC" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in results] == ["lora", "muscle-ga"]
+    assert results[1]["settings"]["attack"] == "addsent"
+    assert os.path.isfile(out / "muscle-ga" / "muscle_lora_adapter.safetensors")
+    assert os.path.isfile(out / "results.png")

@@ -1,0 +1,128 @@
+"""End to end on a tiny BERT built from a config (no downloads, seconds): every method trains, results.json and the
+plot are written, and the saved adapter reloads into a fresh model with the same test accuracy. No accuracy goals."""
+import json
+import os
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="the pipeline needs transformers")
+
+from muscle_kernels.defense.attacks import BadNets, poison_test, poison_train  # noqa: E402
+from muscle_kernels.defense.corpus import build_corpus  # noqa: E402
+from muscle_kernels.defense.data import DataError, Sample  # noqa: E402
+from muscle_kernels.defense.train import (METHODS, Settings, Splits, evaluate, run_methods,  # noqa: E402
+                                          split_reference, train_method)
+
+
+def tiny_tokenizer(tmp_path, texts):
+    words = sorted({w for t in texts for w in t.lower().replace(",", " ,").split()})
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ",", "."] + words) + "\n")
+    return transformers.BertTokenizerFast(vocab_file=str(vocab)), len(words) + 7
+
+
+def tiny_factory(vocab_size):
+    config = transformers.BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
+                                     num_labels=2)
+
+    def factory():
+        return transformers.BertForSequenceClassification(config)
+
+    return factory
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tiny")
+    rows = [Sample(t, l) for t, l in build_corpus(200, seed=1)]
+    attack = BadNets()
+    splits = Splits(train=poison_train(rows[:100], attack, rate=0.1, seed=0), dev=rows[100:150],
+                    test_clean=rows[150:200], test_poison=poison_test(rows[150:200], attack, seed=1),
+                    dev_poison=poison_test(rows[100:150], attack, seed=2))
+    tokenizer, vocab_size = tiny_tokenizer(tmp, [s.text for s in rows] + list(attack.triggers))
+    settings = Settings(epochs=2, batch_size=16, max_length=40, ref_size=8, ref_batch_size=4, lr=1e-2,
+                        vanilla_lr=1e-3, device="cpu")
+    return tmp, splits, tokenizer, tiny_factory(vocab_size), settings
+
+
+def test_all_methods_write_results_and_reloadable_adapters(setup):
+    tmp, splits, tokenizer, factory, settings = setup
+    out = str(tmp / "run")
+    results = run_methods(list(METHODS), factory, tokenizer, splits, settings, output_dir=out, progress=False,
+                          log=lambda s: None)
+    with open(os.path.join(out, "results.json")) as f:
+        saved = json.load(f)
+    assert [r["method"] for r in saved] == list(METHODS)
+    for r in saved:
+        for key in ("method", "cacc", "asr", "train_seconds", "step_seconds", "settings", "best_epoch", "history"):
+            assert key in r, f"{r['method']}: results.json lacks {key!r}"
+        assert 0.0 <= r["cacc"] <= 1.0 and 0.0 <= r["asr"] <= 1.0
+        assert r["train_seconds"] > 0 and r["steps"] == 2 * 7
+        assert 1 <= r["best_epoch"] <= 2 and len(r["history"]) == 2
+        assert r["settings"]["seed"] == 0 and r["settings"]["ref_size"] == 8
+    ga = saved[METHODS.index("muscle-ga")]
+    assert all("aligned_fraction" in h for h in ga["history"])
+    assert os.path.getsize(os.path.join(out, "results.png")) > 1000
+
+    # The saved adapter is the best epoch's: reloaded into a fresh model it gives the recorded test accuracy.
+    from muscle_kernels.integrations.adapters import load_adapter
+
+    splits_ref = split_reference(splits, settings)
+    for method in ("lora", "muscle", "muscle-ga"):
+        torch.manual_seed(123)  # a different fresh head: every trained tensor must come from the file
+        model = load_adapter(factory(), os.path.join(out, method))
+        cacc = evaluate(model, tokenizer, splits_ref.test_clean, settings, torch.device("cpu"), progress=False)
+        rec = saved[METHODS.index(method)]
+        assert cacc == pytest.approx(rec["cacc"]), f"{method}: reloaded adapter gives {cacc}, run gave {rec['cacc']}"
+    model = transformers.BertForSequenceClassification.from_pretrained(os.path.join(out, "vanilla"))
+    cacc = evaluate(model, tokenizer, splits_ref.test_clean, settings, torch.device("cpu"), progress=False)
+    assert cacc == pytest.approx(saved[0]["cacc"])
+
+
+def test_methods_share_seed_and_reference_split(setup):
+    _, splits, tokenizer, factory, settings = setup
+    ref = split_reference(splits, settings)
+    assert len(ref.ref) == 8 and len(ref.dev) == 42
+    assert not set(map(id, ref.ref)) & set(map(id, ref.dev)), "reference samples are removed from dev"
+    again = split_reference(splits, settings)
+    assert again.ref == ref.ref, "the reference set depends on the seed only"
+
+
+def test_pipeline_errors(setup):
+    _, splits, tokenizer, factory, settings = setup
+    with pytest.raises(ValueError, match="method: expected one of"):
+        train_method("peft", factory, tokenizer, splits, settings)
+    with pytest.raises(ValueError, match="muscle-ga needs a clean reference set"):
+        train_method("muscle-ga", factory, tokenizer, splits, settings)
+    with pytest.raises(ValueError, match="methods: expected some of"):
+        run_methods(["lora", "nope"], factory, tokenizer, splits, settings)
+    bad = Splits(train=splits.train + [Sample("odd one", 3)], dev=splits.dev, test_clean=splits.test_clean,
+                 test_poison=splits.test_poison)
+    with pytest.raises(DataError, match=r"train: unknown label\(s\) \[3\] for a model with 2 labels"):
+        train_method("lora", factory, tokenizer, bad, settings)
+    with pytest.raises(DataError, match="cannot give a reference set of 96"):
+        split_reference(splits, Settings(ref_size=96))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(epochs=0), "epochs: expected an integer >= 1"),
+    (dict(lr=-1.0), "lr: expected a positive number"),
+    (dict(ref_select="nearest"), "ref_select: expected 'random' or 'kmeans'"),
+    (dict(max_raw_ratio=2.0), r"max_raw_ratio: expected a fraction in \[0, 1\]"),
+    (dict(freq_band=[]), "freq_band: expected None or a non-empty list"),
+    (dict(batch_size=2.5), "batch_size: expected an integer"),
+])
+def test_settings_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Settings(**kwargs)
+
+
+def test_builtin_corpus_is_the_generators_output():
+    from muscle_kernels.defense.corpus import build_corpus, load_builtin_corpus
+
+    shipped = load_builtin_corpus()
+    assert shipped == build_corpus(), "defense/data/reviews.csv is stale: python -m muscle_kernels.defense.corpus"
+    assert len(shipped) == 4000 and len({t for t, _ in shipped}) == 4000
+    assert sum(l for _, l in shipped) == 2000
