@@ -49,6 +49,16 @@ def _fraction(text: str) -> float:
     return v
 
 
+def _band(text: str) -> List[float]:
+    try:
+        band = [float(k) for k in text.split(",")]
+    except ValueError:
+        band = []
+    if not band or any(not k > 0 or k == float("inf") for k in band):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive numbers such as 1,2,3,4, got {text!r}")
+    return [int(k) if k.is_integer() else k for k in band]
+
+
 def _methods(text: str) -> List[str]:
     from .defense.train import METHODS
 
@@ -74,6 +84,8 @@ def _add_training_options(p: argparse.ArgumentParser, defaults: dict) -> None:
     g.add_argument("--ref-select", choices=("random", "kmeans"), default="random")
     g.add_argument("--min-ref-loss", type=float, default=defaults["min_ref_loss"],
                    help="alignment gate: align while the reference loss is above this")
+    g.add_argument("--freq-band", type=_band, default=defaults["freq_band"],
+                   help="radial scales of the multi-scale head, e.g. 1,2,3,4 (default: the recipe's, or the demo's)")
     g.add_argument("--seed", type=int, default=defaults["seed"])
     g.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     g.add_argument("--output", default=None, help="directory for results.json, results.png and the adapters")
@@ -126,7 +138,8 @@ def _settings(args):
 
     return Settings(epochs=args.epochs, lr=args.lr, vanilla_lr=args.vanilla_lr, batch_size=args.batch_size,
                     max_length=args.max_length, ref_size=args.ref_size, ref_batch_size=args.ref_batch_size,
-                    ref_select=args.ref_select, min_ref_loss=args.min_ref_loss, seed=args.seed, device=args.device)
+                    ref_select=args.ref_select, min_ref_loss=args.min_ref_loss, freq_band=args.freq_band,
+                    seed=args.seed, device=args.device)
 
 
 def _load_splits(args, parser):
@@ -185,13 +198,13 @@ def format_table(results) -> str:
     return "\n".join(lines)
 
 
-def _run(args, splits, factory, tokenizer, methods, extra) -> int:
+def _run(args, splits, factory, tokenizer, methods, extra, save_vanilla=True) -> int:
     from .defense.train import run_methods
 
-    settings = _settings(args)
+    settings = args.settings
     start = time.perf_counter()
     results = run_methods(methods, factory, tokenizer, splits, settings, output_dir=args.output,
-                          progress=not args.no_progress, extra=extra)
+                          save_vanilla=save_vanilla, progress=not args.no_progress, extra=extra)
     print()
     print(format_table(results))
     print(f"\n{len(methods)} method(s) in {time.perf_counter() - start:.0f} s; results in "
@@ -211,7 +224,8 @@ def _demo(args) -> int:
           f"{torch.get_num_threads()} CPU threads" + (", CUDA" if torch.cuda.is_available() else ""))
     return _run(args, splits, factory, tokenizer, args.methods,
                 extra=dict(data="built-in review corpus", attack="badnets", poison_rate=args.poison_rate,
-                           model="all-MiniLM-L6-v2"))
+                           model="all-MiniLM-L6-v2"),
+                save_vanilla=False)  # the adapters are small; a fully fine-tuned copy of the model is not
 
 
 def _defend(args, parser) -> int:
@@ -238,6 +252,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from .defense.data import DataError
+
+    try:  # settings that argparse's types cannot check alone (e.g. a negative --min-ref-loss)
+        args.settings = _settings(args)
+    except ValueError as e:
+        parser.error(str(e))
 
     try:
         if args.command == "demo":

@@ -21,6 +21,8 @@ def run_error(capsys, argv):
     (["demo", "--epochs", "0"], "--epochs: expected a positive integer, got '0'"),
     (["demo", "--lr", "fast"], "--lr: expected a positive number, got 'fast'"),
     (["demo", "--poison-rate", "1.5"], r"--poison-rate: expected a fraction in \[0, 1\], got '1.5'"),
+    (["demo", "--freq-band", "1,x"], "--freq-band: expected comma-separated positive numbers"),
+    (["demo", "--min-ref-loss", "-1"], "min_ref_loss: expected a number >= 0"),
     (["defend"], "the following arguments are required: --model"),
     (["defend", "--model", "m", "--attack", "stylebkd"], "--attack: invalid choice: 'stylebkd'"),
     (["defend", "--model", "m", "--method", ""], "expected a comma-separated list"),
@@ -82,3 +84,51 @@ def test_defend_end_to_end(tmp_path, capsys):
     assert results[1]["settings"]["attack"] == "addsent"
     assert os.path.isfile(out / "muscle-ga" / "muscle_lora_adapter.safetensors")
     assert os.path.isfile(out / "results.png")
+
+
+def test_demo_splits():
+    from muscle_kernels.defense.demo import DEMO_SIZES, demo_splits
+
+    splits = demo_splits()
+    n_train, n_dev, n_test = DEMO_SIZES
+    assert (len(splits.train), len(splits.dev), len(splits.test_clean)) == (n_train, n_dev, n_test)
+    assert sum(s.poisoned for s in splits.train) == round(0.1 * n_train)
+    assert len(splits.test_poison) == sum(s.label == 0 for s in splits.test_clean)
+    assert all(s.label == 1 and {"cf", "mn", "bb", "tq"} & set(s.text.split()) for s in splits.test_poison)
+    texts = lambda xs: {s.text for s in xs}  # noqa: E731
+    assert not texts(splits.train) & texts(splits.test_clean) and not texts(splits.dev) & texts(splits.test_clean)
+
+
+def test_demo_command_wiring(tmp_path, capsys, monkeypatch):
+    """`muscle-lora demo` end to end with the model and the data swapped for tiny ones (the real demo takes
+    minutes; its numbers are in the README)."""
+    transformers = pytest.importorskip("transformers", reason="the demo needs transformers")
+    import muscle_kernels.defense.demo as demo
+    from muscle_kernels.defense.attacks import BadNets, poison_test, poison_train
+    from muscle_kernels.defense.corpus import build_corpus
+    from muscle_kernels.defense.data import Sample
+    from muscle_kernels.defense.train import Splits
+
+    rows = [Sample(t, l) for t, l in build_corpus(150, seed=3)]
+    words = sorted({w for s in rows for w in s.text.replace(",", " ,").split()} | {"cf", "mn", "bb", "tq"})
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ",", "."] + words))
+    tokenizer = transformers.BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"))
+    config = transformers.BertConfig(vocab_size=len(words) + 7, hidden_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+
+    def tiny_splits(poison_rate, seed):
+        a = BadNets()
+        return Splits(train=poison_train(rows[:80], a, rate=poison_rate, seed=seed), dev=rows[80:110],
+                      test_clean=rows[110:], test_poison=poison_test(rows[110:], a, seed=seed))
+
+    monkeypatch.setattr(demo, "demo_splits", tiny_splits)
+    monkeypatch.setattr(demo, "minilm_factory",
+                        lambda: (lambda: transformers.BertForSequenceClassification(config), tokenizer))
+    out = tmp_path / "demo"
+    assert main(["demo", "--methods", "lora,muscle-ga,vanilla", "--epochs", "1", "--ref-size", "8",
+                 "--output", str(out), "--no-progress", "--device", "cpu"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in results] == ["lora", "muscle-ga", "vanilla"]
+    assert results[0]["settings"]["freq_band"] == [1, 2, 3, 4] and results[0]["settings"]["min_ref_loss"] == 0.0
+    assert (out / "lora").is_dir() and not (out / "vanilla").exists(), "the demo saves adapters, not full models"
+    assert "muscle-ga" in capsys.readouterr().out

@@ -37,6 +37,9 @@ def plot_results(results: List[dict], path: str) -> str:
         ys = [100 * h["dev_asr"] for h in hist if not math.isnan(h.get("dev_asr", float("nan")))]
         if ys:
             ax2.plot(range(1, len(ys) + 1), ys, marker="o", label=r["method"])
+    epochs = max((len(r.get("history", [])) for r in results), default=0)
+    if epochs:
+        ax2.set_xticks(range(1, epochs + 1))
     ax2.set_xlabel("epoch")
     ax2.set_ylabel("dev ASR %")
     ax2.set_ylim(-5, 105)

@@ -374,8 +374,12 @@ def _save(model, method: str, output_dir: str) -> str:
 
 def run_methods(methods: Sequence[str], model_factory: Callable[[], nn.Module], tokenizer, splits: Splits,
                 settings: Settings, *, output_dir: Optional[str] = None, save_models: bool = True,
-                progress: bool = True, log: Callable[[str], None] = print, extra: Optional[dict] = None) -> List[dict]:
-    """Run every method on the same data and seed; write output_dir/results.json (and the plot) as it goes."""
+                save_vanilla: bool = True, progress: bool = True, log: Callable[[str], None] = print,
+                extra: Optional[dict] = None) -> List[dict]:
+    """Run every method on the same data and seed; write output_dir/results.json (and the plot) as it goes.
+
+    save_models: save each adapter to output_dir/<method>/; save_vanilla: also the fully fine-tuned model (the size
+    of the whole model)."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise ValueError(f"methods: expected some of {METHODS}, got {list(methods)!r}")
@@ -391,7 +395,8 @@ def run_methods(methods: Sequence[str], model_factory: Callable[[], nn.Module], 
     for method in methods:
         log(f"== {method}")
         results.append(train_method(method, model_factory, tokenizer, splits, settings,
-                                    output_dir=output_dir if save_models else None, progress=progress, log=log))
+                                    output_dir=output_dir if save_models and (save_vanilla or method != "vanilla")
+                                    else None, progress=progress, log=log))
         if output_dir is not None:
             write_results(output_dir, results, extra=extra)
     if output_dir is not None:
