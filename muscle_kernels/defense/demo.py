@@ -14,7 +14,7 @@ from .corpus import load_builtin_corpus
 from .data import Sample
 from .train import Settings, Splits
 
-__all__ = ["DEMO_SETTINGS", "DEMO_METHODS", "DEMO_SIZES", "demo_splits", "minilm_factory"]
+__all__ = ["DEMO_SETTINGS", "DEMO_METHODS", "DEMO_SIZES", "demo_splits", "demo_settings", "minilm_factory", "minilm_path"]
 
 # The settings of the README's measurement, tuned on this corpus (the same for every method except what defines the
 # method). Why these values:

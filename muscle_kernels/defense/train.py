@@ -21,11 +21,10 @@ import dataclasses
 import json
 import math
 import os
-import random
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 from torch import nn
