@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils import benchmark
 
 from muscle_kernels import MuScleLoRALinear
-from muscle_kernels.ops.lowrank_linear import paper_forward
+from muscle_kernels.nn.paper import PaperMultiScaleLinear
 
 # (tokens, in, out, freq_band, inner_rank): the first case is the one the issue's goals are stated on
 DEFAULT_CASES = [
@@ -41,26 +41,12 @@ DEFAULT_CASES = [
 QUICK_CASES = [(512, 512, 512, (1,), 16)]
 
 
-class _Paper(nn.Module):
-    """The paper's layer: the same parameters, the dense delta rebuilt at every forward."""
-
-    def __init__(self, ours: MuScleLoRALinear):
-        super().__init__()
-        self.weight, self.bias = ours.weight, ours.bias
-        self.lora_L = nn.Parameter(ours.lora_L.detach().clone())
-        self.lora_R = nn.Parameter(ours.lora_R.detach().clone())
-        self.band, self.rank, self.alpha = ours.freq_band, ours.inner_rank, ours.alpha
-
-    def forward(self, x):
-        return paper_forward(x, self.weight, self.bias, self.lora_L, self.lora_R, self.band, self.rank, self.alpha)
-
-
 def make_layers(in_f, out_f, band, rank, dtype=torch.float32):
     torch.manual_seed(0)
     bare = nn.Linear(in_f, out_f, dtype=dtype).requires_grad_(False)
     ours = MuScleLoRALinear.from_linear(copy.deepcopy(bare), freq_band=band, inner_rank=rank, alpha=2.0 * rank,
                                         init="seed")
-    layers = {"bare": bare, "ours": ours, "paper": _Paper(ours)}
+    layers = {"bare": bare, "ours": ours, "paper": PaperMultiScaleLinear(ours)}
     try:
         import peft
 

@@ -41,31 +41,16 @@ def cases(quick: bool):
     return [(t, i, o, nr) for nr in RANKS for i, o in SHAPES for t in TOKENS]
 
 
-class _Paper(nn.Module):
-    """The paper's layer: the same parameters, the dense delta rebuilt at every forward."""
-
-    def __init__(self, ours):
-        super().__init__()
-        self.weight, self.bias = ours.weight, ours.bias
-        self.lora_L = nn.Parameter(ours.lora_L.detach().clone())
-        self.lora_R = nn.Parameter(ours.lora_R.detach().clone())
-        self.band, self.rank, self.alpha = ours.freq_band, ours.inner_rank, ours.alpha
-
-    def forward(self, x):
-        from muscle_kernels.ops.lowrank_linear import paper_forward
-
-        return paper_forward(x, self.weight, self.bias, self.lora_L, self.lora_R, self.band, self.rank, self.alpha)
-
-
 def make_layers(in_f, out_f, nr, device, dtype):
     from muscle_kernels import MuScleLoRALinear
+    from muscle_kernels.nn.paper import PaperMultiScaleLinear
 
     torch.manual_seed(0)
     bare = nn.Linear(in_f, out_f, device=device, dtype=dtype).requires_grad_(False)
     ours = MuScleLoRALinear.from_linear(copy.deepcopy(bare), freq_band=(1, 2, 3, 4), inner_rank=nr // 4,
                                         alpha=2.0 * (nr // 4), init="seed")
     layers = {"bare": (bare, []), "ours": (ours, [ours.lora_L, ours.lora_R])}
-    paper = _Paper(ours)
+    paper = PaperMultiScaleLinear(ours)
     layers["paper"] = (paper, [paper.lora_L, paper.lora_R])
     shrink = copy.deepcopy(ours)  # timed with triton_ops._FORCE_FUSE_T = False (forward and backward)
     layers["ours-shrink"] = (shrink, [shrink.lora_L, shrink.lora_R])

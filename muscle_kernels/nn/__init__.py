@@ -1,3 +1,4 @@
 from .linear import INIT_MODES, MuScleLoRALinear
+from .paper import PaperMultiScaleLinear
 
-__all__ = ["MuScleLoRALinear", "INIT_MODES"]
+__all__ = ["MuScleLoRALinear", "PaperMultiScaleLinear", "INIT_MODES"]
