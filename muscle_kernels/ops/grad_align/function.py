@@ -29,11 +29,11 @@ fallback. The environment variable MUSCLE_KERNELS_GRAD_ALIGN_BACKEND overrides "
 """
 from __future__ import annotations
 
-import os
 from typing import List, Sequence, Tuple
 
 import torch
 
+from ..._env import forced_choice
 from . import extension
 from .reference import (
     align_gradients_foreach,
@@ -84,10 +84,8 @@ def resolve_backend(backend: str, device: torch.device, op: str = "grad_align_fu
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        forced = os.environ.get(_ENV_BACKEND, "").strip()
-        if forced and forced != "auto":
-            if forced not in BACKENDS:
-                raise ValueError(f"{_ENV_BACKEND}: expected one of {BACKENDS}, got {forced!r}")
+        forced = forced_choice(_ENV_BACKEND, BACKENDS)
+        if forced:
             return resolve_backend(forced, device, op)
         extension.load_extension()
         return "extension" if extension.has_kernel(op, device.type) else "foreach"

@@ -25,6 +25,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from ..._env import forced_choice
 from .cpu import lowrank_linear_bwd_torch, lowrank_linear_fwd_torch
 from .reference import lowrank_linear_reference
 
@@ -68,10 +69,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        forced = os.environ.get(_ENV_BACKEND, "").strip()
-        if forced and forced != "auto":
-            if forced not in BACKENDS:
-                raise ValueError(f"{_ENV_BACKEND}: expected one of {BACKENDS}, got {forced!r}")
+        forced = forced_choice(_ENV_BACKEND, BACKENDS)
+        if forced:
             return resolve_backend(forced, device)
         return "triton" if (device.type == "cuda" and _triton_usable(device)) else "torch"
     if backend == "triton" and not _triton_usable(device):
