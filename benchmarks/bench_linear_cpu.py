@@ -72,7 +72,7 @@ def time_layer(layer, x, dy, mode, min_run_time):
     return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
-def run(cases, min_run_time, out_csv):
+def run(cases, min_run_time, out_csv, rounds=3):
     rows = []
     meta = dict(
         machine=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
@@ -88,9 +88,10 @@ def run(cases, min_run_time, out_csv):
         x = torch.randn(tokens, in_f, requires_grad=True)
         dy = torch.randn(tokens, out_f)
         for mode in ("fwd", "fwd+bwd"):
-            # interleave the providers twice and keep the faster median: a 2-core machine is noisy
+            # interleave the providers `rounds` times and keep each one's fastest median: a shared 2-core machine
+            # drifts by +-10% over a minute, and interleaving exposes every provider to the same drift
             times = {}
-            for _ in range(2):
+            for _ in range(rounds):
                 for name, layer in layers.items():
                     t = time_layer(layer, x, dy, mode, min_run_time)
                     times[name] = min(times.get(name, float("inf")), t)
@@ -117,13 +118,14 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="one small case, short timings")
     ap.add_argument("--min-run-time", type=float, default=None, help="seconds per measurement (default 1.0)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per case (fastest median kept)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "linear_cpu.csv")
     args = ap.parse_args(argv)
     cases = QUICK_CASES if args.quick else DEFAULT_CASES
     mrt = args.min_run_time or (0.2 if args.quick else 1.0)
     print(f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}; ratios are to the bare frozen nn.Linear in the same run\n")
-    run(cases, mrt, args.out)
+    run(cases, mrt, args.out, rounds=args.rounds)
 
 
 if __name__ == "__main__":
