@@ -20,7 +20,6 @@ Results: a table on stdout, rows appended to benchmarks/out/grad_align.csv, a pl
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
 import os
 import platform
@@ -36,6 +35,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from muscle_kernels.ops.grad_align import align_gradients_  # noqa: E402
 from muscle_kernels.ops.grad_align import extension  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_io import append_rows  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
 
@@ -204,13 +206,7 @@ def main(argv=None):
 
     OUT.mkdir(parents=True, exist_ok=True)
     csv_path = OUT / "grad_align.csv"
-    new = not csv_path.exists()
-    with open(csv_path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
-    print(f"\nappended {len(rows)} rows to {csv_path}")
+    append_rows(rows, csv_path)
     if not args.no_plot:
         plot(rows, OUT / "grad_align.png")
     return rows

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import datetime
 import subprocess
 import sys
@@ -27,6 +26,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_io import append_rows  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]
 TOKENS = [2048, 4096, 8192, 16384]
@@ -148,14 +150,7 @@ def run(case_list, out_csv: Path, cuda_graph: bool):
                                  peak_mb=round(peak / 2**20, 1)))
         del layers, x, dy
         torch.cuda.empty_cache()
-    out_csv.parent.mkdir(parents=True, exist_ok=True)
-    new = not out_csv.exists()
-    with out_csv.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            w.writeheader()
-        w.writerows(rows)
-    print(f"\nrows appended to {out_csv}")
+    append_rows(rows, out_csv)
     report_goals(rows)
     plot(rows, out_csv.with_suffix(".png"))
     return rows

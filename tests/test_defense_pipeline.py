@@ -60,7 +60,7 @@ def test_all_methods_write_results_and_reloadable_adapters(setup):
             assert key in r, f"{r['method']}: results.json lacks {key!r}"
         assert 0.0 <= r["cacc"] <= 1.0 and 0.0 <= r["asr"] <= 1.0
         assert r["train_seconds"] > 0 and r["steps"] == 2 * 7
-        assert 1 <= r["best_epoch"] <= 2 and len(r["history"]) == 2
+        assert r["best_epoch"] in (1, 2) and len(r["history"]) == 2
         assert r["settings"]["seed"] == 0 and r["settings"]["ref_size"] == 8
     ga = saved[METHODS.index("muscle-ga")]
     assert all("aligned_fraction" in h for h in ga["history"])
