@@ -35,15 +35,22 @@ BACKENDS = ("auto", "reference", "torch", "triton")
 _ENV_BACKEND = "MUSCLE_KERNELS_BACKEND"
 
 
-@functools.lru_cache(maxsize=None)
+# The Triton module, imported once on first use: a module global rather than functools.lru_cache, because dynamo
+# traces through lru_cache wrappers with a warning when a compiled model resolves its backend.
+_TRITON = {"module": None, "tried": False, "error": None}
+
+
 def _triton_ops():
     """Import the Triton launchers lazily; None when Triton is missing or broken (one clear reason is kept)."""
-    try:
-        from . import triton_ops
-    except Exception as exc:  # ImportError, or a Triton too old for the kernels
-        _triton_ops.error = f"{type(exc).__name__}: {exc}"
-        return None
-    return triton_ops
+    if not _TRITON["tried"]:
+        _TRITON["tried"] = True
+        try:
+            from . import triton_ops
+
+            _TRITON["module"] = triton_ops
+        except Exception as exc:  # ImportError, or a Triton too old for the kernels
+            _TRITON["error"] = f"{type(exc).__name__}: {exc}"
+    return _TRITON["module"]
 
 
 def _interpreting() -> bool:
@@ -74,7 +81,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             return resolve_backend(forced, device)
         return "triton" if (device.type == "cuda" and _triton_usable(device)) else "torch"
     if backend == "triton" and not _triton_usable(device):
-        why = getattr(_triton_ops, "error", None) or (
+        why = _TRITON["error"] or (
             f"tensors are on {device.type}; Triton needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter)"
         )
         raise RuntimeError(f"backend='triton' is not available: {why}")
