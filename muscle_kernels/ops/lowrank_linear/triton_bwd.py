@@ -14,7 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_fwd import _keep_mask
+from .triton_fwd import _keep_mask, _write_partial
 
 
 @triton.jit
@@ -55,7 +55,4 @@ def _reduce_m_kernel(
         acc = acc * drop_scale
     c = c_ptr + rn.to(tl.int64)[:, None] * stride_cn + rr[None, :] * stride_cr
     ok = n_ok[:, None] & r_ok[None, :]
-    if ATOMIC:
-        tl.atomic_add(c, acc, mask=ok)
-    else:
-        tl.store(c, acc, mask=ok)
+    _write_partial(c, acc, ok, ATOMIC)

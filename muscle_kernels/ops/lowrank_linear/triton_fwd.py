@@ -35,6 +35,15 @@ def _keep_mask(seed, rows, cols, p):
 
 
 @triton.jit
+def _write_partial(ptr, acc, mask, ATOMIC: tl.constexpr):
+    """The epilogue of the split reductions: add into a zeroed output when the reduction is split, else store."""
+    if ATOMIC:
+        tl.atomic_add(ptr, acc, mask=mask)
+    else:
+        tl.store(ptr, acc, mask=mask)
+
+
+@triton.jit
 def _dropout_mask_kernel(out_ptr, M, K, seed, p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """Writes the keep-mask (uint8) of an [M, K] input; only for tests and debugging."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -166,7 +175,4 @@ def _shrink_kernel(
         acc = acc * drop_scale
     t = t_ptr + rm.to(tl.int64)[:, None] * stride_tm + rr[None, :] * stride_tr
     ok = m_ok[:, None] & r_ok[None, :]
-    if ATOMIC:
-        tl.atomic_add(t, acc, mask=ok)
-    else:
-        tl.store(t, acc, mask=ok)
+    _write_partial(t, acc, ok, ATOMIC)
