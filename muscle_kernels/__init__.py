@@ -17,8 +17,10 @@ __version__ = "0.1.0"
 _LAZY = {
     "align_gradients_": "muscle_kernels.ops.grad_align",
     "grad_align_reduce": "muscle_kernels.ops.grad_align",
+    "grad_align_coeffs": "muscle_kernels.ops.grad_align",
     "grad_align_apply_": "muscle_kernels.ops.grad_align",
-    "GradientAligner": "muscle_kernels.defense.aligner",
+    "GradientAligner": "muscle_kernels.align.aligner",
+    "AlignStep": "muscle_kernels.align.aligner",
     "MuScleLoRAConfig": "muscle_kernels.integrations.config",
     "apply_muscle_lora": "muscle_kernels.integrations.apply",
     "save_adapter": "muscle_kernels.integrations.adapters",

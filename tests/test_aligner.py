@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from muscle_kernels.defense.aligner import GradientAligner
-from muscle_kernels.defense.refset import hidden_state_features, select_kmeans, select_random, select_reference
+from muscle_kernels.align.aligner import GradientAligner
+from muscle_kernels.align.refset import hidden_state_features, select_kmeans, select_random, select_reference
 from muscle_kernels.ops.grad_align import paper_align_reference
 
 from .utils import assert_close

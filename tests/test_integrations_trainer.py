@@ -10,7 +10,7 @@ pytest.importorskip("accelerate", reason="the transformers Trainer needs acceler
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 from muscle_kernels import MuScleLoRACallback, apply_muscle_lora  # noqa: E402
-from muscle_kernels.defense.aligner import GradientAligner  # noqa: E402
+from muscle_kernels.align.aligner import GradientAligner  # noqa: E402
 from muscle_kernels.integrations.trainer import MuScleLoRATrainer  # noqa: E402
 
 transformers.logging.set_verbosity_error()

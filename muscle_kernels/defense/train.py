@@ -126,13 +126,13 @@ def split_reference(splits: Splits, settings: Settings, *, model=None, tokenizer
     """Draw `ref_size` clean samples from dev as the reference set and remove them from dev.
 
     ref_select="kmeans" clusters the samples' hidden states (needs `model` and `tokenizer`) and takes the samples
-    nearest to the centroids (defense/refset.py)."""
+    nearest to the centroids (align/refset.py)."""
     if splits.ref:
         return splits
     if len(splits.dev) < settings.ref_size + 2:
         raise DataError(f"dev: {len(splits.dev)} clean samples cannot give a reference set of {settings.ref_size} "
                         f"and leave a dev set to choose the best epoch on; lower ref_size or add dev data")
-    from .refset import hidden_state_features, select_reference
+    from ..align.refset import hidden_state_features, select_reference
 
     features = None
     if settings.ref_select == "kmeans":
@@ -234,7 +234,7 @@ def _prepare(model: nn.Module, method: str, settings: Settings) -> nn.Module:
 
 
 def make_aligner(params, ref_batches, loss_fn, settings: Settings):
-    from .aligner import GradientAligner
+    from ..align.aligner import GradientAligner
 
     # Blending only starts at epoch ga_warmup_epochs; a run that ends before it never blends.
     blends = settings.epochs > settings.ga_warmup_epochs

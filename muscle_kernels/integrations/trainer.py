@@ -95,7 +95,7 @@ class MuScleLoRACallback(TrainerCallback):
             raise ValueError("MuScleLoRACallback: the Trainer passed no model to the callback")
         self._params = [p for p in model.parameters() if p.requires_grad]
         if self.aligner is None:
-            from ..defense.aligner import GradientAligner
+            from ..align.aligner import GradientAligner
 
             kw = dict(self.aligner_kwargs)
             if kw.get("epochs") is None:
