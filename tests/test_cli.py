@@ -23,7 +23,7 @@ def run_error(capsys, argv):
     (["demo", "--poison-rate", "1.5"], r"--poison-rate: expected a fraction in \[0, 1\], got '1.5'"),
     (["demo", "--freq-band", "1,x"], "--freq-band: expected comma-separated positive numbers"),
     (["demo", "--min-ref-loss", "-1"], "min_ref_loss: expected a number >= 0"),
-    (["defend"], "the following arguments are required: --model"),
+    (["defend"], "give --data DIR, or --train FILE and --test-clean FILE"),
     (["defend", "--model", "m", "--attack", "stylebkd"], "--attack: invalid choice: 'stylebkd'"),
     (["defend", "--model", "m", "--method", ""], "expected a comma-separated list"),
 ])

@@ -415,3 +415,16 @@ def write_results(output_dir: str, results: List[dict], *, extra: Optional[dict]
     with open(path, "w") as f:
         json.dump(payload, f, indent=2)
     return path
+
+
+# The paper's own training recipe (its BERT/RoBERTa settings), one flag away from the defaults: `--recipe paper`.
+PAPER_RECIPE = dict(ref_size=96, ref_batch_size=16, min_ref_loss=0.4, max_raw_ratio=0.1, ga_warmup_epochs=1,
+                    freq_band=None)
+RECIPES = ("default", "paper")
+
+
+def recipe_settings(name: str) -> dict:
+    """The Settings fields a named recipe sets: "default" (this package's measured defaults) or "paper"."""
+    if name not in RECIPES:
+        raise ValueError(f"recipe: expected one of {RECIPES}, got {name!r}")
+    return dict(PAPER_RECIPE) if name == "paper" else {}
