@@ -2,6 +2,7 @@
 quantized; transformers dequantizes them on load with the `gguf` package)."""
 from __future__ import annotations
 
+import copy
 import os
 from typing import Callable, Optional, Tuple
 
@@ -23,6 +24,7 @@ def classifier_factory(model: str, num_labels: int, *, gguf_file: Optional[str] 
     """(a function returning a fresh sequence classifier, its tokenizer). Decoder LLMs get a padding token (their
     EOS) so that batches can be padded; a fresh classification head is expected, so its "missing weights" report is
     silenced when `quiet`."""
+    import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -32,7 +34,9 @@ def classifier_factory(model: str, num_labels: int, *, gguf_file: Optional[str] 
     if tokenizer.pad_token is None:  # decoder LLMs ship without a padding token
         tokenizer.pad_token = tokenizer.eos_token
 
-    def factory():
+    cache = {}
+
+    def load():
         verbosity = hf_logging.get_verbosity()
         if quiet:
             hf_logging.set_verbosity_error()
@@ -42,6 +46,24 @@ def classifier_factory(model: str, num_labels: int, *, gguf_file: Optional[str] 
             hf_logging.set_verbosity(verbosity)
         if m.config.pad_token_id is None:
             m.config.pad_token_id = tokenizer.pad_token_id
+        return m
+
+    def factory():
+        if not gguf:
+            return load()
+        # Dequantizing a GGUF file takes minutes on a CPU: do it once, hand out copies, and draw each copy's fresh
+        # head from the current RNG state as from_pretrained would (same seed, same head).
+        if "model" not in cache:
+            with torch.random.fork_rng(devices=[]):  # loading must not move the caller's RNG: same seed, same head
+                cache["model"] = load()
+        m = copy.deepcopy(cache["model"])
+        head = getattr(m, "score", None) or getattr(m, "classifier", None)
+        std = float(getattr(m.config, "initializer_range", 0.02))
+        for module in head.modules() if head is not None else ():
+            if isinstance(module, torch.nn.Linear):  # the transformers init of a classification head
+                torch.nn.init.normal_(module.weight, std=std)
+                if module.bias is not None:
+                    torch.nn.init.zeros_(module.bias)
         return m
 
     return factory, tokenizer
