@@ -54,7 +54,7 @@ def test_all_methods_write_results_and_reloadable_adapters(setup):
                           log=lambda s: None)
     with open(os.path.join(out, "results.json")) as f:
         saved = json.load(f)
-    assert [r["method"] for r in saved] == list(METHODS)
+    assert [r["method"] for r in saved] == [r["method"] for r in results] == list(METHODS)
     for r in saved:
         for key in ("method", "cacc", "asr", "train_seconds", "step_seconds", "settings", "best_epoch", "history"):
             assert key in r, f"{r['method']}: results.json lacks {key!r}"

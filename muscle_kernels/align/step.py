@@ -54,8 +54,9 @@ class AlignClipStep:
         params: the trainable tensors; those with a `.grad` are clipped together.
         aligner: a GradientAligner, or None for a step without alignment.
         max_grad_norm: clip the total norm to this; 0 does not clip (the norm is still measured for the record).
-        optimizer, scheduler: stepped in that order after clipping. Leave both None where the caller steps itself
-            (the Hugging Face Trainer calls `optimizer.step()` right after its `on_pre_optimizer_step` callbacks).
+        optimizer: stepped after clipping. Leave it None where the caller steps itself (the Hugging Face Trainer
+            calls `optimizer.step()` right after its `on_pre_optimizer_step` callbacks).
+        scheduler: a learning-rate scheduler stepped after the optimizer (needs `optimizer`).
     """
 
     def __init__(self, params: Iterable[torch.Tensor], *, aligner: Optional[GradientAligner] = None,

@@ -64,7 +64,7 @@ _DEFAULT_LORA_TARGETS = {
     "gpt2": ["c_attn"],
 }
 
-_SPEC = AdapterSpec()  # the defaults the layer and this config share
+_DEFAULT = AdapterSpec()  # the defaults the layer and this config share
 
 
 @dataclass
@@ -89,11 +89,11 @@ class MuScleLoRAConfig:
     lora_rank: int = 8
     lora_alpha: float = 32.0
     mslr_targets: Patterns = field(default_factory=list)
-    freq_band: List[float] = field(default_factory=lambda: list(_SPEC.freq_band))
-    inner_rank: int = _SPEC.inner_rank
+    freq_band: List[float] = field(default_factory=lambda: list(_DEFAULT.freq_band))
+    inner_rank: int = _DEFAULT.inner_rank
     mslr_alpha: float = 6.0  # the paper's encoder recipe (the layer's own default, 4, is its LLM one)
-    dropout: float = _SPEC.dropout
-    init: str = _SPEC.init
+    dropout: float = _DEFAULT.dropout
+    init: str = _DEFAULT.init
     trainable: Patterns = field(default_factory=list)
     modules_to_save: Patterns = field(default_factory=list)
     score_head_hidden: Optional[int] = None
