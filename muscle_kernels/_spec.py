@@ -80,10 +80,15 @@ def scales(name, v) -> Tuple[float, ...]:
     expected = "a non-empty sequence of positive numbers such as (1, 2, 3, 4)"
     if isinstance(v, (str, bytes)) or not hasattr(v, "__iter__"):
         raise SpecError(name, expected, v)
-    values = tuple(v)
-    if not values or not all(_is_real(k) and math.isfinite(k) and k > 0 for k in values):
+    items = tuple(v)
+    # Elements may be any real number type (int, float, numpy scalars, 0-dim tensors), but not text or booleans.
+    try:
+        values = [float(k) for k in items if not isinstance(k, (str, bytes, bool))]
+    except (TypeError, ValueError, RuntimeError):
+        values = []
+    if not items or len(values) != len(items) or not all(math.isfinite(k) and k > 0 for k in values):
         raise SpecError(name, expected, v)
-    return tuple(int(k) if float(k).is_integer() else float(k) for k in values)
+    return tuple(int(k) if k.is_integer() else k for k in values)
 
 
 class Spec:

@@ -88,6 +88,11 @@ def test_adapter_spec_is_frozen_and_normalised():
         spec.alpha = 1.0
     assert message(lambda: spec.replace(dropout=2.0)).startswith("dropout: expected a probability")
     assert AdapterSpec.lora(8, 32) == AdapterSpec(freq_band=(1,), inner_rank=8, alpha=32.0, init="lora")
+    # any real number type goes in (a range, a tensor, a generator); a nested tensor does not
+    assert AdapterSpec(freq_band=range(1, 4)).freq_band == (1, 2, 3)
+    assert AdapterSpec(freq_band=torch.tensor([1.0, 2.5])).freq_band == (1, 2.5)
+    assert AdapterSpec(freq_band=(k for k in (3, 4))).freq_band == (3, 4)
+    assert message(lambda: AdapterSpec(freq_band=[torch.ones(2)])).startswith("freq_band: expected a non-empty")
 
 
 def test_adapter_defaults_are_the_specs():
