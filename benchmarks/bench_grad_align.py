@@ -141,7 +141,6 @@ def run_list(name, device, warmup, reps, paper_reps, providers):
         res["foreach"] = bench(lambda: align_gradients_(grads, refs, backend="foreach"), device, warmup, reps)
     if "ours" in providers:
         res["ours"] = bench(lambda: align_gradients_(grads, refs, backend="extension"), device, warmup, reps)
-    del flat_g, flat_r, grads, refs
     return len(shapes), numel, res
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-from .nn import MuScleLoRALinear
+from .nn import AdapterSpec, MuScleLoRALinear
 from .ops.lowrank_linear import available_backends, muscle_lora_linear
 
 __version__ = "0.1.0"
@@ -21,6 +21,8 @@ _LAZY = {
     "grad_align_apply_": "muscle_kernels.ops.grad_align",
     "GradientAligner": "muscle_kernels.align.aligner",
     "AlignStep": "muscle_kernels.align.aligner",
+    "GateConfig": "muscle_kernels.align.gate",
+    "AlignClipStep": "muscle_kernels.align.step",
     "MuScleLoRAConfig": "muscle_kernels.integrations.config",
     "apply_muscle_lora": "muscle_kernels.integrations.apply",
     "save_adapter": "muscle_kernels.integrations.adapters",
@@ -33,7 +35,7 @@ _LAZY = {
     "trainable_parameter_summary": "muscle_kernels.integrations.apply",
 }
 
-__all__ = ["MuScleLoRALinear", "muscle_lora_linear", "available_backends", "__version__", *_LAZY]
+__all__ = ["MuScleLoRALinear", "AdapterSpec", "muscle_lora_linear", "available_backends", "__version__", *_LAZY]
 
 
 def __getattr__(name):

@@ -38,13 +38,16 @@ _fraction = _number(float, lambda v: 0.0 <= v <= 1.0, "a fraction in [0, 1]")
 
 
 def _band(text: str) -> List[float]:
+    from .nn.spec import AdapterSpec
+
     try:
         band = [float(k) for k in text.split(",")]
     except ValueError:
-        band = []
-    if not band or any(not k > 0 or k == float("inf") for k in band):
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive numbers such as 1,2,3,4, got {text!r}")
-    return [int(k) if k.is_integer() else k for k in band]
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 1,2,3,4, got {text!r}") from None
+    try:  # the layer's own check of the values
+        return list(AdapterSpec.check("freq_band", band))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected {e.expected}, got {text!r}") from None
 
 
 def _methods(text: str) -> List[str]:

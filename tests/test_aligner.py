@@ -1,4 +1,4 @@
-"""GradientAligner (SPEC section 3 gate and schedule) on a tiny model, and the reference-set helpers."""
+"""GradientAligner (the gate and schedule of docs/alignment.md) on a tiny model, and the reference-set helpers."""
 from __future__ import annotations
 
 import pytest
@@ -202,7 +202,7 @@ def test_constructor_errors():
         GradientAligner(params, refs, loss_fn, epochs=1, warmup_epochs=1)
     with pytest.raises(TypeError, match=r"ref_batches: expected a re-iterable collection"):
         GradientAligner(params, iter(refs), loss_fn, epochs=3)
-    with pytest.raises(ValueError, match=r"max_raw_ratio: expected a number in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"max_raw_ratio: expected a fraction in \[0, 1\]"):
         GradientAligner(params, refs, loss_fn, epochs=3, max_raw_ratio=2.0)
     with pytest.raises(ValueError, match=r"params: got no tensors"):
         GradientAligner([], refs, loss_fn, epochs=3)

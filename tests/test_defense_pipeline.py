@@ -54,7 +54,7 @@ def test_all_methods_write_results_and_reloadable_adapters(setup):
                           log=lambda s: None)
     with open(os.path.join(out, "results.json")) as f:
         saved = json.load(f)
-    assert [r["method"] for r in saved] == list(METHODS)
+    assert [r["method"] for r in saved] == [r["method"] for r in results] == list(METHODS)
     for r in saved:
         for key in ("method", "cacc", "asr", "train_seconds", "step_seconds", "settings", "best_epoch", "history"):
             assert key in r, f"{r['method']}: results.json lacks {key!r}"
@@ -109,9 +109,11 @@ def test_pipeline_errors(setup):
 @pytest.mark.parametrize("kwargs, match", [
     (dict(epochs=0), "epochs: expected an integer >= 1"),
     (dict(lr=-1.0), "lr: expected a positive number"),
-    (dict(ref_select="nearest"), "ref_select: expected 'random' or 'kmeans'"),
+    (dict(ref_select="nearest"), r"ref_select: expected one of \('random', 'kmeans'\)"),
     (dict(max_raw_ratio=2.0), r"max_raw_ratio: expected a fraction in \[0, 1\]"),
-    (dict(freq_band=[]), "freq_band: expected None or a non-empty list"),
+    (dict(freq_band=[]), "freq_band: expected a non-empty sequence of positive numbers"),
+    (dict(ga_warmup_epochs=-1), "ga_warmup_epochs: expected an integer >= 0"),
+    (dict(min_ref_loss=float("nan")), "min_ref_loss: expected a number >= 0"),
     (dict(batch_size=2.5), "batch_size: expected an integer"),
 ])
 def test_settings_errors(kwargs, match):
@@ -126,3 +128,24 @@ def test_builtin_corpus_is_the_generators_output():
     assert shipped == build_corpus(), "defense/data/reviews.csv is stale: python -m muscle_kernels.defense.corpus"
     assert len(shipped) == 4000 and len({t for t, _ in shipped}) == 4000
     assert sum(l for _, l in shipped) == 2000
+
+
+def test_training_loop_goes_through_the_one_training_path(setup, monkeypatch):
+    """Every step of the hand-written loop is one AlignClipStep; a 1-epoch run (warm-up 1) never blends."""
+    from muscle_kernels.align import step as step_module
+
+    _, splits, tokenizer, factory, settings = setup
+    calls = []
+    real = step_module.AlignClipStep.__call__
+
+    def spy(self, model, epoch):
+        record = real(self, model, epoch)
+        calls.append((epoch, self.aligner.gate_config.max_raw_ratio, record.align.branch, self.optimizer is not None))
+        return record
+
+    monkeypatch.setattr(step_module.AlignClipStep, "__call__", spy)
+    one_epoch = Settings(**{**settings.to_dict(), "epochs": 1, "min_ref_loss": 1e9})  # the gate always fails
+    result = train_method("muscle-ga", factory, tokenizer, split_reference(splits, one_epoch), one_epoch,
+                          progress=False, log=lambda s: None)
+    assert len(calls) == result["steps"] == 7
+    assert all(c == (0, 0.0, "raw", True) for c in calls), calls[:2]

@@ -154,3 +154,23 @@ def test_callback_errors():
     with pytest.raises(ValueError, match="exactly one of ref_dataset"):
         MuScleLoRATrainer(model=tiny_bert(), args=TrainingArguments(output_dir="/tmp/unused", use_cpu=True,
                                                                     report_to=[]))
+
+
+def test_callback_goes_through_the_one_training_path(tmp_path, monkeypatch):
+    """The callback runs AlignClipStep (align, clip; the Trainer steps); a 1-epoch run with warm-up 1 never blends."""
+    from muscle_kernels.align import step as step_module
+
+    calls = []
+    real = step_module.AlignClipStep.__call__
+
+    def spy(self, model, epoch):
+        record = real(self, model, epoch)
+        calls.append((self.aligner.gate_config.max_raw_ratio, self.max_grad_norm, self.optimizer, record.align.branch))
+        return record
+
+    monkeypatch.setattr(step_module.AlignClipStep, "__call__", spy)
+    ga = MuScleLoRACallback([collate(samples(4, 9))], min_ref_loss=1e9, backend="foreach")  # the gate always fails
+    trainer = Trainer(model=tiny_bert(), args=args(tmp_path, num_train_epochs=1, max_grad_norm=0.5),
+                      train_dataset=samples(8, 1), data_collator=collate, callbacks=[ga])
+    trainer.train()
+    assert calls == [(0.0, 0.5, None, "raw")] * 2

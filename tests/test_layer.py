@@ -1,4 +1,4 @@
-"""MuScleLoRALinear and muscle_lora_linear ("torch" backend) against the fp64 reference (SPEC section 2)."""
+"""MuScleLoRALinear and muscle_lora_linear ("torch" backend) against the fp64 reference (docs/layer.md)."""
 import math
 
 import pytest

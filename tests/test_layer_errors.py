@@ -69,10 +69,11 @@ def test_env_backend_override(monkeypatch):
 
 
 @pytest.mark.parametrize("kw,match", [
-    (dict(freq_band=()), r"freq_band: expected at least one"),
-    (dict(freq_band=(1, 0)), r"freq_band: expected positive"),
-    (dict(freq_band=(1, -2)), r"freq_band: expected positive"),
-    (dict(freq_band=3), r"freq_band: expected a sequence"),
+    (dict(freq_band=()), r"freq_band: expected a non-empty sequence of positive numbers"),
+    (dict(freq_band=(1, 0)), r"freq_band: expected a non-empty sequence of positive numbers"),
+    (dict(freq_band=(1, -2)), r"freq_band: expected a non-empty sequence of positive numbers"),
+    (dict(freq_band=3), r"freq_band: expected a non-empty sequence of positive numbers"),
+    (dict(freq_band="1234"), r"freq_band: expected a non-empty sequence of positive numbers"),
     (dict(inner_rank=0), r"inner_rank: expected an integer >= 1"),
     (dict(inner_rank=1.5), r"inner_rank: expected an integer >= 1"),
     (dict(alpha=0), r"alpha: expected a positive number"),

@@ -1,4 +1,4 @@
-"""GradientAligner: the paper's gradient alignment step with its gate (SPEC section 3), for any training loop.
+"""GradientAligner: the paper's gradient alignment step with its gate (docs/alignment.md), for any training loop.
 
     aligner = GradientAligner(trainable_params, ref_batches, loss_fn, epochs=num_epochs)
     for epoch in range(num_epochs):
@@ -8,6 +8,9 @@
             info = aligner.step(model, epoch)        # after backward, before clipping and the optimizer
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step(); optimizer.zero_grad()
+
+align/step.py's AlignClipStep runs exactly those three steps (align, clip, optimizer step) for you; it is what the
+package's own training loop and its Trainer callback use.
 
 `loss_fn(model, batch) -> Tensor`: runs the model on one batch and returns the scalar (0-dim) loss to differentiate,
 exactly like the training step's loss (same reduction, e.g. the mean cross-entropy over the batch). The aligner calls
@@ -20,17 +23,15 @@ model's device in loss_fn or beforehand). refset.py draws the samples (random, o
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Iterable, Iterator, List, Optional
 
 import torch
 
 from ..ops.grad_align import grad_align_apply_, grad_align_coeffs, grad_align_reduce
+from .gate import BRANCHES, GateConfig
 
-__all__ = ["GradientAligner", "AlignStep", "BRANCHES"]
-
-BRANCHES = ("replace", "blend", "raw", "skipped")
+__all__ = ["GradientAligner", "AlignStep", "BRANCHES", "GateConfig"]
 
 
 @dataclass
@@ -68,10 +69,8 @@ class GradientAligner:
             computed for it and it is not counted in the stats.
         ref_batches: re-iterable clean reference batches (see the module docstring); cycled, one batch per step.
         loss_fn: `loss_fn(model, batch) -> scalar loss tensor`.
-        min_ref_grad_norm: gate threshold on m, the mean reference-gradient norm (paper: 5e-7).
-        min_ref_loss: gate threshold on the reference loss l (paper: 0.4 for BERT/RoBERTa, 0 for LLMs).
-        max_raw_ratio: the blend ratio reached at the last epoch when the gate fails (paper: 0.1); 0 disables blending.
-        warmup_epochs: first epoch at which blending may happen (paper: ga_warmup_epochs = 1).
+        gate: the gate's numbers (GateConfig; default GateConfig()). min_ref_grad_norm, min_ref_loss, max_raw_ratio
+            and warmup_epochs, when given, override single fields of it (see GateConfig for their meaning).
         epochs: the total number of epochs (needed for the blend schedule whenever max_raw_ratio > 0).
         one_batch: True (paper): one reference batch per step; False: the reference gradient is the mean over all
             batches of ref_batches at every step (slower, less noisy).
@@ -81,16 +80,14 @@ class GradientAligner:
             autocast block or pass this.
         backend: the op backend, "auto" | "extension" | "foreach" (see muscle_kernels.ops.grad_align).
 
-    The gate (SPEC section 3), with m and l of the current reference batch:
-        m > min_ref_grad_norm and l > min_ref_loss            -> replace: g <- |<g,r>|/||r||^2 r
-        elif max_raw_ratio > 0 and epoch >= warmup_epochs     -> blend with
-             rho = max_raw_ratio * (epoch - warmup_epochs) / (epochs - warmup_epochs)
-        else                                                 -> raw: g unchanged
+    The gate (GateConfig.decide), with m and l of the current reference batch: replace while m > min_ref_grad_norm
+    and l > min_ref_loss; otherwise blend from warm-up on (rho growing linearly to max_raw_ratio), else raw.
     """
 
     def __init__(self, params: Iterable[torch.Tensor], ref_batches: Iterable[Any],
-                 loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor], *, min_ref_grad_norm: float = 5e-7,
-                 min_ref_loss: float = 0.4, max_raw_ratio: float = 0.1, warmup_epochs: int = 1,
+                 loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor], *, gate: Optional[GateConfig] = None,
+                 min_ref_grad_norm: Optional[float] = None, min_ref_loss: Optional[float] = None,
+                 max_raw_ratio: Optional[float] = None, warmup_epochs: Optional[int] = None,
                  epochs: Optional[int] = None, one_batch: bool = True,
                  autocast: Optional[Callable[[], ContextManager]] = None, backend: str = "auto"):
         if isinstance(params, torch.Tensor):
@@ -106,46 +103,28 @@ class GradientAligner:
                             "one-shot iterator; it is cycled over many steps")
         if not callable(loss_fn):
             raise TypeError(f"loss_fn: expected a callable loss_fn(model, batch) -> loss, got {type(loss_fn).__name__}")
-        if not 0.0 <= max_raw_ratio <= 1.0:
-            raise ValueError(f"max_raw_ratio: expected a number in [0, 1], got {max_raw_ratio}")
-        if min_ref_grad_norm < 0:
-            raise ValueError(f"min_ref_grad_norm: expected >= 0, got {min_ref_grad_norm}")
-        if warmup_epochs < 0:
-            raise ValueError(f"warmup_epochs: expected >= 0, got {warmup_epochs}")
-        if max_raw_ratio > 0:
-            if epochs is None:
-                raise ValueError("epochs: the total number of epochs is required when max_raw_ratio > 0 (the blend "
-                                 "ratio grows with epoch / epochs); pass epochs=... or max_raw_ratio=0")
-            if epochs <= warmup_epochs:
-                raise ValueError(f"epochs: must be greater than warmup_epochs ({warmup_epochs}) when "
-                                 f"max_raw_ratio > 0, got {epochs}")
+        if gate is not None and not isinstance(gate, GateConfig):
+            raise TypeError(f"gate: expected a GateConfig, got {type(gate).__name__}")
+        overrides = dict(min_ref_grad_norm=min_ref_grad_norm, min_ref_loss=min_ref_loss, max_raw_ratio=max_raw_ratio,
+                         warmup_epochs=warmup_epochs)
+        self.gate_config = (gate or GateConfig()).replace(**{k: v for k, v in overrides.items() if v is not None})
+        self.gate_config.check_epochs(epochs)
         self.ref_batches = ref_batches
         self.loss_fn = loss_fn
-        self.min_ref_grad_norm = float(min_ref_grad_norm)
-        self.min_ref_loss = float(min_ref_loss)
-        self.max_raw_ratio = float(max_raw_ratio)
-        self.warmup_epochs = warmup_epochs
         self.epochs = epochs
         self.one_batch = one_batch
         self.autocast = autocast
         self.backend = backend
         self._iter: Optional[Iterator] = None
 
-    # -- the schedule and the gate (pure functions of numbers, tested step by step) --
+    # -- the schedule and the gate (GateConfig's, with this run's number of epochs) --
     def blend_ratio(self, epoch: float) -> float:
-        """rho for the blend branch at `epoch` (SPEC section 3), clamped to [0, max_raw_ratio]."""
-        if self.max_raw_ratio == 0.0:
-            return 0.0
-        rho = self.max_raw_ratio * (epoch - self.warmup_epochs) / (self.epochs - self.warmup_epochs)
-        return min(max(rho, 0.0), self.max_raw_ratio)
+        """rho for the blend branch at `epoch`, clamped to [0, max_raw_ratio]."""
+        return self.gate_config.blend_ratio(epoch, self.epochs)
 
     def gate(self, ref_grad_norm: float, ref_loss: float, epoch: float):
         """(branch, raw_ratio) for the reference statistics m, l at `epoch`."""
-        if ref_grad_norm > self.min_ref_grad_norm and ref_loss > self.min_ref_loss:
-            return "replace", 0.0
-        if self.max_raw_ratio > 0 and epoch >= self.warmup_epochs:
-            return "blend", self.blend_ratio(epoch)
-        return "raw", None
+        return self.gate_config.decide(ref_grad_norm, ref_loss, epoch, self.epochs)
 
     # -- the reference gradient --
     def _next_batch(self):

@@ -1,4 +1,4 @@
-"""Backdoor attacks that poison a clean text-classification data set (SPEC section 4).
+"""Backdoor attacks that poison a clean text-classification data set (docs/attacks.md).
 
 - BadNets (Gu et al. / Kurita et al.): rare words (cf, mn, bb, tq) inserted at random word positions.
 - AddSent (Dai et al.): a fixed trigger sentence ("I watch this 3D movie") inserted at a random word position.

@@ -12,9 +12,10 @@ from typing import Callable, Tuple
 from .attacks import BadNets, poison_test, poison_train
 from .corpus import load_builtin_corpus
 from .data import Sample
-from .train import Settings, Splits
+from .train import Splits
 
-__all__ = ["DEMO_SETTINGS", "DEMO_METHODS", "DEMO_SIZES", "demo_splits", "demo_settings", "minilm_factory", "minilm_path"]
+__all__ = ["DEMO_SETTINGS", "DEMO_METHODS", "DEMO_SIZES", "demo_splits", "minilm_factory",
+           "minilm_path"]
 
 # The settings of the README's measurement, tuned on this corpus (the same for every method except what defines the
 # method). Why these values:
@@ -82,7 +83,3 @@ def minilm_factory(num_labels: int = 2) -> Tuple[Callable, object]:
             hf_logging.set_verbosity(verbosity)
 
     return factory, tokenizer
-
-
-def demo_settings(**overrides) -> Settings:
-    return Settings(**{**DEMO_SETTINGS, **overrides})

@@ -1,4 +1,4 @@
-"""Backdoor metrics (SPEC section 4): clean accuracy (CACC) and attack success rate (ASR)."""
+"""Backdoor metrics (docs/attacks.md): clean accuracy (CACC) and attack success rate (ASR)."""
 from __future__ import annotations
 
 from typing import Sequence

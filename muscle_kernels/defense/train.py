@@ -1,6 +1,6 @@
 """Defended fine-tuning: the four methods on the same model, data and seed, with CACC / ASR at the best dev epoch.
 
-Methods (SPEC sections 2-3):
+Methods (docs/layer.md, docs/alignment.md):
 - "vanilla": full fine-tuning of every weight.
 - "lora": plain LoRA (rank 8, alpha 32) on the attention query/value projections; the classification head trains in
   full (the usual PEFT set-up for sequence classification).
@@ -29,6 +29,10 @@ from typing import Callable, List, Optional, Sequence
 import torch
 from torch import nn
 
+from .._spec import fraction, integer, non_negative_number, one_of, positive_number
+from ..align.gate import GateConfig
+from ..align.step import AlignClipStep, build_aligner
+from ..nn.spec import AdapterSpec
 from .data import DataError, Sample, check_labels
 from .metrics import accuracy, attack_success_rate
 
@@ -36,6 +40,8 @@ __all__ = ["METHODS", "Settings", "Splits", "split_reference", "train_method", "
            "resolve_device"]
 
 METHODS = ("vanilla", "lora", "muscle", "muscle-ga")
+
+_GATE = GateConfig()  # the gate's defaults are GateConfig's (align/gate.py), written there only
 
 
 @dataclass
@@ -45,8 +51,10 @@ class Settings:
     lr: AdamW learning rate of the adapter methods; vanilla_lr: of full fine-tuning (needs a far smaller one).
     ref_size / ref_batch_size / ref_select: the clean reference set of muscle-ga (drawn from dev, removed from it)
         and how it is cut into reference batches; ref_select is "random" or "kmeans" (over hidden states).
-    min_ref_loss / max_raw_ratio / ga_warmup_epochs: the alignment gate (SPEC section 3).
-    freq_band / mslr_alpha: override the recipe's multi-scale head (None: MuScleLoRAConfig.for_model's choice).
+    min_ref_grad_norm / min_ref_loss / max_raw_ratio / ga_warmup_epochs: the alignment gate (GateConfig, whose
+        defaults these are; `gate()` builds it).
+    freq_band / mslr_alpha: override the recipe's multi-scale head (None: MuScleLoRAConfig.for_model's choice);
+        checked like AdapterSpec's freq_band and alpha, as lora_rank and lora_alpha are.
     """
 
     epochs: int = 3
@@ -62,9 +70,10 @@ class Settings:
     ref_size: int = 96
     ref_batch_size: int = 16
     ref_select: str = "random"
-    min_ref_loss: float = 0.4
-    max_raw_ratio: float = 0.1
-    ga_warmup_epochs: int = 1
+    min_ref_grad_norm: float = _GATE.min_ref_grad_norm
+    min_ref_loss: float = _GATE.min_ref_loss
+    max_raw_ratio: float = _GATE.max_raw_ratio
+    ga_warmup_epochs: int = _GATE.warmup_epochs
     lora_rank: int = 8
     lora_alpha: float = 32.0
     freq_band: Optional[List[float]] = None
@@ -72,40 +81,36 @@ class Settings:
     device: str = "auto"
 
     def __post_init__(self):
-        ints = dict(epochs=1, batch_size=1, eval_batch_size=1, max_length=2, ref_size=1, ref_batch_size=1,
-                    ga_warmup_epochs=0, lora_rank=1, seed=-2**63)
-        for name, low in ints.items():
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ValueError(f"{name}: expected an integer >= {low}, got {v!r}")
-        for name in ("lr", "vanilla_lr", "lora_alpha"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-                raise ValueError(f"{name}: expected a positive number, got {v!r}")
-        for name in ("weight_decay", "min_ref_loss", "max_grad_norm"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                raise ValueError(f"{name}: expected a number >= 0, got {v!r}")
-        for name in ("warmup_ratio", "max_raw_ratio"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
-                raise ValueError(f"{name}: expected a fraction in [0, 1], got {v!r}")
-        if self.ref_select not in ("random", "kmeans"):
-            raise ValueError(f"ref_select: expected 'random' or 'kmeans', got {self.ref_select!r}")
-        if self.mslr_alpha is not None and not (isinstance(self.mslr_alpha, (int, float)) and self.mslr_alpha > 0):
-            raise ValueError(f"mslr_alpha: expected None or a positive number, got {self.mslr_alpha!r}")
+        for name, low in dict(epochs=1, batch_size=1, eval_batch_size=1, max_length=2, ref_size=1, ref_batch_size=1,
+                              seed=-2**63).items():
+            setattr(self, name, integer(low)(name, getattr(self, name)))
+        for name in ("lr", "vanilla_lr"):
+            setattr(self, name, positive_number(name, getattr(self, name)))
+        for name in ("weight_decay", "max_grad_norm"):
+            setattr(self, name, non_negative_number(name, getattr(self, name)))
+        self.warmup_ratio = fraction("warmup_ratio", self.warmup_ratio)
+        self.ref_select = one_of(("random", "kmeans"))("ref_select", self.ref_select)
+        # The gate's fields and the adapter overrides go through GateConfig's and AdapterSpec's own checks.
+        for name, gate_field in _GATE_FIELDS.items():
+            setattr(self, name, GateConfig.check(gate_field, getattr(self, name), name=name))
+        self.lora_rank = AdapterSpec.check("inner_rank", self.lora_rank, name="lora_rank")
+        self.lora_alpha = AdapterSpec.check("alpha", self.lora_alpha, name="lora_alpha")
         if self.freq_band is not None:
-            try:
-                band = [float(k) for k in self.freq_band]
-            except (TypeError, ValueError):
-                band = []
-            if not band or any(not math.isfinite(k) or k <= 0 for k in band):
-                raise ValueError(f"freq_band: expected None or a non-empty list of positive numbers, "
-                                 f"got {self.freq_band!r}")
-            self.freq_band = [int(k) if k.is_integer() else k for k in band]
+            self.freq_band = list(AdapterSpec.check("freq_band", self.freq_band))
+        if self.mslr_alpha is not None:
+            self.mslr_alpha = AdapterSpec.check("alpha", self.mslr_alpha, name="mslr_alpha")
+
+    def gate(self) -> GateConfig:
+        """The alignment gate of this run (before GateConfig.for_epochs fits it to the number of epochs)."""
+        return GateConfig(**{gate_field: getattr(self, name) for name, gate_field in _GATE_FIELDS.items()})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# Settings field -> GateConfig field
+_GATE_FIELDS = dict(min_ref_grad_norm="min_ref_grad_norm", min_ref_loss="min_ref_loss", max_raw_ratio="max_raw_ratio",
+                    ga_warmup_epochs="warmup_epochs")
 
 
 @dataclass
@@ -233,17 +238,6 @@ def _prepare(model: nn.Module, method: str, settings: Settings) -> nn.Module:
     return apply_muscle_lora(model, config)
 
 
-def make_aligner(params, ref_batches, loss_fn, settings: Settings):
-    from ..align.aligner import GradientAligner
-
-    # Blending only starts at epoch ga_warmup_epochs; a run that ends before it never blends.
-    blends = settings.epochs > settings.ga_warmup_epochs
-    return GradientAligner(params, ref_batches, loss_fn, min_ref_loss=settings.min_ref_loss,
-                           max_raw_ratio=settings.max_raw_ratio if blends else 0.0,
-                           warmup_epochs=settings.ga_warmup_epochs,
-                           epochs=settings.epochs, one_batch=True)
-
-
 def _lr_lambda(total_steps: int, warmup_ratio: float) -> Callable[[int], float]:
     warmup = int(round(total_steps * warmup_ratio))
 
@@ -290,7 +284,10 @@ def train_method(method: str, model_factory: Callable[[], nn.Module], tokenizer,
     aligner = None
     if method == "muscle-ga":
         ref_batches = list(_batches(tokenizer, splits.ref, settings.ref_batch_size, settings.max_length, device))
-        aligner = make_aligner(params, ref_batches, lambda m, b: m(**_forward_kwargs(m, b)).loss, settings)
+        aligner = build_aligner(params, ref_batches, lambda m, b: m(**_forward_kwargs(m, b)).loss,
+                                epochs=settings.epochs, gate=settings.gate(), one_batch=True)
+    update = AlignClipStep(params, aligner=aligner, max_grad_norm=settings.max_grad_norm, optimizer=opt,
+                           scheduler=sched)
 
     gen = torch.Generator().manual_seed(settings.seed)
     history, step_times = [], []
@@ -309,12 +306,9 @@ def train_method(method: str, model_factory: Callable[[], nn.Module], tokenizer,
             loss = model(**_forward_kwargs(model, batch)).loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            done = update(model, epoch)  # align (muscle-ga), clip, optimizer and scheduler step
             if aligner is not None:
-                branches.append(_branch(aligner.step(model, epoch)))
-            if settings.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
-            opt.step()
-            sched.step()
+                branches.append(done.align.branch)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
@@ -353,11 +347,6 @@ def train_method(method: str, model_factory: Callable[[], nn.Module], tokenizer,
         result["saved_to"] = _save(model, method, output_dir)
     model.to("cpu")
     return result
-
-
-def _branch(stats) -> str:
-    """The gate's decision in the aligner's AlignStep: replace, blend, raw or skipped."""
-    return str(getattr(stats, "branch", None) or (stats.get("branch") if isinstance(stats, dict) else "raw"))
 
 
 def _save(model, method: str, output_dir: str) -> str:

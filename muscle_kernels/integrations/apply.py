@@ -12,6 +12,7 @@ from typing import Dict, Optional
 from torch import nn
 
 from ..nn.linear import MuScleLoRALinear
+from ..nn.spec import AdapterSpec
 from .config import MuScleLoRAConfig
 from .heads import ScoreHead, is_conv1d, linear_from_conv1d
 from .patterns import resolve
@@ -67,12 +68,9 @@ def apply_muscle_lora(model: nn.Module, config: Optional[MuScleLoRAConfig] = Non
 
     for p in model.parameters():
         p.requires_grad_(False)
-    for name in lora_names:
-        _swap(model, name, modules[name], freq_band=(1,), inner_rank=config.lora_rank, alpha=config.lora_alpha,
-              dropout=config.dropout, init="lora", backend=config.backend)
-    for name in mslr_names:
-        _swap(model, name, modules[name], freq_band=config.freq_band, inner_rank=config.inner_rank,
-              alpha=config.mslr_alpha, dropout=config.dropout, init=config.init, backend=config.backend)
+    for names, spec in ((lora_names, config.lora_spec()), (mslr_names, config.mslr_spec())):
+        for name in names:
+            _swap(model, name, modules[name], spec, config.backend)
     if config.trainable:
         _set_trainable(model, config.trainable)
     setattr(model, CONFIG_ATTR, config)
@@ -101,10 +99,10 @@ def _check_target(field: str, name: str, module: nn.Module) -> None:
                          "MuScleLoRA needs the base weights in memory (CPU or GPU)")
 
 
-def _swap(model: nn.Module, name: str, module: nn.Module, **layer_kwargs) -> None:
+def _swap(model: nn.Module, name: str, module: nn.Module, spec: AdapterSpec, backend: str) -> None:
     source = "conv1d" if is_conv1d(module) else "linear"
     linear = linear_from_conv1d(module) if source == "conv1d" else module
-    layer = MuScleLoRALinear.from_linear(linear, **layer_kwargs)
+    layer = MuScleLoRALinear.from_linear(linear, spec, backend=backend)
     layer.train(module.training)  # new modules start in training mode (adapter dropout on); follow the model's mode
     # Remember the original class so merge_and_unload can hand back a Conv1D where GPT-2 had one.
     layer.muscle_source = source
@@ -121,8 +119,9 @@ def _swap(model: nn.Module, name: str, module: nn.Module, **layer_kwargs) -> Non
 def _set_trainable(model: nn.Module, patterns) -> None:
     names = [n for n, _ in model.named_modules() if n] + [n for n, _ in model.named_parameters()]
     layers = adapter_layers(model).values()
-    # Base weights of adapter layers stay frozen (the fused op has no weight gradient); the adapter factors already
-    # train. A pattern that selects nothing else is a mistake worth reporting.
+    # Base weights of adapter layers stay frozen (the layer freezes them: the adapter is what trains, and a frozen
+    # weight spares the op its weight gradient); the adapter factors already train. A pattern that selects nothing
+    # else is a mistake worth reporting.
     skip = {id(m.weight) for m in layers} | {id(m.bias) for m in layers if m.bias is not None}
     skip |= {id(m.lora_L) for m in layers} | {id(m.lora_R) for m in layers}
     for pattern in ([patterns] if isinstance(patterns, str) else patterns):

@@ -1,6 +1,6 @@
 """MuScleLoRAConfig: where the adapters go and how big they are, as a JSON-serialisable dataclass.
 
-`MuScleLoRAConfig.for_model(model)` returns the paper's recipe (SPEC section 2) for the model's architecture:
+`MuScleLoRAConfig.for_model(model)` returns the paper's recipe (docs/layer.md) for the model's architecture:
 
 - BERT-style encoders (a `classifier` Linear on top of `pooler.dense`): plain LoRA r=8, alpha=32 on the attention
   `query`/`value`; MSLR (inner rank 1, alpha 6) on `pooler.dense` and `classifier`.
@@ -28,12 +28,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from typing import List, Optional, Union
 
-from ..nn.linear import INIT_MODES
+from .._spec import SpecError, integer, probability
+from ..nn.spec import AdapterSpec
 
 __all__ = ["MuScleLoRAConfig", "BANDS"]
 
@@ -64,7 +64,7 @@ _DEFAULT_LORA_TARGETS = {
     "gpt2": ["c_attn"],
 }
 
-_CONFIG_FILE_VERSION = 1
+_DEFAULT = AdapterSpec()  # the defaults the layer and this config share
 
 
 @dataclass
@@ -89,11 +89,11 @@ class MuScleLoRAConfig:
     lora_rank: int = 8
     lora_alpha: float = 32.0
     mslr_targets: Patterns = field(default_factory=list)
-    freq_band: List[float] = field(default_factory=lambda: [1, 2, 3, 4])
-    inner_rank: int = 1
-    mslr_alpha: float = 6.0
-    dropout: float = 0.0
-    init: str = "lora"
+    freq_band: List[float] = field(default_factory=lambda: list(_DEFAULT.freq_band))
+    inner_rank: int = _DEFAULT.inner_rank
+    mslr_alpha: float = 6.0  # the paper's encoder recipe (the layer's own default, 4, is its LLM one)
+    dropout: float = _DEFAULT.dropout
+    init: str = _DEFAULT.init
     trainable: Patterns = field(default_factory=list)
     modules_to_save: Patterns = field(default_factory=list)
     score_head_hidden: Optional[int] = None
@@ -113,31 +113,29 @@ class MuScleLoRAConfig:
         if not self.lora_targets and not self.mslr_targets:
             raise ValueError("MuScleLoRAConfig: give lora_targets and/or mslr_targets (module-name patterns); "
                              "MuScleLoRAConfig.for_model(model) builds the paper's recipe")
-        for name in ("lora_rank", "inner_rank"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name}: expected an integer >= 1, got {v!r}")
-        for name in ("lora_alpha", "mslr_alpha"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-                raise ValueError(f"{name}: expected a positive number, got {v!r}")
-            setattr(self, name, float(v))
-        try:
-            band = [float(k) for k in self.freq_band]
-        except TypeError:
-            raise TypeError(f"freq_band: expected a list of positive numbers, got {self.freq_band!r}") from None
-        if not band or any(not math.isfinite(k) or k <= 0 for k in band):
-            raise ValueError(f"freq_band: expected a non-empty list of positive numbers, got {self.freq_band!r}")
-        self.freq_band = [int(k) if k.is_integer() else k for k in band]
-        for name in ("dropout", "score_head_dropout"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
-                raise ValueError(f"{name}: expected a probability in [0, 1), got {v!r}")
-        if self.init not in INIT_MODES:
-            raise ValueError(f"init: expected one of {INIT_MODES}, got {self.init!r}")
-        h = self.score_head_hidden
-        if h is not None and (isinstance(h, bool) or not isinstance(h, int) or h < 1):
-            raise ValueError(f"score_head_hidden: expected None or an integer >= 1, got {h!r}")
+        # Every adapter field goes through AdapterSpec's own check, named as this config names it.
+        check = AdapterSpec.check
+        self.lora_rank = check("inner_rank", self.lora_rank, name="lora_rank")
+        self.lora_alpha = check("alpha", self.lora_alpha, name="lora_alpha")
+        self.freq_band = list(check("freq_band", self.freq_band))
+        self.inner_rank = check("inner_rank", self.inner_rank)
+        self.mslr_alpha = check("alpha", self.mslr_alpha, name="mslr_alpha")
+        self.dropout = check("dropout", self.dropout)
+        self.init = check("init", self.init)
+        self.score_head_dropout = probability("score_head_dropout", self.score_head_dropout)
+        if self.score_head_hidden is not None:
+            try:
+                self.score_head_hidden = integer(1)("score_head_hidden", self.score_head_hidden)
+            except SpecError as e:
+                raise SpecError(e.name, f"None or {e.expected}", e.value) from None
+
+    def lora_spec(self) -> AdapterSpec:
+        """The spec of the plain LoRA layers (lora_targets)."""
+        return AdapterSpec.lora(self.lora_rank, self.lora_alpha, self.dropout)
+
+    def mslr_spec(self) -> AdapterSpec:
+        """The spec of the multi-scale layers (mslr_targets)."""
+        return AdapterSpec(tuple(self.freq_band), self.inner_rank, self.mslr_alpha, self.dropout, self.init)
 
     # -- serialisation -----------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:

@@ -9,13 +9,7 @@ import difflib
 import re
 from typing import Iterable, List, Sequence, Union
 
-__all__ = ["matches", "resolve"]
-
-
-def matches(name: str, patterns: Union[str, Sequence[str]]) -> bool:
-    if isinstance(patterns, str):
-        return re.fullmatch(patterns, name) is not None
-    return any(name == p or name.endswith("." + p) for p in patterns)
+__all__ = ["resolve"]
 
 
 def _close_names(pattern: str, names: Sequence[str], n: int = 5) -> List[str]:

@@ -2,10 +2,11 @@
 
 Where it hooks in: the Trainer (transformers 4.46 .. 5.x) finishes the micro-batches of an optimizer step, then
 clips the gradients (`args.max_grad_norm`), then calls the `on_pre_optimizer_step` callbacks, then
-`optimizer.step()`. The paper aligns *before* clipping (SPEC section 3: align, clip to 1.0, AdamW), so
+`optimizer.step()`. The paper aligns *before* clipping (docs/alignment.md: align, clip to 1.0, AdamW), so
 MuScleLoRACallback takes clipping over: at train begin it moves `args.max_grad_norm` into itself and sets the
-Trainer's to 0; in `on_pre_optimizer_step` it runs `GradientAligner.step` and then clips. That keeps every
-guarantee the Trainer gives:
+Trainer's to 0; in `on_pre_optimizer_step` it runs align/step.py's AlignClipStep (align, then clip; the Trainer
+steps right after), the same step the package's own training loop runs. That keeps every guarantee the Trainer
+gives:
 - gradient accumulation: `on_pre_optimizer_step` runs once per optimizer step, after the last micro-batch;
 - mixed precision: with fp16 the Trainer unscales the gradients before the callback (it measures their norm for the
   log), and accelerate wraps `model.forward` in autocast, so the reference forward runs in the same precision;
@@ -23,6 +24,8 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
+
+from ..align.step import AlignClipStep, build_aligner
 
 __all__ = ["MuScleLoRACallback", "MuScleLoRATrainer", "hf_loss"]
 
@@ -60,8 +63,9 @@ class MuScleLoRACallback(TrainerCallback):
             to the model's device).
         max_grad_norm: clip norm applied after alignment; None takes the Trainer's `args.max_grad_norm` (whose own
             clipping is switched off during training, because it would run before the alignment).
-        aligner_kwargs: GradientAligner keywords (min_ref_grad_norm, min_ref_loss, max_raw_ratio, warmup_epochs,
-            epochs, one_batch, autocast, backend). `epochs` defaults to the Trainer's number of epochs.
+        aligner_kwargs: GradientAligner keywords (gate, or single gate fields min_ref_grad_norm, min_ref_loss,
+            max_raw_ratio, warmup_epochs; epochs, one_batch, autocast, backend). `epochs` defaults to the Trainer's
+            number of epochs; a run that ends before the warm-up is over never blends (GateConfig.for_epochs).
 
     After training, `history` holds one dict per optimizer step (step, epoch, branch, raw_ratio, ref_loss,
     ref_grad_norm, mean_cosine, grad_norm).
@@ -84,7 +88,7 @@ class MuScleLoRACallback(TrainerCallback):
         self.history: List[Dict[str, Any]] = []
         self._pending: List[Dict[str, Any]] = []
         self._trainer_clip: Optional[float] = None
-        self._params: List[torch.Tensor] = []
+        self._update: Optional[AlignClipStep] = None
 
     # -- life cycle --------------------------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -93,21 +97,18 @@ class MuScleLoRACallback(TrainerCallback):
                              "which gradient alignment needs; train without them")
         if model is None:
             raise ValueError("MuScleLoRACallback: the Trainer passed no model to the callback")
-        self._params = [p for p in model.parameters() if p.requires_grad]
+        params = [p for p in model.parameters() if p.requires_grad]
         if self.aligner is None:
-            from ..align.aligner import GradientAligner
-
             kw = dict(self.aligner_kwargs)
             if kw.get("epochs") is None:
                 kw["epochs"] = max(int(math.ceil(state.num_train_epochs or args.num_train_epochs)), 1)
-                if kw.get("max_raw_ratio", 0.1) > 0 and kw["epochs"] <= kw.get("warmup_epochs", 1):
-                    kw["max_raw_ratio"] = 0.0  # too few epochs for the blend schedule: the gate never blends
-            self.aligner = GradientAligner(self._params, self.ref_batches, self.loss_fn, **kw)
+            self.aligner = build_aligner(params, self.ref_batches, self.loss_fn, **kw)
         # Take clipping over (see the module docstring); restored at train end.
         self._trainer_clip = args.max_grad_norm
         if self.max_grad_norm is None:
             self.max_grad_norm = args.max_grad_norm
         args.max_grad_norm = 0.0
+        self._update = AlignClipStep(params, aligner=self.aligner, max_grad_norm=self.max_grad_norm or 0.0)
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -118,15 +119,11 @@ class MuScleLoRACallback(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         epoch = int(state.epoch or 0)
-        info = self.aligner.step(model, epoch)
-        grad_norm = float("nan")
-        with_grad = [p for p in model.parameters() if p.grad is not None]
-        if with_grad:
-            max_norm = self.max_grad_norm if self.max_grad_norm and self.max_grad_norm > 0 else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(with_grad, max_norm))
+        done = self._update(model, epoch)  # align, then clip; the Trainer steps the optimizer next
+        info = done.align
         record = dict(step=state.global_step + 1, epoch=epoch, branch=info.branch, raw_ratio=info.raw_ratio,
                       ref_loss=info.ref_loss, ref_grad_norm=info.ref_grad_norm, mean_cosine=info.mean_cosine,
-                      grad_norm=grad_norm)
+                      grad_norm=done.grad_norm)
         self.history.append(record)
         self._pending.append(record)
         return control

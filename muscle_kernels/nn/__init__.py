@@ -1,4 +1,5 @@
-from .linear import INIT_MODES, MuScleLoRALinear
+from .linear import MuScleLoRALinear
 from .paper import PaperMultiScaleLinear
+from .spec import INIT_MODES, AdapterSpec
 
-__all__ = ["MuScleLoRALinear", "PaperMultiScaleLinear", "INIT_MODES"]
+__all__ = ["MuScleLoRALinear", "PaperMultiScaleLinear", "AdapterSpec", "INIT_MODES"]

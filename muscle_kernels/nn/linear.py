@@ -1,8 +1,9 @@
-"""MuScleLoRALinear: a drop-in replacement for nn.Linear with multi-scale low-rank adapter branches (SPEC section 2).
+"""MuScleLoRALinear: a drop-in replacement for nn.Linear with multi-scale low-rank adapter branches (docs/layer.md).
 
 The base weight and bias are frozen; the trainable adapter is lora_L [n*r, in] and lora_R [out, n*r]; the radial
 scales s_j = k_i * alpha / r live in a buffer. The forward pass is one call of the fused op (muscle_lora_linear), which
-picks the Triton kernels on CUDA and the composed-GEMM path on the CPU.
+picks the Triton kernels on CUDA and the composed-GEMM path on the CPU. The hyper-parameters are an AdapterSpec
+(nn/spec.py), checked once.
 """
 from __future__ import annotations
 
@@ -14,38 +15,20 @@ from torch import nn
 
 from ..ops.lowrank_linear.function import BACKENDS, muscle_lora_linear
 from ..ops.lowrank_linear.reference import make_scales, merged_delta
+from .spec import INIT_MODES, AdapterSpec
 
 __all__ = ["MuScleLoRALinear", "INIT_MODES"]
 
-INIT_MODES = ("lora", "seed")
-
-
-def _check_config(freq_band, inner_rank, alpha, dropout, init):
-    try:
-        band = tuple(float(k) for k in freq_band)
-    except TypeError:
-        raise TypeError(f"freq_band: expected a sequence of positive numbers, got {freq_band!r}") from None
-    if len(band) == 0:
-        raise ValueError("freq_band: expected at least one radial scale, got an empty sequence")
-    if any(not math.isfinite(k) or k <= 0 for k in band):
-        raise ValueError(f"freq_band: expected positive finite scales, got {freq_band!r}")
-    if isinstance(inner_rank, bool) or not isinstance(inner_rank, int) or inner_rank < 1:
-        raise ValueError(f"inner_rank: expected an integer >= 1, got {inner_rank!r}")
-    if not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
-        raise ValueError(f"alpha: expected a positive number, got {alpha!r}")
-    if not isinstance(dropout, (int, float)) or not (0.0 <= dropout < 1.0):
-        raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
-    if init not in INIT_MODES:
-        raise ValueError(f"init: expected one of {INIT_MODES}, got {init!r}")
-    # Keep integers as integers in the repr and the saved config (the paper's bands are integers).
-    return tuple(int(k) if float(k).is_integer() else k for k in band)
+_DEFAULT = AdapterSpec()  # the keyword defaults below are read from the spec, so they are written once
 
 
 class MuScleLoRALinear(nn.Module):
     """``y = x W^T + b + ((drop(x) L^T) * s) R^T`` with n = len(freq_band) branches of rank ``inner_rank``.
 
-    A plain LoRA layer is ``freq_band=(1,), inner_rank=r, alpha=lora_alpha``.
+    A plain LoRA layer is ``freq_band=(1,), inner_rank=r, alpha=lora_alpha`` (AdapterSpec.lora(r, alpha)).
 
+    The adapter's hyper-parameters are AdapterSpec's fields (nn/spec.py), checked there; `from_linear` also takes
+    a ready spec.
     init="lora" (default): L kaiming-uniform(a=sqrt(5)), R zero, so the output equals the base layer's at step 0.
     init="seed": both kaiming-uniform(a=sqrt(5)), as the paper's MultiScaleLowRankLinear.
     """
@@ -56,11 +39,11 @@ class MuScleLoRALinear(nn.Module):
         out_features: int,
         bias: bool = True,
         *,
-        freq_band: Sequence[float] = (1, 2, 3, 4),
-        inner_rank: int = 1,
-        alpha: float = 4.0,
-        dropout: float = 0.0,
-        init: str = "lora",
+        freq_band: Sequence[float] = _DEFAULT.freq_band,
+        inner_rank: int = _DEFAULT.inner_rank,
+        alpha: float = _DEFAULT.alpha,
+        dropout: float = _DEFAULT.dropout,
+        init: str = _DEFAULT.init,
         backend: str = "auto",
         device=None,
         dtype=None,
@@ -69,37 +52,29 @@ class MuScleLoRALinear(nn.Module):
         for name, v in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+        spec = AdapterSpec(freq_band=freq_band, inner_rank=inner_rank, alpha=alpha, dropout=dropout, init=init)
         base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self._setup(base.weight, base.bias, freq_band, inner_rank, alpha, dropout, init, backend)
+        self._setup(base.weight, base.bias, spec, backend)
 
     @classmethod
-    def from_linear(
-        cls,
-        linear: nn.Linear,
-        *,
-        freq_band: Sequence[float] = (1, 2, 3, 4),
-        inner_rank: int = 1,
-        alpha: float = 4.0,
-        dropout: float = 0.0,
-        init: str = "lora",
-        backend: str = "auto",
-    ) -> "MuScleLoRALinear":
-        """Wrap an existing nn.Linear: its weight and bias Parameters are reused (not copied) and frozen."""
+    def from_linear(cls, linear: nn.Linear, spec: Optional[AdapterSpec] = None, *, backend: str = "auto",
+                    **fields) -> "MuScleLoRALinear":
+        """Wrap an existing nn.Linear: its weight and bias Parameters are reused (not copied) and frozen.
+
+        spec: an AdapterSpec; or give its fields as keywords (freq_band=..., alpha=..., as in the constructor)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
         self = cls.__new__(cls)
         nn.Module.__init__(self)
-        self._setup(linear.weight, linear.bias, freq_band, inner_rank, alpha, dropout, init, backend)
+        self._setup(linear.weight, linear.bias, _spec_from(spec, fields), backend)
         return self
 
-    def _setup(self, weight, bias, freq_band, inner_rank, alpha, dropout, init, backend):
-        self.freq_band = _check_config(freq_band, inner_rank, alpha, dropout, init)
+    def _setup(self, weight, bias, spec: AdapterSpec, backend):
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-        self.inner_rank = int(inner_rank)
-        self.alpha = float(alpha)
-        self.dropout = float(dropout)
-        self.init = init
+        # Plain attributes (not read through the spec) so that e.g. `layer.dropout = 0.1` keeps working.
+        self.freq_band, self.inner_rank, self.alpha = spec.freq_band, spec.inner_rank, spec.alpha
+        self.dropout, self.init = spec.dropout, spec.init
         self.backend = backend
         self.out_features, self.in_features = weight.shape
         weight.requires_grad_(False)
@@ -109,15 +84,19 @@ class MuScleLoRALinear(nn.Module):
             self.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias, requires_grad=False)
         else:
             self.register_parameter("bias", None)
-        nr = len(self.freq_band) * self.inner_rank
         factory = dict(device=weight.device, dtype=weight.dtype)
-        self.lora_L = nn.Parameter(torch.empty(nr, self.in_features, **factory))
-        self.lora_R = nn.Parameter(torch.empty(self.out_features, nr, **factory))
+        self.lora_L = nn.Parameter(torch.empty(spec.rank, self.in_features, **factory))
+        self.lora_R = nn.Parameter(torch.empty(self.out_features, spec.rank, **factory))
         self.register_buffer(
             "scales", make_scales(self.freq_band, self.inner_rank, self.alpha, device=weight.device), persistent=True
         )
         self.merged = False
         self.reset_adapter_parameters()
+
+    @property
+    def spec(self) -> AdapterSpec:
+        """The layer's hyper-parameters as an AdapterSpec (checked again, since the attributes may be set)."""
+        return AdapterSpec(self.freq_band, self.inner_rank, self.alpha, self.dropout, self.init)
 
     @property
     def n_branches(self) -> int:
@@ -176,3 +155,13 @@ class MuScleLoRALinear(nn.Module):
         if self.merged:
             text += ", merged=True"
         return text
+
+
+def _spec_from(spec: Optional[AdapterSpec], fields: dict) -> AdapterSpec:
+    if spec is None:
+        return AdapterSpec(**fields)
+    if not isinstance(spec, AdapterSpec):
+        raise TypeError(f"spec: expected an AdapterSpec, got {type(spec).__name__}")
+    if fields:
+        raise TypeError(f"spec: given together with {sorted(fields)}; put those fields into the spec instead")
+    return spec

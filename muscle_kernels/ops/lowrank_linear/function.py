@@ -19,7 +19,6 @@ compiled model that uses the layer traces without graph breaks. Backward saves T
 """
 from __future__ import annotations
 
-import functools
 import os
 from typing import List, Optional, Tuple
 

@@ -1,7 +1,8 @@
-"""Pure-PyTorch reference of the multi-scale low-rank linear layer (SPEC section 2).
+"""Pure-PyTorch reference of the multi-scale low-rank linear layer (docs/layer.md).
 
 Written for clarity, not speed: this is the oracle that every fast path (the CPU path, the Triton kernels) is tested
-against, and it works in float64. Gradients come from autograd.
+against. It computes in the dtype of its inputs; the tests pass float64 copies to get the exact answer. Gradients come
+from autograd.
 
     y = x W^T + b + ((drop(x) L^T) * s) R^T          x: [..., in], y: [..., out]
 

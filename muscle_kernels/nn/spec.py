@@ -1,0 +1,53 @@
+"""AdapterSpec: the hyper-parameters of one adapter layer, validated once (docs/layer.md).
+
+The layer (MuScleLoRALinear), the Hugging Face config (MuScleLoRAConfig, one spec for its LoRA targets and one for
+its multi-scale targets), the training Settings and the CLI all go through these checks, so a mistake reads the same
+wherever it is made. The default values below are the only place they are written.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Tuple
+
+from .._spec import Spec, integer, one_of, positive_number, probability, scales
+
+__all__ = ["AdapterSpec", "INIT_MODES"]
+
+INIT_MODES = ("lora", "seed")
+
+
+@dataclass(frozen=True)
+class AdapterSpec(Spec):
+    """One adapter layer's shape and scale: n = len(freq_band) branches of rank inner_rank, s = k * alpha / r.
+
+    freq_band: the radial scales k_1..k_n (positive; whole numbers are kept as ints).
+    inner_rank: r, the rank of every branch (an integer >= 1).
+    alpha: the LoRA-style scale numerator (positive).
+    dropout: adapter-input dropout probability in [0, 1).
+    init: "lora" (R = 0: the layer starts as its base layer) or "seed" (the paper's kaiming-uniform L and R).
+
+    Plain LoRA of rank r is `AdapterSpec.lora(r, alpha)`: freq_band (1,), init "lora".
+    """
+
+    freq_band: Tuple[float, ...] = (1, 2, 3, 4)
+    inner_rank: int = 1
+    alpha: float = 4.0
+    dropout: float = 0.0
+    init: str = "lora"
+
+    CHECKS = dict(freq_band=scales, inner_rank=integer(1), alpha=positive_number, dropout=probability,
+                  init=one_of(INIT_MODES))
+
+    @classmethod
+    def lora(cls, rank: int, alpha: float, dropout: float = 0.0) -> "AdapterSpec":
+        """Plain LoRA (one branch, scale alpha / rank, as PEFT)."""
+        return cls(freq_band=(1,), inner_rank=rank, alpha=alpha, dropout=dropout, init="lora")
+
+    @property
+    def n_branches(self) -> int:
+        return len(self.freq_band)
+
+    @property
+    def rank(self) -> int:
+        """n * r: the rows of lora_L (and columns of lora_R)."""
+        return len(self.freq_band) * self.inner_rank
