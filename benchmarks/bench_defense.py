@@ -90,6 +90,11 @@ def run_one(attack_dir, method, seed, args, settings_kw, log):
     return result
 
 
+def _mean_std(runs, key):
+    xs = [100 * r[key] for r in runs]
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
 def summarise(out: Path):
     runs = [json.loads(p.read_text()) for p in sorted(out.glob("runs/*/*/*.json"))]
     groups = {}
@@ -97,10 +102,7 @@ def summarise(out: Path):
         groups.setdefault((r["tag"], r["attack"], r["method"]), []).append(r)
     rows = []
     for (tag, attack, method), rs in sorted(groups.items()):
-        def ms(key):
-            xs = [100 * r[key] for r in rs]
-            return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
-        (cm, cs), (am, as_) = ms("cacc"), ms("asr")
+        (cm, cs), (am, as_) = _mean_std(rs, "cacc"), _mean_std(rs, "asr")
         rows.append(dict(tag=tag, attack=attack, method=method, seeds=len(rs), cacc_mean=round(cm, 2),
                          cacc_std=round(cs, 2), asr_mean=round(am, 2), asr_std=round(as_, 2),
                          s_per_run=round(statistics.fmean(r["train_seconds"] for r in rs), 1),
