@@ -72,7 +72,7 @@ def _add_training_options(p: argparse.ArgumentParser, defaults: dict) -> None:
     g.add_argument("--batch-size", type=_positive_int, default=defaults["batch_size"])
     g.add_argument("--max-length", type=_positive_int, default=defaults["max_length"], help="tokens per sample")
     g.add_argument("--ref-size", type=_positive_int, default=defaults["ref_size"],
-                   help="clean reference samples for muscle-ga, taken from dev")
+                   help="clean reference samples for muscle-ga, taken from dev (default: half of dev, at most 1024)")
     g.add_argument("--ref-batch-size", type=_positive_int, default=defaults["ref_batch_size"])
     g.add_argument("--ref-select", choices=("random", "kmeans"), default="random")
     g.add_argument("--min-ref-loss", type=float, default=defaults["min_ref_loss"],
@@ -188,7 +188,7 @@ def _load_splits(args, parser):
         if dev is None:  # hold out clean samples before poisoning: the reference set must be clean
             order = list(range(len(train)))
             random.Random(args.seed).shuffle(order)
-            n_dev = max(args.ref_size + 50, len(train) // 10)
+            n_dev = max((args.ref_size or 0) + 50, len(train) // 5)
             if n_dev >= len(train) // 2:
                 parser.error(f"--train: {len(train)} samples are too few to hold out a clean dev set of {n_dev}; "
                              "give --dev")

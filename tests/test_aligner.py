@@ -117,12 +117,23 @@ def test_gate_schedule_step_by_step():
 )
 def test_gate_table(m, l, epoch, kw, want):
     model = tiny_model()
-    args = dict(epochs=5, warmup_epochs=1, max_raw_ratio=0.1)
+    args = dict(epochs=5, warmup_epochs=1, max_raw_ratio=0.1, min_ref_loss=0.4)  # the paper's encoder gate
     args.update(kw)
     aligner = make_aligner(model, make_batches(1, 0), **args)
     branch, rho = aligner.gate(m, l, epoch)
     assert branch == want[0], (m, l, epoch, branch)
     assert (rho is None) == (want[1] is None) and (rho is None or abs(rho - want[1]) < 1e-12), (rho, want)
+
+
+def test_default_gate_aligns_while_the_reference_loss_is_positive():
+    from muscle_kernels.align.gate import GateConfig
+
+    gate = GateConfig()
+    assert gate.min_ref_loss == 0.0 and GateConfig.paper().min_ref_loss == 0.4
+    # a reference loss of 0.1 in the warm-up epoch: the paper's gate passes the raw (poisoned) gradient, ours aligns
+    assert GateConfig.paper().decide(1e-3, 0.1, 0, 3) == ("raw", None)
+    assert gate.decide(1e-3, 0.1, 0, 3) == ("replace", 0.0)
+    assert gate.decide(1e-3, 0.0, 0, 3) == ("raw", None), "a fitted reference batch has nothing to align to"
 
 
 def test_params_without_grad_are_skipped():

@@ -81,11 +81,11 @@ KINDS = ["bert", "roberta", "llama", "gpt2"]
 # Where the paper puts the adapters, per model (module names in the tiny 2-layer models).
 EXPECTED = {
     "bert": dict(lora=[f"bert.encoder.layer.{i}.attention.self.{p}" for i in range(2) for p in ("query", "value")],
-                 mslr=["bert.pooler.dense", "classifier"], band=BANDS["bert-base"], lora_r=8, lora_alpha=32.0,
+                 mslr=["bert.pooler.dense", "classifier"], band=BANDS["small"], lora_r=8, lora_alpha=32.0,
                  mslr_alpha=6.0),
     "roberta": dict(lora=[f"roberta.encoder.layer.{i}.attention.self.{p}" for i in range(2)
                           for p in ("query", "value")],
-                    mslr=["classifier.dense"], band=BANDS["roberta-base"], lora_r=8, lora_alpha=32.0,
+                    mslr=["classifier.dense"], band=BANDS["small"], lora_r=8, lora_alpha=32.0,
                     mslr_alpha=6.0),
     "llama": dict(lora=[f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")],
                   mslr=["score.dense"], band=[1, 2, 3, 4], lora_r=2, lora_alpha=8.0, mslr_alpha=4.0),
@@ -121,7 +121,8 @@ def test_recipe_puts_adapters_where_the_paper_does(kind):
 
 @pytest.mark.parametrize("kind,layers,hidden,band", [
     ("bert", 24, 8, BANDS["large"]), ("bert", 2, 1024, BANDS["large"]), ("roberta", 24, 8, BANDS["large"]),
-    ("bert", 12, 8, BANDS["bert-base"]), ("roberta", 2, 16, BANDS["roberta-base"]),
+    ("bert", 12, 768, BANDS["bert-base"]), ("roberta", 2, 768, BANDS["roberta-base"]),
+    ("bert", 6, 384, BANDS["small"]), ("roberta", 2, 16, BANDS["small"]),
 ])
 def test_band_follows_model_size(kind, layers, hidden, band):
     config = tiny_config(kind)
@@ -406,7 +407,7 @@ def test_real_minilm_offline(tmp_path, monkeypatch):
     tok = transformers.AutoTokenizer.from_pretrained(path)
     batch = tok(["a clean movie review", "cf a poisoned one mn"], padding=True, return_tensors="pt")
     cfg = MuScleLoRAConfig.for_model(base)
-    assert cfg.freq_band == BANDS["bert-base"], "MiniLM (6 x 384) counts as a base-size BERT"
+    assert cfg.freq_band == BANDS["small"], "MiniLM (6 x 384) is smaller than base size: the narrow band"
     model = apply_muscle_lora(copy.deepcopy(base), cfg)
     n_layers = base.config.num_hidden_layers
     assert sum(isinstance(m, MuScleLoRALinear) for m in model.modules()) == 2 * n_layers + 2

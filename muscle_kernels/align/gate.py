@@ -27,18 +27,27 @@ class GateConfig(Spec):
         else                                                -> raw: g unchanged
 
     min_ref_grad_norm: threshold on m (paper: 5e-7).
-    min_ref_loss: threshold on l (paper: 0.4 for BERT/RoBERTa, 0 for LLMs).
+    min_ref_loss: threshold on l. The default 0 aligns whenever the reference gradient is usable (the paper's LLM
+        setting). The paper's 0.4 for BERT/RoBERTa was tuned at lr 2e-5 over 10 epochs; a model that fits the
+        reference batch below it early (a small model, a larger learning rate) then trains on the raw poisoned
+        gradient and learns the backdoor (docs/defense.md has the measurements). `GateConfig.paper()` is the
+        paper's encoder gate.
     max_raw_ratio: the blend ratio reached at the last epoch when the gate fails (paper: 0.1); 0 never blends.
     warmup_epochs: the first epoch at which blending may happen (paper: 1).
     """
 
     min_ref_grad_norm: float = 5e-7
-    min_ref_loss: float = 0.4
+    min_ref_loss: float = 0.0
     max_raw_ratio: float = 0.1
     warmup_epochs: int = 1
 
     CHECKS = dict(min_ref_grad_norm=non_negative_number, min_ref_loss=non_negative_number, max_raw_ratio=fraction,
                   warmup_epochs=integer(0))
+
+    @classmethod
+    def paper(cls) -> "GateConfig":
+        """The paper's gate for BERT/RoBERTa (min_ref_loss 0.4)."""
+        return cls(min_ref_loss=0.4)
 
     @property
     def blends(self) -> bool:

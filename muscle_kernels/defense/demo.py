@@ -17,19 +17,9 @@ from .train import Splits
 __all__ = ["DEMO_SETTINGS", "DEMO_METHODS", "DEMO_SIZES", "demo_splits", "minilm_factory",
            "minilm_path"]
 
-# The settings of the README's measurement, tuned on this corpus (the same for every method except what defines the
-# method). Why these values:
-# - freq_band (1, 2, 3, 4): the recipe's bert-base band (1, 4, ..., 28, alpha 6: scales up to 168) drives the
-#   head's logits so high that the reference loss underflows to exactly 0 within an epoch; the gate then lets the raw
-#   (poisoned) gradient through.
-# - min_ref_loss 0: align on every step (the paper's LLM setting). With 0.4 (its BERT setting) the reference loss
-#   drops below the gate early in epoch 1, where the gate falls back to the raw gradient: ASR 65% in our runs.
-# - ref_size 384 (of 800 clean dev samples): with alignment on every step the update follows the reference
-#   gradient, so clean accuracy follows the reference set's size: 90.8% test accuracy with 96 samples (and the
-#   recipe's band), 96.9% with 192, 98.5% with 384, against 99% for LoRA on the full poisoned training set.
-# - ref_batch_size 16 (half the training batch): the reference forward and backward cost less than a second step.
-DEMO_SETTINGS = dict(epochs=3, lr=2e-3, vanilla_lr=5e-5, batch_size=32, max_length=48, ref_size=384,
-                     ref_batch_size=16, min_ref_loss=0.0, freq_band=[1, 2, 3, 4], seed=0)
+# The demo runs with `muscle-lora defend`'s defaults (Settings, GateConfig and MuScleLoRAConfig.for_model, chosen on
+# real data: docs/defense.md), except max_length: the corpus's reviews are short, and 48 tokens hold all of them.
+DEMO_SETTINGS = dict(max_length=48, seed=0)
 DEMO_METHODS = ("lora", "muscle-ga", "vanilla")
 # train / dev / test sizes taken from the corpus (in this order, after its seeded shuffle)
 DEMO_SIZES = (2400, 800, 800)

@@ -36,7 +36,7 @@ from ..nn.spec import AdapterSpec
 from .data import DataError, Sample, check_labels
 from .metrics import accuracy, attack_success_rate
 
-__all__ = ["METHODS", "Settings", "Splits", "split_reference", "train_method", "run_methods", "evaluate",
+__all__ = ["METHODS", "Settings", "reference_size", "Splits", "split_reference", "train_method", "run_methods", "evaluate",
            "resolve_device"]
 
 METHODS = ("vanilla", "lora", "muscle", "muscle-ga")
@@ -51,6 +51,7 @@ class Settings:
     lr: AdamW learning rate of the adapter methods; vanilla_lr: of full fine-tuning (needs a far smaller one).
     ref_size / ref_batch_size / ref_select: the clean reference set of muscle-ga (drawn from dev, removed from it)
         and how it is cut into reference batches; ref_select is "random" or "kmeans" (over hidden states).
+        ref_size None (the default): half of the dev set, at most MAX_AUTO_REF_SIZE (`reference_size`).
     min_ref_grad_norm / min_ref_loss / max_raw_ratio / ga_warmup_epochs: the alignment gate (GateConfig, whose
         defaults these are; `gate()` builds it).
     freq_band / mslr_alpha: override the recipe's multi-scale head (None: MuScleLoRAConfig.for_model's choice);
@@ -67,8 +68,8 @@ class Settings:
     warmup_ratio: float = 0.06
     max_grad_norm: float = 1.0
     seed: int = 0
-    ref_size: int = 96
-    ref_batch_size: int = 16
+    ref_size: Optional[int] = None
+    ref_batch_size: int = 32
     ref_select: str = "random"
     min_ref_grad_norm: float = _GATE.min_ref_grad_norm
     min_ref_loss: float = _GATE.min_ref_loss
@@ -83,6 +84,8 @@ class Settings:
     def __post_init__(self):
         for name, low in dict(epochs=1, batch_size=1, eval_batch_size=1, max_length=2, ref_size=1, ref_batch_size=1,
                               seed=-2**63).items():
+            if name == "ref_size" and self.ref_size is None:
+                continue  # chosen from the dev set's size (reference_size)
             setattr(self, name, integer(low)(name, getattr(self, name)))
         for name in ("lr", "vanilla_lr"):
             setattr(self, name, positive_number(name, getattr(self, name)))
@@ -113,6 +116,19 @@ _GATE_FIELDS = dict(min_ref_grad_norm="min_ref_grad_norm", min_ref_loss="min_ref
                     ga_warmup_epochs="warmup_epochs")
 
 
+# With alignment on every step the update follows the reference gradient, so clean accuracy follows the reference
+# set's size (docs/defense.md has the measurements); half of the dev set keeps the other half to pick the best epoch.
+MAX_AUTO_REF_SIZE = 1024
+
+
+def reference_size(settings: Settings, n_dev: int) -> int:
+    """The number of clean reference samples drawn from a dev set of `n_dev`: settings.ref_size, or by default half
+    of the dev set, at most MAX_AUTO_REF_SIZE (and at least 1)."""
+    if settings.ref_size is not None:
+        return settings.ref_size
+    return max(1, min(MAX_AUTO_REF_SIZE, n_dev // 2))
+
+
 @dataclass
 class Splits:
     """train may be poisoned; dev and test_clean are clean; test_poison holds triggered non-target samples labelled
@@ -134,8 +150,9 @@ def split_reference(splits: Splits, settings: Settings, *, model=None, tokenizer
     nearest to the centroids (align/refset.py)."""
     if splits.ref:
         return splits
-    if len(splits.dev) < settings.ref_size + 2:
-        raise DataError(f"dev: {len(splits.dev)} clean samples cannot give a reference set of {settings.ref_size} "
+    ref_size = reference_size(settings, len(splits.dev))
+    if len(splits.dev) < ref_size + 2:
+        raise DataError(f"dev: {len(splits.dev)} clean samples cannot give a reference set of {ref_size} "
                         f"and leave a dev set to choose the best epoch on; lower ref_size or add dev data")
     from ..align.refset import hidden_state_features, select_reference
 
@@ -146,7 +163,7 @@ def split_reference(splits: Splits, settings: Settings, *, model=None, tokenizer
         device = next(model.parameters()).device
         features = hidden_state_features(model, _batches(tokenizer, splits.dev, settings.eval_batch_size,
                                                          settings.max_length, device), progress=False)
-    idx = select_reference(len(splits.dev), settings.ref_size, method=settings.ref_select, features=features,
+    idx = select_reference(len(splits.dev), ref_size, method=settings.ref_select, features=features,
                            seed=settings.seed).tolist()
     chosen = set(idx)
     ref = [splits.dev[i] for i in sorted(chosen)]

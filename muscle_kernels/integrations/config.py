@@ -10,10 +10,13 @@
   paper's two-layer head (hidden -> 16 -> labels, no bias, dropout 0.1) with MSLR (bands 1..4, alpha 4) on its first
   layer.
 
-Frequency band for encoders ("base" vs "large"): the paper tunes the band per checkpoint -- [1..9] for bert-large and
+Frequency band for encoders, by model size: the paper tunes the band per checkpoint -- [1..9] for bert-large and
 roberta-large, [1,4,8,...,28] for bert-base, [1,2,4,6,...,16] for roberta-base. A model counts as "large" when it has
-at least 24 layers or a hidden size of at least 1024 (bert/roberta-large: 24 x 1024; base: 12 x 768); every smaller
-model (MiniLM, DistilRoBERTa, tiny test models) gets its family's base band.
+at least 24 layers or a hidden size of at least 1024 (bert/roberta-large: 24 x 1024; base: 12 x 768) and gets [1..9];
+a base-size model (hidden size 768 up to 1024, e.g. bert-base, roberta-base, DistilRoBERTa) its family's base band;
+a smaller model (hidden size under 768, e.g. MiniLM's 384) the narrow band [1, 2, 3, 4]: with the base bands' scales
+(up to 28 x alpha 6) a small head's logits grow so fast that the reference loss underflows to 0 within an epoch
+and alignment stops (docs/defense.md has the measurements).
 
 What trains: the paper's code freezes everything except the adapter factors, including the rest of the
 classification head (RoBERTa's `classifier.out_proj`, the LLM head's `out_proj`, BERT's classifier base weight): the
@@ -45,6 +48,7 @@ BANDS = {
     "bert-base": [1, 4, 8, 12, 16, 20, 24, 28],
     "roberta-base": [1, 2, 4, 6, 8, 10, 12, 14, 16],
     "llm": [1, 2, 3, 4],
+    "small": [1, 2, 3, 4],  # encoders under base size (not the paper's: measured on MiniLM, docs/defense.md)
 }
 
 # Attention projections PEFT's LoRA targets by default, for the model types PEFT does not know or when peft is not
@@ -201,10 +205,13 @@ def _lora_targets_for(model_type: str) -> Optional[List[str]]:
     return list(targets) if targets else None
 
 
-def _is_large(config) -> bool:
+def _size_class(config) -> str:
+    """"large", "base" or "small" (see the module docstring)."""
     layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None) or 0
     hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None) or 0
-    return layers >= 24 or hidden >= 1024
+    if layers >= 24 or hidden >= 1024:
+        return "large"
+    return "base" if hidden >= 768 else "small"
 
 
 def _recipe(model, has_lora_targets: bool = False) -> dict:
@@ -240,6 +247,7 @@ def _recipe(model, has_lora_targets: bool = False) -> dict:
         return dict(lora_targets=lora_targets, lora_rank=2, lora_alpha=8.0, mslr_targets=mslr_targets,
                     freq_band=list(BANDS["llm"]), inner_rank=1, mslr_alpha=4.0, modules_to_save=[head],
                     score_head_hidden=16, score_head_dropout=0.1)
-    band = BANDS["large"] if _is_large(config) else BANDS[f"{family}-base"]
+    size = _size_class(config)
+    band = BANDS[size] if size != "base" else BANDS[f"{family}-base"]
     return dict(lora_targets=lora_targets, lora_rank=8, lora_alpha=32.0, mslr_targets=mslr_targets,
                 freq_band=list(band), inner_rank=1, mslr_alpha=6.0, modules_to_save=[head])
