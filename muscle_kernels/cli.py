@@ -77,6 +77,8 @@ def _add_training_options(p: argparse.ArgumentParser, defaults: dict) -> None:
     g.add_argument("--seed", type=int, default=defaults["seed"])
     g.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     g.add_argument("--output", default=None, help="directory for results.json, results.png and the adapters")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the results of an earlier run in --output (else a non-empty --output is refused)")
     g.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
 
 
@@ -111,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     atk = d.add_argument_group("attack (poison clean data yourself)")
     atk.add_argument("--attack", choices=("badnets", "addsent"))
     atk.add_argument("--poison-rate", type=_fraction, default=0.1)
-    atk.add_argument("--target-label", type=int, default=1)
+    atk.add_argument("--target-label", type=int, default=None, help="the attack's target class (default 1)")
     atk.add_argument("--clean-label", action="store_true", help="poison target-class samples, keep their labels")
     d.add_argument("--method", type=_methods, default=["muscle-ga"],
                    help="vanilla, lora, muscle, muscle-ga, a comma-separated list, or all (default muscle-ga)")
@@ -136,6 +138,7 @@ def _load_splits(args, parser):
     from .defense.train import Splits
 
     files = dict(text_column=args.text_column, label_column=args.label_column)
+    _check_source_flags(args)
     if args.data:
         if args.train or args.test_clean or args.test_poison:
             parser.error("--data: give either --data DIR or the files (--train, --test-clean, ...), not both")
@@ -162,6 +165,7 @@ def _load_splits(args, parser):
                              "give --dev")
             dev = [train[i] for i in sorted(order[:n_dev])]
             train = [train[i] for i in sorted(order[n_dev:])]
+        _check_attack(args, train=train, test_clean=test_clean, dev=dev)
         train = attacks.poison_train(train, attack, rate=args.poison_rate, target_label=args.target_label,
                                      clean_label=args.clean_label, seed=args.seed)
         test_poison = (load_file(args.test_poison, **files) if args.test_poison else
@@ -176,6 +180,125 @@ def _load_splits(args, parser):
         test_poison = load_file(args.test_poison, **files)
         dev_poison = []
     return Splits(train=train, dev=dev, test_clean=test_clean, test_poison=test_poison, dev_poison=dev_poison)
+
+
+# -- checks that run before anything heavy (model loading, training) ---------------------------------------------------
+class CliError(Exception):
+    """Bad command-line input: main() prints it as one line naming the option and exits with code 2."""
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _check_device(name: str) -> None:
+    import torch
+
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise CliError(f"--device: expected auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CliError(f"--device: {name!r} asked for, but no CUDA device is available (use cpu or auto)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise CliError(f"--device: {name!r} asked for, but there are {torch.cuda.device_count()} CUDA "
+                           f"device(s) (cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise CliError(f"--device: {name!r} asked for, but MPS is not available (use cpu or auto)")
+    elif device.type != "cpu":
+        raise CliError(f"--device: expected auto, cpu, cuda or cuda:N, got {name!r}")
+
+
+def _check_source_flags(args) -> None:
+    """Flags that the chosen data source would ignore are errors, not silently dropped."""
+    if args.data:
+        if args.dev:
+            raise CliError("--dev: --data DIR uses the folder's dev-clean.csv; give either --data or the files "
+                           "(--train, --dev, --test-clean, ...)")
+        if args.target_label is not None:
+            raise CliError("--target-label: the paper's folders are poisoned already (test-poison.csv carries the "
+                           "target label); --target-label only applies with --attack on clean --train files")
+    if args.clean_label and not args.attack:
+        raise CliError("--clean-label: only applies with --attack (poisoning clean data yourself)")
+    if args.target_label is not None and not args.attack and not args.data:
+        raise CliError("--target-label: only applies with --attack; without it the target is the label of "
+                       "--test-poison")
+    if args.target_label is None:
+        args.target_label = 1
+
+
+def _check_attack(args, *, train, test_clean, dev) -> None:
+    """What attacks.poison_train / poison_test would refuse, said in terms of the options."""
+    target = args.target_label
+    labels = sorted({s.label for s in train})
+    if len(labels) < 2:
+        raise CliError(f"--attack: {args.train} has only label {labels[0]}; a backdoor attack needs the target "
+                       "class and at least one other class")
+    if target not in labels:
+        raise CliError(f"--target-label: {target} is not a label of {args.train} (labels: {labels})")
+    n_poison = int(round(args.poison_rate * len(train)))
+    kind = "target" if args.clean_label else "non-target"
+    pool = sum((s.label == target) == bool(args.clean_label) for s in train)
+    if n_poison > pool:
+        raise CliError(f"--poison-rate: {args.poison_rate:g} asks for {n_poison} poisoned training samples, but the "
+                       f"{len(train)} training samples hold only {pool} {kind} ones (--target-label {target}); "
+                       f"at most {pool / len(train):.3f}")
+    checks = [("--dev", args.dev or "the dev set held out of --train", dev)]
+    if not args.test_poison:  # else the poisoned test set is given, not built from --test-clean
+        checks.append(("--test-clean", args.test_clean, test_clean))
+    for option, name, split in checks:
+        have = {s.label for s in split}
+        if target not in have or have == {target}:
+            raise CliError(f"{option}: {name} needs samples of --target-label {target} and of another class to "
+                           f"measure the attack (labels: {sorted(have)})")
+
+
+# what a run writes into --output (and --overwrite clears): the record, the plot, one folder per method
+def _run_outputs():
+    from .defense.train import METHODS
+
+    return ("results.json", "results.png") + tuple(METHODS)
+
+
+def _prepare_output(path: Optional[str], overwrite: bool) -> None:
+    """Create --output and prove it writable before training; refuse an earlier run's results unless --overwrite,
+    which removes what this run writes (symlinks are removed, never followed)."""
+    import shutil
+    import tempfile
+
+    if path is None or not str(path).strip():
+        raise CliError(f"--output: expected a directory path, got {path!r}")
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise CliError(f"--output: {path} exists and is not a directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".muscle-lora-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise CliError(f"--output: cannot write to {path} ({e.strerror or e})") from None
+    entries = sorted(os.listdir(path))
+    if entries and not overwrite:
+        shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+        raise CliError(f"--output: {path} is not empty ({shown}); pass --overwrite to replace an earlier run's "
+                       "results, or choose another directory")
+    if overwrite:
+        ours = set(_run_outputs())
+        for name in entries:
+            # also the temporary files of an atomic write that a killed run left behind
+            if name in ours or (name.startswith((".results.json.", ".results.png.")) and name.endswith(".tmp")):
+                full = os.path.join(path, name)
+                try:
+                    if os.path.islink(full) or not os.path.isdir(full):
+                        os.unlink(full)
+                    else:
+                        shutil.rmtree(full)
+                except OSError as e:
+                    raise CliError(f"--overwrite: cannot remove {full} ({e.strerror or e})") from None
 
 
 def format_table(results) -> str:
@@ -195,8 +318,10 @@ def _run(args, splits, factory, tokenizer, methods, extra, save_vanilla=True) ->
                           save_vanilla=save_vanilla, progress=not args.no_progress, extra=extra)
     print()
     print(format_table(results))
+    plot = os.path.join(args.output, "results.png")
     print(f"\n{len(methods)} method(s) in {time.perf_counter() - start:.0f} s; results in "
-          f"{os.path.join(args.output, 'results.json')}, plot in {os.path.join(args.output, 'results.png')}")
+          f"{os.path.join(args.output, 'results.json')}, "
+          + (f"plot in {plot}" if os.path.isfile(plot) else "no plot (matplotlib is not installed)"))
     return 0
 
 
@@ -205,6 +330,7 @@ def _demo(args) -> int:
 
     from .defense.demo import demo_splits, minilm_factory
 
+    _prepare_output(args.output, args.overwrite)  # before the model loads: a bad --output fails in a second
     splits = demo_splits(poison_rate=args.poison_rate, seed=args.seed)
     factory, tokenizer = minilm_factory()
     print(f"muscle-lora demo: all-MiniLM-L6-v2, {len(splits.train)} training reviews "
@@ -219,8 +345,11 @@ def _demo(args) -> int:
 def _defend(args, parser) -> int:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from .defense.data import infer_num_labels
+
     splits = _load_splits(args, parser)
-    num_labels = args.num_labels or max(2, 1 + max(s.label for s in splits.train + splits.test_clean))
+    num_labels = args.num_labels or infer_num_labels({"train": splits.train, "test_clean": splits.test_clean})
+    _prepare_output(args.output, args.overwrite)  # before the model loads: a bad --output fails in a second
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     if tokenizer.pad_token is None:  # decoder LLMs ship without a padding token
         tokenizer.pad_token = tokenizer.eos_token
@@ -247,12 +376,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error(str(e))
 
     try:
+        _check_device(args.device)
         if args.command == "demo":
             return _demo(args)
         return _defend(args, parser)
-    except (DataError, FileNotFoundError) as e:
-        print(f"muscle-lora: error: {e}", file=sys.stderr)
+    except (CliError, DataError, FileNotFoundError) as e:  # expected: bad input, one line; anything else: traceback
+        print(f"muscle-lora: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("muscle-lora: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ __all__ = ["save_adapter", "load_adapter", "merge_and_unload", "adapter_state_di
 CONFIG_FILE = "muscle_lora_config.json"
 WEIGHTS_FILE = "muscle_lora_adapter.safetensors"
 _FORMAT_VERSION = 1
+_EXTRA_STATE = "_extra_state"  # torch's state-dict key of Module.get_extra_state()
 
 
 def _config_of(model: nn.Module, caller: str) -> MuScleLoRAConfig:
@@ -52,6 +53,8 @@ def adapter_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
         module_names = [n for n, _ in model.named_modules() if n]
         for prefix in resolve(module_names, config.modules_to_save, "modules_to_save"):
             keys |= {k for k in state if k.startswith(prefix + ".")}
+    # a layer's merged flag (its extra state) is not adapter data: an adapter is always saved unmerged
+    keys -= {f"{name}.{_EXTRA_STATE}" for name in layers}
     return {k: state[k] for k in state if k in keys}
 
 
@@ -95,6 +98,8 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
                          f"{type(model).__name__}")
     current = getattr(model, CONFIG_ATTR, None)
     if current is None:
+        # The config's sizes come from a file: check them against the weights' header before anything is built.
+        _check_config_against_file(model, saved, weights_path)
         apply_muscle_lora(model, saved)
     else:
         diff = current.diff(saved)
@@ -121,6 +126,69 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
         for k, target in expected.items():
             target.copy_(tensors[k])
     return model
+
+
+def _header_shapes(weights_path: str) -> Dict[str, tuple]:
+    """{key: shape} from a safetensors file's header (no tensor data read)."""
+    from safetensors import safe_open
+
+    with safe_open(weights_path, framework="pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
+def _expected_shapes(model: nn.Module, config: MuScleLoRAConfig) -> Dict[str, tuple]:
+    """{key: (shape, the config fields it follows)} that apply_muscle_lora(model, config) would create, computed from
+    the plain model's module sizes without creating anything."""
+    from .heads import is_conv1d
+
+    sizes = {}  # module name -> (in_features, out_features) after the optional score-head replacement
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            sizes[name] = (m.in_features, m.out_features)
+        elif is_conv1d(m):
+            sizes[name] = tuple(m.weight.shape)  # Conv1D stores [in, out]
+    names = [n for n, _ in model.named_modules()]
+    out = {}
+    h = config.score_head_hidden
+    score = getattr(model, "score", None)
+    if h is not None and isinstance(score, nn.Linear):
+        names = [n for n in names if n != "score" and not n.startswith("score.")]
+        names += ["score", "score.dense", "score.dropout", "score.out_proj"]
+        sizes.pop("score", None)
+        sizes["score.dense"] = (score.in_features, h)
+        sizes["score.out_proj"] = (h, score.out_features)
+        out["score.dense.weight"] = ((h, score.in_features), "score_head_hidden")
+        out["score.out_proj.weight"] = ((score.out_features, h), "score_head_hidden")
+    branches = []
+    if config.lora_targets:
+        branches.append((resolve(names, config.lora_targets, "lora_targets"), config.lora_rank, "lora_rank"))
+    if config.mslr_targets:
+        branches.append((resolve(names, config.mslr_targets, "mslr_targets"),
+                         len(config.freq_band) * config.inner_rank, "inner_rank x len(freq_band)"))
+    for targets, nr, fields in branches:
+        for name in targets:
+            if name not in sizes:
+                continue  # not a Linear: apply_muscle_lora names the problem
+            fan_in, fan_out = sizes[name]
+            out[f"{name}.lora_L"] = ((nr, fan_in), fields)
+            out[f"{name}.lora_R"] = ((fan_out, nr), fields)
+            out[f"{name}.scales"] = ((nr,), fields)
+    return out
+
+
+def _check_config_against_file(model: nn.Module, config: MuScleLoRAConfig, weights_path: str) -> None:
+    """Every adapter shape the saved config implies must be the shape the weights file holds: a tampered or
+    mismatched config (say inner_rank 1e7) is refused here, before apply_muscle_lora allocates it."""
+    header = _header_shapes(weights_path)
+    problems = []
+    for key, (shape, fields) in _expected_shapes(model, config).items():
+        if key in header and header[key] != shape:
+            problems.append(f"{key}: the config ({fields}) implies {shape}, {WEIGHTS_FILE} holds {header[key]}")
+        elif key not in header and not key.endswith(".weight"):
+            problems.append(f"{key}: implied by the config ({fields}), missing from {WEIGHTS_FILE}")
+    if problems:
+        raise ValueError(f"load_adapter: the config in {os.path.dirname(weights_path) or '.'} does not match its "
+                         f"weights file: " + "; ".join(problems[:8]) + (" ..." if len(problems) > 8 else ""))
 
 
 @torch.no_grad()
