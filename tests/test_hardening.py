@@ -238,7 +238,8 @@ def test_score_head_hidden_checked_against_header(tmp_path):
     meta["config"]["score_head_hidden"] = 10**6
     (tmp_path / "muscle_lora_config.json").write_text(json.dumps(meta))
     fresh = transformers.LlamaForSequenceClassification(config)
-    with pytest.raises(ValueError, match=r"score.dense.weight: the config \(score_head_hidden\) implies"):
+    with pytest.raises(ValueError, match=r"score.dense.lora_R: saved \(16, 4\), the config \(score_head_hidden = "
+                                         r"1000000\) implies \(1000000, 4\)"):
         load_adapter(fresh, tmp_path)
     assert isinstance(fresh.score, torch.nn.Linear), "nothing may be built before the check"
 

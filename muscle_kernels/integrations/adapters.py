@@ -137,11 +137,12 @@ def _header_shapes(weights_path: str) -> Dict[str, tuple]:
 
 
 def _expected_shapes(model: nn.Module, config: MuScleLoRAConfig) -> Dict[str, tuple]:
-    """{key: (shape, the config fields it follows)} that apply_muscle_lora(model, config) would create, computed from
-    the plain model's module sizes without creating anything."""
+    """{key: (shape, {axis: the config fields that set shape[axis]})} of the tensors apply_muscle_lora(model, config)
+    would create, computed from the plain model's module sizes without creating anything."""
     from .heads import is_conv1d
 
     sizes = {}  # module name -> (in_features, out_features) after the optional score-head replacement
+    set_by = {}  # module name -> {0: fields that set in_features, 1: ... out_features} where the config sets them
     for name, m in model.named_modules():
         if isinstance(m, nn.Linear):
             sizes[name] = (m.in_features, m.out_features)
@@ -157,8 +158,9 @@ def _expected_shapes(model: nn.Module, config: MuScleLoRAConfig) -> Dict[str, tu
         sizes.pop("score", None)
         sizes["score.dense"] = (score.in_features, h)
         sizes["score.out_proj"] = (h, score.out_features)
-        out["score.dense.weight"] = ((h, score.in_features), "score_head_hidden")
-        out["score.out_proj.weight"] = ((score.out_features, h), "score_head_hidden")
+        set_by = {"score.dense": {1: "score_head_hidden"}, "score.out_proj": {0: "score_head_hidden"}}
+        out["score.dense.weight"] = ((h, score.in_features), {0: "score_head_hidden"})
+        out["score.out_proj.weight"] = ((score.out_features, h), {1: "score_head_hidden"})
     branches = []
     if config.lora_targets:
         branches.append((resolve(names, config.lora_targets, "lora_targets"), config.lora_rank, "lora_rank"))
@@ -170,25 +172,38 @@ def _expected_shapes(model: nn.Module, config: MuScleLoRAConfig) -> Dict[str, tu
             if name not in sizes:
                 continue  # not a Linear: apply_muscle_lora names the problem
             fan_in, fan_out = sizes[name]
-            out[f"{name}.lora_L"] = ((nr, fan_in), fields)
-            out[f"{name}.lora_R"] = ((fan_out, nr), fields)
-            out[f"{name}.scales"] = ((nr,), fields)
+            io = set_by.get(name, {})
+            out[f"{name}.lora_L"] = ((nr, fan_in), {0: fields, **({1: io[0]} if 0 in io else {})})
+            out[f"{name}.lora_R"] = ((fan_out, nr), {1: fields, **({0: io[1]} if 1 in io else {})})
+            out[f"{name}.scales"] = ((nr,), {0: fields})
     return out
 
 
 def _check_config_against_file(model: nn.Module, config: MuScleLoRAConfig, weights_path: str) -> None:
-    """Every adapter shape the saved config implies must be the shape the weights file holds: a tampered or
-    mismatched config (say inner_rank 1e7) is refused here, before apply_muscle_lora allocates it."""
+    """Every size the saved config sets (the ranks, the score head's width) must be the one the weights file holds,
+    and every adapter tensor the config implies must be in it: a tampered or mismatched config (say inner_rank 1e7)
+    is refused here, before apply_muscle_lora allocates it. Sizes the model sets (in/out features) are compared
+    after the build, with the rest of the key set."""
     header = _header_shapes(weights_path)
-    problems = []
-    for key, (shape, fields) in _expected_shapes(model, config).items():
-        if key in header and header[key] != shape:
-            problems.append(f"{key}: the config ({fields}) implies {shape}, {WEIGHTS_FILE} holds {header[key]}")
-        elif key not in header and not key.endswith(".weight"):
-            problems.append(f"{key}: implied by the config ({fields}), missing from {WEIGHTS_FILE}")
-    if problems:
-        raise ValueError(f"load_adapter: the config in {os.path.dirname(weights_path) or '.'} does not match its "
-                         f"weights file: " + "; ".join(problems[:8]) + (" ..." if len(problems) > 8 else ""))
+    path = os.path.dirname(weights_path) or "."
+    wrong, missing = [], []
+    for key, (shape, config_axes) in _expected_shapes(model, config).items():
+        got = header.get(key)
+        if got is None:
+            if not key.endswith(".weight"):  # the head's weights are in the file only when modules_to_save says so
+                missing.append(key)
+            continue
+        bad = [a for a in config_axes if len(got) != len(shape) or got[a] != shape[a]]
+        if bad:
+            fields = ", ".join(f"{config_axes[a]} = {shape[a]}" for a in bad)
+            wrong.append(f"{key}: saved {got}, the config ({fields}) implies {shape}")
+    if wrong:
+        raise ValueError(f"load_adapter: the config in {path} does not match its weights file: "
+                         + "; ".join(wrong[:8]) + (" ..." if len(wrong) > 8 else ""))
+    if missing:
+        missing.sort()
+        raise ValueError(f"load_adapter: {path} does not fit the model: missing tensors "
+                         f"{missing[:8]}{' ...' if len(missing) > 8 else ''}")
 
 
 @torch.no_grad()
