@@ -82,11 +82,18 @@ def _add_training_options(p: argparse.ArgumentParser, defaults: dict) -> None:
     g.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but an error is one line (naming the option) and a pointer to --help, not the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .defense.demo import DEMO_METHODS, DEMO_SETTINGS
     from .defense.train import Settings
 
-    parser = argparse.ArgumentParser(prog="muscle-lora", description="Backdoor-robust fine-tuning with MuScleLoRA.")
+    parser = _Parser(prog="muscle-lora", description="Backdoor-robust fine-tuning with MuScleLoRA.")
     sub = parser.add_subparsers(dest="command", metavar="{demo,defend}")
     sub.required = True
 
@@ -330,9 +337,12 @@ def _demo(args) -> int:
 
     from .defense.demo import demo_splits, minilm_factory
 
-    _prepare_output(args.output, args.overwrite)  # before the model loads: a bad --output fails in a second
     splits = demo_splits(poison_rate=args.poison_rate, seed=args.seed)
-    factory, tokenizer = minilm_factory()
+    try:
+        factory, tokenizer = minilm_factory()
+    except ImportError as e:  # the pretrained weights come from the optional `demo` extra
+        raise CliError(f"demo: {_one_line(e)}") from None
+    _prepare_output(args.output, args.overwrite)  # before training
     print(f"muscle-lora demo: all-MiniLM-L6-v2, {len(splits.train)} training reviews "
           f"({sum(s.poisoned for s in splits.train)} poisoned with BadNets), methods {', '.join(args.methods)}, "
           f"{torch.get_num_threads()} CPU threads" + (", CUDA" if torch.cuda.is_available() else ""))
@@ -349,8 +359,12 @@ def _defend(args, parser) -> int:
 
     splits = _load_splits(args, parser)
     num_labels = args.num_labels or infer_num_labels({"train": splits.train, "test_clean": splits.test_clean})
-    _prepare_output(args.output, args.overwrite)  # before the model loads: a bad --output fails in a second
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+    except OSError as e:  # not found locally nor on the Hub (or offline): transformers says which
+        raise CliError(f"--model: cannot load {args.model!r}: {_one_line(e)}") from None
+    # before training (and after a bad --model could fail, so that --overwrite never clears a run for nothing)
+    _prepare_output(args.output, args.overwrite)
     if tokenizer.pad_token is None:  # decoder LLMs ship without a padding token
         tokenizer.pad_token = tokenizer.eos_token
 

@@ -161,6 +161,21 @@ def test_target_label_without_attack(capsys, tmp_path):
     assert code == 2 and "--target-label: only applies with --attack" in one_line(err)
 
 
+@pytest.mark.parametrize("argv", [
+    [], ["demo", "--epochs", "0"], ["defend"], ["defend", "--model", "m", "--attack", "stylebkd"],
+    ["demo", "--min-ref-loss", "-1"], ["defend", "--model", "m", "--train", "t.csv"],
+])
+def test_argument_errors_are_one_line(capsys, argv):
+    code, err = cli(capsys, argv)
+    assert code == 2 and one_line(err).startswith("muscle-lora")
+
+
+def test_missing_model(capsys, tmp_path):
+    code, err = cli(capsys, ["defend", "--model", str(tmp_path / "no-model"), "--output", str(tmp_path / "o")]
+                    + files_argv(tmp_path))
+    assert code == 2 and one_line(err).startswith(f"muscle-lora: error: --model: cannot load '{tmp_path}/no-model'")
+
+
 def test_unexpected_errors_keep_their_traceback(tmp_path, monkeypatch, tiny_model_dir):
     import muscle_kernels.defense.train as train
 
@@ -277,7 +292,7 @@ def stub_training(monkeypatch):
 
 
 @pytest.mark.parametrize("kind", ["file", "empty", "read-only"])
-def test_bad_output_fails_before_anything_loads(capsys, tmp_path, kind):
+def test_bad_output_fails_before_training(capsys, tmp_path, kind, tiny_model_dir, stub_training):
     if kind == "file":
         out = tmp_path / "taken"
         out.write_text("x")
@@ -294,9 +309,9 @@ def test_bad_output_fails_before_anything_loads(capsys, tmp_path, kind):
         except PermissionError:
             out = str(ro)
         match = f"--output: cannot write to {out}"
-    # --model m does not exist: reaching the model would be a different error
-    code, err = cli(capsys, ["defend", "--model", "m", "--output", out] + files_argv(tmp_path))
+    code, err = cli(capsys, ["defend", "--model", tiny_model_dir, "--output", out] + files_argv(tmp_path))
     assert code == 2 and match in one_line(err)
+    assert not stub_training["calls"], "no method may train before --output is known to be usable"
 
 
 def plant_old_run(out, victim):
