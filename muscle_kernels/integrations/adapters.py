@@ -27,7 +27,6 @@ __all__ = ["save_adapter", "load_adapter", "merge_and_unload", "adapter_state_di
 CONFIG_FILE = "muscle_lora_config.json"
 WEIGHTS_FILE = "muscle_lora_adapter.safetensors"
 _FORMAT_VERSION = 1
-_EXTRA_STATE = "_extra_state"  # torch's state-dict key of Module.get_extra_state()
 
 
 def _config_of(model: nn.Module, caller: str) -> MuScleLoRAConfig:
@@ -53,8 +52,6 @@ def adapter_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
         module_names = [n for n, _ in model.named_modules() if n]
         for prefix in resolve(module_names, config.modules_to_save, "modules_to_save"):
             keys |= {k for k in state if k.startswith(prefix + ".")}
-    # a layer's merged flag (its extra state) is not adapter data: an adapter is always saved unmerged
-    keys -= {f"{name}.{_EXTRA_STATE}" for name in layers}
     return {k: state[k] for k in state if k in keys}
 
 
