@@ -272,9 +272,8 @@ def _run_outputs():
 
 
 def _prepare_output(path: Optional[str], overwrite: bool) -> None:
-    """Create --output and prove it writable before training; refuse an earlier run's results unless --overwrite,
-    which removes what this run writes (symlinks are removed, never followed)."""
-    import shutil
+    """Create --output and prove it writable before anything loads; refuse an earlier run's results unless
+    --overwrite (whose clearing, _clear_output, waits until the model has loaded)."""
     import tempfile
 
     if path is None or not str(path).strip():
@@ -293,19 +292,26 @@ def _prepare_output(path: Optional[str], overwrite: bool) -> None:
         shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
         raise CliError(f"--output: {path} is not empty ({shown}); pass --overwrite to replace an earlier run's "
                        "results, or choose another directory")
-    if overwrite:
-        ours = set(_run_outputs())
-        for name in entries:
-            # also the temporary files of an atomic write that a killed run left behind
-            if name in ours or (name.startswith((".results.json.", ".results.png.")) and name.endswith(".tmp")):
-                full = os.path.join(path, name)
-                try:
-                    if os.path.islink(full) or not os.path.isdir(full):
-                        os.unlink(full)
-                    else:
-                        shutil.rmtree(full)
-                except OSError as e:
-                    raise CliError(f"--overwrite: cannot remove {full} ({e.strerror or e})") from None
+
+
+def _clear_output(path: str) -> None:
+    """--overwrite: remove what this run writes (results, plot, every method's folder) and the temporary files of
+    a killed run; other files stay. Symlinks are removed, never followed."""
+    import shutil
+
+    ours = set(_run_outputs())
+    for name in sorted(os.listdir(path)):
+        stray = name.startswith((".results.json.", ".results.png.")) and name.endswith(".tmp")
+        if name not in ours and not stray:
+            continue
+        full = os.path.join(path, name)
+        try:
+            if os.path.islink(full) or not os.path.isdir(full):
+                os.unlink(full)
+            else:
+                shutil.rmtree(full)
+        except OSError as e:
+            raise CliError(f"--overwrite: cannot remove {full} ({e.strerror or e})") from None
 
 
 def format_table(results) -> str:
@@ -337,12 +343,14 @@ def _demo(args) -> int:
 
     from .defense.demo import demo_splits, minilm_factory
 
+    _prepare_output(args.output, args.overwrite)  # before anything loads
     splits = demo_splits(poison_rate=args.poison_rate, seed=args.seed)
     try:
         factory, tokenizer = minilm_factory()
     except ImportError as e:  # the pretrained weights come from the optional `demo` extra
         raise CliError(f"demo: {_one_line(e)}") from None
-    _prepare_output(args.output, args.overwrite)  # before training
+    if args.overwrite:  # only now that the model has loaded: never clear a run for nothing
+        _clear_output(args.output)
     print(f"muscle-lora demo: all-MiniLM-L6-v2, {len(splits.train)} training reviews "
           f"({sum(s.poisoned for s in splits.train)} poisoned with BadNets), methods {', '.join(args.methods)}, "
           f"{torch.get_num_threads()} CPU threads" + (", CUDA" if torch.cuda.is_available() else ""))
@@ -359,12 +367,13 @@ def _defend(args, parser) -> int:
 
     splits = _load_splits(args, parser)
     num_labels = args.num_labels or infer_num_labels({"train": splits.train, "test_clean": splits.test_clean})
+    _prepare_output(args.output, args.overwrite)  # the data is good: check --output before anything loads
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.model)
     except OSError as e:  # not found locally nor on the Hub (or offline): transformers says which
         raise CliError(f"--model: cannot load {args.model!r}: {_one_line(e)}") from None
-    # before training (and after a bad --model could fail, so that --overwrite never clears a run for nothing)
-    _prepare_output(args.output, args.overwrite)
+    if args.overwrite:  # only now that the data and --model are known to be good: never clear a run for nothing
+        _clear_output(args.output)
     if tokenizer.pad_token is None:  # decoder LLMs ship without a padding token
         tokenizer.pad_token = tokenizer.eos_token
 

@@ -348,6 +348,18 @@ def test_nonempty_output_needs_overwrite(capsys, tmp_path, tiny_model_dir, stub_
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_overwrite_never_clears_for_a_failed_start(capsys, tmp_path):
+    victim = tmp_path / "elsewhere" / "keep.txt"
+    victim.parent.mkdir()
+    victim.write_text("precious")
+    out = tmp_path / "out"
+    plant_old_run(out, victim)
+    code, err = cli(capsys, ["defend", "--model", str(tmp_path / "no-model"), "--output", str(out), "--overwrite"]
+                    + files_argv(tmp_path))
+    assert code == 2 and "--model: cannot load" in one_line(err)
+    assert (out / "results.json").read_text() == '{"old": true}' and (out / "lora" / "adapter.txt").exists()
+
+
 def test_ctrl_c_during_second_method(capsys, tmp_path, tiny_model_dir, stub_training):
     victim = tmp_path / "elsewhere" / "keep.txt"
     victim.parent.mkdir()
