@@ -363,10 +363,12 @@ def _demo(args) -> int:
 def _defend(args, parser) -> int:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from .defense.data import infer_num_labels
+    from .defense.data import check_labels, infer_num_labels
 
     splits = _load_splits(args, parser)
     num_labels = args.num_labels or infer_num_labels({"train": splits.train, "test_clean": splits.test_clean})
+    for name in ("train", "dev", "test_clean", "test_poison"):  # before anything loads (train_method checks again)
+        check_labels(getattr(splits, name), num_labels, f"{name} (--num-labels {num_labels})")
     _prepare_output(args.output, args.overwrite)  # the data is good: check --output before anything loads
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.model)

@@ -15,10 +15,10 @@ import textwrap
 
 import pytest
 import torch
+import transformers
 
 from muscle_kernels.cli import main
 
-transformers = pytest.importorskip("transformers", reason="the CLI and the adapters need transformers")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Address-space limit of the memory subprocesses: importing torch + transformers maps about 3.3 GB of virtual memory;
 # every allocation the issue describes is above 10 GB.
@@ -200,6 +200,12 @@ def test_huge_label_needs_num_labels(tmp_path, tiny_model_dir):
     assert p.returncode == 2, p.stderr[-3000:]
     line = one_line(p.stderr)
     assert "the largest label is 1000000000" in line and "--num-labels" in line
+
+
+def test_explicit_num_labels_checked_before_loading(capsys, tmp_path):
+    code, err = cli(capsys, ["defend", "--model", "m", "--num-labels", "2"]
+                    + files_argv(tmp_path, two_class_rows() + [("good film", 7)]))
+    assert code == 2 and "train (--num-labels 2): unknown label(s) [7]" in one_line(err)
 
 
 def test_infer_num_labels():
@@ -432,7 +438,6 @@ def test_planted_symlinks_are_replaced_not_followed(tmp_path):
     (out / "results.png").symlink_to(victim)
     results = [stub_record("lora", Settings())]
     write_results(str(out), results)
-    pytest.importorskip("matplotlib", reason="the plot needs matplotlib")
     plot_results(results, str(out / "results.png"))
     assert victim.read_text() == "precious"
     assert not (out / "results.json").is_symlink() and json.loads((out / "results.json").read_text())["complete"]
