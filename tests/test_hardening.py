@@ -75,8 +75,9 @@ def run_limited(code: str, timeout: int = 240) -> subprocess.CompletedProcess:
     def limit():
         resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
 
+    # CUDA hidden: these cases are about host memory, and a CUDA context reserves far more address space than the limit
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               OMP_NUM_THREADS="1")
+               OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=env, preexec_fn=limit,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -112,6 +113,14 @@ def test_cuda_device_without_cuda(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     code, err = cli(capsys, ["defend", "--model", "m", "--device", "cuda:1"] + files_argv(tmp_path))
     assert code == 2 and "--device: 'cuda:1' asked for, but no CUDA device is available" in one_line(err)
+
+
+def test_cuda_index_out_of_range(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    code, err = cli(capsys, ["defend", "--model", "m", "--device", "cuda:3"] + files_argv(tmp_path))
+    assert code == 2 and "--device: 'cuda:3' asked for, but there are 1 CUDA device(s) (cuda:0 .. cuda:0)" in \
+        one_line(err)
 
 
 @pytest.mark.parametrize("suffix, row, column", [(".csv", 3002, 4), (".jsonl", 3001, 14)])
