@@ -435,6 +435,34 @@ def test_failed_write_leaves_the_old_results(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["results.json"], "no temporary file may be left behind"
 
 
+def test_sigkill_while_writing_leaves_valid_json(tmp_path):
+    """The issue's case: a process killed (SIGKILL) while it rewrites results.json. The writer loops over a record of a
+    few MB, so the kill lands inside a write nearly every time; with atomic replacement the file is always whole."""
+    import signal
+    import time
+
+    out = str(tmp_path)
+    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys
+        from muscle_kernels.defense.train import Settings, write_results
+        record = dict(method="lora", cacc=0.5, asr=0.5, history=[dict(epoch=i, dev_acc=0.5) for i in range(60000)],
+                      settings=Settings().to_dict())
+        write_results({out!r}, [record])
+        print("ready", flush=True)
+        while True:
+            write_results({out!r}, [record, record])
+    """)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        time.sleep(0.4)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=60)
+    with open(os.path.join(out, "results.json")) as f:
+        record = json.load(f)  # never truncated
+    assert len(record["results"]) in (1, 2)
+
+
 def test_planted_symlinks_are_replaced_not_followed(tmp_path):
     from muscle_kernels.defense.plot import plot_results
     from muscle_kernels.defense.train import Settings, write_results
