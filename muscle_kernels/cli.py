@@ -6,6 +6,9 @@
         --attack badnets --poison-rate 0.1 --target-label 1 --method lora,muscle-ga
 
 Both print a table (CACC, ASR, time per method) and write results.json, results.png and the adapters to --output.
+results.json is {"complete": bool, "results": [...]}, rewritten atomically after each method ("complete" turns true
+at the end); a non-empty --output is refused unless --overwrite. Bad input is one line on stderr and exit code 2
+(Ctrl-C: 130); an unexpected error keeps its traceback.
 """
 from __future__ import annotations
 
