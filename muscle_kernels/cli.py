@@ -6,6 +6,9 @@
         --attack badnets --poison-rate 0.1 --target-label 1 --method lora,muscle-ga
 
 Both print a table (CACC, ASR, time per method) and write results.json, results.png and the adapters to --output.
+results.json is {"complete": bool, "results": [...]}, rewritten atomically after each method ("complete" turns true
+at the end); a non-empty --output is refused unless --overwrite. Bad input is one line on stderr and exit code 2
+(Ctrl-C: 130); an unexpected error keeps its traceback.
 """
 from __future__ import annotations
 
@@ -85,14 +88,23 @@ def _add_training_options(p: argparse.ArgumentParser, defaults: dict) -> None:
     g.add_argument("--seed", type=int, default=defaults["seed"])
     g.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     g.add_argument("--output", default=None, help="directory for results.json, results.png and the adapters")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the results of an earlier run in --output (else a non-empty --output is refused)")
     g.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but an error is one line (naming the option) and a pointer to --help, not the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .defense.demo import DEMO_METHODS, DEMO_SETTINGS
     from .defense.train import Settings
 
-    parser = argparse.ArgumentParser(prog="muscle-lora", description="Backdoor-robust fine-tuning with MuScleLoRA.")
+    parser = _Parser(prog="muscle-lora", description="Backdoor-robust fine-tuning with MuScleLoRA.")
     sub = parser.add_subparsers(dest="command", metavar="{demo,defend}")
     sub.required = True
 
@@ -128,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     atk.add_argument("--poison-rate", type=_fraction, default=None,
                      help="with --attack: the share of training samples to poison (default 0.1); with --data: "
                           "which <rate>/ folder holds the training set, when there are several")
-    atk.add_argument("--target-label", type=int, default=1)
+    atk.add_argument("--target-label", type=int, default=None, help="the attack's target class (default 1)")
     atk.add_argument("--clean-label", action="store_true", help="poison target-class samples, keep their labels")
     d.add_argument("--method", type=_methods, default=["muscle-ga"],
                    help="vanilla, lora, muscle, muscle-ga, a comma-separated list, or all (default muscle-ga)")
@@ -164,6 +176,7 @@ def _load_splits(args, parser):
     from .defense.train import Splits
 
     files = dict(text_column=args.text_column, label_column=args.label_column)
+    _check_source_flags(args)
     if args.data:
         if args.train or args.test_clean or args.test_poison:
             parser.error("--data: give either --data DIR or the files (--train, --test-clean, ...), not both")
@@ -194,8 +207,8 @@ def _load_splits(args, parser):
                              "give --dev")
             dev = [train[i] for i in sorted(order[:n_dev])]
             train = [train[i] for i in sorted(order[n_dev:])]
-        rate = 0.1 if args.poison_rate is None else args.poison_rate
-        train = attacks.poison_train(train, attack, rate=rate, target_label=args.target_label,
+        _check_attack(args, train=train, test_clean=test_clean, dev=dev)
+        train = attacks.poison_train(train, attack, rate=args.poison_rate, target_label=args.target_label,
                                      clean_label=args.clean_label, seed=args.seed)
         test_poison = (load_file(args.test_poison, **files) if args.test_poison else
                        attacks.poison_test(test_clean, attack, target_label=args.target_label, seed=args.seed + 1))
@@ -210,6 +223,136 @@ def _load_splits(args, parser):
         test_poison = load_file(args.test_poison, **files)
         dev_poison = []
     return Splits(train=train, dev=dev, test_clean=test_clean, test_poison=test_poison, dev_poison=dev_poison)
+
+
+# -- checks that run before anything heavy (model loading, training) ---------------------------------------------------
+class CliError(Exception):
+    """Bad command-line input: main() prints it as one line naming the option and exits with code 2."""
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _check_device(name: str) -> None:
+    import torch
+
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise CliError(f"--device: expected auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CliError(f"--device: {name!r} asked for, but no CUDA device is available (use cpu or auto)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise CliError(f"--device: {name!r} asked for, but there are {torch.cuda.device_count()} CUDA "
+                           f"device(s) (cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise CliError(f"--device: {name!r} asked for, but MPS is not available (use cpu or auto)")
+    elif device.type != "cpu":
+        raise CliError(f"--device: expected auto, cpu, cuda or cuda:N, got {name!r}")
+
+
+def _check_source_flags(args) -> None:
+    """Flags that the chosen data source would ignore are errors, not silently dropped."""
+    if args.data:
+        if args.dev:
+            raise CliError("--dev: --data DIR uses the folder's dev-clean.csv; give either --data or the files "
+                           "(--train, --dev, --test-clean, ...)")
+        if args.target_label is not None:
+            raise CliError("--target-label: the paper's folders are poisoned already (test-poison.csv carries the "
+                           "target label); --target-label only applies with --attack on clean --train files")
+    if args.clean_label and not args.attack:
+        raise CliError("--clean-label: only applies with --attack (poisoning clean data yourself)")
+    if args.target_label is not None and not args.attack and not args.data:
+        raise CliError("--target-label: only applies with --attack; without it the target is the label of "
+                       "--test-poison")
+    if args.poison_rate is not None and not args.attack and not args.data:
+        raise CliError("--poison-rate: only applies with --attack (the share to poison) or --data (which <rate>/ "
+                       "training set)")
+    if args.target_label is None:
+        args.target_label = 1
+    if args.attack and args.poison_rate is None:
+        args.poison_rate = 0.1
+
+
+def _check_attack(args, *, train, test_clean, dev) -> None:
+    """What attacks.poison_train / poison_test would refuse, said in terms of the options."""
+    target = args.target_label
+    labels = sorted({s.label for s in train})
+    if len(labels) < 2:
+        raise CliError(f"--attack: {args.train} has only label {labels[0]}; a backdoor attack needs the target "
+                       "class and at least one other class")
+    if target not in labels:
+        raise CliError(f"--target-label: {target} is not a label of {args.train} (labels: {labels})")
+    n_poison = int(round(args.poison_rate * len(train)))
+    kind = "target" if args.clean_label else "non-target"
+    pool = sum((s.label == target) == bool(args.clean_label) for s in train)
+    if n_poison > pool:
+        raise CliError(f"--poison-rate: {args.poison_rate:g} asks for {n_poison} poisoned training samples, but the "
+                       f"{len(train)} training samples hold only {pool} {kind} ones (--target-label {target}); "
+                       f"at most {pool / len(train):.3f}")
+    checks = [("--dev", args.dev or "the dev set held out of --train", dev)]
+    if not args.test_poison:  # else the poisoned test set is given, not built from --test-clean
+        checks.append(("--test-clean", args.test_clean, test_clean))
+    for option, name, split in checks:
+        have = {s.label for s in split}
+        if target not in have or have == {target}:
+            raise CliError(f"{option}: {name} needs samples of --target-label {target} and of another class to "
+                           f"measure the attack (labels: {sorted(have)})")
+
+
+# what a run writes into --output (and --overwrite clears): the record, the plot, one folder per method
+def _run_outputs():
+    from .defense.train import METHODS
+
+    return ("results.json", "results.png") + tuple(METHODS)
+
+
+def _prepare_output(path: Optional[str], overwrite: bool) -> None:
+    """Create --output and prove it writable before anything loads; refuse an earlier run's results unless
+    --overwrite (whose clearing, _clear_output, waits until the model has loaded)."""
+    import tempfile
+
+    if path is None or not str(path).strip():
+        raise CliError(f"--output: expected a directory path, got {path!r}")
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise CliError(f"--output: {path} exists and is not a directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".muscle-lora-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise CliError(f"--output: cannot write to {path} ({e.strerror or e})") from None
+    entries = sorted(os.listdir(path))
+    if entries and not overwrite:
+        shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+        raise CliError(f"--output: {path} is not empty ({shown}); pass --overwrite to replace an earlier run's "
+                       "results, or choose another directory")
+
+
+def _clear_output(path: str) -> None:
+    """--overwrite: remove what this run writes (results, plot, every method's folder) and the temporary files of
+    a killed run; other files stay. Symlinks are removed, never followed."""
+    import shutil
+
+    ours = set(_run_outputs())
+    for name in sorted(os.listdir(path)):
+        stray = name.startswith((".results.json.", ".results.png.")) and name.endswith(".tmp")
+        if name not in ours and not stray:
+            continue
+        full = os.path.join(path, name)
+        try:
+            if os.path.islink(full) or not os.path.isdir(full):
+                os.unlink(full)
+            else:
+                shutil.rmtree(full)
+        except OSError as e:
+            raise CliError(f"--overwrite: cannot remove {full} ({e.strerror or e})") from None
 
 
 def format_table(results) -> str:
@@ -229,8 +372,10 @@ def _run(args, splits, factory, tokenizer, methods, extra, save_vanilla=True) ->
                           save_vanilla=save_vanilla, progress=not args.no_progress, extra=extra)
     print()
     print(format_table(results))
+    plot = os.path.join(args.output, "results.png")
     print(f"\n{len(methods)} method(s) in {time.perf_counter() - start:.0f} s; results in "
-          f"{os.path.join(args.output, 'results.json')}, plot in {os.path.join(args.output, 'results.png')}")
+          f"{os.path.join(args.output, 'results.json')}, "
+          + (f"plot in {plot}" if os.path.isfile(plot) else "no plot (matplotlib is not installed)"))
     return 0
 
 
@@ -239,8 +384,14 @@ def _demo(args) -> int:
 
     from .defense.demo import demo_splits, minilm_factory
 
+    _prepare_output(args.output, args.overwrite)  # before anything loads
     splits = demo_splits(poison_rate=args.poison_rate, seed=args.seed)
-    factory, tokenizer = minilm_factory()
+    try:
+        factory, tokenizer = minilm_factory()
+    except ImportError as e:  # the pretrained weights come from the optional `demo` extra
+        raise CliError(f"demo: {_one_line(e)}") from None
+    if args.overwrite:  # only now that the model has loaded: never clear a run for nothing
+        _clear_output(args.output)
     print(f"muscle-lora demo: all-MiniLM-L6-v2, {len(splits.train)} training reviews "
           f"({sum(s.poisoned for s in splits.train)} poisoned with BadNets), methods {', '.join(args.methods)}, "
           f"{torch.get_num_threads()} CPU threads" + (", CUDA" if torch.cuda.is_available() else ""))
@@ -251,6 +402,7 @@ def _demo(args) -> int:
 
 
 def _defend(args, parser) -> int:
+    from .defense.data import check_labels, infer_num_labels
     from .defense.models import classifier_factory
 
     splits = _load_splits(args, parser)
@@ -258,8 +410,16 @@ def _defend(args, parser) -> int:
         from .defense.demo import minilm_path
 
         args.model = minilm_path()
-    num_labels = args.num_labels or max(2, 1 + max(s.label for s in splits.train + splits.test_clean))
-    factory, tokenizer = classifier_factory(args.model, num_labels, gguf_file=args.gguf_file)
+    num_labels = args.num_labels or infer_num_labels({"train": splits.train, "test_clean": splits.test_clean})
+    for name in ("train", "dev", "test_clean", "test_poison"):  # before anything loads (train_method checks again)
+        check_labels(getattr(splits, name), num_labels, f"{name} (--num-labels {num_labels})")
+    _prepare_output(args.output, args.overwrite)  # the data is good: check --output before anything loads
+    try:
+        factory, tokenizer = classifier_factory(args.model, num_labels, gguf_file=args.gguf_file)
+    except OSError as e:  # not found locally nor on the Hub (or offline): transformers says which
+        raise CliError(f"--model: cannot load {args.model!r}: {_one_line(e)}") from None
+    if args.overwrite:  # only now that the data and --model are known to be good: never clear a run for nothing
+        _clear_output(args.output)
     return _run(args, splits, factory, tokenizer, args.method,
                 extra=dict(model=args.model, data=args.data or args.train, attack=args.attack,
                            poison_rate=args.poison_rate if args.attack else None))
@@ -276,12 +436,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error(str(e))
 
     try:
+        _check_device(args.device)
         if args.command == "demo":
             return _demo(args)
         return _defend(args, parser)
-    except (DataError, FileNotFoundError) as e:
-        print(f"muscle-lora: error: {e}", file=sys.stderr)
+    except (CliError, DataError, FileNotFoundError) as e:  # expected: bad input, one line; anything else: traceback
+        print(f"muscle-lora: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("muscle-lora: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

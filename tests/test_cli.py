@@ -80,7 +80,9 @@ def test_defend_end_to_end(tmp_path, capsys):
     assert code == 0
     printed = capsys.readouterr().out
     assert "muscle-ga" in printed and "CACC" in printed
-    results = json.loads((out / "results.json").read_text())
+    record = json.loads((out / "results.json").read_text())
+    results = record["results"]
+    assert record["complete"] is True
     assert [r["method"] for r in results] == ["lora", "muscle-ga"]
     assert results[1]["settings"]["attack"] == "addsent"
     assert os.path.isfile(out / "muscle-ga" / "muscle_lora_adapter.safetensors")
@@ -128,7 +130,7 @@ def test_demo_command_wiring(tmp_path, capsys, monkeypatch):
     out = tmp_path / "demo"
     assert main(["demo", "--methods", "lora,muscle-ga,vanilla", "--epochs", "1", "--ref-size", "8",
                  "--output", str(out), "--no-progress", "--device", "cpu"]) == 0
-    results = json.loads((out / "results.json").read_text())
+    results = json.loads((out / "results.json").read_text())["results"]
     assert [r["method"] for r in results] == ["lora", "muscle-ga", "vanilla"]
     # the demo runs with defend's defaults (the recipe's band, the gate's min_ref_loss) but for max_length
     assert results[0]["settings"]["freq_band"] is None and results[0]["settings"]["min_ref_loss"] == 0.0

@@ -53,7 +53,9 @@ def test_all_methods_write_results_and_reloadable_adapters(setup):
     results = run_methods(list(METHODS), factory, tokenizer, splits, settings, output_dir=out, progress=False,
                           log=lambda s: None)
     with open(os.path.join(out, "results.json")) as f:
-        saved = json.load(f)
+        record = json.load(f)
+    assert record["complete"] is True
+    saved = record["results"]
     assert [r["method"] for r in saved] == [r["method"] for r in results] == list(METHODS)
     for r in saved:
         for key in ("method", "cacc", "asr", "train_seconds", "step_seconds", "settings", "best_epoch", "history"):

@@ -9,6 +9,7 @@ index column and columns `0,1,2` = text, label, poison flag; a folder holds `tra
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence
 
 __all__ = ["Sample", "DataError", "load_paper_csv", "load_paper_dir", "load_table", "load_file",
-           "load_hf_dataset", "check_labels", "PAPER_FILES"]
+           "load_hf_dataset", "check_labels", "infer_num_labels", "MAX_INFERRED_LABELS", "PAPER_FILES"]
 
 # split name -> file name in the paper's folders
 PAPER_FILES = {
@@ -89,7 +90,7 @@ def _read_rows(path: str, delimiter: str):
     """(header, [(line number, row dict)]) of a CSV/TSV file; line numbers count physical lines (quoted newlines)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such data file")
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    with _utf8_errors(path), open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f, delimiter=delimiter)
         header = reader.fieldnames
         if not header:
@@ -104,6 +105,32 @@ def _read_rows(path: str, delimiter: str):
     if not rows:
         raise DataError(f"{path}: the file has a header but no data rows")
     return header, rows
+
+
+@contextlib.contextmanager
+def _utf8_errors(path: str):
+    """Turn a UnicodeDecodeError while reading `path` into a DataError naming the file and the row.
+
+    The decoder works on buffered chunks, so the error's offset says nothing about the line; the file is scanned
+    again, line by line in binary, to find the first line that is not UTF-8 (only on this error path)."""
+    try:
+        yield
+    except UnicodeDecodeError as e:
+        line, column, byte = _first_non_utf8(path)
+        where = f"{path}, row {line}" if line else path
+        detail = f"byte 0x{byte:02x} at column {column}" if line else e.reason
+        raise DataError(f"{where}: not UTF-8 text ({detail}); save the file as UTF-8") from None
+
+
+def _first_non_utf8(path: str):
+    """(1-based line, 1-based byte column, the byte) of the first invalid UTF-8 sequence, or (None, None, None)."""
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return line_no, e.start + 1, raw[e.start]
+    return None, None, None
 
 
 def _need_columns(path: str, header: Sequence[str], columns: Sequence[str]):
@@ -177,7 +204,7 @@ def _load_jsonl(path, text_column, label_column, poison_column, label_map) -> Li
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such data file")
     out = []
-    with open(path, encoding="utf-8-sig") as f:
+    with _utf8_errors(path), open(path, encoding="utf-8-sig") as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -203,7 +230,7 @@ def load_file(path: str, **kwargs) -> List[Sample]:
     if _format_of(path) == "csv" and not kwargs.get("format") and "text_column" not in kwargs:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: no such data file")
-        with open(path, newline="", encoding="utf-8-sig") as f:
+        with _utf8_errors(path), open(path, newline="", encoding="utf-8-sig") as f:
             header = next(csv.reader(f), [])
         if "0" in header and "1" in header and "text" not in header:
             return load_paper_csv(path, label_map=kwargs.get("label_map"))
@@ -249,3 +276,23 @@ def check_labels(samples: Sequence[Sample], num_labels: int, name: str) -> None:
     if bad:
         raise DataError(f"{name}: unknown label(s) {bad} for a model with {num_labels} labels "
                         f"(expected 0..{num_labels - 1})")
+
+
+# More classes than this are almost surely a broken label column (e.g. ids or prices), and the classifier head the
+# inferred count asks for (hidden x labels) could exhaust memory: above it, num_labels must be given explicitly.
+MAX_INFERRED_LABELS = 1000
+
+
+def infer_num_labels(splits: Mapping[str, Sequence[Sample]], *, limit: int = MAX_INFERRED_LABELS) -> int:
+    """The number of classes the data implies (largest label + 1, at least 2), refusing more than `limit`."""
+    largest, where = -1, None
+    for name, samples in splits.items():
+        for s in samples:
+            if s.label > largest:
+                largest, where = s.label, name
+    n = max(2, largest + 1)
+    if n > limit:
+        raise DataError(f"{where}: the largest label is {largest}, which would make a {n}-class classifier (more "
+                        f"than {limit}); class ids must be 0..N-1 -- fix the label column, or pass num_labels "
+                        f"explicitly (--num-labels N)")
+    return n

@@ -8,6 +8,11 @@ from typing import List
 __all__ = ["plot_results"]
 
 
+def _number(v) -> bool:
+    # dev_asr is NaN in memory and null in a results.json read back (no poisoned dev set)
+    return isinstance(v, (int, float)) and not math.isnan(v)
+
+
 def plot_results(results: List[dict], path: str) -> str:
     """Write a PNG with two panels (matplotlib, Agg backend: no display needed); returns `path`."""
     import matplotlib
@@ -34,7 +39,7 @@ def plot_results(results: List[dict], path: str) -> str:
     ax1.set_title("Clean accuracy vs backdoor")
     for r in results:
         hist = r.get("history", [])
-        ys = [100 * h["dev_asr"] for h in hist if not math.isnan(h.get("dev_asr", float("nan")))]
+        ys = [100 * h["dev_asr"] for h in hist if _number(h.get("dev_asr"))]
         if ys:
             ax2.plot(range(1, len(ys) + 1), ys, marker="o", label=r["method"])
     epochs = max((len(r.get("history", [])) for r in results), default=0)
@@ -48,6 +53,10 @@ def plot_results(results: List[dict], path: str) -> str:
         ax2.legend(fontsize=8)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    from .output import replace_atomically
+
+    try:  # atomically: an interrupted run never leaves half a PNG, and a planted symlink is replaced, not followed
+        replace_atomically(path, lambda f: fig.savefig(f, dpi=120, format="png"))
+    finally:
+        plt.close(fig)
     return path

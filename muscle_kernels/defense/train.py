@@ -397,29 +397,53 @@ def run_methods(methods: Sequence[str], model_factory: Callable[[], nn.Module], 
     else:
         splits = split_reference(splits, settings)
     results = []
+    plot = output_dir is not None
     for method in methods:
         log(f"== {method}")
         results.append(train_method(method, model_factory, tokenizer, splits, settings,
                                     output_dir=output_dir if save_models and (save_vanilla or method != "vanilla")
                                     else None, progress=progress, log=log))
-        if output_dir is not None:
-            write_results(output_dir, results, extra=extra)
+        if output_dir is not None:  # after each method: an interrupted run keeps what it finished
+            write_results(output_dir, results, extra=extra, complete=False)
+            plot = plot and _write_plot(results, output_dir)
     if output_dir is not None:
-        from .plot import plot_results
-
-        plot_results(results, os.path.join(output_dir, "results.png"))
+        write_results(output_dir, results, extra=extra, complete=True)
     return results
 
 
-def write_results(output_dir: str, results: List[dict], *, extra: Optional[dict] = None) -> str:
+def _write_plot(results: List[dict], output_dir: str) -> bool:
+    """results.png; without matplotlib one warning and False (the caller stops trying), never an error."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        import warnings
+
+        warnings.warn("matplotlib is not installed: results.png is skipped (pip install matplotlib); "
+                      "results.json holds every number", stacklevel=3)
+        return False
+    from .plot import plot_results
+
+    plot_results(results, os.path.join(output_dir, "results.png"))
+    return True
+
+
+def write_results(output_dir: str, results: List[dict], *, extra: Optional[dict] = None,
+                  complete: bool = True) -> str:
+    """output_dir/results.json: {"complete": bool, "results": [one record per method]}, strict JSON (NaN -> null).
+
+    complete is False while a run is still going (or was interrupted). The file is replaced atomically (written to
+    a temporary file, then os.replace): a reader never sees half a file, and a planted results.json symlink is
+    replaced, its target left alone."""
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, "results.json")
     payload = copy.deepcopy(results)
     if extra:
         for r in payload:
             r["settings"].update(extra)
-    with open(path, "w") as f:
-        json.dump(payload, f, indent=2)
+    from .output import json_safe, replace_atomically
+
+    text = json.dumps({"complete": bool(complete), "results": json_safe(payload)}, indent=2, allow_nan=False)
+    replace_atomically(path, lambda f: f.write(text.encode("utf-8")))
     return path
 
 

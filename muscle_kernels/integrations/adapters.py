@@ -95,6 +95,8 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
                          f"{type(model).__name__}")
     current = getattr(model, CONFIG_ATTR, None)
     if current is None:
+        # The config's sizes come from a file: check them against the weights' header before anything is built.
+        _check_config_against_file(model, saved, weights_path)
         apply_muscle_lora(model, saved)
     else:
         diff = current.diff(saved)
@@ -121,6 +123,84 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
         for k, target in expected.items():
             target.copy_(tensors[k])
     return model
+
+
+def _header_shapes(weights_path: str) -> Dict[str, tuple]:
+    """{key: shape} from a safetensors file's header (no tensor data read)."""
+    from safetensors import safe_open
+
+    with safe_open(weights_path, framework="pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
+def _expected_shapes(model: nn.Module, config: MuScleLoRAConfig) -> Dict[str, tuple]:
+    """{key: (shape, {axis: the config fields that set shape[axis]})} of the tensors apply_muscle_lora(model, config)
+    would create, computed from the plain model's module sizes without creating anything."""
+    from .heads import is_conv1d
+
+    sizes = {}  # module name -> (in_features, out_features) after the optional score-head replacement
+    set_by = {}  # module name -> {0: fields that set in_features, 1: ... out_features} where the config sets them
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            sizes[name] = (m.in_features, m.out_features)
+        elif is_conv1d(m):
+            sizes[name] = tuple(m.weight.shape)  # Conv1D stores [in, out]
+    names = [n for n, _ in model.named_modules()]
+    out = {}
+    h = config.score_head_hidden
+    score = getattr(model, "score", None)
+    if h is not None and isinstance(score, nn.Linear):
+        names = [n for n in names if n != "score" and not n.startswith("score.")]
+        names += ["score", "score.dense", "score.dropout", "score.out_proj"]
+        sizes.pop("score", None)
+        sizes["score.dense"] = (score.in_features, h)
+        sizes["score.out_proj"] = (h, score.out_features)
+        set_by = {"score.dense": {1: "score_head_hidden"}, "score.out_proj": {0: "score_head_hidden"}}
+        out["score.dense.weight"] = ((h, score.in_features), {0: "score_head_hidden"})
+        out["score.out_proj.weight"] = ((score.out_features, h), {1: "score_head_hidden"})
+    branches = []
+    if config.lora_targets:
+        branches.append((resolve(names, config.lora_targets, "lora_targets"), config.lora_rank, "lora_rank"))
+    if config.mslr_targets:
+        branches.append((resolve(names, config.mslr_targets, "mslr_targets"),
+                         len(config.freq_band) * config.inner_rank, "inner_rank x len(freq_band)"))
+    for targets, nr, fields in branches:
+        for name in targets:
+            if name not in sizes:
+                continue  # not a Linear: apply_muscle_lora names the problem
+            fan_in, fan_out = sizes[name]
+            io = set_by.get(name, {})
+            out[f"{name}.lora_L"] = ((nr, fan_in), {0: fields, **({1: io[0]} if 0 in io else {})})
+            out[f"{name}.lora_R"] = ((fan_out, nr), {1: fields, **({0: io[1]} if 1 in io else {})})
+            out[f"{name}.scales"] = ((nr,), {0: fields})
+    return out
+
+
+def _check_config_against_file(model: nn.Module, config: MuScleLoRAConfig, weights_path: str) -> None:
+    """Every size the saved config sets (the ranks, the score head's width) must be the one the weights file holds,
+    and every adapter tensor the config implies must be in it: a tampered or mismatched config (say inner_rank 1e7)
+    is refused here, before apply_muscle_lora allocates it. Sizes the model sets (in/out features) are compared
+    after the build, with the rest of the key set."""
+    header = _header_shapes(weights_path)
+    path = os.path.dirname(weights_path) or "."
+    wrong, missing = [], []
+    for key, (shape, config_axes) in _expected_shapes(model, config).items():
+        got = header.get(key)
+        if got is None:
+            if not key.endswith(".weight"):  # the head's weights are in the file only when modules_to_save says so
+                missing.append(key)
+            continue
+        bad = [a for a in config_axes if len(got) != len(shape) or got[a] != shape[a]]
+        if bad:
+            fields = ", ".join(f"{config_axes[a]} = {shape[a]}" for a in bad)
+            wrong.append(f"{key}: saved {got}, the config ({fields}) implies {shape}")
+    if wrong:
+        raise ValueError(f"load_adapter: the config in {path} does not match its weights file: "
+                         + "; ".join(wrong[:8]) + (" ..." if len(wrong) > 8 else ""))
+    if missing:
+        missing.sort()
+        raise ValueError(f"load_adapter: {path} does not fit the model: missing tensors "
+                         f"{missing[:8]}{' ...' if len(missing) > 8 else ''}")
 
 
 @torch.no_grad()

@@ -60,7 +60,7 @@ def _module_state(module: nn.Module) -> Dict[str, torch.Tensor]:
         if layer is None:
             out[key] = value
             continue
-        if leaf in ("lora_L", "lora_R", "scales"):
+        if leaf in ("lora_L", "lora_R", "scales", "merged"):  # "merged": the flag of a merged layer
             continue
         if leaf == "weight":
             w = layer.weight.float() if layer.merged else layer.weight.float() + layer.delta_weight().float()

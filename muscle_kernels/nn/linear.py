@@ -141,6 +141,28 @@ class MuScleLoRALinear(nn.Module):
         self.weight.copy_((self.weight.to(self._acc_dtype()) - self.delta_weight()).to(self.weight.dtype))
         self.merged = False
 
+    # -- the merged flag is part of the state ---------------------------------------------------------------------
+    # A merged layer's weight already holds W + R diag(s) L; a checkpoint of it must say so, or a fresh layer that
+    # loads it would add the delta a second time in forward. The flag is saved (as a bool tensor under "merged") only
+    # when the layer is merged, so an unmerged layer's state dict keeps exactly its tensors and every earlier
+    # checkpoint loads unchanged; loading a state dict without the key means "not merged".
+    _MERGED_KEY = "merged"
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.merged:
+            destination[prefix + self._MERGED_KEY] = torch.tensor(True)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        flag = state_dict.pop(prefix + self._MERGED_KEY, None)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if flag is not None and (not isinstance(flag, torch.Tensor) or flag.numel() != 1):
+            error_msgs.append(f"{prefix}{self._MERGED_KEY}: expected a one-element bool tensor, got {flag!r}")
+            return
+        self.merged = bool(flag) if flag is not None else False
+
     def _acc_dtype(self):
         return torch.float64 if self.weight.dtype == torch.float64 else torch.float32
 
