@@ -1,0 +1,119 @@
+"""Gradient alignment on 2 real gloo ranks (CPU): DDP and FSDP2 against one process that sees both ranks' batches,
+the collectives the alignment issues, a rank with a non-finite reference loss, and the two-stage op on shards.
+
+Each fixture spawns the ranks once (process start-up dominates) and every test reads its results; a rank that hangs
+fails the fixture at its deadline (see tests/_dist_workers.spawn)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from . import _dist_workers as W
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+CFGS = tuple(W.CONFIGS)
+
+
+@pytest.fixture(scope="module")
+def single():
+    return {cfg: W.single_process(cfg) for cfg in CFGS}
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory):
+    return W.spawn(W.ddp_program, tmp_path_factory.mktemp("ddp"), CFGS)
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(tmp_path_factory):
+    return W.spawn(W.fsdp_program, tmp_path_factory.mktemp("fsdp"), CFGS)
+
+
+@pytest.fixture(scope="module")
+def misc_runs(tmp_path_factory):
+    return W.spawn(W.misc_program, tmp_path_factory.mktemp("misc"), 7)
+
+
+def _check_against_single(runs, single, cfg, tol):
+    want_params, want_branches, want_loss = single[cfg]
+    for rank, run in enumerate(runs):
+        r = run[cfg]
+        assert r["branches"] == want_branches, f"rank {rank}: branches {r['branches']} != one process {want_branches}"
+        for step, (a, b) in enumerate(zip(r["ref_loss"], want_loss)):
+            assert math.isclose(a, b, rel_tol=1e-5), f"rank {rank} step {step}: ref loss {a} != one process {b}"
+        for i, (a, b) in enumerate(zip(r["params"], want_params)):
+            err = float((a - b).abs().max())
+            assert err <= tol * float(b.abs().max()), f"rank {rank} param {i}: differs from one process by {err}"
+
+
+def test_configs_cover_every_branch(single):
+    seen = {b for _, branches, _ in single.values() for b in branches}
+    assert seen == {"replace", "blend", "raw"}, seen
+
+
+@pytest.mark.parametrize("cfg", CFGS)
+def test_ddp_ranks_identical_and_equal_to_one_process(ddp_runs, single, cfg):
+    for a, b in zip(ddp_runs[0][cfg]["params"], ddp_runs[1][cfg]["params"]):
+        assert torch.equal(a, b), "the replicas drifted apart"
+    _check_against_single(ddp_runs, single, cfg, tol=1e-5)
+
+
+@pytest.mark.parametrize("cfg", CFGS)
+def test_ddp_one_allreduce_and_no_reducer_traffic(ddp_runs, cfg):
+    for rank, run in enumerate(ddp_runs):
+        r = run[cfg]
+        # the probe sees DDP's own gradient all-reduce in a plain backward ...
+        assert any(name == "allreduce_" for name, _ in r["plain"]), r["plain"]
+        # ... and in an aligned step exactly one all-reduce: every reference gradient (fp32 here, one bucket) plus
+        # the fp32 tail (loss, one reached-flag per tensor); nothing from the reducer
+        want = [("allreduce_", 4 * (r["numel"] + r["n_params"] + 1))]
+        for step, calls in r["collectives"].items():
+            assert calls == want, f"rank {rank} step {step}: {calls} != {want}"
+
+
+@pytest.mark.parametrize("cfg", CFGS)
+def test_fsdp2_equal_to_one_process(fsdp_runs, single, cfg):
+    for a, b in zip(fsdp_runs[0][cfg]["params"], fsdp_runs[1][cfg]["params"]):
+        assert torch.equal(a, b)
+    _check_against_single(fsdp_runs, single, cfg, tol=1e-5)
+
+
+@pytest.mark.parametrize("cfg", CFGS)
+def test_fsdp2_alignment_gathers_no_gradient(fsdp_runs, cfg):
+    for rank, run in enumerate(fsdp_runs):
+        r = run[cfg]
+        if rank == 1:
+            assert 0 in r["local_numel"], "rank 1 should hold an empty shard"
+        plain = r["plain"]
+        assert any(n == "_reduce_scatter_base_" for n, _ in plain) and any(n == "_allgather_base_" for n, _ in plain)
+        for step, calls in r["collectives"].items():
+            # the reference forward + backward is FSDP's own (parameter all-gathers, gradient reduce-scatters),
+            # once per reference batch; the alignment adds one [n + 1, 3] fp32 all-reduce and nothing else
+            fsdp_part = [c for c in calls if c[0] != "allreduce_"]
+            assert sorted(fsdp_part) == sorted(plain * r["n_batches"]), f"rank {rank} step {step}: {calls}"
+            assert [c for c in calls if c[0] == "allreduce_"] == [("allreduce_", 12 * (r["n_params"] + 1))]
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+def test_nonfinite_reference_loss_on_one_rank(misc_runs, engine):
+    for rank, run in enumerate(misc_runs):
+        for step, r in run["nonfinite"][engine].items():
+            assert r["branch"] == "raw", f"{engine} rank {rank} step {step}: branch {r['branch']}"
+            assert not math.isfinite(r["ref_loss"]), "the gate must see the global (non-finite) loss"
+            assert r["unchanged"], f"{engine} rank {rank} step {step}: the training gradient was modified"
+
+
+@pytest.mark.parametrize("rho", [0.0, 0.3])
+def test_two_stage_op_on_shards_equals_whole_tensors(misc_runs, rho):
+    assert misc_runs[1]["split"][rho]["empty"].count(True) == 2, "rank 1 should hold two empty shards"
+    for rank, run in enumerate(misc_runs):
+        r = run["split"][rho]
+        assert r["stats_err"] < 1e-5, f"rank {rank}: summed shard stats differ from whole-tensor stats"
+        for i, (err, dtype) in enumerate(zip(r["errs"], r["dtypes"])):
+            tol = {"torch.float64": 1e-12, "torch.float32": 1e-6}.get(dtype, 1e-2)
+            assert err <= tol, f"rank {rank} tensor {i} ({dtype}): shard result off by {err} (relative)"
