@@ -39,7 +39,7 @@ from .._env import forced_choice
 if TYPE_CHECKING:  # pragma: no cover
     from .aligner import GradientAligner
 
-__all__ = ["DistContext", "context", "unwrap_ddp", "local_tensors", "average_reference_",
+__all__ = ["DistContext", "check_engine", "context", "unwrap_ddp", "local_tensors", "average_reference_",
            "sharded_reference_gradients", "all_reduce_stats", "BUCKET_BYTES", "comm_bytes_per_step"]
 
 _ENV = "MUSCLE_KERNELS_ALIGN_DISTRIBUTED"
@@ -76,6 +76,18 @@ def unwrap_ddp(model: torch.nn.Module) -> torch.nn.Module:
     while isinstance(model, DistributedDataParallel):
         model = model.module
     return model
+
+
+def check_engine(model: torch.nn.Module) -> None:
+    """Refuse the engines whose gradients cannot be aligned per tensor (FSDP1), with the reason."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # pragma: no cover - torch without FSDP
+        return
+    if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+        raise ValueError("model: FSDP1 (FullyShardedDataParallel) flattens the parameters -- their .grad are views "
+                         "into one flat shard -- so gradients cannot be aligned per tensor; shard with FSDP2 "
+                         "(torch.distributed.fsdp.fully_shard; Trainer/accelerate: fsdp_version 2) instead")
 
 
 def context(model: torch.nn.Module, params: Sequence[torch.Tensor]) -> Optional[DistContext]:

@@ -11,7 +11,9 @@ guarantee the Trainer gives:
   log), and accelerate wraps `model.forward` in autocast, so the reference forward runs in the same precision;
 - the logged `grad_norm` stays the raw (pre-alignment) norm; the aligned, pre-clip norm is logged as `ga_grad_norm`.
 
-DeepSpeed and FSDP keep gradients outside `.grad` (or sharded), which the aligner cannot read: they are refused.
+Several processes (align/distributed.py): under DDP the reference gradient is averaged over the ranks; under FSDP2
+(`fsdp_config={"fsdp_version": 2}`) the alignment works on the gradient shards with one small all-reduce. FSDP1
+(flattened parameters) and DeepSpeed (gradients in its own partitioned buffers, not in `.grad`) are refused.
 MuScleLoRATrainer is a thin Trainer subclass that builds the callback from a reference dataset and merges its stats
 into the Trainer's own log entries, so every reporter (TensorBoard, W&B, ...) sees them.
 """
@@ -88,11 +90,15 @@ class MuScleLoRACallback(TrainerCallback):
 
     # -- life cycle --------------------------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if getattr(args, "deepspeed", None) or getattr(args, "fsdp", None):
-            raise ValueError("MuScleLoRACallback: DeepSpeed and FSDP keep gradients outside .grad (or sharded), "
-                             "which gradient alignment needs; train without them")
+        if getattr(args, "deepspeed", None):
+            raise ValueError("MuScleLoRACallback: DeepSpeed keeps the gradients in its own partitioned buffers, not "
+                             "in .grad, so they cannot be aligned before its optimizer step; use DDP or FSDP2 "
+                             "(fsdp_config={'fsdp_version': 2}) instead")
         if model is None:
             raise ValueError("MuScleLoRACallback: the Trainer passed no model to the callback")
+        from ..align.distributed import check_engine
+
+        check_engine(model)  # FSDP1 is refused with the reason; DDP and FSDP2 are handled by the aligner
         self._params = [p for p in model.parameters() if p.requires_grad]
         if self.aligner is None:
             from ..align.aligner import GradientAligner
@@ -123,7 +129,8 @@ class MuScleLoRACallback(TrainerCallback):
         with_grad = [p for p in model.parameters() if p.grad is not None]
         if with_grad:
             max_norm = self.max_grad_norm if self.max_grad_norm and self.max_grad_norm > 0 else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(with_grad, max_norm))
+            norm = torch.nn.utils.clip_grad_norm_(with_grad, max_norm)
+            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP2: a DTensor
         record = dict(step=state.global_step + 1, epoch=epoch, branch=info.branch, raw_ratio=info.raw_ratio,
                       ref_loss=info.ref_loss, ref_grad_norm=info.ref_grad_norm, mean_cosine=info.mean_cosine,
                       grad_norm=grad_norm)
