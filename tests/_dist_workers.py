@@ -7,6 +7,7 @@ dominates."""
 from __future__ import annotations
 
 import os
+import pathlib
 import time
 import traceback
 from typing import Callable, Dict, List
@@ -48,7 +49,7 @@ def spawn(fn: Callable, out_dir, *args, world: int = WORLD, timeout: float = 90.
             if time.monotonic() > deadline:
                 raise AssertionError(f"{fn.__name__}: the ranks did not finish within {timeout:.0f} s (a hang)")
     except mp.ProcessRaisedException as e:
-        errs = [open(os.path.join(out_dir, f)).read() for f in sorted(os.listdir(out_dir)) if f.endswith(".err")]
+        errs = [pathlib.Path(out_dir, f).read_text() for f in sorted(os.listdir(out_dir)) if f.endswith(".err")]
         raise AssertionError(f"{fn.__name__} failed on a rank:\n" + ("\n".join(errs) or str(e))) from None
     finally:
         for p in ctx.processes:
@@ -153,13 +154,19 @@ def _logged(fn):
 
 
 # -- the rank programs ---------------------------------------------------------------------------------------------
+DDP_VARIANTS = {"static_graph": dict(static_graph=True), "find_unused": dict(find_unused_parameters=True)}
+
+
 def ddp_program(rank, world, cfgs):
+    """Every aligner config under a default DDP, then the "replace" config under the DDP_VARIANTS (keys
+    "replace/static_graph", ...)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     out = {}
-    for cfg in cfgs:
+    runs = [(cfg, cfg, {}) for cfg in cfgs] + [(f"replace/{k}", "replace", kw) for k, kw in DDP_VARIANTS.items()]
+    for key, cfg, ddp_kw in runs:
         model = make_model()
-        ddp = DDP(model)
+        ddp = DDP(model, **ddp_kw)
         logs = {}
 
         def probe(step, fn):
@@ -171,7 +178,7 @@ def ddp_program(rank, world, cfgs):
         # one more plain DDP step: a reducer left waiting by the reference backward would fail here; its collectives
         # show that the log does see the reducer's all-reduce
         _, plain = _logged(lambda: loss_fn(ddp, batches("train", rank, 1)[0]).backward())
-        out[cfg] = dict(params=[p.detach().clone() for p in model.parameters()], branches=[i.branch for i in infos],
+        out[key] = dict(params=[p.detach().clone() for p in model.parameters()], branches=[i.branch for i in infos],
                         ref_loss=[i.ref_loss for i in infos], collectives=logs, plain=plain,
                         n_params=len(list(model.parameters())), numel=sum(p.numel() for p in model.parameters()))
     return out
@@ -206,9 +213,36 @@ def fsdp_program(rank, world, cfgs):
 
 
 def misc_program(rank, world, seed):
-    """The non-finite reference loss under both engines, then the split two-stage op, in one process group."""
+    """The non-finite reference loss under both engines, the split two-stage op, and the bucketed reference
+    all-reduce, in one process group."""
     return dict(nonfinite={e: nonfinite_program(rank, world, e) for e in ("ddp", "fsdp2")},
-                split=split_op_program(rank, world, seed))
+                split=split_op_program(rank, world, seed), buckets=bucket_program(rank, world, seed))
+
+
+def bucket_program(rank, world, seed):
+    """average_reference_ with tiny buckets (several per dtype), mixed dtypes, and a tensor that only rank 0's
+    reference loss reaches: returns this rank's result and every rank's inputs, for the parent to check."""
+    from muscle_kernels.align import distributed as D
+
+    gen = torch.Generator().manual_seed(seed + rank)
+    specs = [((5, 3), torch.float32), ((7,), torch.bfloat16), ((2, 2), torch.float32), ((9,), torch.float64),
+             ((4,), torch.bfloat16), ((3, 3), torch.float32)]
+    params = [torch.nn.Parameter(torch.zeros(s, dtype=d)) for s, d in specs]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    refs = [torch.randn(s, generator=gen).to(d) for s, d in specs]
+    inputs = [r.clone() for r in refs]
+    refs[2] = None if rank == 1 else refs[2]  # reached on rank 0 only
+    refs[4] = None  # reached on no rank
+    old = D.BUCKET_BYTES
+    D.BUCKET_BYTES = 40  # a few elements per bucket
+    try:
+        log = CollectiveLog()
+        with log:
+            loss, out = D.average_reference_(D.DistContext("replicated", None, world), 1.0 + rank, refs, params)
+    finally:
+        D.BUCKET_BYTES = old
+    return dict(loss=loss, out=out, inputs=inputs, calls=log.calls)
 
 
 def nonfinite_program(rank, world, engine):
@@ -252,7 +286,12 @@ def split_op_program(rank, world, seed):
     """The two-stage op on dim-0 shards (torch.chunk, as FSDP2 shards) with a summed [n, 3] stats all-reduce, against
     align_gradients_ on the whole tensors. Returns the largest error per tensor (relative to the tensor's scale)."""
     from muscle_kernels.align import distributed as D
-    from muscle_kernels.ops.grad_align import align_gradients_, grad_align_apply_, grad_align_coeffs, grad_align_reduce
+    from muscle_kernels.ops.grad_align import (
+        align_gradients_,
+        grad_align_apply_,
+        grad_align_coeffs,
+        grad_align_reduce,
+    )
 
     gen = torch.Generator().manual_seed(seed)
     specs = [((7, 5), torch.float32), ((1, 9), torch.float32), ((3,), torch.bfloat16), ((1,), torch.float16),

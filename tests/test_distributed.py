@@ -63,7 +63,15 @@ def test_ddp_ranks_identical_and_equal_to_one_process(ddp_runs, single, cfg):
     _check_against_single(ddp_runs, single, cfg, tol=1e-5)
 
 
-@pytest.mark.parametrize("cfg", CFGS)
+@pytest.mark.parametrize("variant", sorted(W.DDP_VARIANTS))
+def test_ddp_variants_equal_to_one_process(ddp_runs, single, variant):
+    # static_graph counts the reducer's hooks and find_unused_parameters walks the graph: neither may see the
+    # reference backward
+    key = f"replace/{variant}"
+    _check_against_single([{"replace": run[key]} for run in ddp_runs], single, "replace", tol=1e-5)
+
+
+@pytest.mark.parametrize("cfg", CFGS + tuple(f"replace/{v}" for v in sorted(W.DDP_VARIANTS)))
 def test_ddp_one_allreduce_and_no_reducer_traffic(ddp_runs, cfg):
     for rank, run in enumerate(ddp_runs):
         r = run[cfg]
@@ -117,3 +125,21 @@ def test_two_stage_op_on_shards_equals_whole_tensors(misc_runs, rho):
         for i, (err, dtype) in enumerate(zip(r["errs"], r["dtypes"])):
             tol = {"torch.float64": 1e-12, "torch.float32": 1e-6}.get(dtype, 1e-2)
             assert err <= tol, f"rank {rank} tensor {i} ({dtype}): shard result off by {err} (relative)"
+
+
+def test_bucketed_reference_average(misc_runs):
+    results = [run["buckets"] for run in misc_runs]
+    inputs = [r["inputs"] for r in results]
+    for rank, r in enumerate(results):
+        assert r["loss"] == 1.5, "the loss is the mean over the ranks"
+        assert len(r["calls"]) > 3 and all(name == "allreduce_" for name, _ in r["calls"]), r["calls"]
+        assert r["out"][4] is None, "a tensor no rank's loss reaches stays None"
+        for i, got in enumerate(r["out"]):
+            if i == 4:
+                continue
+            # tensor 2 is reached on rank 0 only: the mean over the ranks counts rank 1 as zero
+            parts = [inputs[k][i].double() for k in range(len(inputs)) if not (i == 2 and k == 1)]
+            want = sum(parts) / len(inputs)
+            assert got.dtype == inputs[0][i].dtype
+            tol = 1e-2 if got.dtype == torch.bfloat16 else 1e-6
+            assert torch.allclose(got.double(), want, atol=tol, rtol=tol), f"rank {rank} tensor {i}"

@@ -40,7 +40,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .aligner import GradientAligner
 
 __all__ = ["DistContext", "check_engine", "context", "unwrap_ddp", "local_tensors", "average_reference_",
-           "sharded_reference_gradients", "all_reduce_stats", "BUCKET_BYTES", "comm_bytes_per_step"]
+           "sharded_reference_gradients", "all_reduce_stats", "BUCKET_BYTES"]
 
 _ENV = "MUSCLE_KERNELS_ALIGN_DISTRIBUTED"
 # The size DDP itself uses for its gradient buckets: big enough to amortize the launch, small enough that the
@@ -247,23 +247,3 @@ def all_reduce_stats(ctx: DistContext, stats: torch.Tensor, loss: float, device:
 def safe_loss(loss: float) -> bool:
     """Whether the globally reduced reference loss lets the gate run (else: the raw branch on every rank)."""
     return math.isfinite(loss)
-
-
-# -- the figures ---------------------------------------------------------------------------------------------------
-def comm_bytes_per_step(shapes: Sequence[Sequence[int]], dtype_bytes: int, world: int) -> Dict[str, int]:
-    """Bytes each rank sends per aligned step for a list of parameter shapes, in the ring model of an all-reduce
-    (2 (w - 1) / w of the buffer) and of an all-gather ((w - 1) / w of the gathered result):
-
-    - "ddp": averaging the reference gradient (the whole list in its dtype, plus the fp32 tail);
-    - "fsdp2": the [n + 1, 3] fp32 stats all-reduce;
-    - "gather": all-gathering the training and the reference gradient to compute the stats on whole tensors (the
-      naive way of aligning sharded gradients), for comparison.
-    """
-    n = len(shapes)
-    numel = sum(math.prod(s) for s in shapes)
-    ring = 2 * (world - 1) / world
-    return {
-        "ddp": int(ring * (numel * dtype_bytes + 4 * (n + 1))),
-        "fsdp2": int(ring * 12 * (n + 1)),
-        "gather": int(2 * (world - 1) / world * numel * dtype_bytes),
-    }
