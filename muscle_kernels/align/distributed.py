@@ -229,19 +229,30 @@ def sharded_reference_gradients(aligner: "GradientAligner", model: torch.nn.Modu
     return loss_sum / len(batches), refs
 
 
+def _comm_device(ctx: DistContext, device: torch.device) -> torch.device:
+    """Where the small stats buffer must live for the group's backend: FSDP2 with CPU offload keeps the gradient
+    shards on the CPU, which a pure NCCL group cannot reduce."""
+    import torch.distributed as dist
+
+    if device.type == "cpu" and "gloo" not in str(dist.get_backend(ctx.group)) and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def all_reduce_stats(ctx: DistContext, stats: torch.Tensor, loss: float, device: torch.device
                      ) -> Tuple[torch.Tensor, float]:
     """(global stats, mean loss over the ranks): the local-shard stats [n, 3] and this rank's loss summed over the
     ranks in one fp32 all-reduce of [n + 1, 3]."""
     import torch.distributed as dist
 
+    home, device = device, _comm_device(ctx, device)
     stats = stats.to(device=device, dtype=torch.float32)
     buf = torch.cat([stats, torch.tensor([[loss, 0.0, 0.0]], dtype=torch.float32, device=device)])
     dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=ctx.group)
     glob = buf[:-1]
     if ctx.replicas > 1:  # HSDP: each shard's sums arrive once per replica
         glob = glob / ctx.replicas
-    return glob.contiguous(), float(buf[-1, 0]) / ctx.world
+    return glob.to(home).contiguous(), float(buf[-1, 0]) / ctx.world
 
 
 def safe_loss(loss: float) -> bool:
