@@ -219,6 +219,12 @@ def misc_program(rank, world, seed):
                 split=split_op_program(rank, world, seed), buckets=bucket_program(rank, world, seed))
 
 
+def all_programs(rank, world, cfgs, seed):
+    """Every program above in one process group (one spawn: the start-up of the ranks dominates the test time)."""
+    return dict(ddp=ddp_program(rank, world, cfgs), fsdp=fsdp_program(rank, world, cfgs),
+                misc=misc_program(rank, world, seed))
+
+
 def bucket_program(rank, world, seed):
     """average_reference_ with tiny buckets (several per dtype), mixed dtypes, and a tensor that only rank 0's
     reference loss reaches: returns this rank's result and every rank's inputs, for the parent to check."""

@@ -1,8 +1,8 @@
 """Gradient alignment on 2 real gloo ranks (CPU): DDP and FSDP2 against one process that sees both ranks' batches,
 the collectives the alignment issues, a rank with a non-finite reference loss, and the two-stage op on shards.
 
-Each fixture spawns the ranks once (process start-up dominates) and every test reads its results; a rank that hangs
-fails the fixture at its deadline (see tests/_dist_workers.spawn)."""
+The ranks are spawned once for the module (process start-up dominates) and every test reads their results; a rank
+that hangs fails the fixture at its deadline (see tests/_dist_workers.spawn)."""
 from __future__ import annotations
 
 import math
@@ -25,18 +25,23 @@ def single():
 
 
 @pytest.fixture(scope="module")
-def ddp_runs(tmp_path_factory):
-    return W.spawn(W.ddp_program, tmp_path_factory.mktemp("ddp"), CFGS)
+def runs(tmp_path_factory):
+    return W.spawn(W.all_programs, tmp_path_factory.mktemp("ranks"), CFGS, 7, timeout=150)
 
 
 @pytest.fixture(scope="module")
-def fsdp_runs(tmp_path_factory):
-    return W.spawn(W.fsdp_program, tmp_path_factory.mktemp("fsdp"), CFGS)
+def ddp_runs(runs):
+    return [r["ddp"] for r in runs]
 
 
 @pytest.fixture(scope="module")
-def misc_runs(tmp_path_factory):
-    return W.spawn(W.misc_program, tmp_path_factory.mktemp("misc"), 7)
+def fsdp_runs(runs):
+    return [r["fsdp"] for r in runs]
+
+
+@pytest.fixture(scope="module")
+def misc_runs(runs):
+    return [r["misc"] for r in runs]
 
 
 def _check_against_single(runs, single, cfg, tol):
