@@ -148,3 +148,24 @@ def test_bucketed_reference_average(misc_runs):
             assert got.dtype == inputs[0][i].dtype
             tol = 1e-2 if got.dtype == torch.bfloat16 else 1e-6
             assert torch.allclose(got.double(), want, atol=tol, rtol=tol), f"rank {rank} tensor {i}"
+
+
+def test_fsdp1_is_refused_with_the_reason():
+    # FSDP1 cannot be built on a CPU-only machine; an instance made without its __init__ is enough for the check
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    from muscle_kernels.align.distributed import check_engine
+
+    fake = FullyShardedDataParallel.__new__(FullyShardedDataParallel)
+    torch.nn.Module.__init__(fake)
+    check_engine(torch.nn.Sequential(torch.nn.Linear(2, 2)))  # a plain model passes
+    with pytest.raises(ValueError, match="FSDP1 .* flattens the parameters"):
+        check_engine(torch.nn.Sequential(torch.nn.Linear(2, 2), fake))
+
+
+def test_single_process_needs_no_process_group():
+    from muscle_kernels.align import distributed as D
+
+    model = torch.nn.Linear(2, 2)
+    model(torch.randn(3, 2)).sum().backward()
+    assert D.context(model, list(model.parameters())) is None

@@ -215,9 +215,8 @@ class GradientAligner:
             stats = grad_align_reduce(grads, refs_used, backend=self.backend)
         else:
             stats = torch.zeros(0, 3)
-        ctx = _dist.context(model, params)
-        if ctx is not None and ctx.kind == "sharded":  # distributed hook: sums over the shards, one all-reduce
-            stats, ref_loss = _dist.all_reduce_stats(ctx, stats, ref_loss, _dist.local_tensors([params[0].grad])[0].device)
+        # distributed hook: under FSDP2 the stats and the loss are summed over the ranks (one all-reduce)
+        ctx, stats, ref_loss = _dist.global_stats(model, params, stats, ref_loss)
         # Per-tensor cosines for all params with a grad (NaN where the reference loss does not reach the tensor).
         full = torch.full((len(params), 3), float("nan"), dtype=torch.float32, device=stats.device)
         used = torch.tensor([r is not None for r in refs], device=stats.device)

@@ -29,6 +29,7 @@ process group).
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
@@ -40,12 +41,13 @@ if TYPE_CHECKING:  # pragma: no cover
     from .aligner import GradientAligner
 
 __all__ = ["DistContext", "check_engine", "context", "unwrap_ddp", "local_tensors", "average_reference_",
-           "sharded_reference_gradients", "all_reduce_stats", "BUCKET_BYTES"]
+           "sharded_reference_gradients", "all_reduce_stats", "global_stats", "safe_loss", "BUCKET_BYTES"]
 
 _ENV = "MUSCLE_KERNELS_ALIGN_DISTRIBUTED"
 # The size DDP itself uses for its gradient buckets: big enough to amortize the launch, small enough that the
 # flat copies stay a fraction of the reference gradient's own memory.
 BUCKET_BYTES = 25 * 1024 * 1024
+_engine_checked: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,9 @@ def context(model: torch.nn.Module, params: Sequence[torch.Tensor]) -> Optional[
             raise ValueError("params: some gradients are DTensors (FSDP2) and others plain tensors; align the "
                              "parameters of one FSDP2 model only")
         return _sharded_context(params)
+    if model not in _engine_checked:
+        check_engine(model)  # FSDP1's .grad also looks like a plain tensor: refuse it before averaging anything
+        _engine_checked.add(model)
     from torch.nn.parallel import DistributedDataParallel
 
     group = model.process_group if isinstance(model, DistributedDataParallel) else None
@@ -253,6 +258,16 @@ def all_reduce_stats(ctx: DistContext, stats: torch.Tensor, loss: float, device:
     if ctx.replicas > 1:  # HSDP: each shard's sums arrive once per replica
         glob = glob / ctx.replicas
     return glob.to(home).contiguous(), float(buf[-1, 0]) / ctx.world
+
+
+def global_stats(model: torch.nn.Module, params: Sequence[torch.Tensor], stats: torch.Tensor, loss: float
+                 ) -> Tuple[Optional[DistContext], torch.Tensor, float]:
+    """(context, stats, loss) as the gate must see them: summed over the shards for sharded gradients, as they are
+    otherwise (replicated gradients were already averaged with the reference gradient)."""
+    ctx = context(model, params)
+    if ctx is not None and ctx.kind == "sharded":
+        stats, loss = all_reduce_stats(ctx, stats, loss, params[0].grad._local_tensor.device)
+    return ctx, stats, loss
 
 
 def safe_loss(loss: float) -> bool:
