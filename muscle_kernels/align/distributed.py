@@ -178,21 +178,29 @@ def average_reference_(ctx: DistContext, loss: float, refs: List[Optional[torch.
     work = [r if r is not None else torch.zeros_like(p.grad) for r, p in zip(refs, params)]
     tail = torch.tensor([loss] + [float(r is not None) for r in refs], dtype=torch.float32, device=device)
     tensors = work + [tail]
-    handles = []
-    flats = []
-    for bucket in _buckets(tensors):
-        flat = torch.cat([tensors[i].reshape(-1) for i in bucket]) if len(bucket) > 1 else tensors[bucket[0]].reshape(-1)
-        flats.append((bucket, flat))
-        handles.append(dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=ctx.group, async_op=True))
-    for h in handles:
-        h.wait()
-    for bucket, flat in flats:
+
+    def finish(bucket, flat, handle):
+        handle.wait()
         flat.div_(ctx.world)
         if len(bucket) > 1:
             for i, piece in zip(bucket, torch.split(flat, [tensors[i].numel() for i in bucket])):
                 tensors[i].copy_(piece.view_as(tensors[i]))
         elif flat.data_ptr() != tensors[bucket[0]].data_ptr():
             tensors[bucket[0]].copy_(flat.view_as(tensors[bucket[0]]))
+
+    # At most two buckets in flight: the next one is packed and sent while the previous one finishes, and the flat
+    # copies never hold more than two buckets of memory.
+    pending = []
+    for bucket in _buckets(tensors):
+        if len(bucket) > 1:
+            flat = torch.cat([tensors[i].reshape(-1) for i in bucket])
+        else:
+            flat = tensors[bucket[0]].reshape(-1)  # a view when contiguous: reduced in place
+        pending.append((bucket, flat, dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=ctx.group, async_op=True)))
+        if len(pending) > 1:
+            finish(*pending.pop(0))
+    while pending:
+        finish(*pending.pop(0))
     reached = tail[1:].tolist()
     out = [w if reached[i] > 0 else None for i, w in enumerate(work)]
     return float(tail[0]), out
