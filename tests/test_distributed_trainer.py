@@ -48,8 +48,15 @@ def runs(tmp_path_factory):
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
+def _require(runs, mode):
+    reason = runs[0][mode].get("unsupported")
+    if reason:
+        pytest.skip(reason)
+
+
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
 def test_trainer_logs_ga_stats_once_per_step(runs, mode):
+    _require(runs, mode)
     for rank, run in enumerate(runs):
         r = run[mode]
         assert r["sharded"] == [mode == "fsdp2"], f"rank {rank}: trainable parameters sharded = {r['sharded']}"
@@ -64,6 +71,7 @@ def test_trainer_logs_ga_stats_once_per_step(runs, mode):
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
 def test_trainer_ranks_take_the_same_decisions(runs, mode):
+    _require(runs, mode)
     h0, h1 = runs[0][mode]["history"], runs[1][mode]["history"]
     for a, b in zip(h0, h1):
         assert a["branch"] == b["branch"] and a["ref_loss"] == b["ref_loss"], (a, b)
@@ -71,6 +79,7 @@ def test_trainer_ranks_take_the_same_decisions(runs, mode):
 
 
 def test_trainer_fsdp2_matches_ddp(runs):
+    _require(runs, "fsdp2")
     # same model, data and seed: sharding the gradients must not change what the alignment does
     for a, b in zip(runs[0]["ddp"]["history"], runs[0]["fsdp2"]["history"]):
         assert a["branch"] == b["branch"]
