@@ -59,7 +59,7 @@ def run(out_dir, mode):
               logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0,
               lr_scheduler_type="constant", max_grad_norm=1.0, gradient_accumulation_steps=2)
     trainer = MuScleLoRATrainer(model=model, args=TrainingArguments(**kw), train_dataset=samples(48, 1),
-                                data_collator=collate, ref_batches=[collate(samples(4, 9)), collate(samples(4, 10))],
+                                data_collator=collate, ref_dataset=samples(16, 9),
                                 aligner_kwargs=dict(backend="foreach", min_ref_loss=0.0))
     trainer.train()
     from torch.distributed.tensor import DTensor
@@ -68,6 +68,7 @@ def run(out_dir, mode):
     logs = [{k: v for k, v in e.items() if k.startswith("ga_") or k in ("loss", "step")}
             for e in trainer.state.log_history if "loss" in e]
     return dict(history=trainer.muscle_callback.history, logs=logs, sharded=sharded,
+                ref_sampler=type(trainer.muscle_callback.ref_batches.sampler).__name__,
                 distributed_type=str(trainer.accelerator.distributed_type), global_step=trainer.state.global_step)
 
 

@@ -61,6 +61,7 @@ def test_trainer_logs_ga_stats_once_per_step(runs, mode):
         r = run[mode]
         assert r["sharded"] == [mode == "fsdp2"], f"rank {rank}: trainable parameters sharded = {r['sharded']}"
         assert r["global_step"] == 3
+        assert r["ref_sampler"] == "DistributedSampler", "each rank should draw its own reference samples"
         assert [h["step"] for h in r["history"]] == [1, 2, 3], "the aligner must run once per optimizer step"
         assert len(r["logs"]) == 3
         for entry in r["logs"]:

@@ -170,7 +170,8 @@ class MuScleLoRATrainer(Trainer):
     """A Trainer with gradient alignment: `MuScleLoRATrainer(model, args, train_dataset=..., ref_dataset=...)`.
 
     ref_dataset: the clean reference samples (tokenized, with labels), batched like the training data
-        (per_device_train_batch_size, shuffled, the Trainer's data collator); or ref_batches: ready batches.
+        (per_device_train_batch_size, shuffled, the Trainer's data collator; split over the ranks by a
+        DistributedSampler when several processes train); or ref_batches: ready batches.
     ga_loss_fn, ga_max_grad_norm, aligner_kwargs: forwarded to MuScleLoRACallback.
     The ga_* stats join the Trainer's own training log entries.
     """
@@ -186,8 +187,15 @@ class MuScleLoRATrainer(Trainer):
 
             if hasattr(self, "_remove_unused_columns") and hasattr(ref_dataset, "column_names"):
                 ref_dataset = self._remove_unused_columns(ref_dataset, description="reference")
-            ref_batches = DataLoader(ref_dataset, batch_size=self.args.per_device_train_batch_size, shuffle=True,
-                                     collate_fn=self.data_collator)
+            sampler = None
+            if torch.distributed.is_available() and torch.distributed.is_initialized() and self.args.world_size > 1:
+                # several processes: each rank draws its own share of the clean samples, and the aligner averages
+                # the ranks' reference gradients (align/distributed.py), as DDP does with the training batches
+                from torch.utils.data import DistributedSampler
+
+                sampler = DistributedSampler(ref_dataset, shuffle=True, seed=self.args.seed)
+            ref_batches = DataLoader(ref_dataset, batch_size=self.args.per_device_train_batch_size,
+                                     shuffle=sampler is None, sampler=sampler, collate_fn=self.data_collator)
         self.muscle_callback = MuScleLoRACallback(ref_batches, loss_fn=ga_loss_fn, max_grad_norm=ga_max_grad_norm,
                                                   **(aligner_kwargs or {}))
         self.add_callback(self.muscle_callback)
