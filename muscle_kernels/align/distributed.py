@@ -1,13 +1,14 @@
 """Gradient alignment under data parallelism: DDP (replicated gradients) and FSDP2 (sharded DTensor gradients).
 
-The aligner calls three hooks from here; with one process (or torch.distributed not initialized) they do nothing.
+GradientAligner calls the functions here at the places marked "distributed hook" in aligner.py; with one process
+(or torch.distributed not initialized) they do nothing.
 
 - `context(model, params)`: which regime this step runs in. None (one process), "replicated" (DDP, or any engine
   whose `.grad` is a plain tensor already averaged over the ranks), or "sharded" (FSDP2: `.grad` is a DTensor).
 - Replicated (DDP). Every rank computes the reference gradient of its own reference batch with
-  `torch.autograd.grad` on the *unwrapped* module (`ddp.module`), so DDP's reducer never sees that backward: no
-  bucket is marked ready, no gradient all-reduce is launched, and the next forward does not fail with "expected to
-  have finished reduction". The reference gradients are then averaged over the ranks by bucketed all-reduces
+  `torch.autograd.grad` on the *unwrapped* module (`ddp.module`), so DDP never sees that forward and backward: its
+  reducer is not prepared, no bucket is marked ready, no gradient all-reduce or buffer broadcast is launched (a
+  forward through the wrapper would at least broadcast, and can leave the reducer waiting). The reference gradients are then averaged over the ranks by bucketed all-reduces
   (`BUCKET_BYTES` per bucket, one bucket for any adapter list), with a small fp32 tail that carries the reference
   loss and, per tensor, how many ranks' reference loss reached it. After that every rank holds identical g and r,
   so the op runs locally and gives identical results: the replicas never drift.
