@@ -66,8 +66,8 @@ def figures(world: int = 8) -> str:
         n, numel = len(shapes), sum(math.prod(s) for s in shapes)
         stats = 12 * (n + 1)
         grads = numel * nbytes
-        cells = [(stats, ring * stats), (2 * grads, part * 2 * grads), (grads + 4 * (n + 1), ring * (grads + 4 * (n + 1))),
-                 (grads, part * grads)]
+        ddp = grads + 4 * (n + 1)
+        cells = [(stats, ring * stats), (2 * grads, part * 2 * grads), (ddp, ring * ddp), (grads, part * grads)]
         rows.append(f"| {name} | {n} | {numel / 1e6:.1f}M | " + " | ".join(
             f"{human(buf)} (sends {human(sent)})" for buf, sent in cells) + " |")
     return "\n".join(rows) + f"\n\nbuffer size (bytes one rank sends, ring model, w = {world})"
@@ -93,7 +93,8 @@ def _model(full: bool):
 
 def _batch(gen, size=16, seq=32):
     return dict(input_ids=torch.randint(2, 1000, (size, seq), generator=gen),
-                attention_mask=torch.ones(size, seq, dtype=torch.long), labels=torch.randint(0, 2, (size,), generator=gen))
+                attention_mask=torch.ones(size, seq, dtype=torch.long),
+                labels=torch.randint(0, 2, (size,), generator=gen))
 
 
 def _rank_main(rank, world, store, steps, warmup, out):

@@ -8,9 +8,10 @@ GradientAligner calls the functions here at the places marked "distributed hook"
 - Replicated (DDP). Every rank computes the reference gradient of its own reference batch with
   `torch.autograd.grad` on the *unwrapped* module (`ddp.module`), so DDP never sees that forward and backward: its
   reducer is not prepared, no bucket is marked ready, no gradient all-reduce or buffer broadcast is launched (a
-  forward through the wrapper would at least broadcast, and can leave the reducer waiting). The reference gradients are then averaged over the ranks by bucketed all-reduces
-  (`BUCKET_BYTES` per bucket, one bucket for any adapter list), with a small fp32 tail that carries the reference
-  loss and, per tensor, how many ranks' reference loss reached it. After that every rank holds identical g and r,
+  forward through the wrapper would at least broadcast, and can leave the reducer waiting). The reference
+  gradients are then averaged over the ranks by bucketed all-reduces (`BUCKET_BYTES` per bucket, one bucket for any
+  adapter list), with a small fp32 tail that carries the reference loss and, per tensor, how many ranks' reference
+  loss reached it. After that every rank holds identical g and r,
   so the op runs locally and gives identical results: the replicas never drift.
 - Sharded (FSDP2). `torch.autograd.grad` cannot reach a sharded parameter (FSDP2 computes with unsharded copies),
   so the reference gradient is produced by FSDP's own machinery: the training `.grad` is set aside, the reference
@@ -229,8 +230,8 @@ def sharded_reference_gradients(aligner: "GradientAligner", model: torch.nn.Modu
             with aligner._context():
                 loss = aligner.loss_fn(model, batch)
             if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-                raise TypeError("loss_fn: must return a scalar (0-dim) tensor, got "
-                                f"{type(loss).__name__}{'' if not isinstance(loss, torch.Tensor) else tuple(loss.shape)}")
+                shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else ""
+                raise TypeError(f"loss_fn: must return a scalar (0-dim) tensor, got {type(loss).__name__}{shape}")
             # Every rank runs this backward, finite loss or not: FSDP's reduce-scatters are collectives.
             loss.backward()
             loss_sum += float(loss.detach())
