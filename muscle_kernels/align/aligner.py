@@ -29,6 +29,7 @@ from typing import Any, Callable, ContextManager, Iterable, Iterator, List, Opti
 import torch
 
 from ..ops.grad_align import grad_align_apply_, grad_align_coeffs, grad_align_reduce
+from . import distributed as _dist
 from .gate import BRANCHES, GateConfig
 
 __all__ = ["GradientAligner", "AlignStep", "BRANCHES", "GateConfig"]
@@ -144,7 +145,16 @@ class GradientAligner:
 
     def reference_gradients(self, model: torch.nn.Module, params: List[torch.Tensor]):
         """(loss, [r_t]) on the next reference batch (or the mean over all of them), via torch.autograd.grad so that
-        `.grad` is not touched. A parameter the loss does not depend on gets None."""
+        `.grad` is not touched. A parameter the loss does not depend on gets None.
+
+        Under DDP the result is the mean over the ranks; under FSDP2 it is this rank's loss and the sharded gradient
+        from FSDP's own backward (see distributed.py)."""
+        # -- distributed hook (distributed.py) --
+        ctx = _dist.context(model, params)
+        if ctx is not None and ctx.kind == "sharded":
+            return _dist.sharded_reference_gradients(self, model, params)
+        model = _dist.unwrap_ddp(model)
+        # -- end of the hook --
         batches = [self._next_batch()] if self.one_batch else list(self.ref_batches)
         if not batches:
             raise ValueError("ref_batches: is empty")
@@ -164,6 +174,8 @@ class GradientAligner:
                 total = [t if g is None else (g if t is None else t.add_(g)) for t, g in zip(total, grads)]
         if len(batches) > 1:
             total = [None if t is None else t.div_(len(batches)) for t in total]
+        if ctx is not None:  # distributed hook: the mean over the ranks, one bucketed all-reduce
+            return _dist.average_reference_(ctx, loss_sum / len(batches), total, params)
         return loss_sum / len(batches), total
 
     # -- one step --
@@ -176,12 +188,14 @@ class GradientAligner:
         ref_loss, refs = self.reference_gradients(model, params)
         # A parameter the reference loss does not reach has r = 0: the op would keep its g, so leave it out.
         pairs = [(p.grad, r.to(p.grad.dtype)) for p, r in zip(params, refs) if r is not None]
-        grads = [g for g, _ in pairs]
-        refs_used = [r for _, r in pairs]
+        grads = _dist.local_tensors([g for g, _ in pairs])  # distributed hook: FSDP2 shards are aligned locally
+        refs_used = _dist.local_tensors([r for _, r in pairs])
         if grads:
             stats = grad_align_reduce(grads, refs_used, backend=self.backend)
         else:
             stats = torch.zeros(0, 3)
+        # distributed hook: under FSDP2 the stats and the loss are summed over the ranks (one all-reduce)
+        ctx, stats, ref_loss = _dist.global_stats(model, params, stats, ref_loss)
         # Per-tensor cosines for all params with a grad (NaN where the reference loss does not reach the tensor).
         full = torch.full((len(params), 3), float("nan"), dtype=torch.float32, device=stats.device)
         used = torch.tensor([r is not None for r in refs], device=stats.device)
@@ -191,6 +205,8 @@ class GradientAligner:
         nonzero = rr[rr > 0]
         ref_grad_norm = float(nonzero.sqrt().mean()) if nonzero.numel() else 0.0
         branch, rho = self.gate(ref_grad_norm, ref_loss, epoch)
+        if ctx is not None and not _dist.safe_loss(ref_loss):  # distributed hook: the same safe branch everywhere
+            branch, rho = "raw", None
         if branch != "raw" and grads:
             grad_align_apply_(grads, refs_used, grad_align_coeffs(stats, rho), backend=self.backend)
         cos = (full[:, 0].double() / (full[:, 1].double() * full[:, 2].double()).sqrt()).float()

@@ -86,5 +86,7 @@ class AlignClipStep:
         if not grads:
             return float("nan")
         if self.max_grad_norm > 0:
-            return float(torch.nn.utils.clip_grad_norm_(grads, self.max_grad_norm))
-        return float(torch.nn.utils.get_total_norm([p.grad for p in grads]))
+            norm = torch.nn.utils.clip_grad_norm_(grads, self.max_grad_norm)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in grads])
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP2: the norm is a DTensor

@@ -12,7 +12,9 @@ gives:
   log), and accelerate wraps `model.forward` in autocast, so the reference forward runs in the same precision;
 - the logged `grad_norm` stays the raw (pre-alignment) norm; the aligned, pre-clip norm is logged as `ga_grad_norm`.
 
-DeepSpeed and FSDP keep gradients outside `.grad` (or sharded), which the aligner cannot read: they are refused.
+Several processes (align/distributed.py): under DDP the reference gradient is averaged over the ranks; under FSDP2
+(`fsdp_config={"fsdp_version": 2}`) the alignment works on the gradient shards with one small all-reduce. FSDP1
+(flattened parameters) and DeepSpeed (gradients in its own partitioned buffers, not in `.grad`) are refused.
 MuScleLoRATrainer is a thin Trainer subclass that builds the callback from a reference dataset and merges its stats
 into the Trainer's own log entries, so every reporter (TensorBoard, W&B, ...) sees them.
 """
@@ -92,11 +94,15 @@ class MuScleLoRACallback(TrainerCallback):
 
     # -- life cycle --------------------------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if getattr(args, "deepspeed", None) or getattr(args, "fsdp", None):
-            raise ValueError("MuScleLoRACallback: DeepSpeed and FSDP keep gradients outside .grad (or sharded), "
-                             "which gradient alignment needs; train without them")
+        if getattr(args, "deepspeed", None):
+            raise ValueError("MuScleLoRACallback: DeepSpeed keeps the gradients in its own partitioned buffers, not "
+                             "in .grad, so they cannot be aligned before its optimizer step; use DDP or FSDP2 "
+                             "(fsdp_config={'fsdp_version': 2}) instead")
         if model is None:
             raise ValueError("MuScleLoRACallback: the Trainer passed no model to the callback")
+        from ..align.distributed import check_engine
+
+        check_engine(model)  # FSDP1 is refused with the reason; DDP and FSDP2 are handled by the aligner
         params = [p for p in model.parameters() if p.requires_grad]
         if self.aligner is None:
             kw = dict(self.aligner_kwargs)
@@ -160,7 +166,8 @@ class MuScleLoRATrainer(Trainer):
     """A Trainer with gradient alignment: `MuScleLoRATrainer(model, args, train_dataset=..., ref_dataset=...)`.
 
     ref_dataset: the clean reference samples (tokenized, with labels), batched like the training data
-        (per_device_train_batch_size, shuffled, the Trainer's data collator); or ref_batches: ready batches.
+        (per_device_train_batch_size, shuffled, the Trainer's data collator; split over the ranks by a
+        DistributedSampler when several processes train); or ref_batches: ready batches.
     ga_loss_fn, ga_max_grad_norm, aligner_kwargs: forwarded to MuScleLoRACallback.
     The ga_* stats join the Trainer's own training log entries.
     """
@@ -176,8 +183,15 @@ class MuScleLoRATrainer(Trainer):
 
             if hasattr(self, "_remove_unused_columns") and hasattr(ref_dataset, "column_names"):
                 ref_dataset = self._remove_unused_columns(ref_dataset, description="reference")
-            ref_batches = DataLoader(ref_dataset, batch_size=self.args.per_device_train_batch_size, shuffle=True,
-                                     collate_fn=self.data_collator)
+            sampler = None
+            if torch.distributed.is_available() and torch.distributed.is_initialized() and self.args.world_size > 1:
+                # several processes: each rank draws its own share of the clean samples, and the aligner averages
+                # the ranks' reference gradients (align/distributed.py), as DDP does with the training batches
+                from torch.utils.data import DistributedSampler
+
+                sampler = DistributedSampler(ref_dataset, shuffle=True, seed=self.args.seed)
+            ref_batches = DataLoader(ref_dataset, batch_size=self.args.per_device_train_batch_size,
+                                     shuffle=sampler is None, sampler=sampler, collate_fn=self.data_collator)
         self.muscle_callback = MuScleLoRACallback(ref_batches, loss_fn=ga_loss_fn, max_grad_norm=ga_max_grad_norm,
                                                   **(aligner_kwargs or {}))
         self.add_callback(self.muscle_callback)
