@@ -252,8 +252,8 @@ def test_opcheck_custom_ops():
     L = torch.randn(4, 12, requires_grad=True)
     R = torch.randn(6, 4, requires_grad=True)
     s = make_scales((1, 2), 2, 4.0)
-    torch.library.opcheck(torch.ops.muscle_kernels.lowrank_linear_fwd.default, (x, W, b, L, R, s, 0.0, 0, "torch"))
+    torch.library.opcheck(torch.ops.muscle_kernels.lowrank_linear_fwd.default, (x, W, b, L, R, s, 0.0, None, "torch"))
     t = x @ L.detach().t()
     dy = torch.randn(5, 6)
     torch.library.opcheck(torch.ops.muscle_kernels.lowrank_linear_bwd.default,
-                          (dy, x, W, L.detach(), R.detach(), s, t, 0.0, 0, "torch", True, True, False))
+                          (dy, x, W, L.detach(), R.detach(), s, t, 0.0, None, "torch", True, True, False))
