@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import statistics
 import sys
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -60,9 +60,10 @@ def cuda_timer(fn: Callable[[], object], reps: int = 10) -> float:
     return statistics.median(times)
 
 
-def decide(key: tuple, runners: Dict[str, Callable[[], object]], timer: Callable[[Callable], float] = cuda_timer,
+def decide(key: tuple, runners: Dict[str, Callable[[], object]], timer: Optional[Callable[[Callable], float]] = None,
            can_time: bool = True) -> str:
-    """The cached choice for `key`, timing each of `runners` (name -> callable) with `timer` on first use.
+    """The cached choice for `key`, timing each of `runners` (name -> callable) with `timer` (default: cuda_timer)
+    on first use.
 
     `runners` is only called when the key is new; a candidate that raises is out of the race (and named on stderr
     when verbose). When nothing can be timed (`can_time` False) an undecided key gets "triton", uncached."""
@@ -70,6 +71,7 @@ def decide(key: tuple, runners: Dict[str, Callable[[], object]], timer: Callable
         return _CHOICES[key]
     if not can_time:
         return "triton" if "triton" in runners else next(iter(runners))
+    timer = timer or cuda_timer
     times: Dict[str, float] = {}
     for name, run in runners.items():
         try:

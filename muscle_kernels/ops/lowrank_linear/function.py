@@ -154,7 +154,8 @@ def _choose(args: tuple, needs: Tuple[bool, bool, bool], backward: bool) -> str:
     """backend="auto" on CUDA: the cached or freshly timed choice between the fused kernels and cuBLAS."""
     x2, weight, _, lora_L = args[:4]
     key = autoselect.choice_key(x2, weight, lora_L.shape[0], args[6], backward)
-    can_time = not (torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing())
+    can_time = not (torch.compiler.is_compiling()
+                    or (x2.device.type == "cuda" and torch.cuda.is_current_stream_capturing()))
     runners = {}
     if can_time and key not in autoselect._CHOICES:
         runners = autoselect.runners_for({name: _impl(name) for name in autoselect.CANDIDATES}, args, backward, needs)
