@@ -111,7 +111,8 @@ gpu_tests=(tests/test_triton_lowrank.py tests/test_triton_configs.py tests/test_
 select="not test_grad_align or cuda or gpu"
 if [ "$dry" = 1 ]; then  # the flow, not the coverage (CI runs these files in full anyway)
   select="test_empty_batch or test_opcheck_triton_ops or test_fake_timer_picks_the_faster or \
-test_guard_is_taken_from_the_tensors_device or test_every_shipped_config_once and bf16-0 or test_coefficient_rule"
+test_guard_is_taken_from_the_tensors_device or test_every_shipped_config_interpreted and bfloat16-0- or \
+test_coefficient_rule"
 fi
 step tests 110 "$PY" -m pytest "${pytest_args[@]}" "${gpu_tests[@]}" -k "$select"
 

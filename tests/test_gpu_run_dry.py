@@ -1,0 +1,48 @@
+"""benchmarks/gpu_run.sh --dry-run: every step of the one-call GPU script runs on the CPU and leaves its two files.
+
+The lent GPU machine gives one 10-minute call at a time, so the script must work the first time there: this runs
+the same script, the same steps in the same order, at tiny sizes (Triton interpreter, the CPU extension), and checks
+the exit status (0 only when every step passed), the summary and the tarball (at most 8 files come back from the GPU
+machine: the script leaves exactly two).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = ("env", "bench_linear", "build", "tests", "bench_align")
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
+                    reason="needs bash and coreutils' timeout")
+def test_gpu_run_dry_run(tmp_path):
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHON=sys.executable, TMPDIR=str(tmp_path))
+    env.pop("OUT", None)
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_run.sh"), "--dry-run", str(out)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=400)
+    summary_path = out / "summary.txt"
+    assert summary_path.exists(), f"no summary.txt; stdout/stderr tail:\n{proc.stdout[-3000:]}\n{proc.stderr[-2000:]}"
+    summary = summary_path.read_text()
+    assert proc.returncode == 0, f"gpu_run.sh --dry-run exited {proc.returncode}:\n{summary}"
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_run.tar.gz", "summary.txt"]
+    assert summary.startswith("gpu_run --dry-run") and "0 failed step(s)" in summary.splitlines()[0]
+    for name in STEPS:
+        lines = [ln for ln in summary.splitlines() if ln.startswith(f"step {name} ")]
+        assert len(lines) == 1 and "rc=0 " in lines[0], f"step {name}: {lines}"
+    assert "check ok" in summary and "check FAIL" not in summary, "the benchmark's correctness checks"
+    assert " passed" in summary and " failed" not in summary.split("--- tests", 1)[1].split("--- bench_align")[0]
+    with tarfile.open(out / "gpu_run.tar.gz") as tar:
+        names = {Path(n).name for n in tar.getnames()}
+    for want in ["summary.txt", "env.log", "build.log", "bench_linear.log", "tests.log", "bench_align.log",
+                 "linear_gpu.csv", "grad_align.csv"]:
+        assert want in names, f"tarball lacks {want}: {sorted(names)}"
+    # Nothing left behind in the repository or the temporary directory.
+    assert not list(tmp_path.glob("gpu_run.*")), "the work directory was not removed"
