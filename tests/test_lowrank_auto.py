@@ -177,3 +177,22 @@ def test_cublas_backend_matches_reference(dtype, m, k, n, nr, p):
             assert_close(name, ref[name], got)
         else:
             assert_close(name, ref[name], got, base=base[name].float(), atol=4 * eps * ref[name].abs().max().item())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (real timing of both paths)")
+def test_auto_on_cuda_times_both_and_is_correct():
+    dev = torch.device("cuda")
+    x, w, b, lo, ro, s, dy = (v.to(dev) for v in _problem(torch.bfloat16, 1000, 512, 768, 16))
+    xg, lg, rg = (v.clone().requires_grad_() for v in (x, lo, ro))
+    y = muscle_lora_linear(xg, w, b, lg, rg, s)
+    y.backward(dy)
+    (entry,) = autoselect.auto_choices()
+    assert set(entry["times_ms"]) == {"triton", "cublas"} and entry["choice"] in ("triton", "cublas")
+    assert all(t > 0 for t in entry["times_ms"].values())
+    cpu = [v.cpu() for v in (x, w, b, lo, ro, s, dy)]
+    ref = _reference(*cpu, None, 0.0)
+    base = _reference(*cpu, None, 0.0, dtype=torch.bfloat16)
+    for name, got in (("y", y), ("dx", xg.grad), ("dL", lg.grad), ("dR", rg.grad)):
+        assert_close(name, ref[name], got.cpu(), base=base[name].float(),
+                     atol=4 * 2 ** -7 * ref[name].abs().max().item())

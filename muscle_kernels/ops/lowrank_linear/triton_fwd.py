@@ -172,25 +172,23 @@ def _shrink_kernel(
     k_start = pid_k * k_per_split
     k_end = tl.minimum(K, k_start + k_per_split)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    rk64 = rk.to(tl.int64)
     rr64 = rr.to(tl.int64)
-    a_ptrs = a_ptr + rm_safe[:, None] * stride_am + (k_start + rk64)[None, :] * stride_ak
-    p_ptrs = p_ptr + (k_start + rk64)[:, None] * stride_pk + rr64[None, :] * stride_pr
-    a_step = tl.cast(stride_ak, tl.int64) * BLOCK_K
-    p_step = tl.cast(stride_pk, tl.int64) * BLOCK_K
+    a_rows = a_ptr + rm_safe[:, None] * stride_am
+    p_cols = p_ptr + rr64[None, :] * stride_pr
     for k0 in range(k_start, k_end, BLOCK_K):
         kk = k0 + rk
         k_ok = kk < k_end
-        a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+        # int64 before the stride: k * stride_pk reaches 2^31 for long K. (Pointer tensors carried around this loop, as
+        # in the fused GEMM, would cost a [BLOCK_K, BLOCK_R] block of 64-bit registers: 12 bytes of spills at sm_90.)
+        kk64 = kk.to(tl.int64)
+        a = tl.load(a_rows + kk64[None, :] * stride_ak, mask=k_ok[None, :], other=0.0)
         if HAS_DROP:
             a = tl.where(_keep_mask(seed, rm[:, None], kk[None, :], drop_p), a, 0.0).to(a.dtype)
-        pt = tl.load(p_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+        pt = tl.load(p_cols + kk64[:, None] * stride_pk, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
             pt = pt.to(tl.float32)
         acc = tl.dot(a, pt, acc, input_precision=PRECISION)
-        a_ptrs += a_step
-        p_ptrs += p_step
     if HAS_DROP:
         acc = acc * drop_scale
     t = t_ptr + rm.to(tl.int64)[:, None] * stride_tm + rr64[None, :] * stride_tr
