@@ -105,6 +105,8 @@ fi
 pytest_args=(-q -p no:cacheprovider -rfEs)
 "$PY" -c "import xdist" 2> /dev/null && pytest_args+=(-n "$workers")
 "$PY" -c "import pytest_timeout" 2> /dev/null && pytest_args+=(--timeout 90)
+# pyproject's addopts names pytest-benchmark's --benchmark-disable: without that plugin pytest would refuse to start
+"$PY" -c "import pytest_benchmark" 2> /dev/null || pytest_args+=(-o "addopts=-ra")
 gpu_tests=(tests/test_triton_lowrank.py tests/test_triton_configs.py tests/test_triton_registration.py
            tests/test_triton_guard.py tests/test_lowrank_auto.py tests/test_grad_align.py)
 # Everything in the Triton/auto files; of grad-align only the CUDA cases (and anything marked gpu).

@@ -113,7 +113,10 @@ def runners_for(impls: Dict[str, Tuple[Callable, Callable]], args: tuple, backwa
     """One callable per candidate that runs its forward (and backward) on the real inputs `args`
     (x2, weight, bias, lora_L, lora_R, scales, dropout_p, seed)."""
     x2, weight, bias, lora_L, lora_R, scales, p, seed = args
-    dy = torch.randn(x2.shape[0], weight.shape[0], device=x2.device, dtype=x2.dtype) if backward else None
+    dy = None
+    if backward:  # a private generator: timing must not move the user's random stream
+        gen = torch.Generator(device=x2.device).manual_seed(0)
+        dy = torch.randn(x2.shape[0], weight.shape[0], device=x2.device, generator=gen).to(x2.dtype)
 
     def make(fwd, bwd):
         def run():
