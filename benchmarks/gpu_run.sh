@@ -40,9 +40,9 @@ if [ "$dry" = 1 ]; then
 else
   export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
   build_args=(--cuda)
-  bench_args=(--quick --rep 50 --budget-s 110)
+  bench_args=(--quick --rep 50 --budget-s 95)
   align_args=(--device cuda --quick)
-  workers=8
+  workers=12
 fi
 
 start=$SECONDS
@@ -89,7 +89,7 @@ b0=$SECONDS
 build_pid=$!
 
 # 3. the linear benchmark with its correctness checks
-step bench_linear 150 "$PY" benchmarks/bench_linear_gpu.py "${bench_args[@]}" --out "$work/linear_gpu.csv"
+step bench_linear 140 "$PY" benchmarks/bench_linear_gpu.py "${bench_args[@]}" --out "$work/linear_gpu.csv"
 
 # The tests below load the extension: wait for the build, but keep at least 100 s for the last two steps.
 while [ ! -f "$work/build.rc" ] && [ "$(remaining)" -gt 100 ]; do sleep 1; done
@@ -116,11 +116,11 @@ if [ "$dry" = 1 ]; then  # the flow, not the coverage (CI runs these files in fu
 test_guard_is_taken_from_the_tensors_device or test_every_shipped_config_interpreted and bfloat16-0- or \
 test_coefficient_rule"
 fi
-step tests 110 "$PY" -m pytest "${pytest_args[@]}" "${gpu_tests[@]}" -k "$select"
+step tests 125 "$PY" -m pytest "${pytest_args[@]}" "${gpu_tests[@]}" -k "$select"
 
 # 5. the grad-align benchmark (writes into benchmarks/out/: moved into the tarball afterwards)
 had_csv=0; [ -f benchmarks/out/grad_align.csv ] && had_csv=1
-step bench_align 60 "$PY" benchmarks/bench_grad_align.py "${align_args[@]}"
+step bench_align 50 "$PY" benchmarks/bench_grad_align.py "${align_args[@]}"
 for f in benchmarks/out/grad_align.csv benchmarks/out/grad_align.png; do
   [ -f "$f" ] || continue
   cp "$f" "$work/"
