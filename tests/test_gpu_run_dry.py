@@ -46,3 +46,38 @@ def test_gpu_run_dry_run(tmp_path):
         assert want in names, f"tarball lacks {want}: {sorted(names)}"
     # Nothing left behind in the repository or the temporary directory.
     assert not list(tmp_path.glob("gpu_run.*")), "the work directory was not removed"
+
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+# Stands in for python in gpu_run.sh: the benchmark fails, the grad-align benchmark hangs, the rest succeed at once.
+case "$*" in
+  *bench_linear_gpu.py*) echo "simulated failure"; exit 3 ;;
+  *bench_grad_align.py*) sleep 60 ;;
+  *"-m pytest"*) echo "1 passed in 0.01s" ;;
+  *) exit 0 ;;
+esac
+"""
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
+                    reason="needs bash and coreutils' timeout")
+def test_gpu_run_a_failing_or_hanging_step_never_stops_the_next(tmp_path):
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHON=str(fake), TMPDIR=str(tmp_path), GPU_RUN_BUDGET_S="15")
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_run.sh"), "--dry-run", str(out)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=120)
+    summary = (out / "summary.txt").read_text()
+    rcs = {}
+    for line in summary.splitlines():
+        if line.startswith("step "):
+            name, rc = line.split()[1], line.split("rc=")[1].split()[0]
+            rcs[name] = int(rc)
+    assert set(rcs) == set(STEPS), summary
+    assert rcs["bench_linear"] == 3 and rcs["tests"] == 0, summary
+    assert rcs["bench_align"] == 124, f"the hanging step was not cut by its timeout:\n{summary}"
+    failed = sum(rc != 0 for rc in rcs.values())
+    assert proc.returncode == failed and summary.startswith(f"gpu_run --dry-run (CPU, Triton interpreter): {failed} failed")
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_run.tar.gz", "summary.txt"]
