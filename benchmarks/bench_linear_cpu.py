@@ -25,8 +25,10 @@ import torch
 from torch import nn
 from torch.utils import benchmark
 
-from muscle_kernels import MuScleLoRALinear
-from muscle_kernels.nn.paper import PaperMultiScaleLinear
+# This checkout's package, not whatever muscle_kernels is installed (`python benchmarks/x.py` puts benchmarks/ first).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from muscle_kernels import MuScleLoRALinear  # noqa: E402
+from muscle_kernels.nn.paper import PaperMultiScaleLinear  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_io import append_rows  # noqa: E402

@@ -21,6 +21,10 @@ import subprocess
 import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+# The kernels of this checkout, not of whatever muscle_kernels is installed (an editable install of another tree).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 H100_SMEM = 227 * 1024
 DTYPES = ("fp16", "bf16", "fp32-tf32", "fp32-ieee")
@@ -120,6 +124,7 @@ def _compile_one(job):
     src = triton.compiler.ASTSource(fn, signature, constexprs, attrs)
     ck = triton.compile(src, target=target, options=options.__dict__)
     ptx = ck.asm["ptx"]
+    i32 = loop_i32_offsets(ck.asm["ttir"])
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.ptx")
         with open(path, "w") as f:
@@ -132,7 +137,66 @@ def _compile_one(job):
         re.search(r"(\d+) bytes spill loads", out).group(1))
     blocks = "x".join(str(meta[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R") if k in meta)
     return dict(kernel=kname, variant=variant, dtype=dtype, blocks=blocks, warps=warps, stages=stages, registers=regs,
-                spills=spills, smem=int(ck.metadata.shared), wgmma="wgmma.mma_async" in ptx)
+                spills=spills, smem=int(ck.metadata.shared), wgmma="wgmma.mma_async" in ptx,
+                loop_i32_offsets=i32)
+
+
+def loop_i32_offsets(ttir: str):
+    """Kernel source lines (file:line) where a pointer offset inside a loop is a product computed in 32 bits.
+
+    Inside the K loop (the M loop of the reductions) an index runs up to out or in, and index * stride overflows
+    int32 once out * in >= 2^31 (a 256k-vocabulary head). So every `tt.addptr` inside an `scf.for` body has its offset
+    traced back through the definitions made inside loops; an i32 `arith.muli` there is reported. (Offsets computed
+    once before a loop are tile index (< BLOCK) times a stride: far below 2^31.)"""
+    locs = dict(re.findall(r'^(#loc\d+) = loc\("[^"]*?([^/"]+":\d+)', ttir, flags=re.M))
+    alias = dict(re.findall(r'^(#loc\d+) = loc\("[^"]*"\((#loc\d+)\)\)', ttir, flags=re.M))
+    defs, in_loop, addptrs, depth = {}, set(), [], 0
+    for line in ttir.splitlines():
+        m = re.match(r"\s*(%[\w.#]+)(?::\d+)? = (.*)$", line)
+        if m:
+            defs[m.group(1)] = m.group(2)
+            if depth:
+                in_loop.add(m.group(1))
+                if m.group(2).startswith("tt.addptr"):
+                    addptrs.append(m.group(2))
+        if "scf.for" in line and line.rstrip().endswith("{"):
+            depth += 1
+        elif depth and line.strip().startswith("}"):
+            depth -= 1
+
+    def where(body):
+        ref = re.search(r"loc\((#loc\d+)\)", body)
+        key = ref.group(1) if ref else None
+        for _ in range(8):
+            if key in locs:
+                return locs[key].replace('"', "")
+            key = alias.get(key)
+        return "?"
+
+    def product(name, seen):
+        if name not in in_loop or name in seen:
+            return None
+        seen.add(name)
+        body = defs[name].split(" loc(")[0]
+        types = body.split(" : ", 1)[1] if " : " in body else ""
+        if body.startswith("arith.muli") and re.search(r"\bi32\b|xi32>", types):
+            return where(defs[name])
+        if body.startswith(("arith.extsi", "tt.addptr")):
+            return None
+        for op in re.findall(r"%[\w.#]+", body.split(" : ")[0]):
+            hit = product(op, seen)
+            if hit:
+                return hit
+        return None
+
+    bad = set()
+    for body in addptrs:
+        ops = re.findall(r"%[\w.#]+", body.split(" : ")[0])
+        if len(ops) == 2:
+            hit = product(ops[1], set())
+            if hit:
+                bad.add(hit)
+    return sorted(bad)
 
 
 def failures(rows):
@@ -146,6 +210,8 @@ def failures(rows):
             bad.append(f"{tag}: shared memory {r['smem']} > {H100_SMEM}")
         if r["dtype"] in ("fp16", "bf16") and not r["wgmma"]:
             bad.append(f"{tag}: no wgmma")
+        if r["loop_i32_offsets"]:
+            bad.append(f"{tag}: 32-bit pointer offsets in a loop at {', '.join(r['loop_i32_offsets'])}")
     return bad
 
 
@@ -166,11 +232,13 @@ def report_rows(subset: bool = False, workers: int = 2, progress: bool = True, d
 
 
 def format_table(rows):
-    head = ("kernel", "variant", "dtype", "blocks (MxNxKxR)", "warps", "stages", "regs", "spills", "smem KiB", "wgmma")
+    head = ("kernel", "variant", "dtype", "blocks (MxNxKxR)", "warps", "stages", "regs", "spills", "smem KiB", "wgmma",
+            "i32 loop offsets")
     lines = [head]
     for r in rows:
         lines.append((r["kernel"], r["variant"], r["dtype"], r["blocks"], str(r["warps"]), str(r["stages"]),
-                      str(r["registers"]), str(r["spills"]), f"{r['smem'] / 1024:.1f}", "yes" if r["wgmma"] else "no"))
+                      str(r["registers"]), str(r["spills"]), f"{r['smem'] / 1024:.1f}", "yes" if r["wgmma"] else "no",
+                      str(len(r["loop_i32_offsets"]))))
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     fmt = lambda line: "| " + " | ".join(c.ljust(w) for c, w in zip(line, widths)) + " |"  # noqa: E731
     out = [fmt(lines[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]

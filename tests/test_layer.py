@@ -252,8 +252,46 @@ def test_opcheck_custom_ops():
     L = torch.randn(4, 12, requires_grad=True)
     R = torch.randn(6, 4, requires_grad=True)
     s = make_scales((1, 2), 2, 4.0)
-    torch.library.opcheck(torch.ops.muscle_kernels.lowrank_linear_fwd.default, (x, W, b, L, R, s, 0.0, 0, "torch"))
+    torch.library.opcheck(torch.ops.muscle_kernels.lowrank_linear_fwd.default, (x, W, b, L, R, s, 0.0, None, "torch"))
     t = x @ L.detach().t()
     dy = torch.randn(5, 6)
     torch.library.opcheck(torch.ops.muscle_kernels.lowrank_linear_bwd.default,
-                          (dy, x, W, L.detach(), R.detach(), s, t, 0.0, 0, "torch", True, True, False))
+                          (dy, x, W, L.detach(), R.detach(), s, t, 0.0, None, "torch", True, True, False))
+
+
+@pytest.mark.parametrize("mode,fullgraph", [("aot_eager", True), ("inductor", False)],
+                         ids=["aot_eager-fullgraph", "default-mode"])
+def test_torch_compile_with_dropout_has_no_graph_break(mode, fullgraph):
+    """Dropout 0.1 under torch.compile, default mode (inductor, where a break would be silent: counted here) and
+    fullgraph=True: the seed is a tensor drawn in the graph (no .item() in traced code).
+
+    The compiled RNG differs from eager, so the mask is recovered from dx (dx - dy W is the adapter's part, zero
+    exactly where x was dropped) and y, dL and dR are checked against the reference with that mask: forward and
+    backward must have used one and the same mask."""
+    torch._dynamo.reset()
+    torch.manual_seed(11)
+    p = 0.1
+    layer = _random_layer(24, 16, (1, 2, 4), 2, True, torch.float64)
+    layer.dropout = p
+    layer.train()
+    x = torch.randn(6, 24, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(6, 16, dtype=torch.float64)
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    compiled = torch.compile(layer, backend=mode, fullgraph=fullgraph)
+    y = compiled(x)
+    assert not counters["graph_break"], f"graph breaks: {dict(counters['graph_break'])}"
+    dx, dL, dR = torch.autograd.grad(y, [x, layer.lora_L, layer.lora_R], dy)
+    adapter_dx = dx - dy @ layer.weight
+    mask = adapter_dx.abs() > 1e-12
+    dropped = 1 - mask.double().mean().item()
+    assert 0.0 < dropped < 0.35, f"dropped fraction {dropped:.3f}, expected about {p}"
+    xr = x.detach().requires_grad_()
+    Lr, Rr = (t.detach().requires_grad_() for t in (layer.lora_L, layer.lora_R))
+    y_ref = lowrank_linear_reference(xr, layer.weight, layer.bias, Lr, Rr, layer.scales.double(), mask, p)
+    ref = (y_ref, *torch.autograd.grad(y_ref, [xr, Lr, Rr], dy))
+    for name, r, g in zip(("y", "dx", "dL", "dR"), ref, (y, dx, dL, dR)):
+        assert_close(f"compiled ({mode}) {name}", r, g)
+    # a fresh seed per call, as in eager
+    assert not torch.equal(compiled(x), y.detach()), "two training calls gave the same dropout mask"

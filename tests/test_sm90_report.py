@@ -60,3 +60,5 @@ def test_sm90_report_subset_passes():
     for r in rows:
         if r["dtype"] == "bf16":
             assert r["wgmma"], f"{r['kernel']} {r['variant']}: bf16 without wgmma"
+        # int64 offsets: no pointer offset inside a loop is an index * stride product in 32 bits
+        assert r["loop_i32_offsets"] == [], f"{r['kernel']} {r['variant']}: i32 offsets {r['loop_i32_offsets']}"

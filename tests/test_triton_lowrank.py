@@ -25,11 +25,23 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ON_GPU = DEVICE.type == "cuda"
 
 
+# On a GPU every tiny shape below would be a new specialisation x 5 autotune configs: one moderate config instead
+# (valid for every dtype) keeps the file to a few dozen compiles. The shipped configs are checked one by one at LLM
+# shapes in test_triton_configs.py, the autotuned launch in test_triton_registration.py and the benchmark.
+_GPU_TEST_CONFIG = triton_ops.triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8},
+                                           num_warps=4, num_stages=3)
+
+
 @pytest.fixture(autouse=True)
 def _nan_outputs(monkeypatch):
     monkeypatch.setattr(triton_ops, "_FILL_NAN", True)
     monkeypatch.setattr(triton_ops, "_FORCE_FUSE_T", None)
     monkeypatch.setattr(triton_ops, "_FORCE_SPLIT", None)
+    if ON_GPU:
+        with triton_ops.force_configs(fused=_GPU_TEST_CONFIG):
+            yield
+    else:
+        yield
 
 
 def _problem(m, k, n, nr, bias, seed=0):

@@ -18,11 +18,11 @@ def test_opcheck_triton_ops():
     L = torch.randn(4, 24, device=DEVICE, requires_grad=True)
     R = torch.randn(10, 4, device=DEVICE, requires_grad=True)
     s = make_scales((1, 2), 2, 4.0, device=DEVICE)
-    torch.library.opcheck(torch.ops.muscle_kernels.lowrank_linear_fwd.default, (x, W, b, L, R, s, 0.0, 0, "triton"))
+    torch.library.opcheck(torch.ops.muscle_kernels.lowrank_linear_fwd.default, (x, W, b, L, R, s, 0.0, None, "triton"))
     t = (x @ L.detach().t()).float()
     dy = torch.randn(7, 10, device=DEVICE)
     torch.library.opcheck(torch.ops.muscle_kernels.lowrank_linear_bwd.default,
-                          (dy, x, W, L.detach(), R.detach(), s, t, 0.0, 0, "triton", True, True, True))
+                          (dy, x, W, L.detach(), R.detach(), s, t, 0.0, None, "triton", True, True, True))
 
 
 def test_compiled_layer_with_triton_backend_matches_eager():

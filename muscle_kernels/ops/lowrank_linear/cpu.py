@@ -1,8 +1,10 @@
-"""The "torch" path of the multi-scale low-rank linear op: a few composed GEMMs, no [M, out] intermediate.
+"""The composed-GEMM path of the multi-scale low-rank linear op ("torch" on CPU, "cublas" on CUDA), no [M, out] temporary.
 
-This is the path for CPU tensors (and for CUDA tensors when Triton is not available). It is built to sit close to the
-FLOP floor of the bare layer on a CPU: the adapter adds four skinny GEMMs of [M, n*r] size and two in-place
-`addmm_`s, and nothing of size [M, out] besides y and dx themselves.
+This is the path for CPU tensors, and on CUDA the cuBLAS side of backend="auto"'s choice. It is built to sit close to
+the FLOP floor of the bare layer: the adapter adds four skinny GEMMs of [M, n*r] size and two in-place `addmm_`s, and
+nothing of size [M, out] besides y and dx themselves (with dropout, backward adds one [M, in] product and its mask).
+Operand layouts were picked by measurement on a CPU (benchmarks/RESULTS.md, "layout of the skinny GEMMs"); on CUDA
+the copies they cost are [n*r, out] and [n*r, M], a rounding error next to the GEMMs.
 
 Dropout on the adapter input is regenerated from a seed in backward instead of storing an [M, in] mask.
 """
@@ -26,7 +28,7 @@ def _dropped(x2: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     if p <= 0.0:
         return x2
     mask = dropout_mask_torch(x2.shape, p, seed, x2.device)
-    return x2 * mask.to(x2.dtype) * (1.0 / (1.0 - p))
+    return (x2 * mask).mul_(1.0 / (1.0 - p))  # one [M, in] temporary
 
 
 def lowrank_linear_fwd_torch(
@@ -41,9 +43,8 @@ def lowrank_linear_fwd_torch(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """x2: [M, in] -> (y [M, out], T [M, n*r]) with T = drop(x) L^T (unscaled, saved for backward)."""
     y = torch.addmm(bias, x2, weight.t()) if bias is not None else torch.mm(x2, weight.t())
-    # The skinny GEMMs' speed on MKL/oneDNN depends on the layout of the small operand: passing it as a transposed
-    # view (column-major) was fastest or equal at every shape we measured (benchmarks/RESULTS.md), e.g. at
-    # 2048x768->3072, r=8: x @ L.t() 0.43 ms vs 1.02 ms with L^T made contiguous.
+    # The skinny GEMMs' speed on MKL/oneDNN depends on the layout of the small operand: L as a transposed view
+    # (column-major) was fastest or equal at every shape measured.
     t = torch.mm(_dropped(x2, dropout_p, seed), lora_L.t())
     # In place: the expansion never materialises a second [M, out] tensor.
     y.addmm_(t * scales.to(t.dtype), lora_R.t())
@@ -67,17 +68,17 @@ def lowrank_linear_bwd_torch(
     """SPEC section 2 gradients: dx = dy W + drop'((G s) L), dR = dy^T (T s), dL = (G s)^T drop(x), G = dy R."""
     s = scales.to(dy2.dtype)
     dx = dL = dR = None
-    # R as a column-major view: dy @ R 4.31 ms vs 1.99 ms at 2048x768->3072, r=8 (the copy is n*r x out).
+    # R as a column-major view (a copy of n*r x out): faster for MKL's skinny GEMM than R as stored.
     gs = torch.mm(dy2, lora_R.t().contiguous().t()) * s if (needs_dx or needs_dL) else None
     if needs_dx:
         dx = torch.mm(dy2, weight)
         if dropout_p > 0.0:
-            keep = dropout_mask_torch(x2.shape, dropout_p, seed, x2.device).to(dx.dtype)
-            dx.add_(torch.mm(gs, lora_L) * keep, alpha=1.0 / (1.0 - dropout_p))
+            keep = dropout_mask_torch(x2.shape, dropout_p, seed, x2.device)
+            dx.add_(torch.mm(gs, lora_L).mul_(keep), alpha=1.0 / (1.0 - dropout_p))
         else:
             dx.addmm_(gs, lora_L)
     if needs_dR:
-        # dR^T = (T s)^T dy with the [n*r, M] operand contiguous: 1.13 ms vs 1.60 ms for dy^T (T s) (same shape).
+        # dR^T = (T s)^T dy with the [n*r, M] operand contiguous: faster on MKL than dy^T (T s).
         dR = torch.mm((t * s).t().contiguous(), dy2).t().contiguous()
     if needs_dL:
         dL = torch.mm(gs.t().contiguous(), _dropped(x2, dropout_p, seed))

@@ -4,18 +4,23 @@
 
 Backends:
 - "reference": the pure-PyTorch oracle (reference.py), gradients by autograd; for debugging.
-- "torch": a few composed GEMMs (cpu.py); the path for CPU tensors.
-- "triton": the fused kernels (triton_ops.py); the path for CUDA tensors (and for CPU tensors under
-  TRITON_INTERPRET=1, which is how the kernels are tested without a GPU).
-- "auto": triton for CUDA tensors when Triton is usable, torch otherwise. The environment variable
-  MUSCLE_KERNELS_BACKEND overrides "auto" (e.g. MUSCLE_KERNELS_BACKEND=reference to rule the kernels out).
+- "torch": a few composed GEMMs (cpu.py): addmm for the base, one addmm_ of (T s) with R^T, the backward composed the
+  same way, no [M, out] temporary besides y. The path for CPU tensors.
+- "cublas": the same composed GEMMs under the name they have on CUDA tensors, where each is one cuBLAS call (the
+  pattern Unsloth ships); on CPU tensors it is exactly "torch".
+- "triton": the fused kernels (triton_ops.py); for CUDA tensors (and for CPU tensors under TRITON_INTERPRET=1, which
+  is how the kernels are tested without a GPU).
+- "auto": on CUDA tensors with Triton usable, the faster of "triton" and "cublas", timed on first use per problem
+  class and cached per process (autoselect.py; `auto_choices()` shows the decisions); "cublas" on CUDA without
+  Triton; "torch" elsewhere. The environment variable MUSCLE_KERNELS_BACKEND forces what "auto" runs (e.g.
+  MUSCLE_KERNELS_BACKEND=cublas, or =reference to rule every fast path out).
 
-In eager mode the fast backends run through a plain `torch.autograd.Function`: a `torch.library.custom_op` call costs
-about 250 us of Python dispatch per call on our 2-core CPU (measured: 338 us vs 55 us for an 8x64x64 layer), which
-would eat the adapter's whole budget on a GPU. Under `torch.compile` the same forward/backward implementations are
-reached through two custom ops (forward and backward) with fake kernels and a registered autograd formula, so a
-compiled model that uses the layer traces without graph breaks. Backward saves T = drop(x) L^T ([M, n*r]) and never an
-[M, out] intermediate; dropout is regenerated from a seed.
+In eager mode the fast backends run through a plain `torch.autograd.Function`, because a `torch.library.custom_op`
+call costs several times more Python dispatch (benchmarks/RESULTS.md), which would eat the adapter's whole budget on a
+GPU. Under `torch.compile` the same forward/backward implementations are reached through two custom ops (forward and
+backward) with fake kernels and a registered autograd formula, so a compiled model that uses the layer traces without
+graph breaks; the dropout seed is then a tensor drawn inside the graph (no `.item()` in the traced code). Backward
+saves T = drop(x) L^T ([M, n*r]) and never an [M, out] intermediate; dropout is regenerated from the seed.
 """
 from __future__ import annotations
 
@@ -25,12 +30,13 @@ from typing import List, Optional, Tuple
 import torch
 
 from ..._env import forced_choice
+from . import autoselect
 from .cpu import lowrank_linear_bwd_torch, lowrank_linear_fwd_torch
 from .reference import lowrank_linear_reference
 
 __all__ = ["muscle_lora_linear", "available_backends", "resolve_backend", "BACKENDS"]
 
-BACKENDS = ("auto", "reference", "torch", "triton")
+BACKENDS = ("auto", "reference", "torch", "cublas", "triton")
 _ENV_BACKEND = "MUSCLE_KERNELS_BACKEND"
 
 
@@ -65,20 +71,24 @@ def _triton_usable(device: torch.device) -> bool:
 def available_backends(device="cpu") -> List[str]:
     """The backends that can run on tensors of `device` in this process."""
     device = torch.device(device)
-    names = ["reference", "torch"]
+    names = ["reference", "torch", "cublas"]
     if _triton_usable(device):
         names.append("triton")
     return names
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend that runs for `backend` on tensors of `device`. For "auto" on CUDA with Triton usable this is
+    "auto": the choice between "triton" and "cublas" is made per problem class at the first call (autoselect.py)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         forced = forced_choice(_ENV_BACKEND, BACKENDS)
         if forced:
             return resolve_backend(forced, device)
-        return "triton" if (device.type == "cuda" and _triton_usable(device)) else "torch"
+        if device.type == "cuda":
+            return "auto" if _triton_usable(device) else "cublas"
+        return "torch"
     if backend == "triton" and not _triton_usable(device):
         why = _TRITON["error"] or (
             f"tensors are on {device.type}; Triton needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter)"
@@ -132,10 +142,34 @@ def _check_inputs(x, weight, bias, lora_L, lora_R, scales, dropout_p):
 # Custom ops (forward and backward) and their autograd formula.
 # --------------------------------------------------------------------------------------------------------------------
 def _impl(backend: str):
+    """(forward, backward) implementations of a concrete backend ("torch" and "cublas" share the composed GEMMs)."""
     if backend == "triton":
         ops = _triton_ops()
         return ops.lowrank_linear_fwd_triton, ops.lowrank_linear_bwd_triton
     return lowrank_linear_fwd_torch, lowrank_linear_bwd_torch
+
+
+def _choose(args: tuple, needs: Tuple[bool, bool, bool], backward: bool) -> str:
+    """backend="auto" on CUDA: the cached or freshly timed choice between the fused kernels and cuBLAS."""
+    x2, weight, _, lora_L = args[:4]
+    key = autoselect.choice_key(x2, weight, lora_L.shape[0], args[6], backward)
+    can_time = not (torch.compiler.is_compiling()
+                    or (x2.device.type == "cuda" and torch.cuda.is_current_stream_capturing()))
+    runners = {}
+    if can_time and key not in autoselect._CHOICES:
+        runners = autoselect.runners_for({name: _impl(name) for name in autoselect.CANDIDATES}, args, backward, needs)
+    else:
+        runners = {name: None for name in autoselect.CANDIDATES}
+    with torch.no_grad():
+        return autoselect.decide(key, runners, can_time=can_time)
+
+
+def _seed_int(seed) -> int:
+    # Under torch.compile the seed arrives as a one-element CPU tensor; .item() here runs inside the opaque custom op,
+    # at run time, so it costs no graph break (and no device sync: the tensor is on the CPU).
+    if seed is None:
+        return 0
+    return int(seed.item()) if isinstance(seed, torch.Tensor) else int(seed)
 
 
 def _t_dtype(x: torch.Tensor, backend: str) -> torch.dtype:
@@ -152,11 +186,11 @@ def _fwd_op(
     lora_R: torch.Tensor,
     scales: torch.Tensor,
     dropout_p: float,
-    seed: int,
+    seed: Optional[torch.Tensor],
     backend: str,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     fwd, _ = _impl(backend)
-    return fwd(x2, weight, bias, lora_L, lora_R, scales, dropout_p, seed)
+    return fwd(x2, weight, bias, lora_L, lora_R, scales, dropout_p, _seed_int(seed))
 
 
 @_fwd_op.register_fake
@@ -175,14 +209,15 @@ def _bwd_op(
     scales: torch.Tensor,
     t: torch.Tensor,
     dropout_p: float,
-    seed: int,
+    seed: Optional[torch.Tensor],
     backend: str,
     needs_dx: bool,
     needs_dL: bool,
     needs_dR: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _, bwd = _impl(backend)
-    dx, dL, dR = bwd(dy2, x2, weight, lora_L, lora_R, scales, t, dropout_p, seed, needs_dx, needs_dL, needs_dR)
+    dx, dL, dR = bwd(dy2, x2, weight, lora_L, lora_R, scales, t, dropout_p, _seed_int(seed), needs_dx, needs_dL,
+                     needs_dR)
     # A custom op cannot return None: an empty tensor stands for "not needed".
     empty = x2.new_empty(0)
     return (dx if dx is not None else empty, dL if dL is not None else empty, dR if dR is not None else empty)
@@ -201,17 +236,17 @@ def _(dy2, x2, weight, lora_L, lora_R, scales, t, dropout_p, seed, backend, need
 def _setup_context(ctx, inputs, output):
     x2, weight, bias, lora_L, lora_R, scales, dropout_p, seed, backend = inputs
     _, t = output
-    ctx.save_for_backward(x2, weight, lora_L, lora_R, scales, t)
-    ctx.dropout_p, ctx.seed, ctx.backend = dropout_p, seed, backend
+    ctx.save_for_backward(x2, weight, lora_L, lora_R, scales, t, seed)
+    ctx.dropout_p, ctx.backend = dropout_p, backend
     ctx.has_bias = bias is not None
 
 
 def _backward(ctx, dy2, _dt):
-    x2, weight, lora_L, lora_R, scales, t = ctx.saved_tensors
+    x2, weight, lora_L, lora_R, scales, t, seed = ctx.saved_tensors
     need = ctx.needs_input_grad
     dy2 = dy2.contiguous()
     dx, dL, dR = _bwd_op(
-        dy2, x2, weight, lora_L, lora_R, scales, t, ctx.dropout_p, ctx.seed, ctx.backend, need[0], need[3], need[4]
+        dy2, x2, weight, lora_L, lora_R, scales, t, ctx.dropout_p, seed, ctx.backend, need[0], need[3], need[4]
     )
     # The base is frozen in MuScleLoRA, but a user who unfreezes it must not get a silently missing gradient.
     dW = dy2.t().mm(x2) if need[1] else None
@@ -289,12 +324,23 @@ def muscle_lora_linear(
         if p > 0.0:
             mask = torch.rand(x.shape, device=x.device) >= p
         return lowrank_linear_reference(x, weight, bias, lora_L, lora_R, scales, mask, p)
-    seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if p > 0.0 else 0
+    compiling = torch.compiler.is_compiling()
+    if p > 0.0:
+        # The same draw either way (one int64 from the default CPU generator); traced as a graph op when compiling.
+        seed_t = torch.randint(0, 2**31 - 1, (1,))
+        seed = seed_t if compiling else int(seed_t.item())
+    else:
+        seed = None if compiling else 0
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).contiguous()  # one copy at most, only for a non-contiguous x
-    args = (x2, weight.contiguous(), bias, lora_L.contiguous(), lora_R.contiguous(), scales, p, seed, name)
-    if torch.compiler.is_compiling():
-        y2, _ = _fwd_op(*args)
+    args = [x2, weight.contiguous(), bias, lora_L.contiguous(), lora_R.contiguous(), scales, p, seed]
+    if name == "auto":
+        grad = torch.is_grad_enabled()
+        needs = tuple(grad and v.requires_grad for v in (x, lora_L, lora_R))
+        name = _choose(tuple(args[:7]) + (0 if compiling else seed,), needs,
+                       any(needs) or (grad and weight.requires_grad))
+    if compiling:
+        y2, _ = _fwd_op(*args, name)
     else:
-        y2, _ = _LowRankLinearFunction.apply(*args)
+        y2, _ = _LowRankLinearFunction.apply(*args, name)
     return y2.reshape(*lead, weight.shape[0])

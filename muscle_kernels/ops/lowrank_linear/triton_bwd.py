@@ -33,6 +33,7 @@ def _reduce_m_kernel(
     n_ok = rn < N
     r_ok = rr < NR
     rn_safe = (rn % N).to(tl.int64)
+    rr64 = rr.to(tl.int64)
     s = tl.load(s_ptr + rr, mask=r_ok, other=0.0)
     m_start = pid_s * m_per_split
     m_end = tl.minimum(M, m_start + m_per_split)
@@ -45,7 +46,7 @@ def _reduce_m_kernel(
         a_t = tl.load(a_ptr + rm64[None, :] * stride_am + rn_safe[:, None] * stride_an, mask=m_ok[None, :], other=0.0)
         if HAS_DROP:
             a_t = tl.where(_keep_mask(seed, rm[None, :], rn[:, None], drop_p), a_t, 0.0).to(a_t.dtype)
-        g = tl.load(g_ptr + rm64[:, None] * stride_gm + rr[None, :] * stride_gr, mask=m_ok[:, None] & r_ok[None, :],
+        g = tl.load(g_ptr + rm64[:, None] * stride_gm + rr64[None, :] * stride_gr, mask=m_ok[:, None] & r_ok[None, :],
                     other=0.0)
         if UPCAST:
             a_t = a_t.to(tl.float32)
@@ -53,6 +54,6 @@ def _reduce_m_kernel(
         acc = tl.dot(a_t, gs, acc, input_precision=PRECISION)
     if HAS_DROP:
         acc = acc * drop_scale
-    c = c_ptr + rn.to(tl.int64)[:, None] * stride_cn + rr[None, :] * stride_cr
+    c = c_ptr + rn.to(tl.int64)[:, None] * stride_cn + rr64[None, :] * stride_cr
     ok = n_ok[:, None] & r_ok[None, :]
     _write_partial(c, acc, ok, ATOMIC)

@@ -50,7 +50,7 @@ def _dropout_mask_kernel(out_ptr, M, K, seed, p, BLOCK_M: tl.constexpr, BLOCK_K:
     rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     keep = _keep_mask(seed, rm[:, None], rk[None, :], p)
     ok = (rm[:, None] < M) & (rk[None, :] < K)
-    tl.store(out_ptr + rm[:, None].to(tl.int64) * K + rk[None, :], keep.to(tl.uint8), mask=ok)
+    tl.store(out_ptr + rm[:, None].to(tl.int64) * K + rk[None, :].to(tl.int64), keep.to(tl.uint8), mask=ok)
 
 
 @triton.jit
@@ -84,8 +84,7 @@ def _fused_lowrank_mm_kernel(
     # loads free of M/N masks; int64 so that M * stride cannot overflow for long inputs.
     rm_safe = (rm % M).to(tl.int64)
     rn_safe = (rn % N).to(tl.int64)
-    a_rows = a_ptr + rm_safe[:, None] * stride_am
-    b_cols = b_ptr + rn_safe[None, :] * stride_bn
+    rr64 = rr.to(tl.int64)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if T_MODE == 1:
@@ -94,9 +93,12 @@ def _fused_lowrank_mm_kernel(
         for r0 in range(0, NR, BLOCK_R):
             rc = r0 + rr
             rc_ok = rc < NR
-            t = tl.load(t_ptr + rm_safe[:, None] * stride_tm + rc[None, :] * stride_tr, mask=rc_ok[None, :], other=0.0)
+            rc64 = rc.to(tl.int64)
+            t = tl.load(t_ptr + rm_safe[:, None] * stride_tm + rc64[None, :] * stride_tr, mask=rc_ok[None, :],
+                        other=0.0)
             sc = tl.load(s_ptr + rc, mask=rc_ok, other=0.0)
-            q = tl.load(q_ptr + rn_safe[None, :] * stride_qn + rc[:, None] * stride_qr, mask=rc_ok[:, None], other=0.0)
+            q = tl.load(q_ptr + rn_safe[None, :] * stride_qn + rc64[:, None] * stride_qr, mask=rc_ok[:, None],
+                        other=0.0)
             if UPCAST:
                 q = q.to(tl.float32)
             acc = tl.dot((t * sc[None, :]).to(q.dtype), q, acc, input_precision=PRECISION)
@@ -107,18 +109,25 @@ def _fused_lowrank_mm_kernel(
     else:
         tl.static_assert(not OUT_DROP, "OUT_DROP needs T_MODE 1 (the masked part must come before the base GEMM)")
         t_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    # int64 before the strides: k * stride_bk overflows int32 once out * in >= 2^31 (a 256k-vocabulary head), and
+    # every offset here is int64 for the same reason. (Pointer tensors carried around the loop instead cost 64-bit
+    # registers per element: 104 bytes of spills at 128x256 fp32 on sm_90.)
+    a_rows = a_ptr + rm_safe[:, None] * stride_am
+    b_cols = b_ptr + rn_safe[None, :] * stride_bn
+    if T_MODE == 0:
+        p_cols = p_ptr + rr64[None, :] * stride_pr
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
         k_ok = kk < K
-        a = tl.load(a_rows + kk[None, :] * stride_ak, mask=k_ok[None, :], other=0.0)
-        b = tl.load(b_cols + kk[:, None] * stride_bk, mask=k_ok[:, None], other=0.0)
+        kk64 = kk.to(tl.int64)
+        a = tl.load(a_rows + kk64[None, :] * stride_ak, mask=k_ok[None, :], other=0.0)
+        b = tl.load(b_cols + kk64[:, None] * stride_bk, mask=k_ok[:, None], other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
         if T_MODE == 0:
-            pt = tl.load(p_ptr + kk[:, None] * stride_pk + rr[None, :] * stride_pr,
-                         mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+            pt = tl.load(p_cols + kk64[:, None] * stride_pk, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
             if UPCAST:
                 pt = pt.to(tl.float32)
             t_acc = tl.dot(a, pt, t_acc, input_precision=PRECISION)
@@ -127,15 +136,15 @@ def _fused_lowrank_mm_kernel(
         s = tl.load(s_ptr + rr, mask=r_ok, other=0.0)
         if STORE_T:
             if pid_n == 0:
-                tl.store(t_ptr + rm.to(tl.int64)[:, None] * stride_tm + rr[None, :] * stride_tr, t_acc,
+                tl.store(t_ptr + rm.to(tl.int64)[:, None] * stride_tm + rr64[None, :] * stride_tr, t_acc,
                          mask=m_ok[:, None] & r_ok[None, :])
-        q = tl.load(q_ptr + rn_safe[None, :] * stride_qn + rr[:, None] * stride_qr, mask=r_ok[:, None], other=0.0)
+        q = tl.load(q_ptr + rn_safe[None, :] * stride_qn + rr64[:, None] * stride_qr, mask=r_ok[:, None], other=0.0)
         if UPCAST:
             q = q.to(tl.float32)
         acc = tl.dot((t_acc * s[None, :]).to(q.dtype), q, acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn_safe).to(tl.float32)[None, :]
-    c = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :] * stride_cn
+    c = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn.to(tl.int64)[None, :] * stride_cn
     tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
@@ -159,20 +168,25 @@ def _shrink_kernel(
     k_start = pid_k * k_per_split
     k_end = tl.minimum(K, k_start + k_per_split)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    rr64 = rr.to(tl.int64)
+    a_rows = a_ptr + rm_safe[:, None] * stride_am
+    p_cols = p_ptr + rr64[None, :] * stride_pr
     for k0 in range(k_start, k_end, BLOCK_K):
         kk = k0 + rk
         k_ok = kk < k_end
-        a = tl.load(a_ptr + rm_safe[:, None] * stride_am + kk[None, :] * stride_ak, mask=k_ok[None, :], other=0.0)
+        # int64 before the stride: k * stride_pk reaches 2^31 for long K. (Pointer tensors carried around this loop, as
+        # in the fused GEMM, would cost a [BLOCK_K, BLOCK_R] block of 64-bit registers: 12 bytes of spills at sm_90.)
+        kk64 = kk.to(tl.int64)
+        a = tl.load(a_rows + kk64[None, :] * stride_ak, mask=k_ok[None, :], other=0.0)
         if HAS_DROP:
             a = tl.where(_keep_mask(seed, rm[:, None], kk[None, :], drop_p), a, 0.0).to(a.dtype)
-        pt = tl.load(p_ptr + kk[:, None] * stride_pk + rr[None, :] * stride_pr, mask=k_ok[:, None] & r_ok[None, :],
-                     other=0.0)
+        pt = tl.load(p_cols + kk64[:, None] * stride_pk, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
             pt = pt.to(tl.float32)
         acc = tl.dot(a, pt, acc, input_precision=PRECISION)
     if HAS_DROP:
         acc = acc * drop_scale
-    t = t_ptr + rm.to(tl.int64)[:, None] * stride_tm + rr[None, :] * stride_tr
+    t = t_ptr + rm.to(tl.int64)[:, None] * stride_tm + rr64[None, :] * stride_tr
     ok = m_ok[:, None] & r_ok[None, :]
     _write_partial(t, acc, ok, ATOMIC)

@@ -13,10 +13,13 @@ dtype among fp32 / fp16 / bf16, scales is any float [n*r]. Launch plan (kernels 
     backward  dx (+ G for dL):         fused GEMM dx = dy W + ((dy R) s) L, same two modes   (1-2 launches)
               dR = dy^T (T s), dL = (G s)^T drop(x): M-reductions                           (1 launch each)
 
-fp32 inputs use TF32 in tl.dot only when torch.backends.cuda.matmul.allow_tf32 is set, IEEE otherwise.
+fp32 inputs use TF32 in tl.dot only when torch allows TF32 for matmuls (`torch.backends.cuda.matmul.fp32_precision`,
+or the legacy `allow_tf32` where the new API is unset or missing), IEEE otherwise. Every launch runs under a device
+guard for the inputs' device, so tensors on `cuda:1` launch on `cuda:1` whatever the current device is.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional
 
@@ -28,7 +31,8 @@ from .triton_fwd import _dropout_mask_kernel, _fused_lowrank_mm_kernel, _shrink_
 
 __all__ = [
     "lowrank_linear_fwd_triton", "lowrank_linear_bwd_triton", "dropout_mask_triton",
-    "fused_configs", "shrink_config", "reduce_config", "block_r", "FUSE_T_MAX_R", "T_CHUNK",
+    "fused_configs", "shrink_config", "reduce_config", "block_r", "force_configs", "tf32_allowed", "FUSE_T_MAX_R",
+    "T_CHUNK",
 ]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -39,6 +43,10 @@ _FILL_NAN = False
 # Tests set these to exercise both launch modes and the split (atomic) reductions on small shapes.
 _FORCE_FUSE_T: Optional[bool] = None
 _FORCE_SPLIT: Optional[int] = None
+# Tests set this to run one given config instead of autotuning (see force_configs): {"fused": triton.Config,
+# "shrink": (BLOCK_M, BLOCK_K, warps, stages), "reduce": (BLOCK_M, BLOCK_N, BLOCK_R, warps, stages)}; a missing key
+# keeps the default. It bypasses the autotuner (whose cache would otherwise keep the first config it picked).
+_FORCE_CONFIG: dict = {}
 
 # Largest padded n*r accumulated inside the GEMM's K loop (T_MODE 0). Above it the separate shrink is cheaper:
 # the in-loop product costs BLOCK_R / BLOCK_N of the GEMM's MMA work, the shrink about one extra read of x.
@@ -142,9 +150,10 @@ _fused_tuned = triton.autotune(
 )(_fused_lowrank_mm_kernel)
 
 
-def shrink_config(br: int, elt_size: int):
-    """(BLOCK_M, BLOCK_K, warps, stages) of the shrink kernel: memory-bound, so enough stages to stream x."""
-    if _INTERPRET:
+def shrink_config(br: int, elt_size: int, interpret: Optional[bool] = None):
+    """(BLOCK_M, BLOCK_K, warps, stages) of the shrink kernel: memory-bound, so enough stages to stream x.
+    interpret=False gives the shipped (GPU) config even under the interpreter (for the config-sweep tests)."""
+    if _INTERPRET if interpret is None else interpret:
         return 32, 32, 4, 1
     bk = 128 // elt_size
     if br <= 64:
@@ -152,9 +161,9 @@ def shrink_config(br: int, elt_size: int):
     return 64, bk, 8, 3
 
 
-def reduce_config(br: int, elt_size: int, precision: str = "tf32"):
+def reduce_config(br: int, elt_size: int, precision: str = "tf32", interpret: Optional[bool] = None):
     """(BLOCK_M, BLOCK_N, BLOCK_R, warps, stages) of the M-reduction kernel; BLOCK_R < br splits NR over the grid."""
-    if _INTERPRET:
+    if _INTERPRET if interpret is None else interpret:
         return 32, 32, min(br, 64), 4, 1
     bm = 128 // elt_size
     if elt_size == 4 and precision == "ieee":
@@ -174,10 +183,49 @@ def _alloc(shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+@contextlib.contextmanager
+def force_configs(fused=None, shrink=None, reduce=None):
+    """Run every launch inside the block with the given configs (None: the default for that kernel)."""
+    old = dict(_FORCE_CONFIG)
+    _FORCE_CONFIG.clear()
+    _FORCE_CONFIG.update({k: v for k, v in (("fused", fused), ("shrink", shrink), ("reduce", reduce)) if v})
+    try:
+        yield
+    finally:
+        _FORCE_CONFIG.clear()
+        _FORCE_CONFIG.update(old)
+
+
+def _device_guard(device: torch.device):
+    """Make `device` current for the launches (Triton launches on the current CUDA device, not the tensors')."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def tf32_allowed() -> bool:
+    """Whether torch allows TF32 for fp32 matmuls, read through the new API where it exists.
+
+    `torch.backends.cuda.matmul.fp32_precision` is "tf32" / "ieee" once set (directly or through the global
+    `torch.backends.fp32_precision`), "none" while unset; reading the legacy `allow_tf32` after the new API was used
+    raises on recent torch, so it is only consulted when the new one says nothing.
+    """
+    matmul = torch.backends.cuda.matmul
+    prec = getattr(matmul, "fp32_precision", None)
+    if prec == "tf32":
+        return True
+    if prec == "ieee":
+        return False
+    try:
+        return bool(matmul.allow_tf32)
+    except RuntimeError:  # a mix of the two APIs: torch itself refuses to say; IEEE is the safe answer
+        return False
+
+
 def _precision(dtype: torch.dtype) -> str:
     if _INTERPRET:
         return "ieee"
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and not tf32_allowed():
         return "ieee"
     return "tf32"  # ignored by tl.dot for fp16/bf16 operands
 
@@ -223,7 +271,7 @@ def _launch_shrink(a, p, t, rows_stride_p, k_stride_p, dropout_p, seed):
     m, k = a.shape
     nr = t.shape[1]
     br = block_r(nr)
-    bm, bk, warps, stages = shrink_config(br, a.element_size())
+    bm, bk, warps, stages = _FORCE_CONFIG.get("shrink") or shrink_config(br, a.element_size())
     m_tiles = triton.cdiv(m, bm)
     split = _splits(m_tiles, k, bk, a.device)
     k_per_split = triton.cdiv(triton.cdiv(k, split), bk) * bk
@@ -246,7 +294,8 @@ def _launch_reduce(a, g, s, c, c_strides, dropout_p, seed):
     nr = g.shape[1]
     br = block_r(nr)
     prec = _precision(a.dtype)
-    bm, bn, br, warps, stages = reduce_config(br, a.element_size(), prec)
+    bm, bn, br, warps, stages = _FORCE_CONFIG.get("reduce") or reduce_config(br, a.element_size(), prec)
+    br = min(br, block_r(nr))
     n_tiles = triton.cdiv(n, bn) * triton.cdiv(nr, br)
     split = _splits(n_tiles, m, bm, a.device)
     m_per_split = triton.cdiv(triton.cdiv(m, split), bm) * bm
@@ -270,14 +319,18 @@ def _launch_fused(a, b_strides, b, p, p_strides, q, q_strides, s, bias, t, c, n,
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-    _fused_tuned[grid](
-        a, b, p, q, s, bias if bias is not None else s, t, c,
-        m, n, k, nr, _m_bucket(m), seed, dropout_p, 1.0 / (1.0 - dropout_p),
-        a.stride(0), a.stride(1), b_strides[0], b_strides[1], p_strides[0], p_strides[1],
-        q_strides[0], q_strides[1], t.stride(0), t.stride(1), c.stride(0), c.stride(1),
-        HAS_BIAS=bias is not None, T_MODE=t_mode, STORE_T=store_t, OUT_DROP=out_drop,
-        BLOCK_R=br, UPCAST=_INTERPRET, PRECISION=_precision(a.dtype),
-    )
+    args = (a, b, p, q, s, bias if bias is not None else s, t, c,
+            m, n, k, nr, _m_bucket(m), seed, dropout_p, 1.0 / (1.0 - dropout_p),
+            a.stride(0), a.stride(1), b_strides[0], b_strides[1], p_strides[0], p_strides[1],
+            q_strides[0], q_strides[1], t.stride(0), t.stride(1), c.stride(0), c.stride(1))
+    meta = dict(HAS_BIAS=bias is not None, T_MODE=t_mode, STORE_T=store_t, OUT_DROP=out_drop,
+                BLOCK_R=br, UPCAST=_INTERPRET, PRECISION=_precision(a.dtype))
+    forced = _FORCE_CONFIG.get("fused")
+    if forced is not None:
+        _fused_lowrank_mm_kernel[grid(forced.kwargs)](*args, **meta, **forced.kwargs, num_warps=forced.num_warps,
+                                                     num_stages=forced.num_stages)
+    else:
+        _fused_tuned[grid](*args, **meta)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -286,6 +339,11 @@ def _launch_fused(a, b_strides, b, p, p_strides, q, q_strides, s, bias, t, c, n,
 def lowrank_linear_fwd_triton(x2, weight, bias, lora_L, lora_R, scales, dropout_p: float, seed: int):
     """x2 [M, in] -> (y [M, out] in x's dtype, T [M, n*r] fp32), T = drop(x) L^T unscaled (saved for backward)."""
     _check_dtypes(x2, weight=weight, bias=bias, lora_L=lora_L, lora_R=lora_R)
+    with _device_guard(x2.device):
+        return _fwd(x2, weight, bias, lora_L, lora_R, scales, dropout_p, seed)
+
+
+def _fwd(x2, weight, bias, lora_L, lora_R, scales, dropout_p, seed):
     m, k = x2.shape
     n, nr = weight.shape[0], lora_L.shape[0]
     p = float(dropout_p)
@@ -309,6 +367,11 @@ def lowrank_linear_bwd_triton(dy2, x2, weight, lora_L, lora_R, scales, t, dropou
                               needs_dx, needs_dL, needs_dR):
     """SPEC section 2: dx = dy W + drop'((G s) L), dR = dy^T (T s), dL = (G s)^T drop(x), with G = dy R."""
     _check_dtypes(x2, dy=dy2, weight=weight, lora_L=lora_L, lora_R=lora_R)
+    with _device_guard(x2.device):
+        return _bwd(dy2, x2, weight, lora_L, lora_R, scales, t, dropout_p, seed, needs_dx, needs_dL, needs_dR)
+
+
+def _bwd(dy2, x2, weight, lora_L, lora_R, scales, t, dropout_p, seed, needs_dx, needs_dL, needs_dR):
     m, k = x2.shape
     n, nr = weight.shape[0], lora_L.shape[0]
     p, seed = float(dropout_p), int(seed)
@@ -360,6 +423,7 @@ def dropout_mask_triton(shape, p: float, seed: int, device) -> torch.Tensor:
         m *= v
     out = torch.empty((m, k), dtype=torch.uint8, device=device)
     if m and k:
-        _dropout_mask_kernel[(triton.cdiv(m, 32), triton.cdiv(k, 32))](out, m, k, int(seed), float(p),
-                                                                      BLOCK_M=32, BLOCK_K=32)
+        with _device_guard(out.device):
+            _dropout_mask_kernel[(triton.cdiv(m, 32), triton.cdiv(k, 32))](out, m, k, int(seed), float(p),
+                                                                          BLOCK_M=32, BLOCK_K=32)
     return out.bool().reshape(shape)
