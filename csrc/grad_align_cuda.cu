@@ -10,23 +10,34 @@
 // Everything is enqueued on the current stream; there is no host synchronisation and no copy to the host, so the
 // fused op is safe to capture in a CUDA graph and to overlap with other work. Tensors are grouped by dtype on the
 // host (a few lines of C++ over the list, no Python loop).
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
+//
+// ABI: the LibTorch stable ABI, as grad_align.cpp (torch::stable::Tensor, STABLE_TORCH_LIBRARY_IMPL, the stable
+// device guard), plus the CUDA runtime. The current stream comes from aoti_torch_get_current_cuda_stream (the AOTI C
+// shim, part of the stable surface since torch 2.9; stable::Stream::nativeHandle needs 2.13). This file is its own
+// shared library, loaded after the CPU one (which defines the schemas), so a CPU-only torch never has to load it.
+#include <cuda_runtime.h>
+#include <torch/csrc/inductor/aoti_torch/c/shim.h>
+#include <torch/csrc/stable/accelerator.h>
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/util/BFloat16.h>
+#include <torch/headeronly/util/Half.h>
 
 #include <cstdint>
 #include <vector>
 
+#include "grad_align_checks.h"
 #include "grad_align_common.h"
 #include "multi_tensor_apply.cuh"
 
-namespace muscle_kernels {
+#define MK_CUDA_LAUNCH_CHECK()                                                                    \
+  do {                                                                                            \
+    const cudaError_t err_ = cudaGetLastError();                                                  \
+    STD_TORCH_CHECK(err_ == cudaSuccess, "grad_align: CUDA kernel launch failed: ", cudaGetErrorString(err_)); \
+  } while (0)
 
-// Defined in grad_align.cpp (shared argument checks with the same messages on every device).
-void check_lists(at::TensorList grads, at::TensorList refs, const char* op);
-void check_coeffs(const at::Tensor& coeffs, at::TensorList grads);
+namespace muscle_kernels {
 
 namespace {
 
@@ -204,96 +215,117 @@ __global__ void __launch_bounds__(kThreads) apply_kernel(mta::TensorListMeta<2> 
   }
 }
 
-// Groups the list by dtype and runs `body(scalar_t tag, lists, index)` once per dtype present.
+cudaStream_t current_stream(const Tensor& t) {
+  void* stream = nullptr;
+  TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(static_cast<int32_t>(t.get_device_index()), &stream));
+  return static_cast<cudaStream_t>(stream);
+}
+
+// Groups the list by dtype and runs `body(dtype tag, entries)` once per dtype present (empty tensors left out).
 template <typename Body>
-void for_each_dtype_group(at::TensorList grads, at::TensorList refs, Body&& body) {
-  const at::ScalarType dtypes[] = {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble};
-  for (const auto dtype : dtypes) {
-    std::vector<std::vector<at::Tensor>> lists(2);
-    std::vector<int64_t> index;
+void for_each_dtype_group(const TensorList& grads, const TensorList& refs, Body&& body) {
+  std::vector<ScalarType> dtypes(grads.size());
+  for (size_t i = 0; i < grads.size(); ++i) dtypes[i] = grads[i].scalar_type();
+  const ScalarType order[] = {ScalarType::Float, ScalarType::BFloat16, ScalarType::Half, ScalarType::Double};
+  for (const auto dtype : order) {
+    std::vector<mta::Entry<2>> entries;
     for (size_t i = 0; i < grads.size(); ++i) {
-      if (grads[i].scalar_type() != dtype || grads[i].numel() == 0) continue;
-      lists[0].push_back(grads[i]);
-      lists[1].push_back(refs[i]);
-      index.push_back(static_cast<int64_t>(i));
+      if (dtypes[i] != dtype) continue;
+      const int64_t numel = grads[i].numel();
+      if (numel == 0) continue;
+      entries.push_back({{grads[i].mutable_data_ptr(), const_cast<void*>(refs[i].const_data_ptr())}, numel,
+                         static_cast<int64_t>(i)});
     }
-    if (!index.empty()) body(dtype, lists, index);
+    if (entries.empty()) continue;
+    switch (dtype) {
+      case ScalarType::Float:
+        body(float{}, entries);
+        break;
+      case ScalarType::BFloat16:
+        body(c10::BFloat16{}, entries);
+        break;
+      case ScalarType::Half:
+        body(c10::Half{}, entries);
+        break;
+      default:
+        body(double{}, entries);
+    }
   }
 }
 
 // Reduce into stats [n, 3]; with coeffs non-null also fill the fused op's coefficients.
-void reduce_into(at::TensorList grads, at::TensorList refs, at::Tensor& stats, float* coeffs, double rho) {
+void reduce_into(const TensorList& grads, const TensorList& refs, Tensor& stats, float* coeffs, double rho) {
   const int64_t n = static_cast<int64_t>(grads.size());
   int64_t max_chunks = 1;
   for (const auto& g : grads) max_chunks = std::max<int64_t>(max_chunks, (g.numel() + mta::kChunkSize - 1) / mta::kChunkSize);
   // Zero-filled so that empty tensors (no blocks) and tensors with fewer chunks finish with exact zeros.
-  auto partials = at::zeros({n, max_chunks, 3}, grads[0].options().dtype(at::kFloat));
-  auto stream = at::cuda::getCurrentCUDAStream();
-  float* partials_ptr = partials.data_ptr<float>();
-  for_each_dtype_group(grads, refs, [&](at::ScalarType dtype, const std::vector<std::vector<at::Tensor>>& lists,
-                                        const std::vector<int64_t>& index) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "grad_align_reduce_cuda", [&] {
-      mta::multi_tensor_apply<2>(lists, index, [&](const mta::TensorListMeta<2>& meta, int n_blocks) {
-        reduce_kernel<scalar_t><<<n_blocks, kThreads, 0, stream>>>(meta, partials_ptr, max_chunks);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
+  auto partials = torch::stable::new_zeros(stats, {n, max_chunks, 3});
+  const auto stream = current_stream(grads[0]);
+  float* partials_ptr = partials.mutable_data_ptr<float>();
+  for_each_dtype_group(grads, refs, [&](auto tag, const std::vector<mta::Entry<2>>& entries) {
+    using scalar_t = decltype(tag);
+    mta::multi_tensor_apply<2>(entries, [&](const mta::TensorListMeta<2>& meta, int n_blocks) {
+      reduce_kernel<scalar_t><<<n_blocks, kThreads, 0, stream>>>(meta, partials_ptr, max_chunks);
+      MK_CUDA_LAUNCH_CHECK();
     });
   });
   finish_kernel<<<static_cast<unsigned int>(n), kFinishThreads, 0, stream>>>(partials_ptr, max_chunks,
-                                                                             stats.data_ptr<float>(), coeffs, rho);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+                                                                             stats.mutable_data_ptr<float>(), coeffs, rho);
+  MK_CUDA_LAUNCH_CHECK();
 }
 
-void apply_with(at::TensorList grads, at::TensorList refs, const float* coeffs) {
-  auto stream = at::cuda::getCurrentCUDAStream();
-  for_each_dtype_group(grads, refs, [&](at::ScalarType dtype, const std::vector<std::vector<at::Tensor>>& lists,
-                                        const std::vector<int64_t>& index) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "grad_align_apply_cuda", [&] {
-      mta::multi_tensor_apply<2>(lists, index, [&](const mta::TensorListMeta<2>& meta, int n_blocks) {
-        apply_kernel<scalar_t><<<n_blocks, kThreads, 0, stream>>>(meta, coeffs);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
+void apply_with(const TensorList& grads, const TensorList& refs, const float* coeffs) {
+  const auto stream = current_stream(grads[0]);
+  for_each_dtype_group(grads, refs, [&](auto tag, const std::vector<mta::Entry<2>>& entries) {
+    using scalar_t = decltype(tag);
+    mta::multi_tensor_apply<2>(entries, [&](const mta::TensorListMeta<2>& meta, int n_blocks) {
+      apply_kernel<scalar_t><<<n_blocks, kThreads, 0, stream>>>(meta, coeffs);
+      MK_CUDA_LAUNCH_CHECK();
     });
   });
 }
 
-at::Tensor reduce_cuda(at::TensorList grads, at::TensorList refs) {
+Tensor new_float(const Tensor& like, int64_t n, int64_t k) {
+  return torch::stable::new_empty(like, {n, k}, ScalarType::Float);
+}
+
+Tensor reduce_cuda(TensorList grads, TensorList refs) {
   check_lists(grads, refs, "grad_align_reduce");
   const int64_t n = static_cast<int64_t>(grads.size());
-  TORCH_CHECK(n > 0, "grad_align_reduce: empty lists have no device (the Python wrapper handles them)");
-  const c10::cuda::CUDAGuard guard(grads[0].device());
-  auto stats = at::empty({n, 3}, grads[0].options().dtype(at::kFloat));
+  STD_TORCH_CHECK(n > 0, "grad_align_reduce: empty lists have no device (the Python wrapper handles them)");
+  const torch::stable::accelerator::DeviceGuard guard(grads[0].get_device_index());
+  auto stats = new_float(grads[0], n, 3);
   reduce_into(grads, refs, stats, nullptr, 0.0);
   return stats;
 }
 
-void apply_cuda(at::TensorList grads, at::TensorList refs, const at::Tensor& coeffs) {
+void apply_cuda(TensorList grads, TensorList refs, Tensor coeffs) {
   check_lists(grads, refs, "grad_align_apply");
   check_coeffs(coeffs, grads);
   if (grads.empty()) return;
-  const c10::cuda::CUDAGuard guard(grads[0].device());
+  const torch::stable::accelerator::DeviceGuard guard(grads[0].get_device_index());
   apply_with(grads, refs, coeffs.const_data_ptr<float>());
 }
 
-at::Tensor fused_cuda(at::TensorList grads, at::TensorList refs, double raw_ratio) {
-  TORCH_CHECK(raw_ratio >= 0.0 && raw_ratio <= 1.0, "grad_align: raw_ratio must be in [0, 1], got ", raw_ratio);
+Tensor fused_cuda(TensorList grads, TensorList refs, double raw_ratio) {
+  check_raw_ratio(raw_ratio);
   check_lists(grads, refs, "grad_align_fused");
   const int64_t n = static_cast<int64_t>(grads.size());
-  TORCH_CHECK(n > 0, "grad_align_fused: empty lists have no device (the Python wrapper handles them)");
-  const c10::cuda::CUDAGuard guard(grads[0].device());
-  auto stats = at::empty({n, 3}, grads[0].options().dtype(at::kFloat));
-  auto coeffs = at::empty({n, 2}, grads[0].options().dtype(at::kFloat));
-  reduce_into(grads, refs, stats, coeffs.data_ptr<float>(), raw_ratio);
+  STD_TORCH_CHECK(n > 0, "grad_align_fused: empty lists have no device (the Python wrapper handles them)");
+  const torch::stable::accelerator::DeviceGuard guard(grads[0].get_device_index());
+  auto stats = new_float(grads[0], n, 3);
+  auto coeffs = new_float(grads[0], n, 2);
+  reduce_into(grads, refs, stats, coeffs.mutable_data_ptr<float>(), raw_ratio);
   apply_with(grads, refs, coeffs.const_data_ptr<float>());
   return stats;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(muscle_kernels, CUDA, m) {
-  m.impl("grad_align_reduce", &reduce_cuda);
-  m.impl("grad_align_apply", &apply_cuda);
-  m.impl("grad_align_fused", &fused_cuda);
+STABLE_TORCH_LIBRARY_IMPL(muscle_kernels, CUDA, m) {
+  m.impl("grad_align_reduce", TORCH_BOX(&reduce_cuda));
+  m.impl("grad_align_apply", TORCH_BOX(&apply_cuda));
+  m.impl("grad_align_fused", TORCH_BOX(&fused_cuda));
 }
 
 }  // namespace muscle_kernels

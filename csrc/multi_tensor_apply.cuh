@@ -5,12 +5,9 @@
 //
 // Limits: the struct must fit the classic 4 KiB kernel-parameter space, so one launch carries at most kMaxTensors
 // tensors and kMaxBlocks blocks; the launcher starts a new launch when either runs out. All tensors of one call must
-// share a dtype (the caller groups by dtype) and be contiguous.
+// share a dtype (the caller groups by dtype) and be contiguous. Plain pointers and sizes in, no ATen: the launcher
+// is part of the stable-ABI build.
 #pragma once
-
-#include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
 
 #include <cstdint>
 #include <vector>
@@ -32,26 +29,30 @@ struct TensorListMeta {
 };
 static_assert(sizeof(TensorListMeta<2>) <= 4000, "kernel parameters must stay under 4 KiB");
 
-// lists[d][k]: the k-th tensor of the d-th list; index[k]: its position in the caller's list.
+// One tensor of a launch list: its DEPTH data pointers, its size and its position in the caller's full list.
+template <int DEPTH>
+struct Entry {
+  void* ptr[DEPTH];
+  int64_t numel;
+  int64_t index;
+};
+
 // launch(meta, n_blocks) must enqueue one kernel with n_blocks blocks on the current stream.
 template <int DEPTH, typename Launch>
-void multi_tensor_apply(const std::vector<std::vector<at::Tensor>>& lists, const std::vector<int64_t>& index,
-                        Launch&& launch) {
-  TORCH_CHECK(lists.size() == DEPTH, "multi_tensor_apply: expected ", DEPTH, " lists");
+void multi_tensor_apply(const std::vector<Entry<DEPTH>>& entries, Launch&& launch) {
   TensorListMeta<DEPTH> meta;
   int n_tensors = 0;
   int n_blocks = 0;
-  const size_t count = lists[0].size();
-  for (size_t k = 0; k < count; ++k) {
-    const int64_t numel = lists[0][k].numel();
+  for (const auto& e : entries) {
+    const int64_t numel = e.numel;
     if (numel == 0) continue;
     const int64_t n_chunks = (numel + kChunkSize - 1) / kChunkSize;
     bool in_meta = false;
     for (int64_t chunk = 0; chunk < n_chunks; ++chunk) {
       if (!in_meta) {
-        for (int d = 0; d < DEPTH; ++d) meta.addresses[d][n_tensors] = lists[d][k].data_ptr();
+        for (int d = 0; d < DEPTH; ++d) meta.addresses[d][n_tensors] = e.ptr[d];
         meta.sizes[n_tensors] = numel;
-        meta.tensor_index[n_tensors] = static_cast<int32_t>(index[k]);
+        meta.tensor_index[n_tensors] = static_cast<int32_t>(e.index);
         ++n_tensors;
         in_meta = true;
       }
