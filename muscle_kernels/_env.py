@@ -3,8 +3,9 @@ that setup.py and the JIT build share. Imports nothing heavy: setup.py loads thi
 """
 from __future__ import annotations
 
+import glob
 import os
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 # The CUDA architectures a build targets unless TORCH_CUDA_ARCH_LIST says otherwise (the wheel, `python -m
 # muscle_kernels.build --cuda`, and a JIT build without a visible GPU). sm_80 code runs on every 8.x GPU.
@@ -13,6 +14,8 @@ DEFAULT_CUDA_ARCHS = "8.0;9.0"
 # The oldest torch whose stable ABI the compiled kernels target (TORCH_TARGET_VERSION): one binary loads into this
 # release and every later one.
 STABLE_ABI_TARGET = (2, 11)
+# The compiler flag that says so (torch/csrc/stable/version.h: major << 56 | minor << 48).
+TARGET_VERSION_DEFINE = f"-DTORCH_TARGET_VERSION=0x{STABLE_ABI_TARGET[0]:02x}{STABLE_ABI_TARGET[1]:02x}000000000000"
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -58,3 +61,24 @@ def env_seconds(var: str, default: float) -> float:
     if not seconds >= 0:
         raise ValueError(f"{var}: expected a number of seconds >= 0, got {value!r}")
     return seconds
+
+
+def usable_cuda_home(path: Optional[str]) -> bool:
+    """Whether `path` is a CUDA toolkit that can build and link: it has bin/nvcc and libcudart."""
+    if not path:
+        return False
+    has_nvcc = os.path.exists(os.path.join(path, "bin", "nvcc"))
+    has_cudart = any(glob.glob(os.path.join(path, lib, "libcudart.so*")) for lib in ("lib64", "lib"))
+    return has_nvcc and has_cudart
+
+
+def find_cuda_home(guesses: Iterable[Optional[str]] = ()) -> Optional[str]:
+    """The first usable toolkit of CUDA_HOME, CUDA_PATH, `guesses` (e.g. torch's) and /usr/local/cuda.
+
+    torch derives its CUDA_HOME from `which nvcc` when the variable is unset; with a wrapper such as
+    /usr/local/bin/nvcc that gives /usr/local, where the link step then cannot find libcudart.
+    """
+    for candidate in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), *guesses, "/usr/local/cuda"):
+        if usable_cuda_home(candidate):
+            return candidate
+    return None

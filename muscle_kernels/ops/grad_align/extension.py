@@ -34,7 +34,6 @@ is in use.
 from __future__ import annotations
 
 import contextlib
-import glob
 import hashlib
 import os
 import platform
@@ -50,16 +49,15 @@ from typing import Dict, List, Optional
 
 import torch
 
-from ..._env import DEFAULT_CUDA_ARCHS, STABLE_ABI_TARGET, env_flag, env_seconds
+from ..._env import DEFAULT_CUDA_ARCHS, TARGET_VERSION_DEFINE, env_flag, env_seconds, find_cuda_home
 
 __all__ = ["load_extension", "extension_info", "status", "probe", "source_dir", "want_cuda", "has_kernel", "cuda_home",
-           "cuda_arch_list", "cache_dir", "ExtensionInfo", "OPS", "FLAVOURS"]
+           "cuda_arch_list", "cache_dir", "jit_library_path", "packaged_library", "ExtensionInfo", "OPS", "FLAVOURS"]
 
 OPS = ("grad_align_reduce", "grad_align_apply", "grad_align_fused")
 FLAVOURS = ("cpu", "cuda")
 _PACKAGE = Path(__file__).resolve().parents[2]  # .../muscle_kernels
 _SOURCES = {"cpu": ["grad_align.cpp"], "cuda": ["grad_align_cuda.cu"]}
-_TARGET_DEFINE = f"-DTORCH_TARGET_VERSION=0x{STABLE_ABI_TARGET[0]:02x}{STABLE_ABI_TARGET[1]:02x}000000000000"
 _DEFAULT_TIMEOUT = 1800.0
 
 
@@ -119,25 +117,11 @@ def cache_dir() -> Path:
     return Path(root) / "muscle_kernels"
 
 
-def _usable_cuda_home(path: Optional[str]) -> bool:
-    if not path:
-        return False
-    has_nvcc = os.path.exists(os.path.join(path, "bin", "nvcc"))
-    has_cudart = any(glob.glob(os.path.join(path, lib, "libcudart.so*")) for lib in ("lib64", "lib"))
-    return has_nvcc and has_cudart
-
-
 def cuda_home() -> Optional[str]:
-    """The CUDA toolkit to build with: the first of CUDA_HOME, CUDA_PATH, torch's guess and /usr/local/cuda that has
-    both nvcc and libcudart (torch derives CUDA_HOME from `which nvcc`; with a wrapper such as /usr/local/bin/nvcc
-    that gives /usr/local, where the link step cannot find libcudart)."""
+    """The CUDA toolkit to build with (see _env.find_cuda_home), or None."""
     from torch.utils import cpp_extension
 
-    for candidate in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), cpp_extension.CUDA_HOME,
-                      "/usr/local/cuda"):
-        if _usable_cuda_home(candidate):
-            return candidate
-    return None
+    return find_cuda_home([cpp_extension.CUDA_HOME])
 
 
 def want_cuda() -> bool:
@@ -176,7 +160,7 @@ def cpu_arch_flags() -> List[str]:
 
 # ---- the JIT build ----
 def _flags(flavour: str) -> Dict[str, List[str]]:
-    common = [_TARGET_DEFINE]
+    common = [TARGET_VERSION_DEFINE]
     if flavour == "cpu":
         return {"cflags": ["-O3", "-Wno-psabi", *common, *cpu_arch_flags()], "cuda_cflags": []}
     return {"cflags": ["-O3", *common, "-DUSE_CUDA"],
@@ -196,6 +180,13 @@ def _cache_key(flavour: str, src: Path) -> str:
 
 def _jit_path(flavour: str, src: Path) -> Path:
     return cache_dir() / f"grad_align_{flavour}-{_cache_key(flavour, src)}.so"
+
+
+def jit_library_path(flavour: str) -> Optional[Path]:
+    """Where a JIT build of `flavour` ("cpu"/"cuda") lives in the cache for this environment (its lock file is the
+    same path with the suffix .lock); None without sources."""
+    src = source_dir()
+    return None if src is None else _jit_path(flavour, src)
 
 
 @contextlib.contextmanager

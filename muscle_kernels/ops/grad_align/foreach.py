@@ -54,9 +54,9 @@ def _buckets(grads: Sequence[torch.Tensor], refs: Sequence[torch.Tensor], idx: S
 
 
 def _f64(pieces: List[torch.Tensor]) -> torch.Tensor:
-    """One float64 copy of the pieces, end to end (always a copy: it is squared in place)."""
+    """The pieces end to end in float64: a copy (squared in place) when there are several."""
     if len(pieces) == 1:
-        return pieces[0].to(torch.float64, copy=True)
+        return pieces[0].to(torch.float64)
     return torch.cat(pieces).to(torch.float64)
 
 
@@ -69,9 +69,9 @@ def grad_align_reduce_foreach(grads: Sequence[torch.Tensor], refs: Sequence[torc
         for bucket in _buckets(grads, refs, idx):
             g = _f64([p[1] for p in bucket])
             r = _f64([p[2] for p in bucket])
-            if len(bucket) == 1:
-                rows = torch.stack([torch.dot(g, r), g.square_().sum(), r.square_().sum()]).unsqueeze(0)
-            else:
+            if len(bucket) == 1:  # a slice of a big tensor: three reads, nothing written
+                rows = torch.stack([torch.dot(g, r), torch.dot(g, g), torch.dot(r, r)]).unsqueeze(0)
+            else:  # many small tensors: one segmented sum per statistic
                 lengths = torch.tensor([p[1].numel() for p in bucket], device=device)
                 rows = torch.stack([torch.segment_reduce(g * r, "sum", lengths=lengths),
                                     torch.segment_reduce(g.square_(), "sum", lengths=lengths),
