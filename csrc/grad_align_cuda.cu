@@ -1,10 +1,13 @@
 // Gradient alignment on CUDA: the same three ops as grad_align.cpp, registered for the CUDA dispatch key.
 //
-//   reduce: multi-tensor launches (multi_tensor_apply.cuh); each block reads one 64K-element chunk of g and r once
-//           with 16-byte loads, reduces <g,r>, ||g||^2, ||r||^2 in fp32 registers (double for fp64 tensors) and writes
-//           one partial triple to partials[tensor, chunk]. No atomics: the result is deterministic.
-//   finish: one block per tensor sums its partials in a fixed order (in double), writes the fp32 stats row and, for
-//           the fused op, the (a, b) coefficients of grad_align_common.h.
+//   reduce: multi-tensor launches (multi_tensor_apply.cuh); each block reads one chunk (4K-64K elements) of g and r
+//           once with 16-byte loads, reduces <g,r>, ||g||^2, ||r||^2 in fp32 registers (double for fp64 tensors) and
+//           writes one partial triple to partials[block] -- one slot per block of the call, so the blocks of a tensor
+//           are a contiguous range and the buffer is as big as the number of chunks, not n * max_chunks. No atomics:
+//           the result is deterministic.
+//   finish: one block per tensor sums its range of partials in a fixed order (in double), writes the fp32 stats row
+//           and, for the fused op, the (a, b) coefficients of grad_align_common.h. The ranges travel in the kernel
+//           parameters, kFinishTensors tensors per launch.
 //   apply:  multi-tensor launches again; each block reads its tensor's (a, b) from device memory and writes
 //           g <- a r + b g (g is not read when b == 0; a kept tensor is not touched at all).
 // Everything is enqueued on the current stream; there is no host synchronisation and no copy to the host, so the
@@ -24,6 +27,7 @@
 #include <torch/headeronly/util/BFloat16.h>
 #include <torch/headeronly/util/Half.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -96,12 +100,12 @@ __device__ __forceinline__ void block_sum3(acc_t& a, acc_t& b, acc_t& c) {
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) reduce_kernel(mta::TensorListMeta<2> meta, float* __restrict__ partials,
-                                                          int64_t max_chunks) {
+                                                          int64_t first_block) {
   using acc_t = typename AccType<scalar_t>::type;
   const int slot = meta.block_to_tensor[blockIdx.x];
   const int64_t chunk = meta.block_to_chunk[blockIdx.x];
-  const int64_t start = chunk * mta::kChunkSize;
-  const int64_t len = min(static_cast<int64_t>(mta::kChunkSize), meta.sizes[slot] - start);
+  const int64_t start = chunk * meta.chunk_size;
+  const int64_t len = min(meta.chunk_size, meta.sizes[slot] - start);
   const scalar_t* g = static_cast<const scalar_t*>(meta.addresses[0][slot]) + start;
   const scalar_t* r = static_cast<const scalar_t*>(meta.addresses[1][slot]) + start;
 
@@ -135,7 +139,7 @@ __global__ void __launch_bounds__(kThreads) reduce_kernel(mta::TensorListMeta<2>
   }
   block_sum3(gr, gg, rr);
   if (threadIdx.x == 0) {
-    float* out = partials + (static_cast<int64_t>(meta.tensor_index[slot]) * max_chunks + chunk) * 3;
+    float* out = partials + (first_block + blockIdx.x) * 3;
     out[0] = static_cast<float>(gr);
     out[1] = static_cast<float>(gg);
     out[2] = static_cast<float>(rr);
@@ -143,15 +147,25 @@ __global__ void __launch_bounds__(kThreads) reduce_kernel(mta::TensorListMeta<2>
 }
 
 constexpr int kFinishThreads = 128;
+constexpr int kFinishTensors = 256;
+
+// Where each tensor's partials are: tensors first .. first + kFinishTensors - 1 of the list.
+struct FinishMeta {
+  int64_t first;
+  int64_t offset[kFinishTensors];  // index of the tensor's first partial triple
+  int32_t count[kFinishTensors];   // its number of partials (0 for an empty tensor)
+};
+static_assert(sizeof(FinishMeta) <= 4000, "kernel parameters must stay under 4 KiB");
 
 // One block per tensor. coeffs may be null (reduce only).
-__global__ void __launch_bounds__(kFinishThreads) finish_kernel(const float* __restrict__ partials, int64_t max_chunks,
+__global__ void __launch_bounds__(kFinishThreads) finish_kernel(const float* __restrict__ partials, FinishMeta meta,
                                                                 float* __restrict__ stats, float* __restrict__ coeffs,
                                                                 double rho) {
-  const int64_t t = blockIdx.x;
-  const float* p = partials + t * max_chunks * 3;
+  const int64_t t = meta.first + blockIdx.x;
+  const float* p = partials + meta.offset[blockIdx.x] * 3;
+  const int64_t count = meta.count[blockIdx.x];
   double gr = 0, gg = 0, rr = 0;
-  for (int64_t c = threadIdx.x; c < max_chunks; c += blockDim.x) {
+  for (int64_t c = threadIdx.x; c < count; c += blockDim.x) {
     gr += p[3 * c];
     gg += p[3 * c + 1];
     rr += p[3 * c + 2];
@@ -185,8 +199,8 @@ __global__ void __launch_bounds__(kThreads) apply_kernel(mta::TensorListMeta<2> 
   const int mode = apply_mode(a, b);
   if (mode == kKeep) return;  // whole block leaves together: no divergence
   const int64_t chunk = meta.block_to_chunk[blockIdx.x];
-  const int64_t start = chunk * mta::kChunkSize;
-  const int64_t len = min(static_cast<int64_t>(mta::kChunkSize), meta.sizes[slot] - start);
+  const int64_t start = chunk * meta.chunk_size;
+  const int64_t len = min(meta.chunk_size, meta.sizes[slot] - start);
   scalar_t* g = static_cast<scalar_t*>(meta.addresses[0][slot]) + start;
   const scalar_t* r = static_cast<const scalar_t*>(meta.addresses[1][slot]) + start;
 
@@ -221,68 +235,110 @@ cudaStream_t current_stream(const Tensor& t) {
   return static_cast<cudaStream_t>(stream);
 }
 
-// Groups the list by dtype and runs `body(dtype tag, entries)` once per dtype present (empty tensors left out).
-template <typename Body>
-void for_each_dtype_group(const TensorList& grads, const TensorList& refs, Body&& body) {
+// The list grouped by dtype (empty tensors left out), in the order the kernels process it.
+struct Group {
+  ScalarType dtype;
+  std::vector<mta::Entry<2>> entries;
+  int64_t chunk_size;
+};
+
+std::vector<Group> dtype_groups(const TensorList& grads, const TensorList& refs) {
   std::vector<ScalarType> dtypes(grads.size());
   for (size_t i = 0; i < grads.size(); ++i) dtypes[i] = grads[i].scalar_type();
-  const ScalarType order[] = {ScalarType::Float, ScalarType::BFloat16, ScalarType::Half, ScalarType::Double};
-  for (const auto dtype : order) {
-    std::vector<mta::Entry<2>> entries;
+  std::vector<Group> groups;
+  for (const auto dtype : {ScalarType::Float, ScalarType::BFloat16, ScalarType::Half, ScalarType::Double}) {
+    Group group{dtype, {}, mta::kChunkSize};
+    int64_t total = 0;
     for (size_t i = 0; i < grads.size(); ++i) {
       if (dtypes[i] != dtype) continue;
       const int64_t numel = grads[i].numel();
       if (numel == 0) continue;
-      entries.push_back({{grads[i].mutable_data_ptr(), const_cast<void*>(refs[i].const_data_ptr())}, numel,
-                         static_cast<int64_t>(i)});
+      group.entries.push_back({{grads[i].mutable_data_ptr(), const_cast<void*>(refs[i].const_data_ptr())}, numel,
+                               static_cast<int64_t>(i)});
+      total += numel;
     }
-    if (entries.empty()) continue;
-    switch (dtype) {
-      case ScalarType::Float:
-        body(float{}, entries);
-        break;
-      case ScalarType::BFloat16:
-        body(c10::BFloat16{}, entries);
-        break;
-      case ScalarType::Half:
-        body(c10::Half{}, entries);
-        break;
-      default:
-        body(double{}, entries);
-    }
+    if (group.entries.empty()) continue;
+    group.chunk_size = mta::chunk_size_for(total, static_cast<int64_t>(group.entries.size()));
+    groups.push_back(std::move(group));
+  }
+  return groups;
+}
+
+// Runs body(scalar_t tag) with the C++ type of `dtype`.
+template <typename Body>
+void with_type(ScalarType dtype, Body&& body) {
+  switch (dtype) {
+    case ScalarType::Float:
+      body(float{});
+      break;
+    case ScalarType::BFloat16:
+      body(c10::BFloat16{});
+      break;
+    case ScalarType::Half:
+      body(c10::Half{});
+      break;
+    default:
+      body(double{});
   }
 }
 
 // Reduce into stats [n, 3]; with coeffs non-null also fill the fused op's coefficients.
 void reduce_into(const TensorList& grads, const TensorList& refs, Tensor& stats, float* coeffs, double rho) {
   const int64_t n = static_cast<int64_t>(grads.size());
-  int64_t max_chunks = 1;
-  for (const auto& g : grads) max_chunks = std::max<int64_t>(max_chunks, (g.numel() + mta::kChunkSize - 1) / mta::kChunkSize);
-  // Zero-filled so that empty tensors (no blocks) and tensors with fewer chunks finish with exact zeros.
-  auto partials = torch::stable::new_zeros(stats, {n, max_chunks, 3});
+  const auto groups = dtype_groups(grads, refs);
+  // One partial slot per block: the blocks of each tensor are consecutive (see multi_tensor_apply).
+  std::vector<int64_t> offset(n, 0), count(n, 0);
+  int64_t total_blocks = 0;
+  for (const auto& group : groups) {
+    for (const auto& e : group.entries) {
+      offset[e.index] = total_blocks;
+      count[e.index] = mta::chunks_of(e.numel, group.chunk_size);
+      total_blocks += count[e.index];
+    }
+  }
+  auto partials = torch::stable::new_empty(stats, {std::max<int64_t>(total_blocks, 1), 3});
   const auto stream = current_stream(grads[0]);
   float* partials_ptr = partials.mutable_data_ptr<float>();
-  for_each_dtype_group(grads, refs, [&](auto tag, const std::vector<mta::Entry<2>>& entries) {
-    using scalar_t = decltype(tag);
-    mta::multi_tensor_apply<2>(entries, [&](const mta::TensorListMeta<2>& meta, int n_blocks) {
-      reduce_kernel<scalar_t><<<n_blocks, kThreads, 0, stream>>>(meta, partials_ptr, max_chunks);
-      MK_CUDA_LAUNCH_CHECK();
+  int64_t group_base = 0;
+  for (const auto& group : groups) {
+    with_type(group.dtype, [&](auto tag) {
+      using scalar_t = decltype(tag);
+      float* base = partials_ptr + 3 * group_base;
+      mta::multi_tensor_apply<2>(group.entries, group.chunk_size,
+                                 [&](const mta::TensorListMeta<2>& meta, int n_blocks, int64_t first_block) {
+        reduce_kernel<scalar_t><<<n_blocks, kThreads, 0, stream>>>(meta, base, first_block);
+        MK_CUDA_LAUNCH_CHECK();
+      });
     });
-  });
-  finish_kernel<<<static_cast<unsigned int>(n), kFinishThreads, 0, stream>>>(partials_ptr, max_chunks,
-                                                                             stats.mutable_data_ptr<float>(), coeffs, rho);
-  MK_CUDA_LAUNCH_CHECK();
+    for (const auto& e : group.entries) group_base += count[e.index];
+  }
+  float* stats_ptr = stats.mutable_data_ptr<float>();
+  for (int64_t first = 0; first < n; first += kFinishTensors) {
+    FinishMeta meta;
+    meta.first = first;
+    const int64_t in_launch = std::min<int64_t>(kFinishTensors, n - first);
+    for (int64_t j = 0; j < in_launch; ++j) {
+      meta.offset[j] = offset[first + j];
+      meta.count[j] = static_cast<int32_t>(count[first + j]);
+    }
+    finish_kernel<<<static_cast<unsigned int>(in_launch), kFinishThreads, 0, stream>>>(partials_ptr, meta, stats_ptr,
+                                                                                      coeffs, rho);
+    MK_CUDA_LAUNCH_CHECK();
+  }
 }
 
 void apply_with(const TensorList& grads, const TensorList& refs, const float* coeffs) {
   const auto stream = current_stream(grads[0]);
-  for_each_dtype_group(grads, refs, [&](auto tag, const std::vector<mta::Entry<2>>& entries) {
-    using scalar_t = decltype(tag);
-    mta::multi_tensor_apply<2>(entries, [&](const mta::TensorListMeta<2>& meta, int n_blocks) {
-      apply_kernel<scalar_t><<<n_blocks, kThreads, 0, stream>>>(meta, coeffs);
-      MK_CUDA_LAUNCH_CHECK();
+  for (const auto& group : dtype_groups(grads, refs)) {
+    with_type(group.dtype, [&](auto tag) {
+      using scalar_t = decltype(tag);
+      mta::multi_tensor_apply<2>(group.entries, group.chunk_size,
+                                 [&](const mta::TensorListMeta<2>& meta, int n_blocks, int64_t) {
+        apply_kernel<scalar_t><<<n_blocks, kThreads, 0, stream>>>(meta, coeffs);
+        MK_CUDA_LAUNCH_CHECK();
+      });
     });
-  });
+  }
 }
 
 Tensor new_float(const Tensor& like, int64_t n, int64_t k) {

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 
+from muscle_kernels._env import DEFAULT_CUDA_ARCHS
 from muscle_kernels.ops.grad_align import extension
 
 
@@ -85,9 +88,25 @@ def test_cuda_part_compiles_links_and_loads():
     """CI proof that csrc/grad_align_cuda.cu builds for sm_80 and sm_90, in a separate process and under its own
     build name (muscle_kernels_grad_align_cuda), so it neither clashes with the CPU-only build loaded here nor
     needs a GPU. Cached in TORCH_EXTENSIONS_DIR: about 90 s on 2 idle cores the first time, about 1 s after."""
-    env = {"MUSCLE_KERNELS_BUILD_CUDA": "1", "TORCH_CUDA_ARCH_LIST": os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0"),
+    env = {"MUSCLE_KERNELS_BUILD_CUDA": "1", "TORCH_CUDA_ARCH_LIST": os.environ.get("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS),
            "CUDA_HOME": extension.cuda_home()}
     out = subprocess.run([sys.executable, "-m", "muscle_kernels.build", "--cuda"], env=dict(os.environ, **env),
                          capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "library: cuda: " in out.stdout and "kernels: cpu, cuda" in out.stdout, out.stdout
+
+
+def test_multi_tensor_launch_layout(tmp_path):
+    """The CUDA launcher's host logic, on the CPU: every (tensor, chunk) gets one block, launches respect the
+    kernel-parameter limits, and block order gives each tensor a contiguous range of partial slots (the layout the
+    reduce and finish kernels rely on). >64 tensors, hundreds of tiny ones, a 30M-element tensor split across
+    launches, random mixes with empty tensors."""
+    cxx = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    root = Path(__file__).resolve().parents[1]
+    exe = tmp_path / "mta_check"
+    subprocess.run([cxx, "-std=c++17", "-O1", f"-I{root / 'csrc'}", str(root / "tests" / "cpp" / "mta_check.cpp"),
+                    "-o", str(exe)], check=True, capture_output=True, text=True, timeout=300)
+    out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.startswith("OK"), out.stdout + out.stderr
