@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import platform
 import sys
+import types
 from typing import List
 
 __all__ = ["info", "report_lines"]
@@ -99,6 +100,16 @@ def info(file=None) -> str:
     print(text, file=file if file is not None else sys.stdout)
     return text
 
+
+class _CallableModule(types.ModuleType):
+    """`muscle_kernels.info()` must work whether `muscle_kernels.info` resolved to this function (the package's lazy
+    attribute) or to this module (after `import muscle_kernels.info`, which sets the package attribute to it)."""
+
+    def __call__(self, file=None) -> str:
+        return info(file)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
     info()

@@ -110,3 +110,21 @@ def test_multi_tensor_launch_layout(tmp_path):
                     "-o", str(exe)], check=True, capture_output=True, text=True, timeout=300)
     out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.startswith("OK"), out.stdout + out.stderr
+
+
+def test_info_reports_versions_and_backends(tmp_path):
+    """`muscle_kernels.info()` (and after `import muscle_kernels.info`, the same call) prints versions and, per op,
+    the backend and why; it compiles nothing."""
+    out = _run("""
+        import io, muscle_kernels
+        text = muscle_kernels.info(io.StringIO())
+        import muscle_kernels.info
+        again = muscle_kernels.info(io.StringIO())
+        assert text == again
+        print(text)
+    """, {"TORCH_EXTENSIONS_DIR": str(tmp_path), "MUSCLE_KERNELS_BUILD_CUDA": "0"})
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"torch {torch.__version__}" in out.stdout and "muscle_kernels " in out.stdout, out.stdout
+    assert "align_gradients_ / grad_align_reduce / grad_align_apply_ on cpu:" in out.stdout, out.stdout
+    assert "not built yet" in out.stdout and "muscle_lora_linear on cpu:" in out.stdout, out.stdout
+    assert not any(tmp_path.iterdir()), "info must not build anything"

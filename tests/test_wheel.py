@@ -254,3 +254,15 @@ def test_sdist_carries_sources_and_builds_a_working_wheel(tmp_path):
                                     cwd=tmp_path, timeout=300))
     assert result["file"].startswith(str(site)), result
     assert result["info"]["origin"] == "wheel" and not result["info"]["built"], result["info"]
+
+
+def test_editable_build_compiles_nothing(tmp_path):
+    """`pip install -e .` keeps the source-install behaviour: a pure editable wheel, JIT on first use."""
+    code = ("import sys; from setuptools import build_meta as b; "
+            f"print('WHEEL', b.build_editable({str(tmp_path)!r}))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    name = [x for x in proc.stdout.splitlines() if x.startswith("WHEEL ")][0].split()[1]
+    names = zipfile.ZipFile(tmp_path / name).namelist()
+    assert not [n for n in names if n.endswith(".so")], names
+    assert "pure-Python wheel: an editable install" in proc.stderr, proc.stderr[-2000:]
