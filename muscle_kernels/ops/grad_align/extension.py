@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import platform
 import shutil
@@ -214,16 +215,23 @@ def build_lock(path: Path, timeout: float):
 
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        deadline = time.monotonic() + timeout
+        start = time.monotonic()
+        said = False
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                waited = time.monotonic() - start
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                if waited >= timeout:
                     raise TimeoutError(f"waited {timeout:g} s for the build lock {path} (held by pid {holder}); "
                                        "set MUSCLE_KERNELS_BUILD_TIMEOUT to wait longer") from None
+                if not said and waited >= 10:  # never wait silently
+                    logging.getLogger("muscle_kernels").warning(
+                        "muscle_kernels: waiting for another process (pid %s) to finish building the gradient-alignment"
+                        " kernels (lock %s; gives up after %g s)", holder, path, timeout)
+                    said = True
                 time.sleep(0.2)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
