@@ -1,7 +1,8 @@
 """Packaging glue: the compiled kernels of a binary wheel, and the csrc/ sources every wheel carries.
 
-Binary wheel (`pip wheel . --no-build-isolation`, `python -m build --wheel --no-isolation`, or an sdist built the
-same way): when torch and a C++ compiler are present at build time, the wheel gets
+Binary wheel (`pip wheel . --no-build-isolation`, `python -m build --wheel --no-isolation`, an sdist built the same
+way, or an isolated build, for which tools/build_backend.py installs torch): when torch and a C++ compiler are
+present at build time, the wheel gets
 - muscle_kernels/_grad_align_cpu.abi3.so: the op schemas and the CPU kernels, always;
 - muscle_kernels/_grad_align_cuda.abi3.so: the CUDA kernels, when torch is a CUDA build and a CUDA toolkit is found
   (CUDA_HOME; architectures from TORCH_CUDA_ARCH_LIST, default sm_80 + sm_90).

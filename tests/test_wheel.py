@@ -237,7 +237,7 @@ def test_sdist_carries_sources_and_builds_a_working_wheel(tmp_path):
     (sdist,) = tmp_path.glob("muscle_kernels-*.tar.gz")
     names = tarfile.open(sdist).getnames()
     for needed in ("csrc/grad_align.cpp", "csrc/grad_align_cuda.cu", "csrc/grad_align_checks.h", "pyproject.toml",
-                   "setup.py", "README.md", "muscle_kernels/_env.py"):
+                   "setup.py", "README.md", "muscle_kernels/_env.py", "tools/build_backend.py"):
         assert any(n.endswith(needed) for n in names), f"{needed} is missing from the sdist"
     # The wheel from the sdist (CPU kernels only, to keep it cheap: the CUDA part is the same code as above).
     out = tmp_path / "from-sdist"
@@ -266,3 +266,20 @@ def test_editable_build_compiles_nothing(tmp_path):
     names = zipfile.ZipFile(tmp_path / name).namelist()
     assert not [n for n in names if n.endswith(".so")], names
     assert "pure-Python wheel: an editable install" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_build_backend_needs_torch_only_for_a_binary_wheel():
+    """An isolated `pip wheel .` / `python -m build` installs torch for the compile; editable installs and the sdist
+    do not (CI's `pip install -e .` stays light); MUSCLE_KERNELS_BINARY=0 asks for no torch at all."""
+    code = ("import sys; sys.path.insert(0, 'tools'); import build_backend as b; "
+            "print('RESULT', b.get_requires_for_build_wheel(), b.get_requires_for_build_editable(), "
+            "b.get_requires_for_build_sdist())")
+    for binary, wheel_requires in ((None, "['torch>=2.11']"), ("0", "[]")):
+        env = {k: v for k, v in os.environ.items() if k != "MUSCLE_KERNELS_BINARY"}
+        if binary is not None:
+            env["MUSCLE_KERNELS_BINARY"] = binary
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        (line,) = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+        assert line == f"RESULT {wheel_requires} [] []", line
