@@ -5,7 +5,8 @@ It follows the kernels' conventions (stats layout, the coefficient rule of coeff
 that do not read what they skip) and is as accurate: <g, r>, ||g||^2 and ||r||^2 are accumulated in float64, and the
 update is computed in fp32 (fp64 for fp64 tensors) and rounded once. Its extra memory is O(CHUNK) whatever the
 tensor sizes: the lists are cut into buckets of at most CHUNK elements (a big tensor into several, small tensors
-grouped), and only one bucket at a time is copied into float64 / fp32. The update is written in place.
+grouped), and the temporaries (products, fp32 copies of fp16/bf16 data) exist for one bucket at a time. The update
+is written in place.
 
 Cost: a few torch calls per bucket, plus one host sync per apply on CUDA (the coefficients are read on the host to
 pick each tensor's mode).
@@ -53,29 +54,28 @@ def _buckets(grads: Sequence[torch.Tensor], refs: Sequence[torch.Tensor], idx: S
         yield bucket
 
 
-def _f64(pieces: List[torch.Tensor]) -> torch.Tensor:
-    """The pieces end to end in float64: a copy (squared in place) when there are several."""
-    if len(pieces) == 1:
-        return pieces[0].to(torch.float64)
-    return torch.cat(pieces).to(torch.float64)
+def _acc(pieces: List[torch.Tensor]) -> List[torch.Tensor]:
+    """The pieces in the update's dtype: themselves for fp32/fp64, fp32 copies (one bucket at most) for fp16/bf16."""
+    return pieces if pieces[0].dtype in _NATIVE else [t.float() for t in pieces]
 
 
 def grad_align_reduce_foreach(grads: Sequence[torch.Tensor], refs: Sequence[torch.Tensor]) -> torch.Tensor:
-    """stats [n, 3] fp32 = (<g, r>, ||g||^2, ||r||^2) per pair, accumulated in float64, in buckets of CHUNK."""
+    """stats [n, 3] fp32 = (<g, r>, ||g||^2, ||r||^2) per pair, accumulated in float64, in buckets of CHUNK.
+
+    Per bucket: both norms by one _foreach_norm each with float64 accumulation (no copy of fp32 data), and the dots
+    as float64 sums of the fp32 (fp64 for fp64) products g * r.
+    """
     n = len(grads)
     device = grads[0].device if n else torch.device("cpu")
     sums = torch.zeros(n, 3, dtype=torch.float64, device=device)
     for _, idx in _groups(grads, range(n)).items():
         for bucket in _buckets(grads, refs, idx):
-            g = _f64([p[1] for p in bucket])
-            r = _f64([p[2] for p in bucket])
-            if len(bucket) == 1:  # a slice of a big tensor: three reads, nothing written
-                rows = torch.stack([torch.dot(g, r), torch.dot(g, g), torch.dot(r, r)]).unsqueeze(0)
-            else:  # many small tensors: one segmented sum per statistic
-                lengths = torch.tensor([p[1].numel() for p in bucket], device=device)
-                rows = torch.stack([torch.segment_reduce(g * r, "sum", lengths=lengths),
-                                    torch.segment_reduce(g.square_(), "sum", lengths=lengths),
-                                    torch.segment_reduce(r.square_(), "sum", lengths=lengths)], dim=1)
+            g = _acc([p[1] for p in bucket])
+            r = _acc([p[2] for p in bucket])
+            gg = torch._foreach_norm(g, 2, dtype=torch.float64)
+            rr = torch._foreach_norm(r, 2, dtype=torch.float64)
+            dots = [prod.sum(dtype=torch.float64) for prod in torch._foreach_mul(g, r)]
+            rows = torch.stack([torch.stack(dots), torch.stack(gg).square(), torch.stack(rr).square()], dim=1)
             # each tensor once per bucket, so index_add_ adds every slot once: deterministic
             sums.index_add_(0, torch.tensor([p[0] for p in bucket], device=device), rows)
     return sums.float()
@@ -96,7 +96,7 @@ def _apply_bucket(bucket: List[Piece], a_all: List[float], b_all: List[float], n
     replace = [p for p in bucket if b_all[p[0]] == 0.0]
     scale = [p for p in bucket if a_all[p[0]] == 0.0 and b_all[p[0]] != 0.0]
     blend = [p for p in bucket if a_all[p[0]] != 0.0 and b_all[p[0]] != 0.0]
-    acc = (lambda ts: ts) if native else (lambda ts: [t.float() for t in ts])  # fp16/bf16: fp32 copies
+    acc = _acc
     dst: List[torch.Tensor] = []
     out: List[torch.Tensor] = []
     if replace:
