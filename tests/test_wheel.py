@@ -58,8 +58,10 @@ for i, (w, x, tol) in enumerate(zip(want, g, (1e-5, 5e-2, 1e-6))):
     m = max(1.0, w.abs().max().item())
     assert torch.allclose(x.double() / m, w / m, atol=tol), f"grads[{i}] differs from the oracle"
 assert torch.allclose(stats.double(), want_stats, rtol=1e-5, atol=1e-5), "stats differ from the oracle"
+import sys
 print("RESULT " + json.dumps(dict(info=mk.extension_info(), torch=torch.__version__, file=mk.__file__,
-                                  import_s=t1 - t0, first_call_s=t3 - t2)))
+                                  import_s=t1 - t0, first_call_s=t3 - t2,
+                                  cpp_extension="torch.utils.cpp_extension" in sys.modules)))
 """
 
 
@@ -194,6 +196,7 @@ def test_wheel_loads_into_another_torch_without_a_compiler(wheel, tmp_path):
     if "+cpu" in result["torch"]:
         assert "CPU-only" in info["cuda_reason"], info
     assert not (tmp_path / "empty-cache").exists(), "nothing may be built or cached"
+    assert not result["cpp_extension"], "loading the packaged kernels must not import torch's build machinery"
     print(f"torch {result['torch']}: import {result['import_s']:.2f} s, first align call {result['first_call_s']:.3f} s")
 
 

@@ -319,7 +319,8 @@ def _load_flavour(flavour: str, allow_build: bool, verbose: bool) -> tuple:
     if src is None:
         raise FileNotFoundError("; ".join(reasons + ["the csrc/ sources are neither in the checkout nor in the "
                                                      "installed package"]))
-    target = _jit_path(flavour, src)
+    target = _jit_path(flavour, src)  # (torch.utils.cpp_extension is imported from here on only)
+    _info.cache = str(target.parent)
     if target.is_file():  # a complete build: the rename makes it appear whole, so no lock is needed
         torch.ops.load_library(str(target))
         return "jit", str(target)
@@ -376,7 +377,6 @@ def load_extension(*, cuda: Optional[bool] = None, verbose: Optional[bool] = Non
             return None
         if verbose is None:
             verbose = bool(env_flag("MUSCLE_KERNELS_VERBOSE_BUILD"))
-        _info.cache = str(cache_dir())
         start = time.perf_counter()
         flavours = _wanted_flavours(cuda)
         if "cuda" not in flavours:
