@@ -80,8 +80,9 @@ def _check_writable(grads: List[torch.Tensor], name: str) -> None:
     backend, instead of being overwritten behind autograd's back by the kernels (the fallback would raise)."""
     for i, g in enumerate(grads):
         if g.requires_grad:
-            raise ValueError(f"{name}[{i}] requires grad ({'a leaf tensor, e.g. a parameter' if g.is_leaf else 'part of an autograd graph'}); "
-                             f"{name} is written in place: pass the gradients (p.grad), or detach() them")
+            what = "a leaf tensor, e.g. a parameter" if g.is_leaf else "part of an autograd graph"
+            raise ValueError(f"{name}[{i}] requires grad ({what}); {name} is written in place: pass the gradients "
+                             "(p.grad), or detach() them")
 
 
 def resolve_backend(backend: str, device: torch.device, op: str = "grad_align_fused") -> str:
