@@ -7,7 +7,7 @@ Providers (all align every tensor in place with raw_ratio 0, the "replace" branc
 - paper:   a re-implementation of the paper's step: reference gradients moved to the CPU, a Python loop over the
            parameters that brings each one back, takes both norms with .item() (host syncs), the cosine, and writes
            |cos| ||g|| / ||r|| * r into the gradient.
-- foreach: the torch._foreach fallback of muscle_kernels (reference.py).
+- foreach: the torch._foreach fallback of muscle_kernels (foreach.py: float64 sums in O(chunk) memory).
 - ours:    muscle_kernels.align_gradients_ through the compiled extension (CPU or CUDA kernel).
 - floor:   the memory traffic the op cannot avoid, measured with plain torch ops over the same flat buffers that hold
            the gradient lists: read g and r once (the faster of torch.dot(g, r) and g.sum() + r.sum()), then read r
@@ -195,7 +195,7 @@ def main(argv=None):
                              eff_GBps=round(gbps, 1)))
 
     print(f"\ndevice(s): {', '.join(device_name(d) for d in devices)}; torch {torch.__version__}; "
-          f"extension: {ext.name if ext else 'not built (' + extension.extension_info().error + ')'}")
+          f"extension: {', '.join(f'{k} from the {v}' for k, v in ext.origins.items()) if ext else 'not available (' + extension.status()['reason'] + ')'}")
     header = f"{'list':<18}{'tensors':>8}{'numel':>12}  {'provider':<8}{'ms':>10}{'x floor':>9}{'vs paper':>10}{'GB/s':>8}"
     print(header)
     print("-" * len(header))

@@ -1,4 +1,4 @@
-// Gradient alignment (SPEC section 3): op schemas and the CPU kernels.
+// Gradient alignment (SPEC section 3): op schemas and the CPU kernels, on the LibTorch stable ABI.
 //
 // Three ops in the `muscle_kernels` namespace, all over lists of tensors (grads[i] and refs[i] pair up):
 //   grad_align_reduce(grads, refs) -> stats [n, 3] fp32: <g, r>, ||g||^2, ||r||^2 per pair, one pass over g and r.
@@ -6,77 +6,64 @@
 //   grad_align_fused(grads!, refs, raw_ratio) -> stats: reduce, the coefficient rule of grad_align_common.h, apply.
 // The two stages exist apart so that a sharded run can all-reduce the stats in between (FSDP2).
 //
+// ABI. Only torch/csrc/stable and torch/headeronly are used (STABLE_TORCH_LIBRARY, torch::stable::Tensor, the
+// stable parallel_for), compiled with TORCH_TARGET_VERSION = 2.11: the library then loads into every torch release
+// from 2.11 on, whichever release built it. It needs no Python either (the ops register through the dispatcher).
+//
 // CPU design. The lists are cut into work items of at most kChunk elements (one tensor each) and the items are shared
-// out with at::parallel_for, so a list of many small LoRA tensors and a list of a few huge embeddings both keep every
-// core busy. Each item does the three reductions in one pass with explicit SIMD vectors (GCC/Clang vector
+// out with torch::stable::parallel_for, so a list of many small LoRA tensors and a list of a few huge embeddings both
+// keep every core busy. Each item does the three reductions in one pass with explicit SIMD vectors (GCC/Clang vector
 // extensions; a scalar accumulator would be a serial dependency chain that the compiler may not reorder without
 // -ffast-math), flushed into double every kFlush elements so no fp32 partial sum adds more than kFlush / 16 terms.
-// Items are summed per tensor in a fixed order: results do not depend on the
-// thread count. fp64 tensors accumulate in double throughout.
+// Items are summed per tensor in a fixed order: results do not depend on the thread count. fp64 tensors accumulate
+// in double throughout.
 //
 // Vectorisation choice: vector extensions + -O3, and -march=native for a JIT build (see extension.py: the build runs
-// on the machine that uses it; MUSCLE_KERNELS_CPU_ARCH overrides it for images built on one machine and run on
-// another). at::vec::Vectorized would need CPU_CAPABILITY_* defines and matching -m flags in an out-of-tree build
-// (without them it silently degrades to generic array loops), so it buys nothing here.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
+// on the machine that uses it; MUSCLE_KERNELS_CPU_ARCH overrides it, and a wheel uses the compiler's default).
+// at::vec::Vectorized is not part of the stable surface, and out of tree it would need CPU_CAPABILITY_* defines and
+// matching -m flags anyway. Measurements behind these choices: benchmarks/RESULTS.md ("grad_align CPU kernel").
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/util/BFloat16.h>
+#include <torch/headeronly/util/Half.h>
 
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
 #include <vector>
 
+#include "grad_align_checks.h"
 #include "grad_align_common.h"
 
 namespace muscle_kernels {
 
 constexpr int64_t kChunk = 1 << 16;  // elements per work item: 256 KiB of fp32, a few hundred items for BERT-base
 constexpr int64_t kFlush = 1024;  // fp32 partial sums are flushed into double every kFlush elements
-// Below this many elements in a whole call the work runs on the calling thread: waking the OpenMP team costs more
-// than it saves for a LoRA-size list (BERT-base LoRA, 313K elements: 16 ms in a parallel region on a busy 2-core
-// machine, where one thread waits for a time slice, vs well under 1 ms on one thread).
+// Below this many elements in a whole call the work runs on the calling thread: waking the thread pool costs more
+// than it saves for a LoRA-size list (see benchmarks/RESULTS.md).
 constexpr int64_t kParallelMinElements = 1 << 20;
 
-void check_lists(at::TensorList grads, at::TensorList refs, const char* op) {
-  TORCH_CHECK(grads.size() == refs.size(), op, ": grads and refs must have the same length, got ", grads.size(),
-              " and ", refs.size());
-  if (grads.empty()) return;
-  const auto device = grads[0].device();
-  for (size_t i = 0; i < grads.size(); ++i) {
-    const auto& g = grads[i];
-    const auto& r = refs[i];
-    TORCH_CHECK(g.device() == device, op, ": grads[", i, "] is on ", g.device(), " but grads[0] is on ", device,
-                " (one device per call)");
-    TORCH_CHECK(r.device() == g.device(), op, ": refs[", i, "] is on ", r.device(), " but grads[", i, "] is on ",
-                g.device());
-    TORCH_CHECK(r.sizes() == g.sizes(), op, ": refs[", i, "] has shape ", r.sizes(), " but grads[", i,
-                "] has shape ", g.sizes());
-    TORCH_CHECK(r.scalar_type() == g.scalar_type(), op, ": refs[", i, "] is ", r.scalar_type(), " but grads[", i,
-                "] is ", g.scalar_type());
-    const auto st = g.scalar_type();
-    TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble, op, ": grads[", i,
-                "] has dtype ", st, "; expected float32, float16, bfloat16 or float64");
-    TORCH_CHECK(g.is_contiguous() && r.is_contiguous(), op, ": grads[", i, "] and refs[", i,
-                "] must be contiguous (the Python wrappers make contiguous copies)");
-  }
-}
-
-void check_coeffs(const at::Tensor& coeffs, at::TensorList grads) {
-  const int64_t n = static_cast<int64_t>(grads.size());
-  TORCH_CHECK(coeffs.scalar_type() == at::kFloat, "grad_align_apply: coeffs must be float32, got ",
-              coeffs.scalar_type());
-  TORCH_CHECK(coeffs.dim() == 2 && coeffs.size(0) == n && coeffs.size(1) == 2,
-              "grad_align_apply: coeffs must have shape [n_tensors, 2] = [", n, ", 2], got ", coeffs.sizes());
-  TORCH_CHECK(coeffs.is_contiguous(), "grad_align_apply: coeffs must be contiguous");
-  if (n > 0) {
-    TORCH_CHECK(coeffs.device() == grads[0].device(), "grad_align_apply: coeffs is on ", coeffs.device(),
-                " but the gradients are on ", grads[0].device());
-  }
-}
-
 namespace {
+
+// What the kernels need of each tensor, read once through the stable ABI (every accessor is a C call).
+struct View {
+  ScalarType dtype;
+  int64_t numel;
+  void* g;        // grads[i] (written by apply)
+  const void* r;  // refs[i]
+};
+
+std::vector<View> views_of(const TensorList& grads, const TensorList& refs) {
+  std::vector<View> views(grads.size());
+  for (size_t i = 0; i < grads.size(); ++i) {
+    views[i].dtype = grads[i].scalar_type();
+    views[i].numel = grads[i].numel();
+    views[i].g = views[i].numel ? grads[i].mutable_data_ptr() : nullptr;
+    views[i].r = views[i].numel ? refs[i].const_data_ptr() : nullptr;
+  }
+  return views;
+}
 
 struct Item {
   int64_t tensor;
@@ -84,7 +71,7 @@ struct Item {
   int64_t end;
 };
 
-// at::parallel_for over the items, or a plain loop on this thread when the call is small.
+// torch::stable::parallel_for over the items, or a plain loop on this thread when the call is small.
 template <typename F>
 void for_items(const std::vector<Item>& items, const F& body) {
   int64_t total = 0;
@@ -93,22 +80,43 @@ void for_items(const std::vector<Item>& items, const F& body) {
   if (total < kParallelMinElements) {
     body(0, n);
   } else {
-    at::parallel_for(0, n, 1, body);
+    torch::stable::parallel_for(0, n, 1, body);
   }
 }
 
-std::vector<Item> make_items(at::TensorList grads) {
+std::vector<Item> make_items(const std::vector<View>& views) {
   std::vector<Item> items;
-  for (size_t t = 0; t < grads.size(); ++t) {
-    const int64_t n = grads[t].numel();
+  for (size_t t = 0; t < views.size(); ++t) {
+    const int64_t n = views[t].numel;
     for (int64_t b = 0; b < n; b += kChunk) items.push_back({static_cast<int64_t>(t), b, std::min(n, b + kChunk)});
   }
   return items;
 }
 
+// The four dtypes of check_lists, as a plain switch (the stable surface has no AT_DISPATCH).
+template <typename F>
+void dispatch_float(ScalarType dtype, const F& f) {
+  switch (dtype) {
+    case ScalarType::Float:
+      f(float{});
+      break;
+    case ScalarType::Double:
+      f(double{});
+      break;
+    case ScalarType::Half:
+      f(c10::Half{});
+      break;
+    case ScalarType::BFloat16:
+      f(c10::BFloat16{});
+      break;
+    default:
+      STD_TORCH_CHECK(false, "grad_align: unsupported dtype ", torch::headeronly::toString(dtype));
+  }
+}
+
 // GCC/Clang vector extensions: 32 bytes per vector, lowered to one AVX register, two SSE/NEON registers, or scalar
-// code, whatever -march allows. (A plain 16-lane array loop was vectorised across the wrong loop by GCC 12
-// and ran 4x slower than torch.sum.)
+// code, whatever -march allows. (A plain 16-lane array loop can be vectorised across the wrong loop: see
+// benchmarks/RESULTS.md.)
 typedef float vf8 __attribute__((vector_size(32)));
 typedef double vd4 __attribute__((vector_size(32)));
 template <typename acc_t>
@@ -203,18 +211,20 @@ void apply_range(scalar_t* __restrict__ g, const scalar_t* __restrict__ r, int64
 template <typename scalar_t>
 using acc_type_t = typename std::conditional<std::is_same<scalar_t, double>::value, double, float>::type;
 
-at::Tensor reduce_cpu(at::TensorList grads, at::TensorList refs) {
+Tensor reduce_cpu(TensorList grads, TensorList refs) {
   check_lists(grads, refs, "grad_align_reduce");
   const int64_t n = static_cast<int64_t>(grads.size());
-  const auto items = make_items(grads);
+  const auto views = views_of(grads, refs);
+  const auto items = make_items(views);
   std::vector<double> partial(items.size() * 3, 0.0);
   for_items(items, [&](int64_t lo, int64_t hi) {
     for (int64_t k = lo; k < hi; ++k) {
       const Item& it = items[k];
-      const auto& g = grads[it.tensor];
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "grad_align_reduce_cpu", [&] {
-        reduce_range<scalar_t, acc_type_t<scalar_t>>(g.const_data_ptr<scalar_t>() + it.begin,
-                                                     refs[it.tensor].const_data_ptr<scalar_t>() + it.begin,
+      const View& v = views[it.tensor];
+      dispatch_float(v.dtype, [&](auto tag) {
+        using scalar_t = decltype(tag);
+        reduce_range<scalar_t, acc_type_t<scalar_t>>(static_cast<const scalar_t*>(v.g) + it.begin,
+                                                     static_cast<const scalar_t*>(v.r) + it.begin,
                                                      it.end - it.begin, &partial[3 * k]);
       });
     }
@@ -222,57 +232,62 @@ at::Tensor reduce_cpu(at::TensorList grads, at::TensorList refs) {
   std::vector<double> sums(static_cast<size_t>(n) * 3, 0.0);
   for (size_t k = 0; k < items.size(); ++k)
     for (int c = 0; c < 3; ++c) sums[3 * items[k].tensor + c] += partial[3 * k + c];
-  auto stats = at::empty({n, 3}, at::TensorOptions().dtype(at::kFloat));
-  float* s = stats.data_ptr<float>();
+  auto stats = torch::stable::empty({n, 3}, ScalarType::Float);
+  float* s = stats.mutable_data_ptr<float>();
   for (int64_t i = 0; i < 3 * n; ++i) s[i] = static_cast<float>(sums[i]);
   return stats;
 }
 
-void apply_cpu(at::TensorList grads, at::TensorList refs, const at::Tensor& coeffs) {
-  check_lists(grads, refs, "grad_align_apply");
-  check_coeffs(coeffs, grads);
-  const float* c = coeffs.const_data_ptr<float>();
+void apply_with(TensorList grads, TensorList refs, const float* c) {
+  const auto views = views_of(grads, refs);
   std::vector<Item> items;
-  for (const auto& it : make_items(grads))
+  for (const auto& it : make_items(views))
     if (apply_mode(c[2 * it.tensor], c[2 * it.tensor + 1]) != kKeep) items.push_back(it);
   for_items(items, [&](int64_t lo, int64_t hi) {
     for (int64_t k = lo; k < hi; ++k) {
       const Item& it = items[k];
-      const auto& g = grads[it.tensor];
+      const View& v = views[it.tensor];
       const float a = c[2 * it.tensor], b = c[2 * it.tensor + 1];
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "grad_align_apply_cpu", [&] {
-        apply_range<scalar_t, acc_type_t<scalar_t>>(g.mutable_data_ptr<scalar_t>() + it.begin,
-                                                    refs[it.tensor].const_data_ptr<scalar_t>() + it.begin,
+      dispatch_float(v.dtype, [&](auto tag) {
+        using scalar_t = decltype(tag);
+        apply_range<scalar_t, acc_type_t<scalar_t>>(static_cast<scalar_t*>(v.g) + it.begin,
+                                                    static_cast<const scalar_t*>(v.r) + it.begin,
                                                     it.end - it.begin, a, b, apply_mode(a, b));
       });
     }
   });
 }
 
-at::Tensor fused_cpu(at::TensorList grads, at::TensorList refs, double raw_ratio) {
-  TORCH_CHECK(raw_ratio >= 0.0 && raw_ratio <= 1.0, "grad_align: raw_ratio must be in [0, 1], got ", raw_ratio);
+void apply_cpu(TensorList grads, TensorList refs, Tensor coeffs) {
+  check_lists(grads, refs, "grad_align_apply");
+  check_coeffs(coeffs, grads);
+  apply_with(grads, refs, coeffs.const_data_ptr<float>());
+}
+
+Tensor fused_cpu(TensorList grads, TensorList refs, double raw_ratio) {
+  check_raw_ratio(raw_ratio);
   auto stats = reduce_cpu(grads, refs);
-  const int64_t n = stats.size(0);
-  auto coeffs = at::empty({n, 2}, at::TensorOptions().dtype(at::kFloat));
+  const int64_t n = static_cast<int64_t>(grads.size());
+  std::vector<float> coeffs(static_cast<size_t>(2 * n));
   const float* s = stats.const_data_ptr<float>();
-  float* c = coeffs.data_ptr<float>();
-  for (int64_t t = 0; t < n; ++t) align_coefficients(s[3 * t], s[3 * t + 1], s[3 * t + 2], raw_ratio, &c[2 * t], &c[2 * t + 1]);
-  apply_cpu(grads, refs, coeffs);
+  for (int64_t t = 0; t < n; ++t)
+    align_coefficients(s[3 * t], s[3 * t + 1], s[3 * t + 2], raw_ratio, &coeffs[2 * t], &coeffs[2 * t + 1]);
+  apply_with(grads, refs, coeffs.data());
   return stats;
 }
 
 }  // namespace
 
-TORCH_LIBRARY(muscle_kernels, m) {
+STABLE_TORCH_LIBRARY(muscle_kernels, m) {
   m.def("grad_align_reduce(Tensor[] grads, Tensor[] refs) -> Tensor");
   m.def("grad_align_apply(Tensor(a!)[] grads, Tensor[] refs, Tensor coeffs) -> ()");
   m.def("grad_align_fused(Tensor(a!)[] grads, Tensor[] refs, float raw_ratio) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(muscle_kernels, CPU, m) {
-  m.impl("grad_align_reduce", &reduce_cpu);
-  m.impl("grad_align_apply", &apply_cpu);
-  m.impl("grad_align_fused", &fused_cpu);
+STABLE_TORCH_LIBRARY_IMPL(muscle_kernels, CPU, m) {
+  m.impl("grad_align_reduce", TORCH_BOX(&reduce_cpu));
+  m.impl("grad_align_apply", TORCH_BOX(&apply_cpu));
+  m.impl("grad_align_fused", TORCH_BOX(&fused_cpu));
 }
 
 }  // namespace muscle_kernels

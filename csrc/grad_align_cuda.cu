@@ -1,32 +1,47 @@
 // Gradient alignment on CUDA: the same three ops as grad_align.cpp, registered for the CUDA dispatch key.
 //
-//   reduce: multi-tensor launches (multi_tensor_apply.cuh); each block reads one 64K-element chunk of g and r once
-//           with 16-byte loads, reduces <g,r>, ||g||^2, ||r||^2 in fp32 registers (double for fp64 tensors) and writes
-//           one partial triple to partials[tensor, chunk]. No atomics: the result is deterministic.
-//   finish: one block per tensor sums its partials in a fixed order (in double), writes the fp32 stats row and, for
-//           the fused op, the (a, b) coefficients of grad_align_common.h.
+//   reduce: multi-tensor launches (multi_tensor_apply.cuh); each block reads one chunk (4K-64K elements) of g and r
+//           once with 16-byte loads, reduces <g,r>, ||g||^2, ||r||^2 in fp32 registers (double for fp64 tensors) and
+//           writes one partial triple to partials[block] -- one slot per block of the call, so the blocks of a tensor
+//           are a contiguous range and the buffer is as big as the number of chunks, not n * max_chunks. No atomics:
+//           the result is deterministic.
+//   finish: one block per tensor sums its range of partials in a fixed order (in double), writes the fp32 stats row
+//           and, for the fused op, the (a, b) coefficients of grad_align_common.h. The ranges travel in the kernel
+//           parameters, kFinishTensors tensors per launch.
 //   apply:  multi-tensor launches again; each block reads its tensor's (a, b) from device memory and writes
 //           g <- a r + b g (g is not read when b == 0; a kept tensor is not touched at all).
 // Everything is enqueued on the current stream; there is no host synchronisation and no copy to the host, so the
 // fused op is safe to capture in a CUDA graph and to overlap with other work. Tensors are grouped by dtype on the
 // host (a few lines of C++ over the list, no Python loop).
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
+//
+// ABI: the LibTorch stable ABI, as grad_align.cpp (torch::stable::Tensor, STABLE_TORCH_LIBRARY_IMPL, the stable
+// device guard), plus the CUDA runtime. The current stream comes from aoti_torch_get_current_cuda_stream (the AOTI C
+// shim, part of the stable surface since torch 2.9; stable::Stream::nativeHandle needs 2.13). This file is its own
+// shared library, loaded after the CPU one (which defines the schemas), so a CPU-only torch never has to load it.
+#include <cuda_runtime.h>
+#include <torch/csrc/inductor/aoti_torch/c/shim.h>
+#include <torch/csrc/stable/accelerator.h>
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/util/BFloat16.h>
+#include <torch/headeronly/util/Half.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
+#include "grad_align_checks.h"
 #include "grad_align_common.h"
 #include "multi_tensor_apply.cuh"
 
-namespace muscle_kernels {
+#define MK_CUDA_LAUNCH_CHECK()                                                                    \
+  do {                                                                                            \
+    const cudaError_t err_ = cudaGetLastError();                                                  \
+    STD_TORCH_CHECK(err_ == cudaSuccess, "grad_align: CUDA kernel launch failed: ", cudaGetErrorString(err_)); \
+  } while (0)
 
-// Defined in grad_align.cpp (shared argument checks with the same messages on every device).
-void check_lists(at::TensorList grads, at::TensorList refs, const char* op);
-void check_coeffs(const at::Tensor& coeffs, at::TensorList grads);
+namespace muscle_kernels {
 
 namespace {
 
@@ -85,12 +100,12 @@ __device__ __forceinline__ void block_sum3(acc_t& a, acc_t& b, acc_t& c) {
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) reduce_kernel(mta::TensorListMeta<2> meta, float* __restrict__ partials,
-                                                          int64_t max_chunks) {
+                                                          int64_t first_block) {
   using acc_t = typename AccType<scalar_t>::type;
   const int slot = meta.block_to_tensor[blockIdx.x];
   const int64_t chunk = meta.block_to_chunk[blockIdx.x];
-  const int64_t start = chunk * mta::kChunkSize;
-  const int64_t len = min(static_cast<int64_t>(mta::kChunkSize), meta.sizes[slot] - start);
+  const int64_t start = chunk * meta.chunk_size;
+  const int64_t len = min(meta.chunk_size, meta.sizes[slot] - start);
   const scalar_t* g = static_cast<const scalar_t*>(meta.addresses[0][slot]) + start;
   const scalar_t* r = static_cast<const scalar_t*>(meta.addresses[1][slot]) + start;
 
@@ -124,7 +139,7 @@ __global__ void __launch_bounds__(kThreads) reduce_kernel(mta::TensorListMeta<2>
   }
   block_sum3(gr, gg, rr);
   if (threadIdx.x == 0) {
-    float* out = partials + (static_cast<int64_t>(meta.tensor_index[slot]) * max_chunks + chunk) * 3;
+    float* out = partials + (first_block + blockIdx.x) * 3;
     out[0] = static_cast<float>(gr);
     out[1] = static_cast<float>(gg);
     out[2] = static_cast<float>(rr);
@@ -132,15 +147,25 @@ __global__ void __launch_bounds__(kThreads) reduce_kernel(mta::TensorListMeta<2>
 }
 
 constexpr int kFinishThreads = 128;
+constexpr int kFinishTensors = 256;
+
+// Where each tensor's partials are: tensors first .. first + kFinishTensors - 1 of the list.
+struct FinishMeta {
+  int64_t first;
+  int64_t offset[kFinishTensors];  // index of the tensor's first partial triple
+  int32_t count[kFinishTensors];   // its number of partials (0 for an empty tensor)
+};
+static_assert(sizeof(FinishMeta) <= 4000, "kernel parameters must stay under 4 KiB");
 
 // One block per tensor. coeffs may be null (reduce only).
-__global__ void __launch_bounds__(kFinishThreads) finish_kernel(const float* __restrict__ partials, int64_t max_chunks,
+__global__ void __launch_bounds__(kFinishThreads) finish_kernel(const float* __restrict__ partials, FinishMeta meta,
                                                                 float* __restrict__ stats, float* __restrict__ coeffs,
                                                                 double rho) {
-  const int64_t t = blockIdx.x;
-  const float* p = partials + t * max_chunks * 3;
+  const int64_t t = meta.first + blockIdx.x;
+  const float* p = partials + meta.offset[blockIdx.x] * 3;
+  const int64_t count = meta.count[blockIdx.x];
   double gr = 0, gg = 0, rr = 0;
-  for (int64_t c = threadIdx.x; c < max_chunks; c += blockDim.x) {
+  for (int64_t c = threadIdx.x; c < count; c += blockDim.x) {
     gr += p[3 * c];
     gg += p[3 * c + 1];
     rr += p[3 * c + 2];
@@ -174,8 +199,8 @@ __global__ void __launch_bounds__(kThreads) apply_kernel(mta::TensorListMeta<2> 
   const int mode = apply_mode(a, b);
   if (mode == kKeep) return;  // whole block leaves together: no divergence
   const int64_t chunk = meta.block_to_chunk[blockIdx.x];
-  const int64_t start = chunk * mta::kChunkSize;
-  const int64_t len = min(static_cast<int64_t>(mta::kChunkSize), meta.sizes[slot] - start);
+  const int64_t start = chunk * meta.chunk_size;
+  const int64_t len = min(meta.chunk_size, meta.sizes[slot] - start);
   scalar_t* g = static_cast<scalar_t*>(meta.addresses[0][slot]) + start;
   const scalar_t* r = static_cast<const scalar_t*>(meta.addresses[1][slot]) + start;
 
@@ -204,96 +229,159 @@ __global__ void __launch_bounds__(kThreads) apply_kernel(mta::TensorListMeta<2> 
   }
 }
 
-// Groups the list by dtype and runs `body(scalar_t tag, lists, index)` once per dtype present.
-template <typename Body>
-void for_each_dtype_group(at::TensorList grads, at::TensorList refs, Body&& body) {
-  const at::ScalarType dtypes[] = {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble};
-  for (const auto dtype : dtypes) {
-    std::vector<std::vector<at::Tensor>> lists(2);
-    std::vector<int64_t> index;
+cudaStream_t current_stream(const Tensor& t) {
+  void* stream = nullptr;
+  TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(static_cast<int32_t>(t.get_device_index()), &stream));
+  return static_cast<cudaStream_t>(stream);
+}
+
+// The list grouped by dtype (empty tensors left out), in the order the kernels process it.
+struct Group {
+  ScalarType dtype;
+  std::vector<mta::Entry<2>> entries;
+  int64_t chunk_size;
+};
+
+std::vector<Group> dtype_groups(const TensorList& grads, const TensorList& refs) {
+  std::vector<ScalarType> dtypes(grads.size());
+  for (size_t i = 0; i < grads.size(); ++i) dtypes[i] = grads[i].scalar_type();
+  std::vector<Group> groups;
+  for (const auto dtype : {ScalarType::Float, ScalarType::BFloat16, ScalarType::Half, ScalarType::Double}) {
+    Group group{dtype, {}, mta::kChunkSize};
+    int64_t total = 0;
     for (size_t i = 0; i < grads.size(); ++i) {
-      if (grads[i].scalar_type() != dtype || grads[i].numel() == 0) continue;
-      lists[0].push_back(grads[i]);
-      lists[1].push_back(refs[i]);
-      index.push_back(static_cast<int64_t>(i));
+      if (dtypes[i] != dtype) continue;
+      const int64_t numel = grads[i].numel();
+      if (numel == 0) continue;
+      group.entries.push_back({{grads[i].mutable_data_ptr(), const_cast<void*>(refs[i].const_data_ptr())}, numel,
+                               static_cast<int64_t>(i)});
+      total += numel;
     }
-    if (!index.empty()) body(dtype, lists, index);
+    if (group.entries.empty()) continue;
+    group.chunk_size = mta::chunk_size_for(total, static_cast<int64_t>(group.entries.size()));
+    groups.push_back(std::move(group));
+  }
+  return groups;
+}
+
+// Runs body(scalar_t tag) with the C++ type of `dtype`.
+template <typename Body>
+void with_type(ScalarType dtype, Body&& body) {
+  switch (dtype) {
+    case ScalarType::Float:
+      body(float{});
+      break;
+    case ScalarType::BFloat16:
+      body(c10::BFloat16{});
+      break;
+    case ScalarType::Half:
+      body(c10::Half{});
+      break;
+    default:
+      body(double{});
   }
 }
 
 // Reduce into stats [n, 3]; with coeffs non-null also fill the fused op's coefficients.
-void reduce_into(at::TensorList grads, at::TensorList refs, at::Tensor& stats, float* coeffs, double rho) {
+void reduce_into(const TensorList& grads, const TensorList& refs, Tensor& stats, float* coeffs, double rho) {
   const int64_t n = static_cast<int64_t>(grads.size());
-  int64_t max_chunks = 1;
-  for (const auto& g : grads) max_chunks = std::max<int64_t>(max_chunks, (g.numel() + mta::kChunkSize - 1) / mta::kChunkSize);
-  // Zero-filled so that empty tensors (no blocks) and tensors with fewer chunks finish with exact zeros.
-  auto partials = at::zeros({n, max_chunks, 3}, grads[0].options().dtype(at::kFloat));
-  auto stream = at::cuda::getCurrentCUDAStream();
-  float* partials_ptr = partials.data_ptr<float>();
-  for_each_dtype_group(grads, refs, [&](at::ScalarType dtype, const std::vector<std::vector<at::Tensor>>& lists,
-                                        const std::vector<int64_t>& index) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "grad_align_reduce_cuda", [&] {
-      mta::multi_tensor_apply<2>(lists, index, [&](const mta::TensorListMeta<2>& meta, int n_blocks) {
-        reduce_kernel<scalar_t><<<n_blocks, kThreads, 0, stream>>>(meta, partials_ptr, max_chunks);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const auto groups = dtype_groups(grads, refs);
+  // One partial slot per block: the blocks of each tensor are consecutive (see multi_tensor_apply).
+  std::vector<int64_t> offset(n, 0), count(n, 0);
+  int64_t total_blocks = 0;
+  for (const auto& group : groups) {
+    for (const auto& e : group.entries) {
+      offset[e.index] = total_blocks;
+      count[e.index] = mta::chunks_of(e.numel, group.chunk_size);
+      total_blocks += count[e.index];
+    }
+  }
+  auto partials = torch::stable::new_empty(stats, {std::max<int64_t>(total_blocks, 1), 3});
+  const auto stream = current_stream(grads[0]);
+  float* partials_ptr = partials.mutable_data_ptr<float>();
+  int64_t group_base = 0;
+  for (const auto& group : groups) {
+    with_type(group.dtype, [&](auto tag) {
+      using scalar_t = decltype(tag);
+      float* base = partials_ptr + 3 * group_base;
+      mta::multi_tensor_apply<2>(group.entries, group.chunk_size,
+                                 [&](const mta::TensorListMeta<2>& meta, int n_blocks, int64_t first_block) {
+        reduce_kernel<scalar_t><<<n_blocks, kThreads, 0, stream>>>(meta, base, first_block);
+        MK_CUDA_LAUNCH_CHECK();
       });
     });
-  });
-  finish_kernel<<<static_cast<unsigned int>(n), kFinishThreads, 0, stream>>>(partials_ptr, max_chunks,
-                                                                             stats.data_ptr<float>(), coeffs, rho);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+    for (const auto& e : group.entries) group_base += count[e.index];
+  }
+  float* stats_ptr = stats.mutable_data_ptr<float>();
+  for (int64_t first = 0; first < n; first += kFinishTensors) {
+    FinishMeta meta;
+    meta.first = first;
+    const int64_t in_launch = std::min<int64_t>(kFinishTensors, n - first);
+    for (int64_t j = 0; j < in_launch; ++j) {
+      meta.offset[j] = offset[first + j];
+      meta.count[j] = static_cast<int32_t>(count[first + j]);
+    }
+    finish_kernel<<<static_cast<unsigned int>(in_launch), kFinishThreads, 0, stream>>>(partials_ptr, meta, stats_ptr,
+                                                                                      coeffs, rho);
+    MK_CUDA_LAUNCH_CHECK();
+  }
 }
 
-void apply_with(at::TensorList grads, at::TensorList refs, const float* coeffs) {
-  auto stream = at::cuda::getCurrentCUDAStream();
-  for_each_dtype_group(grads, refs, [&](at::ScalarType dtype, const std::vector<std::vector<at::Tensor>>& lists,
-                                        const std::vector<int64_t>& index) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "grad_align_apply_cuda", [&] {
-      mta::multi_tensor_apply<2>(lists, index, [&](const mta::TensorListMeta<2>& meta, int n_blocks) {
+void apply_with(const TensorList& grads, const TensorList& refs, const float* coeffs) {
+  const auto stream = current_stream(grads[0]);
+  for (const auto& group : dtype_groups(grads, refs)) {
+    with_type(group.dtype, [&](auto tag) {
+      using scalar_t = decltype(tag);
+      mta::multi_tensor_apply<2>(group.entries, group.chunk_size,
+                                 [&](const mta::TensorListMeta<2>& meta, int n_blocks, int64_t) {
         apply_kernel<scalar_t><<<n_blocks, kThreads, 0, stream>>>(meta, coeffs);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        MK_CUDA_LAUNCH_CHECK();
       });
     });
-  });
+  }
 }
 
-at::Tensor reduce_cuda(at::TensorList grads, at::TensorList refs) {
+Tensor new_float(const Tensor& like, int64_t n, int64_t k) {
+  return torch::stable::new_empty(like, {n, k}, ScalarType::Float);
+}
+
+Tensor reduce_cuda(TensorList grads, TensorList refs) {
   check_lists(grads, refs, "grad_align_reduce");
   const int64_t n = static_cast<int64_t>(grads.size());
-  TORCH_CHECK(n > 0, "grad_align_reduce: empty lists have no device (the Python wrapper handles them)");
-  const c10::cuda::CUDAGuard guard(grads[0].device());
-  auto stats = at::empty({n, 3}, grads[0].options().dtype(at::kFloat));
+  STD_TORCH_CHECK(n > 0, "grad_align_reduce: empty lists have no device (the Python wrapper handles them)");
+  const torch::stable::accelerator::DeviceGuard guard(grads[0].get_device_index());
+  auto stats = new_float(grads[0], n, 3);
   reduce_into(grads, refs, stats, nullptr, 0.0);
   return stats;
 }
 
-void apply_cuda(at::TensorList grads, at::TensorList refs, const at::Tensor& coeffs) {
+void apply_cuda(TensorList grads, TensorList refs, Tensor coeffs) {
   check_lists(grads, refs, "grad_align_apply");
   check_coeffs(coeffs, grads);
   if (grads.empty()) return;
-  const c10::cuda::CUDAGuard guard(grads[0].device());
+  const torch::stable::accelerator::DeviceGuard guard(grads[0].get_device_index());
   apply_with(grads, refs, coeffs.const_data_ptr<float>());
 }
 
-at::Tensor fused_cuda(at::TensorList grads, at::TensorList refs, double raw_ratio) {
-  TORCH_CHECK(raw_ratio >= 0.0 && raw_ratio <= 1.0, "grad_align: raw_ratio must be in [0, 1], got ", raw_ratio);
+Tensor fused_cuda(TensorList grads, TensorList refs, double raw_ratio) {
+  check_raw_ratio(raw_ratio);
   check_lists(grads, refs, "grad_align_fused");
   const int64_t n = static_cast<int64_t>(grads.size());
-  TORCH_CHECK(n > 0, "grad_align_fused: empty lists have no device (the Python wrapper handles them)");
-  const c10::cuda::CUDAGuard guard(grads[0].device());
-  auto stats = at::empty({n, 3}, grads[0].options().dtype(at::kFloat));
-  auto coeffs = at::empty({n, 2}, grads[0].options().dtype(at::kFloat));
-  reduce_into(grads, refs, stats, coeffs.data_ptr<float>(), raw_ratio);
+  STD_TORCH_CHECK(n > 0, "grad_align_fused: empty lists have no device (the Python wrapper handles them)");
+  const torch::stable::accelerator::DeviceGuard guard(grads[0].get_device_index());
+  auto stats = new_float(grads[0], n, 3);
+  auto coeffs = new_float(grads[0], n, 2);
+  reduce_into(grads, refs, stats, coeffs.mutable_data_ptr<float>(), raw_ratio);
   apply_with(grads, refs, coeffs.const_data_ptr<float>());
   return stats;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(muscle_kernels, CUDA, m) {
-  m.impl("grad_align_reduce", &reduce_cuda);
-  m.impl("grad_align_apply", &apply_cuda);
-  m.impl("grad_align_fused", &fused_cuda);
+STABLE_TORCH_LIBRARY_IMPL(muscle_kernels, CUDA, m) {
+  m.impl("grad_align_reduce", TORCH_BOX(&reduce_cuda));
+  m.impl("grad_align_apply", TORCH_BOX(&apply_cuda));
+  m.impl("grad_align_fused", TORCH_BOX(&fused_cuda));
 }
 
 }  // namespace muscle_kernels

@@ -19,6 +19,8 @@ _LAZY = {
     "grad_align_reduce": "muscle_kernels.ops.grad_align",
     "grad_align_coeffs": "muscle_kernels.ops.grad_align",
     "grad_align_apply_": "muscle_kernels.ops.grad_align",
+    "extension_info": "muscle_kernels.ops.grad_align.extension",
+    "info": "muscle_kernels.info",
     "GradientAligner": "muscle_kernels.align.aligner",
     "AlignStep": "muscle_kernels.align.aligner",
     "GateConfig": "muscle_kernels.align.gate",

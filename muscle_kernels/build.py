@@ -1,15 +1,18 @@
-"""Build the gradient-alignment extension ahead of time: `python -m muscle_kernels.build [--cpu-only|--cuda] [-v]`.
+"""Build the gradient-alignment kernels ahead of time: `python -m muscle_kernels.build [--cpu-only|--cuda] [-v]`.
 
-For production images: run it once at image build time (with TORCH_EXTENSIONS_DIR pointing inside the image, and
-MUSCLE_KERNELS_CPU_ARCH set to a portable value if the image runs on other CPUs than the one that builds it); later
-processes load the cached library instantly. Prints what was built and where; exits with status 1 if the build
-failed (the library itself would fall back to torch._foreach with a warning instead).
+For images that install from source (a binary wheel needs none of this): run it once at image build time, with
+TORCH_EXTENSIONS_DIR pointing inside the image (it may be read-only later) and MUSCLE_KERNELS_CPU_ARCH set to a
+portable value if the image runs on other CPUs than the one that builds it; later processes load the cached
+libraries instantly. Prints what was loaded or built and where; exits with status 1 if the build failed (the
+library itself would fall back to torch._foreach with a warning instead).
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+
+from ._env import DEFAULT_CUDA_ARCHS
 
 
 def main(argv=None) -> int:
@@ -18,36 +21,39 @@ def main(argv=None) -> int:
     group.add_argument("--cpu-only", action="store_true", help="build only the CPU kernels")
     group.add_argument("--cuda", action="store_true",
                        help="build the CUDA kernels too (needs a CUDA torch and nvcc; without a visible GPU set "
-                            "TORCH_CUDA_ARCH_LIST, default here '8.0;9.0')")
+                            f"TORCH_CUDA_ARCH_LIST, default here {DEFAULT_CUDA_ARCHS!r})")
     parser.add_argument("-v", "--verbose", action="store_true", help="show the compiler commands and output")
     args = parser.parse_args(argv)
 
     if args.cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
     import torch
 
     from .ops.grad_align import extension
 
     cuda = True if args.cuda else (False if args.cpu_only else None)
-    if cuda and not (torch.version.cuda and extension._cuda_home()):
+    if cuda and not (torch.version.cuda and extension.cuda_home()):
         print(f"cannot build the CUDA kernels: torch {torch.__version__} is "
-              f"{'a CUDA build' if torch.version.cuda else 'CPU-only'}, CUDA_HOME={extension._cuda_home()}",
+              f"{'a CUDA build' if torch.version.cuda else 'CPU-only'}, CUDA_HOME={extension.cuda_home()}",
               file=sys.stderr)
         return 1
-    src = extension.source_dir()
-    print(f"sources: {src}")
-    print(f"cache:   {os.environ.get('TORCH_EXTENSIONS_DIR') or '(torch default: ~/.cache/torch_extensions)'}")
+    print(f"sources: {extension.source_dir()}")
+    print(f"cache:   {extension.cache_dir()}")
     info = extension.load_extension(cuda=cuda, verbose=args.verbose)
     if info is None:
-        print(f"build FAILED: {extension.extension_info().error}", file=sys.stderr)
+        print(f"build FAILED: {extension.status()['reason']}", file=sys.stderr)
         return 1
-    kernels = [key for key in ("cpu", "cuda") if extension.has_kernel("grad_align_fused", key)]
-    print(f"ready:   {info.name} in {info.seconds:.1f} s (built, or loaded from the cache)")
-    print(f"library: {info.path}")
+    for flavour, path in info.libraries.items():
+        how = "built now" if flavour in info.built else f"from the {info.origins[flavour]}"
+        print(f"library: {flavour}: {path} ({how})")
+    print(f"ready in {info.seconds:.1f} s")
     print(f"ops:     {', '.join('muscle_kernels::' + op for op in extension.OPS)}")
-    print(f"kernels: {', '.join(kernels)}")
-    if "cuda" in kernels:
-        print(f"archs:   {os.environ.get('TORCH_CUDA_ARCH_LIST') or extension._arch_list()}")
+    print(f"kernels: {', '.join(info.kernels)}")
+    if cuda and "cuda" not in info.kernels:
+        print(f"CUDA kernels FAILED: {info.cuda_reason}", file=sys.stderr)
+        return 1
+    if "cuda" in info.kernels:
+        print(f"archs:   {extension.cuda_arch_list()}")
     return 0
 
 

@@ -21,13 +21,13 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 def _ext_ready(device: str) -> bool:
     extension.load_extension()
-    # Ask the dispatcher, as torchao does: a kernel exists only if the build for this device succeeded.
     return extension.has_kernel("grad_align_fused", device)
 
 
 def _backend_or_skip(backend: str, device: str) -> str:
     if backend == "extension" and not _ext_ready(device):
-        pytest.skip(f"the grad_align extension has no {device} kernel here ({extension.extension_info().error or 'CPU-only build'})")
+        info = extension.extension_info()
+        pytest.skip(f"the grad_align extension has no {device} kernel here ({info['reason'] or info['cuda_reason']})")
     return backend
 
 

@@ -23,8 +23,8 @@ Coefficient convention of `grad_align_apply_`:
 - coeffs [n] (any float dtype): the projection coefficients c = |<g, r>| / ||r||^2, combined with raw_ratio into
   (a, b) = ((1 - raw_ratio) * c, raw_ratio); no keep rule is applied, the caller decides.
 
-Backends: "auto" uses the compiled extension when it has a kernel for the device (built on first use, see
-extension.py) and the torch._foreach fallback otherwise; "extension" insists on the extension; "foreach" forces the
+Backends: "auto" uses the compiled extension when it has a kernel for the device (packaged in the wheel, or built
+on first use: see extension.py) and the torch._foreach fallback otherwise; "extension" insists on the extension; "foreach" forces the
 fallback. The environment variable MUSCLE_KERNELS_GRAD_ALIGN_BACKEND overrides "auto".
 """
 from __future__ import annotations
@@ -35,12 +35,8 @@ import torch
 
 from ..._env import forced_choice
 from . import extension
-from .reference import (
-    align_gradients_foreach,
-    grad_align_apply_foreach,
-    grad_align_coeffs,
-    grad_align_reduce_foreach,
-)
+from .coeffs import grad_align_coeffs
+from .foreach import align_gradients_foreach, grad_align_apply_foreach, grad_align_reduce_foreach
 
 __all__ = ["align_gradients_", "grad_align_reduce", "grad_align_apply_", "grad_align_coeffs", "resolve_backend",
            "BACKENDS"]
@@ -79,6 +75,16 @@ def _check_lists(grads, refs, name_g: str = "grads", name_r: str = "refs") -> Tu
     return grads, refs
 
 
+def _check_writable(grads: List[torch.Tensor], name: str) -> None:
+    """The in-place stages write grads: a tensor that requires grad (a parameter itself, say) is refused on every
+    backend, instead of being overwritten behind autograd's back by the kernels (the fallback would raise)."""
+    for i, g in enumerate(grads):
+        if g.requires_grad:
+            what = "a leaf tensor, e.g. a parameter" if g.is_leaf else "part of an autograd graph"
+            raise ValueError(f"{name}[{i}] requires grad ({what}); {name} is written in place: pass the gradients "
+                             "(p.grad), or detach() them")
+
+
 def resolve_backend(backend: str, device: torch.device, op: str = "grad_align_fused") -> str:
     """'extension' or 'foreach' for tensors on `device`."""
     if backend not in BACKENDS:
@@ -90,11 +96,13 @@ def resolve_backend(backend: str, device: torch.device, op: str = "grad_align_fu
         extension.load_extension()
         return "extension" if extension.has_kernel(op, device.type) else "foreach"
     if backend == "extension":
-        if extension.load_extension() is None:
-            raise RuntimeError(f"backend='extension' is not available: {extension.extension_info().error}")
+        info = extension.load_extension()
+        if info is None:
+            raise RuntimeError(f"backend='extension' is not available: {extension.probe().reason or 'not built'}")
         if not extension.has_kernel(op, device.type):
+            why = f": {info.cuda_reason}" if device.type == "cuda" and info.cuda_reason else ""
             raise RuntimeError(f"backend='extension': the extension has no {device.type} kernel "
-                               f"(built {extension.extension_info().name})")
+                               f"(kernels: {', '.join(info.kernels) or 'none'}){why}")
     return backend
 
 
@@ -130,6 +138,7 @@ def align_gradients_(grads: Sequence[torch.Tensor], ref_grads: Sequence[torch.Te
         unchanged because g or r was zero.
     """
     grads, refs = _check_lists(grads, ref_grads, "grads", "ref_grads")
+    _check_writable(grads, "grads")
     raw_ratio = float(raw_ratio)
     if not 0.0 <= raw_ratio <= 1.0:
         raise ValueError(f"raw_ratio: expected a number in [0, 1], got {raw_ratio}")
@@ -170,6 +179,7 @@ def grad_align_apply_(grads: Sequence[torch.Tensor], refs: Sequence[torch.Tensor
         raw_ratio: only used with [n] coeffs; must be 0 with [n, 2] coeffs (the ratio is already inside).
     """
     grads, refs = _check_lists(grads, refs)
+    _check_writable(grads, "grads")
     if not isinstance(coeffs, torch.Tensor):
         raise TypeError(f"coeffs: expected a tensor, got {type(coeffs).__name__}")
     n = len(grads)
