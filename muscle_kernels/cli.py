@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .defense.train import Settings
 
     parser = _Parser(prog="muscle-lora", description="Backdoor-robust fine-tuning with MuScleLoRA.")
-    sub = parser.add_subparsers(dest="command", metavar="{demo,defend}")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,defend,info}")
     sub.required = True
 
     demo = sub.add_parser("demo", help="the built-in experiment (offline, a few minutes on a CPU)",
@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_options(demo, {**Settings().to_dict(), **DEMO_SETTINGS})
     demo.set_defaults(output="muscle-lora-demo")
 
+    sub.add_parser("info", help="what is installed and which backend each op will use (paste it into bug reports)",
+                   description="Prints the package, torch, CUDA and Triton versions and, for each op and device, the "
+                               "backend it will use and why. Builds nothing.")
     d = sub.add_parser("defend", help="fine-tune your own model on your own (possibly poisoned) data")
     d.add_argument("--model", default=None,
                    help="Hugging Face model name, local directory or .gguf file (default: all-MiniLM-L6-v2 from the "
@@ -428,6 +431,11 @@ def _defend(args, parser) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "info":
+        from .info import info
+
+        info()
+        return 0
     from .defense.data import DataError
 
     try:  # settings that argparse's types cannot check alone (e.g. a negative --min-ref-loss)

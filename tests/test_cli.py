@@ -137,3 +137,9 @@ def test_demo_command_wiring(tmp_path, capsys, monkeypatch):
     assert results[0]["settings"]["max_length"] == 48 and results[0]["settings"]["ref_batch_size"] == 32
     assert (out / "lora").is_dir() and not (out / "vanilla").exists(), "the demo saves adapters, not full models"
     assert "muscle-ga" in capsys.readouterr().out
+
+
+def test_info_command(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "muscle_kernels" in out and "torch" in out and "grad_align" in out
