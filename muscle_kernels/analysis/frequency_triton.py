@@ -88,9 +88,10 @@ def tile_config(n_sigmas: int, d: int, *, interpret: bool = _INTERPRET):
     if interpret:  # the interpreter runs each program in numpy: bigger tiles mean fewer, faster programs
         return s_pad, 16, 32, min(64, triton.next_power_of_2(d)), 1
     block_m = max(16, 4096 // (s_pad * 64))  # the probability tile [BLOCK_M, S_PAD, 64] stays at 4096 elements
-    # the difference tile [BLOCK_M, BLOCK_N, BLOCK_D] is the register hog: 64 x 64 x 4 = 16K fp32 over 8 warps
+    # The difference tile [BLOCK_M, 64, BLOCK_D] is the other register hog (16K fp32 at 64 x 64 x 4). 8 warps: with
+    # 4, sm_90 spilled at 8 and 16 sigmas (benchmarks/RESULTS.md, the compile check of bench_frequency.py).
     block_d = 4 if block_m >= 64 else 8
-    return s_pad, block_m, 64, min(block_d, triton.next_power_of_2(d)), 8 if block_m >= 64 else 4
+    return s_pad, block_m, 64, min(block_d, triton.next_power_of_2(d)), 8
 
 
 def low_frequency_part_triton(x: torch.Tensor, f: torch.Tensor, sigmas: Sequence[float]) -> torch.Tensor:
