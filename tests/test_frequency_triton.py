@@ -103,6 +103,21 @@ def test_backend_choice(monkeypatch):
         low_frequency_part(x, f, [1.0], backend="triton")
 
 
+def test_gradients_take_the_torch_path(monkeypatch):
+    x, f = _data(20, 4, 2, torch.float32, seed=2)
+    x.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="backend='triton' computes no gradients"):
+        low_frequency_part(x, f, [0.5], backend="triton")
+    # where auto picks the kernel (CUDA tensors), a gradient sends it to the torch path instead
+    monkeypatch.setattr(frequency, "resolve_backend", lambda backend, device: "triton")
+    low = low_frequency_part(x, f, [0.5], backend="auto")
+    assert low.requires_grad
+    monkeypatch.undo()
+    with torch.no_grad():
+        got = low_frequency_part(x, f, [0.5], backend="triton")
+    torch.testing.assert_close(got, low_frequency_part(x, f, [0.5], backend="torch").detach())
+
+
 def test_auto_falls_back_with_one_warning_when_triton_is_broken(monkeypatch):
     monkeypatch.setattr(frequency, "_TRITON", {"module": None, "tried": True, "error": "ImportError: no triton",
                                                "warned": False})

@@ -93,7 +93,8 @@ def low_frequency_part(x: torch.Tensor, f: torch.Tensor, sigmas: Sequence[float]
     """K_sigma f for every sigma: a tensor [len(sigmas), N, c] (c = 1 for 1-D f).
 
     torch backend: fp64 for fp64 x, fp32 otherwise, computed `chunk` rows at a time. triton backend: fp32 (fp64
-    inputs are computed in fp32 too), `chunk` unused. Low-precision inputs are upcast; accumulation is fp32 or better.
+    inputs are computed in fp32 too), `chunk` unused, no gradients ("auto" takes the torch path when x or f needs
+    one). Low-precision inputs are upcast; accumulation is fp32 or better.
     """
     _check(x, f)
     sigmas = _sigmas(sigmas)
@@ -103,7 +104,14 @@ def low_frequency_part(x: torch.Tensor, f: torch.Tensor, sigmas: Sequence[float]
         raise ValueError(f"f: expected a tensor on {x.device} like x, got one on {f.device}")
     if not x.is_floating_point():
         raise TypeError(f"x: expected a floating-point tensor, got dtype {x.dtype}")
-    if resolve_backend(backend, x.device) == "triton":
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or f.requires_grad)
+    chosen = resolve_backend(backend, x.device)
+    if needs_grad and chosen == "triton":
+        if backend == "triton":
+            raise RuntimeError("backend='triton' computes no gradients: call it under torch.no_grad() or detach "
+                               "x and f, or use backend='torch'")
+        chosen = "torch"  # auto: the torch path differentiates
+    if chosen == "triton":
         f2 = f if f.dim() == 2 else f[:, None]
         return _triton_module().low_frequency_part_triton(x, f2 if f2.is_floating_point() else f2.float(), sigmas)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
