@@ -105,6 +105,15 @@ def test_rows_match_a_direct_computation(setup, tmp_path):
     assert all(math.isnan(r["err_low"]) for r in lab)
     # the poisoned probes all carry the target label: no high band in y, hence no relative error there (nan)
     assert all(math.isnan(r["err_high"]) for r in rows if r["subset"] == "poisoned")
+    # ... and no variation: their centered ratio is 0 / 0
+    assert all(math.isnan(r["ratio_centered"]) for r in lab if r["subset"] == "poisoned")
+    assert all(r["ratio_centered"] > 0 for r in lab if r["subset"] == "clean")
+    # the centered low part by hand, ||K v - mean v||, for the labels (the untrained model's outputs barely vary)
+    k_y = torch.softmax(-d / (2 * sigmas[0]), 1) @ y.double()
+    narrow = [r for r in rows if r["step"] == 6 and r["subset"] == "all" and r["target"] == "labels"
+              and r["sigma_rel"] == 0.05][0]
+    want = (k_y - y.double().mean(0)).norm().item()
+    assert want > 1e-3 and narrow["low_centered"] == pytest.approx(want, rel=1e-4)
 
 
 def test_hand_written_loop_hook_records_and_changes_nothing(setup, tmp_path):

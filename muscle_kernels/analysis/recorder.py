@@ -179,6 +179,7 @@ class FrequencyRecorder:
                 # K keeps constants (rows sum to 1), so the mean of f is all "low" and, for probabilities near
                 # 0.5, swamps the ratio; ||K f - mean f|| = ||K (f - mean f)|| is the low part of the variation
                 lo_c = (kv - v.mean(0)).flatten(1).norm(dim=1)
+                flat = max(1e-5 * v.norm().item(), 1e-30)  # a constant v (the poisoned labels): 0 / 0 -> nan
                 if target == "output":  # the paper's relative errors per band, against the labels
                     y_lo = ky.flatten(1).norm(dim=1)
                     y_hi = (y[None] - ky).flatten(1).norm(dim=1)
@@ -194,7 +195,8 @@ class FrequencyRecorder:
                     rows.append(dict(step=int(step), method=method or "", subset=subset, target=target, sigma=s,
                                      sigma_rel=rel[i], n=int(x.shape[0]), low=lo_i, high=hi_i,
                                      ratio=lo_i / hi_i if hi_i > 0 else math.inf, low_centered=lo_c[i].item(),
-                                     ratio_centered=lo_c[i].item() / hi_i if hi_i > 0 else math.inf,
+                                     ratio_centered=(math.nan if max(hi_i, lo_c[i].item()) <= flat else
+                                                     lo_c[i].item() / hi_i if hi_i > 0 else math.inf),
                                      err_low=_finite_or_nan(e_lo[i].item()), err_high=_finite_or_nan(e_hi[i].item())))
         self._append(rows)
         self.records += 1
