@@ -67,8 +67,9 @@ def _sm90():
 
     sys.path.insert(0, ROOT)
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    from muscle_kernels.analysis.frequency_triton import _lowpass_kernel, tile_config
     from sm90_report import _ptxas
+
+    from muscle_kernels.analysis.frequency_triton import _lowpass_kernel, tile_config
 
     fn = _lowpass_kernel
     print("| sigmas | dtype | BLOCK_M x N x D | warps | regs | spills (bytes) | smem KiB |")
@@ -136,7 +137,7 @@ def main(argv=None) -> int:
     for backend in backends:
         cmd = [sys.executable, os.path.abspath(__file__), "--backend", backend] + [
             a for a in (argv if argv is not None else sys.argv[1:])]
-        res = subprocess.run(cmd, capture_output=True, text=True)
+        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if res.returncode != 0:
             print(f"| {backend} | failed: {res.stderr.strip().splitlines()[-1] if res.stderr else res.returncode} |")
             failed += 1

@@ -10,11 +10,11 @@ transformers = pytest.importorskip("transformers", reason="the recorder probes t
 
 from muscle_kernels.analysis import (FrequencyRecorder, Probe, frequency_ratios_dense, mean_input_embedding,  # noqa
                                      read_rows)
-from muscle_kernels.analysis.recorder import COLUMNS  # noqa: E402
-from muscle_kernels.defense.attacks import BadNets, poison_test, poison_train  # noqa: E402
-from muscle_kernels.defense.corpus import build_corpus  # noqa: E402
-from muscle_kernels.defense.data import Sample  # noqa: E402
-from muscle_kernels.defense.train import Settings, Splits, train_method  # noqa: E402
+from muscle_kernels.analysis.recorder import COLUMNS
+from muscle_kernels.defense.attacks import BadNets, poison_test, poison_train
+from muscle_kernels.defense.corpus import build_corpus
+from muscle_kernels.defense.data import Sample
+from muscle_kernels.defense.train import Settings, Splits, train_method
 
 transformers.logging.set_verbosity_error()
 
@@ -129,7 +129,7 @@ def test_hand_written_loop_hook_records_and_changes_nothing(setup, tmp_path):
 
     hooked = train_method("lora", factory, tokenizer, splits, settings, progress=False, log=lambda s: None,
                           on_step=hook)
-    assert calls == list(range(0, plain["steps"] + 1))
+    assert calls == list(range(plain["steps"] + 1))
     assert sorted({r["step"] for r in read_rows(rec.path)}) == list(range(0, plain["steps"] + 1, 2))
     assert {r["method"] for r in read_rows(rec.path)} == {"lora"}
     # eval-mode forwards under no_grad draw no random numbers and touch no weights: the same training

@@ -6,8 +6,13 @@ import math
 import pytest
 import torch
 
-from muscle_kernels.analysis import frequency, frequency_ratios, frequency_ratios_dense, low_frequency_part
-from muscle_kernels.analysis import frequency_triton
+from muscle_kernels.analysis import (
+    frequency,
+    frequency_ratios,
+    frequency_ratios_dense,
+    frequency_triton,
+    low_frequency_part,
+)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

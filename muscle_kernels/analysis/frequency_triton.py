@@ -96,7 +96,7 @@ def tile_config(n_sigmas: int, d: int, *, interpret: bool = _INTERPRET):
 
 def low_frequency_part_triton(x: torch.Tensor, f: torch.Tensor, sigmas: Sequence[float]) -> torch.Tensor:
     """K_sigma f for every sigma, [len(sigmas), N, c] in fp32 (inputs checked by the caller: x [N, d], f [N, c])."""
-    n, d = x.shape
+    n = x.shape[0]
     c = f.shape[1]
     if _INTERPRET:  # the interpreter emulates bf16 through numpy and gets it wrong: give it fp32
         x, f = x.float(), f.float()

@@ -54,7 +54,7 @@ def plot_frequency(rows: List[dict], path: str, *, sigma_rel: Optional[float] = 
             color = colors[m_i % len(colors)]
             name = method or "model"
 
-            def series(target, field):
+            def series(target, field, method=method, subset=subset):
                 pts = sorted((r["step"], r[field]) for r in chosen
                              if r["method"] == method and r["subset"] == subset and r["target"] == target)
                 return [p[0] for p in pts], [p[1] for p in pts]

@@ -60,7 +60,7 @@ class Probe:
 
     @classmethod
     def from_texts(cls, tokenizer, texts: Sequence[str], labels: Sequence[int], *, batch_size: int = 128,
-                   max_length: int = 64) -> "Probe":
+                   max_length: int = 64) -> Probe:
         texts, labels = list(texts), [int(v) for v in labels]
         if len(texts) != len(labels):
             raise ValueError(f"labels: expected one label per text ({len(texts)}), got {len(labels)}")

@@ -15,9 +15,15 @@ import argparse
 import os
 import random
 import sys
-from typing import Dict, List, Sequence
+from typing import Dict, List
 
-from ..analysis.recorder import DEFAULT_EVERY, DEFAULT_SIGMAS_REL, FrequencyRecorder, Probe, read_rows
+from ..analysis.recorder import (
+    DEFAULT_EVERY,
+    DEFAULT_SIGMAS_REL,
+    FrequencyRecorder,
+    Probe,
+    read_rows,
+)
 from .data import Sample
 from .train import Splits
 
@@ -146,13 +152,3 @@ def run(args) -> int:
     print(f"rows in {csv_path}, plot in {png}")
     return 0
 
-
-def summary(rows: Sequence[dict], *, subset: str = "poisoned", sigma_rel: float = None) -> Dict[str, list]:
-    """method -> [(step, ratio)] of the outputs on `subset` at one width (the numbers behind the picture)."""
-    widths = sorted({r["sigma_rel"] for r in rows})
-    width = widths[len(widths) // 2] if sigma_rel is None else sigma_rel
-    out: Dict[str, list] = {}
-    for r in rows:
-        if r["subset"] == subset and r["target"] == "output" and abs(r["sigma_rel"] - width) <= 1e-9 * width:
-            out.setdefault(r["method"], []).append((r["step"], r["ratio"]))
-    return {m: sorted(v) for m, v in out.items()}
