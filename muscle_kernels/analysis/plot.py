@@ -1,10 +1,10 @@
 """The picture of a FrequencyRecorder file: how the frequency content of the outputs moves during training.
 
-Top row, per probe subset: the centered ratio ||K f - mean f|| / ||f - K f|| of the model's outputs against the step
-(the share of their variation that is smooth over the inputs), one line per method (log scale; the labels' own
-ratio dotted, the target the outputs move toward). Bottom row: the paper's
-relative errors against the labels in the low band (solid) and the high band (dashed). A backdoor shows as the
-poisoned subset's ratio rising early (the outputs on triggered inputs become one smooth, constant function).
+Top row, per probe subset: the ratio ||K f|| / ||f - K f|| of the model's output probabilities against the step, one
+line per method (log scale; the labels' own ratio dotted where the labels vary, the target the outputs move toward).
+On the poisoned subset the ratio climbs when the outputs collapse onto the target label: the backdoor, a
+zero-frequency function there, is being learned. Bottom row: the paper's relative errors against the labels in the
+low band (solid) and the high band (dashed).
 """
 from __future__ import annotations
 
@@ -59,24 +59,28 @@ def plot_frequency(rows: List[dict], path: str, *, sigma_rel: Optional[float] = 
                              if r["method"] == method and r["subset"] == subset and r["target"] == target)
                 return [p[0] for p in pts], [p[1] for p in pts]
 
-            steps, ratio = series("output", "ratio_centered")
+            steps, ratio = series("output", "ratio")
             top.plot(steps, ratio, marker=".", color=color, label=name)
-            lsteps, lratio = series("labels", "ratio_centered")
-            if m_i == 0 and lsteps and all(math.isfinite(v) for v in lratio):
+            lsteps, lratio = series("labels", "ratio")
+            # constant labels (the poisoned subset: all the target) have no high part: their ratio is 1 / rounding
+            _, lvar = series("labels", "low_centered")
+            _, llow = series("labels", "low")
+            varies = all(v > 1e-4 * lo for v, lo in zip(lvar, llow))
+            if m_i == 0 and lsteps and varies and all(math.isfinite(v) for v in lratio):
                 top.plot(lsteps, lratio, ":", color="grey", label="labels")
             for field, style, band in (("err_low", "-", "low"), ("err_high", "--", "high")):
                 s, v = series("output", field)
                 if any(math.isfinite(e) for e in v):
                     bottom.plot(s, v, style, marker=".", color=color, label=f"{name} {band}")
         top.set_yscale("log")
-        top.set_title(f"{subset}: low / high (centered) of the outputs")
+        top.set_title(f"{subset}: low / high of the outputs")
         bottom.set_title(f"{subset}: relative error vs labels")
         bottom.set_xlabel("step")
         bottom.set_ylim(bottom=0)
         top.legend(fontsize=7)
         if bottom.lines:
             bottom.legend(fontsize=7)
-    axes[0][0].set_ylabel("||K f - mean f|| / ||f - K f||")
+    axes[0][0].set_ylabel("||K f|| / ||f - K f||")
     axes[1][0].set_ylabel("error (solid low, dashed high)")
     width = f"sigma = {sigma_rel:g} x median distance" if key == "sigma_rel" else f"sigma = {sigma_rel:g}"
     fig.suptitle(f"Frequency analysis of the outputs ({width})", fontsize=10)
