@@ -16,7 +16,7 @@ the whole tensor list), for w = 8 ranks:
 
 Timing: a MuScleLoRA-adapted tiny BERT (only the adapters train) and the same model fully trainable; each rank runs
 fwd + bwd (+ GradientAligner.step) + AdamW on its own batch; the median step time over the ranks' slowest. The
-aligned step costs one more forward + backward on the reference batch by design (SPEC section 3); the columns show
+aligned step costs one more forward + backward on the reference batch by design (docs/alignment.md); the columns show
 what distribution adds on top of that.
 """
 from __future__ import annotations

@@ -3,7 +3,7 @@
     python benchmarks/bench_grad_align.py            # full run (CPU lists; on a GPU also the GPU lists)
     python benchmarks/bench_grad_align.py --quick    # a short run
 
-Providers (all align every tensor in place with raw_ratio 0, the "replace" branch of SPEC section 3):
+Providers (all align every tensor in place with raw_ratio 0, the "replace" branch of docs/alignment.md):
 - paper:   a re-implementation of the paper's step: reference gradients moved to the CPU, a Python loop over the
            parameters that brings each one back, takes both norms with .item() (host syncs), the cosine, and writes
            |cos| ||g|| / ||r|| * r into the gradient.

@@ -14,6 +14,7 @@
 #   tests         the GPU-only tests (Triton kernels and configs at real shapes, registration, auto choice, device
 #                 guard, CUDA grad-align), in parallel (pytest-xdist) with a per-test timeout when the plugins exist
 #   bench_align   benchmarks/bench_grad_align.py --device cuda --quick
+#   bench_freq    benchmarks/bench_frequency.py --device cuda --n 100000: the frequency filter, torch vs Triton
 # OUTDIR receives exactly two files: gpu_run.tar.gz (every log, CSV and plot) and summary.txt (the step table and
 # the lines that matter from each log). Exit status: the number of failed steps (0 only when every step passed).
 set -uo pipefail
@@ -36,12 +37,14 @@ if [ "$dry" = 1 ]; then
   build_args=(--cpu-only)
   bench_args=(--dry-run --budget-s 60)
   align_args=(--device cpu --quick --lists bert-base-lora --no-plot)
+  freq_args=(--device cpu --n 300 --d 16 --backends torch)
   workers=2
 else
   export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
   build_args=(--cuda)
   bench_args=(--quick --rep 50 --budget-s 95)
   align_args=(--device cuda --quick)
+  freq_args=(--device cuda --n 100000 --backends torch,triton)
   workers=12
 fi
 
@@ -89,7 +92,7 @@ b0=$SECONDS
 build_pid=$!
 
 # 3. the linear benchmark with its correctness checks
-step bench_linear 140 "$PY" benchmarks/bench_linear_gpu.py "${bench_args[@]}" --out "$work/linear_gpu.csv"
+step bench_linear 130 "$PY" benchmarks/bench_linear_gpu.py "${bench_args[@]}" --out "$work/linear_gpu.csv"
 
 # The tests below load the extension: wait for the build, but keep at least 100 s for the last two steps.
 while [ ! -f "$work/build.rc" ] && [ "$(remaining)" -gt 100 ]; do sleep 1; done
@@ -108,7 +111,8 @@ pytest_args=(-q -p no:cacheprovider -rfEs)
 # pyproject's addopts names pytest-benchmark's --benchmark-disable: without that plugin pytest would refuse to start
 "$PY" -c "import pytest_benchmark" 2> /dev/null || pytest_args+=(-o "addopts=-ra")
 gpu_tests=(tests/test_triton_lowrank.py tests/test_triton_configs.py tests/test_triton_registration.py
-           tests/test_triton_guard.py tests/test_lowrank_auto.py tests/test_grad_align.py)
+           tests/test_triton_guard.py tests/test_lowrank_auto.py tests/test_grad_align.py tests/test_grad_align_gpu.py
+           tests/test_frequency_triton.py)
 # Everything in the Triton/auto files; of grad-align only the CUDA cases (and anything marked gpu).
 select="not test_grad_align or cuda or gpu"
 if [ "$dry" = 1 ]; then  # the flow, not the coverage (CI runs these files in full anyway)
@@ -116,7 +120,7 @@ if [ "$dry" = 1 ]; then  # the flow, not the coverage (CI runs these files in fu
 test_guard_is_taken_from_the_tensors_device or test_every_shipped_config_interpreted and bfloat16-0- or \
 test_coefficient_rule"
 fi
-step tests 125 "$PY" -m pytest "${pytest_args[@]}" "${gpu_tests[@]}" -k "$select"
+step tests 115 "$PY" -m pytest "${pytest_args[@]}" "${gpu_tests[@]}" -k "$select"
 
 # 5. the grad-align benchmark (writes into benchmarks/out/: moved into the tarball afterwards)
 had_csv=0; [ -f benchmarks/out/grad_align.csv ] && had_csv=1
@@ -126,6 +130,9 @@ for f in benchmarks/out/grad_align.csv benchmarks/out/grad_align.png; do
   cp "$f" "$work/"
   [ "$had_csv" = 1 ] || rm -f "$f"
 done
+
+# 6. the frequency-analysis filter at N = 100,000: the chunked torch path against the fused Triton kernel
+step bench_freq 25 "$PY" benchmarks/bench_frequency.py "${freq_args[@]}" --json "$work/frequency.jsonl"
 
 # Summary: the step table first, then the lines that matter from each log.
 {
@@ -138,6 +145,7 @@ done
   echo "--- bench_linear table"; grep -E "^ *[0-9]+ +[0-9]+ +[0-9]+ " "$work/bench_linear.log" | head -n 40
   echo "--- tests"; tail -n 40 "$work/tests.log"
   echo "--- bench_align"; grep -E "^[a-z]+:|TIMEOUT|Error" "$work/bench_align.log" | head -n 30
+  echo "--- bench_freq"; tail -n 12 "$work/bench_freq.log"
 } > "$work/summary.txt" 2>&1
 tar -czf "$out/gpu_run.tar.gz" -C "$work" .
 cp "$work/summary.txt" "$out/summary.txt"

@@ -1,4 +1,4 @@
-// Gradient alignment (SPEC section 3): op schemas and the CPU kernels, on the LibTorch stable ABI.
+// Gradient alignment (docs/alignment.md): op schemas and the CPU kernels, on the LibTorch stable ABI.
 //
 // Three ops in the `muscle_kernels` namespace, all over lists of tensors (grads[i] and refs[i] pair up):
 //   grad_align_reduce(grads, refs) -> stats [n, 3] fp32: <g, r>, ||g||^2, ||r||^2 per pair, one pass over g and r.

@@ -1,8 +1,8 @@
 // Shared by the CPU (grad_align.cpp) and CUDA (grad_align_cuda.cu) kernels: the per-tensor coefficient rule.
 //
-// SPEC section 3: g <- (1 - rho) * c * r + rho * g with c = |<g, r>| / ||r||^2. We write it as g <- a * r + b * g with
+// docs/alignment.md: g <- (1 - rho) * c * r + rho * g with c = |<g, r>| / ||r||^2. We write it as g <- a * r + b * g with
 // a = (1 - rho) * c and b = rho, so that the apply stage takes two numbers per tensor and knows nothing about the gate.
-// (a, b) = (0, 1) means "keep g": used for a zero g or r (SPEC), and for a tensor whose fp32 stats row is not finite
+// (a, b) = (0, 1) means "keep g": used for a zero g or r (docs/alignment.md), and for a tensor whose fp32 stats row is not finite
 // (a NaN/inf in g or r, or sums that overflow fp32) or whose coefficient overflows fp32 -- such a tensor is left
 // bit-for-bit unchanged and never read again, so it cannot spread a NaN to any other tensor.
 #pragma once

@@ -1,6 +1,7 @@
 """`muscle-lora`: defended fine-tuning from the command line.
 
     muscle-lora demo                      # built-in: MiniLM on the shipped review corpus, BadNets 10%, offline
+    muscle-lora analyze                   # the same, recording and plotting the frequency analysis (frequency.png)
     muscle-lora defend --model bert-base-uncased --data poison_data/sst-2/1/badnets --method muscle-ga
     muscle-lora defend --model ./my-model --train train.csv --dev dev.csv --test-clean test.csv \\
         --attack badnets --poison-rate 0.1 --target-label 1 --method lora,muscle-ga
@@ -105,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .defense.train import Settings
 
     parser = _Parser(prog="muscle-lora", description="Backdoor-robust fine-tuning with MuScleLoRA.")
-    sub = parser.add_subparsers(dest="command", metavar="{demo,defend,info}")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,defend,analyze,info}")
     sub.required = True
 
     demo = sub.add_parser("demo", help="the built-in experiment (offline, a few minutes on a CPU)",
@@ -153,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "package); --model path/to/file.gguf works too")
     _add_training_options(d, Settings().to_dict())
     d.set_defaults(output="muscle-lora-output")
+    from .defense import frequency_run
+
+    frequency_run.add_parser(sub, training_options=_add_training_options, methods_type=_methods,
+                             positive_int=_positive_int, fraction=_fraction)
     return parser
 
 
@@ -447,6 +452,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         _check_device(args.device)
         if args.command == "demo":
             return _demo(args)
+        if args.command == "analyze":
+            from .defense import frequency_run
+
+            return frequency_run.run(args)
         return _defend(args, parser)
     except (CliError, DataError, FileNotFoundError) as e:  # expected: bad input, one line; anything else: traceback
         print(f"muscle-lora: error: {_one_line(e)}", file=sys.stderr)

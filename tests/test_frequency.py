@@ -1,4 +1,4 @@
-"""Chunked frequency analysis against the paper's dense N x N filter (SPEC section 5)."""
+"""Chunked frequency analysis against the paper's dense N x N filter (docs/frequency.md)."""
 import pytest
 import torch
 

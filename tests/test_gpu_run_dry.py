@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ("env", "bench_linear", "build", "tests", "bench_align")
+STEPS = ("env", "bench_linear", "build", "tests", "bench_align", "bench_freq")
 
 
 @pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
@@ -42,7 +42,7 @@ def test_gpu_run_dry_run(tmp_path):
     with tarfile.open(out / "gpu_run.tar.gz") as tar:
         names = {Path(n).name for n in tar.getnames()}
     for want in ["summary.txt", "env.log", "build.log", "bench_linear.log", "tests.log", "bench_align.log",
-                 "linear_gpu.csv", "grad_align.csv"]:
+                 "linear_gpu.csv", "grad_align.csv", "bench_freq.log", "frequency.jsonl"]:
         assert want in names, f"tarball lacks {want}: {sorted(names)}"
     # Nothing left behind in the repository or the temporary directory.
     assert not list(tmp_path.glob("gpu_run.*")), "the work directory was not removed"

@@ -1,4 +1,4 @@
-"""Gradient alignment op (SPEC section 3): the extension (CPU, and CUDA on a GPU) and the torch._foreach fallback
+"""Gradient alignment op (docs/alignment.md): the extension (CPU, and CUDA on a GPU) and the torch._foreach fallback
 against the float64 paper loop; the two stages; non-finite isolation; argument errors; opcheck."""
 from __future__ import annotations
 
@@ -135,7 +135,7 @@ def test_two_stages_equal_fused(device, backend):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_apply_with_projection_coefficients(device, backend):
-    """coeffs [n]: c_t = |<g,r>| / ||r||^2 with raw_ratio gives the SPEC blend (no keep rule)."""
+    """coeffs [n]: c_t = |<g,r>| / ||r||^2 with raw_ratio gives the blend of docs/alignment.md (no keep rule)."""
     backend = _backend_or_skip(backend, device)
     spec = [((37, 5), torch.float32, "plain"), ((1000,), torch.bfloat16, "plain"), ((3, 3, 3), torch.float64, "plain")]
     grads, refs = make_lists(device, seed=5, spec=spec)

@@ -268,12 +268,14 @@ def _lr_lambda(total_steps: int, warmup_ratio: float) -> Callable[[int], float]:
 
 def train_method(method: str, model_factory: Callable[[], nn.Module], tokenizer, splits: Splits,
                  settings: Settings, *, output_dir: Optional[str] = None, progress: bool = True,
-                 log: Callable[[str], None] = print) -> dict:
+                 log: Callable[[str], None] = print, on_step: Optional[Callable] = None) -> dict:
     """Fine-tune a fresh model from `model_factory()` with `method`; return its result record.
 
     The record: method, cacc, asr (at the best dev epoch), best_epoch, train_seconds, step_seconds (median time of
     one optimizer step), history (per epoch: dev accuracy, dev ASR, train loss, share of aligned steps), settings.
     With `output_dir`, the adapter (or, for vanilla, the full model) goes to output_dir/<method>/.
+    `on_step(step, model, method=method)` is called before the first step (step 0) and after every optimizer step
+    (e.g. analysis.FrequencyRecorder); its time is not counted in train_seconds.
     """
     from tqdm.auto import tqdm
 
@@ -310,6 +312,8 @@ def train_method(method: str, model_factory: Callable[[], nn.Module], tokenizer,
     history, step_times = [], []
     best = dict(acc=-1.0, epoch=-1, state=None)
     train_seconds = 0.0
+    if on_step is not None:
+        on_step(0, model, method=method)
     for epoch in range(settings.epochs):
         order = torch.randperm(len(splits.train), generator=gen).tolist()
         losses, branches = [], []
@@ -333,6 +337,8 @@ def train_method(method: str, model_factory: Callable[[], nn.Module], tokenizer,
             train_seconds += dt
             losses.append(loss.item())
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            if on_step is not None:
+                on_step(len(step_times), model, method=method)
         dev_acc = evaluate(model, tokenizer, splits.dev, settings, device, desc="dev", progress=progress)
         dev_asr = evaluate(model, tokenizer, splits.dev_poison, settings, device, poisoned=True, desc="dev-poison",
                            progress=progress) if splits.dev_poison else float("nan")
@@ -380,11 +386,11 @@ def _save(model, method: str, output_dir: str) -> str:
 def run_methods(methods: Sequence[str], model_factory: Callable[[], nn.Module], tokenizer, splits: Splits,
                 settings: Settings, *, output_dir: Optional[str] = None, save_models: bool = True,
                 save_vanilla: bool = True, progress: bool = True, log: Callable[[str], None] = print,
-                extra: Optional[dict] = None) -> List[dict]:
+                extra: Optional[dict] = None, on_step: Optional[Callable] = None) -> List[dict]:
     """Run every method on the same data and seed; write output_dir/results.json (and the plot) as it goes.
 
     save_models: save each adapter to output_dir/<method>/; save_vanilla: also the fully fine-tuned model (the size
-    of the whole model)."""
+    of the whole model). on_step: passed to every train_method."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise ValueError(f"methods: expected some of {METHODS}, got {list(methods)!r}")
@@ -402,7 +408,7 @@ def run_methods(methods: Sequence[str], model_factory: Callable[[], nn.Module], 
         log(f"== {method}")
         results.append(train_method(method, model_factory, tokenizer, splits, settings,
                                     output_dir=output_dir if save_models and (save_vanilla or method != "vanilla")
-                                    else None, progress=progress, log=log))
+                                    else None, progress=progress, log=log, on_step=on_step))
         if output_dir is not None:  # after each method: an interrupted run keeps what it finished
             write_results(output_dir, results, extra=extra, complete=False)
             plot = plot and _write_plot(results, output_dir)

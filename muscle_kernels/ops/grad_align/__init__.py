@@ -1,4 +1,4 @@
-"""Gradient alignment (SPEC section 3): g <- (1 - rho) |<g, r>| / ||r||^2 r + rho g for every tensor of a list.
+"""Gradient alignment (docs/alignment.md): g <- (1 - rho) |<g, r>| / ||r||^2 r + rho g for every tensor of a list.
 
 - function.py: the public functions (align_gradients_, grad_align_reduce, grad_align_coeffs, grad_align_apply_).
 - extension.py: finds and loads the compiled csrc/ kernels (packaged in the wheel, or JIT-built and cached), with a

@@ -1,4 +1,4 @@
-"""The per-tensor coefficient rule of gradient alignment (SPEC section 3), in torch ops: the middle stage between
+"""The per-tensor coefficient rule of gradient alignment (docs/alignment.md), in torch ops: the middle stage between
 `grad_align_reduce` and `grad_align_apply_`, shared by every backend."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Public gradient-alignment functions (SPEC section 3) over lists of tensors.
+"""Public gradient-alignment functions (docs/alignment.md) over lists of tensors.
 
     align_gradients_(grads, ref_grads, *, raw_ratio=0.0) -> stats [n, 3] fp32
     grad_align_reduce(grads, refs) -> stats [n, 3] fp32
@@ -9,7 +9,7 @@ For every pair (g, r): g <- (1 - raw_ratio) * |<g, r>| / ||r||^2 * r + raw_ratio
 written. stats[i] = (<g_i, r_i>, ||g_i||^2, ||r_i||^2) of the inputs, accumulated in fp32 or better (fp64 for fp64
 tensors) and returned as fp32 on the gradients' device.
 
-Kept tensors. A pair is left bit-for-bit unchanged when ||g||^2 or ||r||^2 is zero (SPEC), when its stats row is
+Kept tensors. A pair is left bit-for-bit unchanged when ||g||^2 or ||r||^2 is zero (docs/alignment.md), when its stats row is
 not finite -- a NaN or inf anywhere in g or r shows up as a NaN/inf in that row, which is how callers detect it --
 or when the coefficient overflows fp32. Other tensors are processed normally: one bad tensor never corrupts another.
 
@@ -122,7 +122,7 @@ class _Contiguous:
 
 def align_gradients_(grads: Sequence[torch.Tensor], ref_grads: Sequence[torch.Tensor], *, raw_ratio: float = 0.0,
                      backend: str = "auto") -> torch.Tensor:
-    """Align every gradient with its reference gradient, in place (SPEC section 3).
+    """Align every gradient with its reference gradient, in place (docs/alignment.md).
 
     Args:
         grads: tensors g_i (e.g. `p.grad` of the trainable parameters), modified in place. Any mix of shapes

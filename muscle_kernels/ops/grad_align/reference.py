@@ -1,4 +1,4 @@
-"""The float64 test oracle of gradient alignment: SPEC section 3 as the paper writes it, one tensor at a time.
+"""The float64 test oracle of gradient alignment: docs/alignment.md as the paper writes it, one tensor at a time.
 
 It is for tests and benchmarks (it makes fp64 copies of every tensor); the production backends are the compiled
 kernels (csrc/, loaded by extension.py) and the torch._foreach fallback (foreach.py).
@@ -14,7 +14,7 @@ __all__ = ["paper_align_reference"]
 
 def paper_align_reference(grads: Sequence[torch.Tensor], refs: Sequence[torch.Tensor], raw_ratio: float = 0.0
                           ) -> Tuple[List[torch.Tensor], torch.Tensor]:
-    """SPEC section 3 in float64, tensor by tensor. Returns (aligned grads in fp64, stats [n, 3] fp64).
+    """docs/alignment.md in float64, tensor by tensor. Returns (aligned grads in fp64, stats [n, 3] fp64).
 
     stats rows are (<g, r>, ||g||^2, ||r||^2) of the inputs. A tensor with zero g or r, or with a non-finite value in
     g or r, is returned unchanged (the kernels' convention for the latter; the paper does not define it).

@@ -65,7 +65,7 @@ def lowrank_linear_bwd_torch(
     needs_dL: bool,
     needs_dR: bool,
 ):
-    """SPEC section 2 gradients: dx = dy W + drop'((G s) L), dR = dy^T (T s), dL = (G s)^T drop(x), G = dy R."""
+    """docs/layer.md gradients: dx = dy W + drop'((G s) L), dR = dy^T (T s), dL = (G s)^T drop(x), G = dy R."""
     s = scales.to(dy2.dtype)
     dx = dL = dR = None
     # R as a column-major view (a copy of n*r x out): faster for MKL's skinny GEMM than R as stored.

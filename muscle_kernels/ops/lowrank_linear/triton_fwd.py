@@ -1,6 +1,6 @@
 """Triton kernels of the multi-scale low-rank linear op: the fused GEMM (forward y, backward dx) and the shrink.
 
-Design (SPEC section 2, M = all leading dims flattened, R = n*r padded to BLOCK_R, a power of two >= 16 for tl.dot):
+Design (docs/layer.md, M = all leading dims flattened, R = n*r padded to BLOCK_R, a power of two >= 16 for tl.dot):
 
 - `_fused_lowrank_mm_kernel` computes ``C = A B + ((A' P^T) * s) Q^T (+ bias)`` for one [BLOCK_M, BLOCK_N] tile and
   stores it once. Forward: A = x, B = W^T, P = L, Q = R, C = y. Backward: A = dy, B = W, P = R^T, Q = L^T, C = dx
@@ -103,7 +103,7 @@ def _fused_lowrank_mm_kernel(
                 q = q.to(tl.float32)
             acc = tl.dot((t * sc[None, :]).to(q.dtype), q, acc, input_precision=PRECISION)
         if OUT_DROP:
-            # Backward through dropout: only the adapter's part of dx is masked (SPEC: dx = dy W + drop'(...)).
+            # Backward through dropout: only the adapter's part of dx is masked (docs/layer.md: dx = dy W + drop'(...)).
             keep = _keep_mask(seed, rm[:, None], rn[None, :], drop_p)
             acc = tl.where(keep, acc * drop_scale, 0.0)
     else:

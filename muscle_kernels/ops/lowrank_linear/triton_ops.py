@@ -365,7 +365,7 @@ def _fwd(x2, weight, bias, lora_L, lora_R, scales, dropout_p, seed):
 
 def lowrank_linear_bwd_triton(dy2, x2, weight, lora_L, lora_R, scales, t, dropout_p, seed,
                               needs_dx, needs_dL, needs_dR):
-    """SPEC section 2: dx = dy W + drop'((G s) L), dR = dy^T (T s), dL = (G s)^T drop(x), with G = dy R."""
+    """docs/layer.md: dx = dy W + drop'((G s) L), dR = dy^T (T s), dL = (G s)^T drop(x), with G = dy R."""
     _check_dtypes(x2, dy=dy2, weight=weight, lora_L=lora_L, lora_R=lora_R)
     with _device_guard(x2.device):
         return _bwd(dy2, x2, weight, lora_L, lora_R, scales, t, dropout_p, seed, needs_dx, needs_dL, needs_dR)
