@@ -132,9 +132,12 @@ def test_demo_command_wiring(tmp_path, capsys, monkeypatch):
                  "--output", str(out), "--no-progress", "--device", "cpu"]) == 0
     results = json.loads((out / "results.json").read_text())["results"]
     assert [r["method"] for r in results] == ["lora", "muscle-ga", "vanilla"]
-    # the demo runs with defend's defaults (the recipe's band, the gate's min_ref_loss) but for max_length
-    assert results[0]["settings"]["freq_band"] is None and results[0]["settings"]["min_ref_loss"] == 0.0
-    assert results[0]["settings"]["max_length"] == 48 and results[0]["settings"]["ref_batch_size"] == 32
+    # the demo runs with defend's defaults (the recipe's band, the gate's min_ref_loss, the reference set)
+    from muscle_kernels.defense.train import Settings
+
+    defaults = Settings().to_dict()
+    for key in ("freq_band", "min_ref_loss", "ref_size", "ref_batch_size", "max_length", "lr", "batch_size"):
+        assert results[0]["settings"][key] == defaults[key], key
     assert (out / "lora").is_dir() and not (out / "vanilla").exists(), "the demo saves adapters, not full models"
     assert "muscle-ga" in capsys.readouterr().out
 
