@@ -136,7 +136,7 @@ def test_demo_command_wiring(tmp_path, capsys, monkeypatch):
     from muscle_kernels.defense.train import Settings
 
     defaults = Settings().to_dict()
-    for key in ("freq_band", "min_ref_loss", "ref_size", "ref_batch_size", "max_length", "lr", "batch_size"):
+    for key in ("freq_band", "min_ref_loss", "ref_batch_size", "max_length", "lr", "batch_size"):  # ref_size: given
         assert results[0]["settings"][key] == defaults[key], key
     assert (out / "lora").is_dir() and not (out / "vanilla").exists(), "the demo saves adapters, not full models"
     assert "muscle-ga" in capsys.readouterr().out
