@@ -18,11 +18,12 @@ Backends (the `backend=` switch of `low_frequency_part` and `frequency_ratios`):
 """
 from __future__ import annotations
 
-import os
 import warnings
 from typing import Dict, Iterable, Sequence
 
 import torch
+
+from .._lazy import lazy_import, triton_interpreting
 
 __all__ = ["low_frequency_part", "frequency_ratios", "frequency_ratios_dense", "BACKENDS", "resolve_backend"]
 
@@ -32,19 +33,11 @@ _TRITON = {"module": None, "tried": False, "error": None, "warned": False}
 
 
 def _triton_module():
-    if not _TRITON["tried"]:
-        _TRITON["tried"] = True
-        try:
-            from . import frequency_triton
-
-            _TRITON["module"] = frequency_triton
-        except Exception as exc:  # ImportError, or a Triton too old for the kernel
-            _TRITON["error"] = f"{type(exc).__name__}: {exc}"
-    return _TRITON["module"]
+    return lazy_import(_TRITON, ".frequency_triton", __package__)
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return triton_interpreting()
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:

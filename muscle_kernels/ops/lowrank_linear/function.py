@@ -24,12 +24,12 @@ saves T = drop(x) L^T ([M, n*r]) and never an [M, out] intermediate; dropout is 
 """
 from __future__ import annotations
 
-import os
 from typing import List, Optional, Tuple
 
 import torch
 
 from ..._env import forced_choice
+from ..._lazy import lazy_import, triton_interpreting
 from . import autoselect
 from .cpu import lowrank_linear_bwd_torch, lowrank_linear_fwd_torch
 from .reference import lowrank_linear_reference
@@ -47,19 +47,11 @@ _TRITON = {"module": None, "tried": False, "error": None}
 
 def _triton_ops():
     """Import the Triton launchers lazily; None when Triton is missing or broken (one clear reason is kept)."""
-    if not _TRITON["tried"]:
-        _TRITON["tried"] = True
-        try:
-            from . import triton_ops
-
-            _TRITON["module"] = triton_ops
-        except Exception as exc:  # ImportError, or a Triton too old for the kernels
-            _TRITON["error"] = f"{type(exc).__name__}: {exc}"
-    return _TRITON["module"]
+    return lazy_import(_TRITON, ".triton_ops", __package__)
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return triton_interpreting()
 
 
 def _triton_usable(device: torch.device) -> bool:
