@@ -143,9 +143,10 @@ def _plot(rows, path):
         ax.bar([x + 0.2 for x in xs], [r["asr_mean"] for r in sub], 0.4, yerr=[r["asr_std"] for r in sub],
                label="ASR", color="#d65f5f")
         ax.set_xticks(list(xs), labels, fontsize=7)
-        ax.set_ylim(0, 105)
+        ax.set_ylim(0, 119)
+        ax.set_ylabel("% (mean ± std over seeds)")
         ax.set_title(tag, fontsize=9)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper center", ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
