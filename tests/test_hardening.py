@@ -289,7 +289,7 @@ def stub_training(monkeypatch):
     calls = []
     state = dict(interrupt_at=None)
 
-    def fake(method, factory, tokenizer, splits, settings, *, output_dir=None, progress=True, log=print):
+    def fake(method, factory, tokenizer, splits, settings, *, output_dir=None, progress=True, log=print, on_step=None):
         calls.append(method)
         if state["interrupt_at"] == len(calls):
             raise KeyboardInterrupt
