@@ -13,24 +13,7 @@ from muscle_kernels.defense.corpus import build_corpus  # noqa: E402
 from muscle_kernels.defense.data import DataError, Sample  # noqa: E402
 from muscle_kernels.defense.train import (METHODS, Settings, Splits, evaluate, run_methods,  # noqa: E402
                                           split_reference, train_method)
-
-
-def tiny_tokenizer(tmp_path, texts):
-    words = sorted({w for t in texts for w in t.lower().replace(",", " ,").split()})
-    vocab = tmp_path / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ",", "."] + words) + "\n")
-    return transformers.BertTokenizerFast(vocab_file=str(vocab)), len(words) + 7
-
-
-def tiny_factory(vocab_size):
-    config = transformers.BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2,
-                                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
-                                     num_labels=2)
-
-    def factory():
-        return transformers.BertForSequenceClassification(config)
-
-    return factory
+from tiny_models import tiny_factory, tiny_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -13,26 +13,9 @@ from muscle_kernels.defense.attacks import BadNets, poison_test, poison_train
 from muscle_kernels.defense.corpus import build_corpus
 from muscle_kernels.defense.data import Sample
 from muscle_kernels.defense.train import Settings, Splits, train_method
+from tiny_models import tiny_factory, tiny_tokenizer
 
 transformers.logging.set_verbosity_error()
-
-
-def tiny_tokenizer(tmp_path, texts):
-    words = sorted({w for t in texts for w in t.lower().replace(",", " ,").split()})
-    vocab = tmp_path / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ",", "."] + words) + "\n")
-    return transformers.BertTokenizerFast(vocab_file=str(vocab)), len(words) + 7
-
-
-def tiny_factory(vocab_size):
-    config = transformers.BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=1,
-                                     num_attention_heads=2, intermediate_size=48, max_position_embeddings=64,
-                                     num_labels=2)
-
-    def factory():
-        return transformers.BertForSequenceClassification(config)
-
-    return factory
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +31,7 @@ def setup(tmp_path_factory):
     probes = {"clean": Probe.from_texts(tokenizer, [s.text for s in clean], [s.label for s in clean], batch_size=8),
               "poisoned": Probe.from_texts(tokenizer, [s.text for s in poisoned], [s.label for s in poisoned],
                                            batch_size=5)}
-    return tmp, splits, tokenizer, tiny_factory(vocab_size), probes
+    return tmp, splits, tokenizer, tiny_factory(vocab_size, layers=1, intermediate=48), probes
 
 
 def test_rows_match_a_direct_computation(setup, tmp_path):

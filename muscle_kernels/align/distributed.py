@@ -126,8 +126,8 @@ def _sharded_context(params: Sequence[torch.Tensor]) -> DistContext:
     mesh = g0.device_mesh
     world = dist.get_world_size()
     if mesh.size() != world:
-        raise NotImplementedError(f"params: the gradients' device mesh has {mesh.size()} ranks but the process group "
-                                  f"has {world}; alignment supports meshes over all ranks (FSDP2, HSDP)")
+        raise ValueError(f"params: the gradients' device mesh has {mesh.size()} ranks but the process group "
+                         f"has {world}; alignment supports meshes over all ranks (FSDP2, HSDP)")
     replicas = 1
     for i, p in enumerate(params):
         if p.grad.device_mesh != mesh:
@@ -136,8 +136,8 @@ def _sharded_context(params: Sequence[torch.Tensor]) -> DistContext:
         if isinstance(placement, Replicate):
             replicas *= mesh.size(dim)
         elif not isinstance(placement, Shard):
-            raise NotImplementedError(f"params[0]: gradient placement {placement} is not supported (expected Shard "
-                                      "or Replicate, as FSDP2/HSDP make)")
+            raise ValueError(f"params[0]: gradient placement {placement} is not supported (expected Shard "
+                             "or Replicate, as FSDP2/HSDP make)")
     for i, p in enumerate(params):
         if tuple(p.grad.placements) != tuple(g0.placements):
             raise ValueError(f"params[{i}]: gradient placements {p.grad.placements} differ from params[0]'s "
