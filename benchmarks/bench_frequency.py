@@ -59,15 +59,13 @@ def _child(args) -> dict:
 
 
 def _sm90():
-    import re
-    import tempfile
 
     import triton
     from triton.backends.compiler import GPUTarget
 
     sys.path.insert(0, ROOT)
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    from sm90_report import _ptxas
+    from sm90_report import ptxas_usage
 
     from muscle_kernels.analysis.frequency_triton import _lowpass_kernel, tile_config
 
@@ -92,17 +90,7 @@ def _sm90():
         backend = triton.compiler.make_backend(target)
         opts = backend.parse_options({"num_warps": warps, "num_stages": 2})
         ck = triton.compile(triton.compiler.ASTSource(fn, sig, const, attrs), target=target, options=opts.__dict__)
-        ptx = ck.asm["ptx"]
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "k.ptx")
-            with open(path, "w") as fh:
-                fh.write(ptx)
-            arch = re.search(r"\.target\s+(sm_\w+)", ptx).group(1)
-            out = subprocess.run([_ptxas(), "-v", f"--gpu-name={arch}", path, "-o", os.path.join(tmp, "k.cubin")],
-                                 capture_output=True, text=True, check=True).stderr
-        regs = int(re.search(r"Used (\d+) registers", out).group(1))
-        spills = int(re.search(r"(\d+) bytes spill stores", out).group(1)) + int(
-            re.search(r"(\d+) bytes spill loads", out).group(1))
+        regs, spills = ptxas_usage(ck.asm["ptx"])
         print(f"| {n_s} | {dt} | {bm}x{bn}x{bd} | {warps} | {regs} | {spills} | {ck.metadata.shared / 1024:.1f} |",
               flush=True)
 

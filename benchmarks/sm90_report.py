@@ -93,6 +93,21 @@ def _ptxas():
         return nv.get_ptxas().path
 
 
+def ptxas_usage(ptx: str):
+    """(registers, spill bytes stored + loaded) of one kernel's PTX, from `ptxas -v` for the PTX's own target."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        arch = re.search(r"\.target\s+(sm_\w+)", ptx).group(1)
+        out = subprocess.run([_ptxas(), "-v", f"--gpu-name={arch}", path, "-o", os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True, check=True).stderr
+    regs = int(re.search(r"Used (\d+) registers", out).group(1))
+    spills = int(re.search(r"(\d+) bytes spill stores", out).group(1)) + int(
+        re.search(r"(\d+) bytes spill loads", out).group(1))
+    return regs, spills
+
+
 def _compile_one(job):
     import triton
     from triton.backends.compiler import GPUTarget
@@ -125,16 +140,7 @@ def _compile_one(job):
     ck = triton.compile(src, target=target, options=options.__dict__)
     ptx = ck.asm["ptx"]
     i32 = loop_i32_offsets(ck.asm["ttir"])
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "k.ptx")
-        with open(path, "w") as f:
-            f.write(ptx)
-        arch = re.search(r"\.target\s+(sm_\w+)", ptx).group(1)
-        out = subprocess.run([_ptxas(), "-v", f"--gpu-name={arch}", path, "-o", os.path.join(tmp, "k.cubin")],
-                             capture_output=True, text=True, check=True).stderr
-    regs = int(re.search(r"Used (\d+) registers", out).group(1))
-    spills = int(re.search(r"(\d+) bytes spill stores", out).group(1)) + int(
-        re.search(r"(\d+) bytes spill loads", out).group(1))
+    regs, spills = ptxas_usage(ptx)
     blocks = "x".join(str(meta[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R") if k in meta)
     return dict(kernel=kname, variant=variant, dtype=dtype, blocks=blocks, warps=warps, stages=stages, registers=regs,
                 spills=spills, smem=int(ck.metadata.shared), wgmma="wgmma.mma_async" in ptx,
