@@ -140,8 +140,8 @@ def check_case(layer, x, p, seed=1234):
         base = _reference(x2, w, b, lo, ro, s, dy, mask, p)  # plain PyTorch in bf16: the error budget
         old, triton_ops._FORCE_FUSE_T = triton_ops._FORCE_FUSE_T, fuse
         try:
-            y, t = fwd(x2, w, b, lo, ro, s, p, seed)
-            dx, dl, dr = bwd(dy, x2, w, lo, ro, s, t, p, seed, True, True, True)
+            y, t, bits = fwd(x2, w, b, lo, ro, s, p, seed)
+            dx, dl, dr = bwd(dy, x2, w, lo, ro, s, t, p, seed, True, True, True, bits)
         finally:
             triton_ops._FORCE_FUSE_T = old
         for key, got in (("y", y), ("dx", dx), ("dL", dl), ("dR", dr)):

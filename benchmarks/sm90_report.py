@@ -4,7 +4,8 @@ No GPU needed: each (kernel, variant, dtype, config) is compiled with ``triton.c
 target=GPUTarget("cuda", 90, 32))`` with the specialisations the runtime would make for typical LLM shapes (unit
 strides as constants, pointers / N / K / leading strides divisible by 16), then the PTX goes through ``ptxas -v`` for
 registers and spills. Prints a table and exits non-zero when a shipped config spills, needs more than the H100's
-227 KiB of shared memory, or (fp16/bf16) does not use wgmma.
+227 KiB of shared memory, (fp16/bf16) does not use wgmma, computes a pointer offset in 32 bits inside a loop, or runs
+Philox anywhere but in the dropout-mask kernel.
 
     python benchmarks/sm90_report.py            # everything (a few minutes on 2 cores)
     python benchmarks/sm90_report.py --subset   # the largest config of each kernel/variant/dtype (what the test runs)
@@ -60,20 +61,24 @@ def _jobs(subset: bool):
                                                BLOCK_R=ops.T_CHUNK)),
         ]
         for name, unit, ce in variants:
-            cfgs = ops.fused_configs(elt, prec, ce["OUT_DROP"])
+            cfgs = ops.fused_configs(elt, prec, ce["BLOCK_R"] if ce["T_MODE"] == 0 else 0)
             for c in cfgs[:1] if subset else cfgs:
-                meta = dict(ce, UPCAST=False, PRECISION=prec, **c.kwargs)
+                # EVEN_K: LLM layers' K is a multiple of BLOCK_K (the masked loop compiles to the same tiles).
+                meta = dict(ce, UPCAST=False, PRECISION=prec, EVEN_K=True, **c.kwargs)
                 jobs.append(("fused", name, dtype, meta, unit, c.num_warps, c.num_stages))
         brs = (256,) if subset else (16, 64, 256)
         for br in brs:
             bm, bk, w, st = ops.shrink_config(br, elt)
-            meta = dict(HAS_DROP=True, ATOMIC=True, BLOCK_R=br, UPCAST=False, PRECISION=prec, BLOCK_M=bm, BLOCK_K=bk)
+            meta = dict(HAS_DROP=True, ATOMIC=True, EVEN_K=True, BLOCK_R=br, UPCAST=False, PRECISION=prec, BLOCK_M=bm,
+                        BLOCK_K=bk)
             jobs.append(("shrink", "drop+split", dtype, meta, ("stride_ak", "stride_tr"), w, st))
             bm, bn, bc, w, st = ops.reduce_config(br, elt, prec)
             meta = dict(HAS_DROP=False, ATOMIC=True, BLOCK_R=bc, UPCAST=False, PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn)
             jobs.append(("reduce", "dR split", dtype, meta, ("stride_an", "stride_gr", "stride_cr"), w, st))
             meta = dict(meta, HAS_DROP=True)
             jobs.append(("reduce", "dL drop+split", dtype, meta, ("stride_an", "stride_gr", "stride_cn"), w, st))
+    bm, bw, w = ops.BITS_CONFIG
+    jobs.append(("bits", "dropout mask", "bf16", dict(BLOCK_M=bm, BLOCK_W=bw), (), w, 1))
     return jobs
 
 
@@ -81,7 +86,7 @@ def _kernel(name):
     from muscle_kernels.ops.lowrank_linear import triton_bwd, triton_fwd
 
     return {"fused": triton_fwd._fused_lowrank_mm_kernel, "shrink": triton_fwd._shrink_kernel,
-            "reduce": triton_bwd._reduce_m_kernel}[name]
+            "reduce": triton_bwd._reduce_m_kernel, "bits": triton_fwd._dropout_bits_kernel}[name]
 
 
 def _ptxas():
@@ -116,13 +121,13 @@ def _compile_one(job):
     fn = _kernel(kname)
     tl_dt = _tl_dtype(dtype)
     fp32_ptrs = {"s_ptr", "t_ptr", "g_ptr"} | ({"c_ptr"} if kname == "reduce" else set())
-    floats = {"drop_p", "drop_scale"}
+    floats = {"p", "drop_scale"}
     signature, constexprs, attrs = {}, {}, {}
     for i, arg in enumerate(fn.arg_names):
         if arg in meta:
             signature[arg], constexprs[arg] = "constexpr", meta[arg]
         elif arg.endswith("_ptr"):
-            signature[arg] = "*fp32" if arg in fp32_ptrs else f"*{tl_dt}"
+            signature[arg] = "*i32" if arg == "bits_ptr" else "*fp32" if arg in fp32_ptrs else f"*{tl_dt}"
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif arg in floats:
             signature[arg] = "fp32"
@@ -131,7 +136,7 @@ def _compile_one(job):
         else:
             signature[arg] = "i32"
             # M (tokens) and the seed are arbitrary; sizes and leading strides of LLM layers are multiples of 16.
-            if arg.startswith("stride") or arg in ("N", "K", "k_per_split", "m_per_split"):
+            if arg.startswith("stride") or arg in ("N", "K", "W", "k_per_split", "m_per_split"):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     target = GPUTarget("cuda", 90, 32)
     backend = triton.compiler.make_backend(target)
@@ -141,10 +146,20 @@ def _compile_one(job):
     ptx = ck.asm["ptx"]
     i32 = loop_i32_offsets(ck.asm["ttir"])
     regs, spills = ptxas_usage(ptx)
-    blocks = "x".join(str(meta[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R") if k in meta)
+    blocks = "x".join(str(meta[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R", "BLOCK_W") if k in meta)
     return dict(kernel=kname, variant=variant, dtype=dtype, blocks=blocks, warps=warps, stages=stages, registers=regs,
                 spills=spills, smem=int(ck.metadata.shared), wgmma="wgmma.mma_async" in ptx,
-                loop_i32_offsets=i32)
+                loop_i32_offsets=i32, philox=philox_rounds(ptx))
+
+
+# Philox's round multiplier 0xD2511F53 as PTX writes the immediate (signed or unsigned 32-bit).
+_PHILOX_A = ("-766435501", "3528531795")
+
+
+def philox_rounds(ptx: str) -> int:
+    """PTX lines using Philox's round constant: non-zero where a kernel runs Philox (only the dropout-mask kernel
+    should; the others read the packed mask)."""
+    return sum(1 for line in ptx.splitlines() if any(c in line for c in _PHILOX_A))
 
 
 def loop_i32_offsets(ttir: str):
@@ -214,10 +229,14 @@ def failures(rows):
             bad.append(f"{tag}: spills {r['spills']} bytes")
         if r["smem"] > H100_SMEM:
             bad.append(f"{tag}: shared memory {r['smem']} > {H100_SMEM}")
-        if r["dtype"] in ("fp16", "bf16") and not r["wgmma"]:
+        if r["dtype"] in ("fp16", "bf16") and not r["wgmma"] and r["kernel"] != "bits":  # the mask kernel has no dot
             bad.append(f"{tag}: no wgmma")
         if r["loop_i32_offsets"]:
             bad.append(f"{tag}: 32-bit pointer offsets in a loop at {', '.join(r['loop_i32_offsets'])}")
+        if r["kernel"] == "bits" and not r["philox"]:
+            bad.append(f"{tag}: no Philox rounds in the dropout-mask kernel")
+        if r["kernel"] != "bits" and r["philox"]:
+            bad.append(f"{tag}: runs Philox (the dropout mask must be read from the packed mask, not regenerated)")
     return bad
 
 
@@ -239,12 +258,12 @@ def report_rows(subset: bool = False, workers: int = 2, progress: bool = True, d
 
 def format_table(rows):
     head = ("kernel", "variant", "dtype", "blocks (MxNxKxR)", "warps", "stages", "regs", "spills", "smem KiB", "wgmma",
-            "i32 loop offsets")
+            "i32 loop offsets", "philox")
     lines = [head]
     for r in rows:
         lines.append((r["kernel"], r["variant"], r["dtype"], r["blocks"], str(r["warps"]), str(r["stages"]),
                       str(r["registers"]), str(r["spills"]), f"{r['smem'] / 1024:.1f}", "yes" if r["wgmma"] else "no",
-                      str(len(r["loop_i32_offsets"]))))
+                      str(len(r["loop_i32_offsets"])), "yes" if r["philox"] else "no"))
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     fmt = lambda line: "| " + " | ".join(c.ljust(w) for c, w in zip(line, widths)) + " |"  # noqa: E731
     out = [fmt(lines[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]

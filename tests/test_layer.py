@@ -256,7 +256,8 @@ def test_opcheck_custom_ops():
     t = x @ L.detach().t()
     dy = torch.randn(5, 6)
     torch.library.opcheck(torch.ops.muscle_kernels.lowrank_linear_bwd.default,
-                          (dy, x, W, L.detach(), R.detach(), s, t, 0.0, None, "torch", True, True, False))
+                          (dy, x, W, L.detach(), R.detach(), s, t, torch.empty(0, dtype=torch.int32), 0.0, None,
+                           "torch", True, True, False))
 
 
 @pytest.mark.parametrize("mode,fullgraph", [("aot_eager", True), ("inductor", False)],

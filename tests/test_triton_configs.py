@@ -38,10 +38,10 @@ def _cases(dtypes):
     out = []
     for dtype in dtypes:
         name = str(dtype).replace("torch.", "")
-        for i, cfg in enumerate(triton_ops.fused_configs(2, "tf32", out_drop=False)):
+        for i, cfg in enumerate(triton_ops.fused_configs(2, "tf32")):
             for nr in (16, 64):
                 out.append(pytest.param(dtype, cfg, nr, 0.0, id=f"{name}-{i}-{_tag(cfg)}-nr{nr}"))
-        for i, cfg in enumerate(triton_ops.fused_configs(2, "tf32", out_drop=True)):
+            # The dropout epilogue (dx) with the mask saved by the forward.
             out.append(pytest.param(dtype, cfg, 16, 0.1, id=f"{name}-drop{i}-{_tag(cfg)}-nr16-p0.1"))
     return out
 
@@ -82,8 +82,9 @@ def _check_config(shape, dtype, cfg, nr, p):
     reduce = triton_ops.reduce_config(br, 2, "tf32", interpret=False)
     seed = 4321
     with triton_ops.force_configs(fused=cfg, shrink=shrink, reduce=reduce):
-        y, t = triton_ops.lowrank_linear_fwd_triton(x, w, b, lo, ro, s, p, seed)
-        dx, dl, dr = triton_ops.lowrank_linear_bwd_triton(dy, x, w, lo, ro, s, t, p, seed, True, True, True)
+        y, t, bits = triton_ops.lowrank_linear_fwd_triton(x, w, b, lo, ro, s, p, seed)
+        dx, dl, dr = triton_ops.lowrank_linear_bwd_triton(dy, x, w, lo, ro, s, t, p, seed, True, True, True,
+                                                          bits=bits)
     mask = triton_ops.dropout_mask_triton(x.shape, p, seed, DEVICE) if p > 0 else None
     f32 = [v.float() for v in (x, w, b, lo, ro, dy)]
     ref = _reference(*f32[:5], s, f32[5], mask, p)

@@ -66,7 +66,7 @@ def test_guard_is_taken_from_the_tensors_device(monkeypatch):
     monkeypatch.setattr(triton_ops, "_device_guard", recording_guard)
     monkeypatch.setattr(triton_ops, "_launch_fused", checked_launch)
     x, w, b, lo, ro, s, dy = _problem(DEVICE)
-    y, t = triton_ops.lowrank_linear_fwd_triton(x, w, b, lo, ro, s, 0.0, 0)
+    y, t, _ = triton_ops.lowrank_linear_fwd_triton(x, w, b, lo, ro, s, 0.0, 0)
     triton_ops.lowrank_linear_bwd_triton(dy, x, w, lo, ro, s, t, 0.0, 0, True, True, True)
     triton_ops.dropout_mask_triton((4, 8), 0.5, 1, DEVICE)
     assert seen == [x.device] * 3, f"guards entered for {seen}, expected x's device three times"

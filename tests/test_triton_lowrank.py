@@ -5,6 +5,7 @@ Every output buffer is NaN-filled before the launch (triton_ops._FILL_NAN) so an
 """
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -73,14 +74,14 @@ def _check_all(dtype, x, w, b, lo, ro, s, dy, p=0.0, seed=0, needs=(True, True, 
     ref_y, ref_dx, ref_dl, ref_dr = _reference(x, w, b, lo, ro, s, dy, mask, p)
     xc, wc, bc, lc, rc, dyc = _cast(dtype, x, w, b, lo, ro, dy)
     sc = s.to(device=DEVICE, dtype=scales_dtype)
-    y, t = triton_ops.lowrank_linear_fwd_triton(xc, wc, bc, lc, rc, sc, p, seed)
+    y, t, bits = triton_ops.lowrank_linear_fwd_triton(xc, wc, bc, lc, rc, sc, p, seed)
     assert y.dtype == dtype and t.dtype == torch.float32
-    dx, dl, dr = triton_ops.lowrank_linear_bwd_triton(dyc, xc, wc, lc, rc, sc, t, p, seed, *needs)
+    dx, dl, dr = triton_ops.lowrank_linear_bwd_triton(dyc, xc, wc, lc, rc, sc, t, p, seed, *needs, bits=bits)
 
     # Plain PyTorch in the same dtype (the torch path) sets the error budget for fp16/bf16.
     base = None
     if dtype != torch.float32 and p == 0.0:
-        by, bt = lowrank_linear_fwd_torch(*[v.cpu() if v is not None else None for v in (xc, wc, bc, lc, rc)],
+        by, bt, _ = lowrank_linear_fwd_torch(*[v.cpu() if v is not None else None for v in (xc, wc, bc, lc, rc)],
                                           s.float(), 0.0, 0)
         bdx, bdl, bdr = lowrank_linear_bwd_torch(dyc.cpu(), xc.cpu(), wc.cpu(), lc.cpu(), rc.cpu(), s.float(), bt,
                                                  0.0, 0, True, True, True)
@@ -139,23 +140,58 @@ def test_large_rank(nr):
     _check_all(torch.float32 if not ON_GPU else torch.bfloat16, *_problem(37, 48, 72, nr, True, seed=2))
 
 
+@pytest.mark.parametrize("k", [72, 96], ids=["k72", "k96"])  # 96: a multiple of BLOCK_K (EVEN_K)
 @pytest.mark.parametrize("split", [1, 3], ids=["split1", "split3"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-def test_dropout_matches_reference_with_the_kernel_mask(monkeypatch, dtype, split):
+def test_dropout_matches_reference_with_the_kernel_mask(monkeypatch, dtype, split, k):
     monkeypatch.setattr(triton_ops, "_FORCE_SPLIT", split)
-    x, w, b, lo, ro, s, dy = _problem(130, 72, 48, 16, True, seed=3)
+    x, w, b, lo, ro, s, dy = _problem(130, k, 48, 16, True, seed=3)
     # fp16/bf16 have no same-dtype PyTorch baseline with this mask: compare with dtype tolerances instead.
     mask = triton_ops.dropout_mask_triton(x.shape, 0.25, 99, DEVICE).cpu()
     ref_y, ref_dx, ref_dl, ref_dr = _reference(x, w, b, lo, ro, s, dy, mask, 0.25)
     xc, wc, bc, lc, rc, dyc = _cast(dtype, x, w, b, lo, ro, dy)
     sc = s.float().to(DEVICE)
-    y, t = triton_ops.lowrank_linear_fwd_triton(xc, wc, bc, lc, rc, sc, 0.25, 99)
-    dx, dl, dr = triton_ops.lowrank_linear_bwd_triton(dyc, xc, wc, lc, rc, sc, t, 0.25, 99, True, True, True)
+    y, t, bits = triton_ops.lowrank_linear_fwd_triton(xc, wc, bc, lc, rc, sc, 0.25, 99)
+    assert bits.dtype == torch.int32 and bits.shape == (130, 3), "bits: expected the packed mask [M, cdiv(in, 32)]"
+    assert torch.equal(triton_ops.unpack_bits(bits, k).cpu(), mask), "bits: the forward saved another mask"
+    dx, dl, dr = triton_ops.lowrank_linear_bwd_triton(dyc, xc, wc, lc, rc, sc, t, 0.25, 99, True, True, True,
+                                                      bits=bits)
     for name, ref, got in (("y", ref_y, y), ("dx", ref_dx, dx), ("dL", ref_dl, dl), ("dR", ref_dr, dr)):
         if dtype == torch.float32:
             assert_close(name, ref, got.cpu())
         else:
             assert_close(name, ref, got.cpu(), atol=4 * _atol(dtype, ref))
+    # Without the saved mask, backward regenerates the same one from the seed.
+    again = triton_ops.lowrank_linear_bwd_triton(dyc, xc, wc, lc, rc, sc, t, 0.25, 99, True, True, True)
+    for name, a, b in zip(("dx", "dL", "dR"), (dx, dl, dr), again):
+        assert torch.equal(a, b), f"{name}: backward with a regenerated mask differs from the saved one"
+
+
+def _philox_keep(seed, m, k, p):
+    """The kernels' keep-mask from its definition, in numpy: x[m, c] is kept iff
+    uniform(philox4x32-10(seed, (c // 4, m, 0, 0))[c % 4]) >= p (Salmon et al. 2011, Triton's constants)."""
+    u32 = np.uint32
+    rows, quads = np.meshgrid(np.arange(m, dtype=np.uint64), np.arange((k + 3) // 4, dtype=np.uint64), indexing="ij")
+    c = [quads.astype(u32), rows.astype(u32), np.zeros_like(rows, u32), np.zeros_like(rows, u32)]
+    k0, k1 = u32(seed & 0xFFFFFFFF), u32((seed >> 32) & 0xFFFFFFFF)
+    with np.errstate(over="ignore"):
+        for _ in range(10):
+            p0 = np.uint64(0xD2511F53) * c[0].astype(np.uint64)
+            p1 = np.uint64(0xCD9E8D57) * c[2].astype(np.uint64)
+            c = [(p1 >> np.uint64(32)).astype(u32) ^ c[1] ^ k0, p1.astype(u32),
+                 (p0 >> np.uint64(32)).astype(u32) ^ c[3] ^ k1, p0.astype(u32)]
+            k0, k1 = u32(k0 + u32(0x9E3779B9)), u32(k1 + u32(0xBB67AE85))
+    words = np.stack(c, axis=-1).reshape(m, -1)[:, :k]  # column c is output c % 4 of call c // 4
+    # tl.uint_to_uniform_float: the uint32 as int32, folded to non-negative, times 2^-31.
+    signed = words.view(np.int32).astype(np.int64)
+    signed = np.where(signed < 0, -signed - 1, signed)
+    return torch.from_numpy((signed.astype(np.float32) * np.float32(4.6566127342e-10)) >= np.float32(p))
+
+
+@pytest.mark.parametrize("shape", [(5, 32), (37, 72), (3, 100)], ids=str)
+def test_dropout_mask_follows_its_definition(shape):
+    got = triton_ops.dropout_mask_triton(shape, 0.3, 123456789, DEVICE).cpu()
+    assert torch.equal(got, _philox_keep(123456789, *shape, 0.3)), "mask: differs from uniform(philox(...)) >= p"
 
 
 def test_dropout_mask_is_a_dropout_mask():
@@ -170,6 +206,8 @@ def test_dropout_mask_is_a_dropout_mask():
     assert 0.65 < kept < 0.75, f"mask: kept fraction {kept:.3f}, expected about 0.7"
     # Rows and columns are independent streams: no two rows are identical.
     assert len({tuple(r.tolist()) for r in a.cpu()}) == shape[0], "mask: repeated rows"
+    # The four outputs of one Philox call are four different columns, not copies.
+    assert not torch.equal(a[:, 0::4], a[:, 1::4]), "mask: columns 4j and 4j+1 are equal"
     # Leading dimensions flatten into rows, exactly as the op flattens x.
     assert torch.equal(triton_ops.dropout_mask_triton((4, 16, 96), 0.3, 5, DEVICE).reshape(shape), a)
 
@@ -182,13 +220,24 @@ def test_partial_gradients(needs, p):
     _check_all(torch.float32, *_problem(37, 48, 72, 16, False, seed=4), p=p, seed=11, needs=needs)
 
 
+@pytest.mark.parametrize("nr,p", [(16, 0.0), (64, 0.0), (16, 0.2)], ids=["in-loop", "shrink", "dropout"])
+def test_k_a_multiple_of_block_k(nr, p):
+    # K = 96 takes the EVEN_K specialisation (no K masks) of the fused GEMM and the shrink; the other tests' K do not.
+    if not ON_GPU:
+        assert 96 % triton_ops._INTERPRETER_CONFIG.kwargs["BLOCK_K"] == 0
+        assert 96 % triton_ops.shrink_config(triton_ops.block_r(nr), 4)[1] == 0
+    _check_all(torch.float32, *_problem(37, 96, 72, nr, True, seed=12), p=p, seed=5)
+    if p == 0.0:  # bf16 under dropout, with K = 96 too: test_dropout_matches_reference_with_the_kernel_mask
+        _check_all(torch.bfloat16, *_problem(37, 96, 72, nr, True, seed=13))
+
+
 def test_scales_of_any_float_dtype():
     _check_all(torch.float32, *_problem(37, 48, 72, 4, True, seed=5), scales_dtype=torch.float64)
 
 
 def test_empty_batch():
     x, w, b, lo, ro, s, dy = _cast(torch.float32, *_problem(1, 48, 72, 4, True))
-    y, t = triton_ops.lowrank_linear_fwd_triton(x[:0], w, b, lo, ro, s, 0.0, 0)
+    y, t, _ = triton_ops.lowrank_linear_fwd_triton(x[:0], w, b, lo, ro, s, 0.0, 0)
     assert y.shape == (0, 72) and t.shape == (0, 4)
     dx, dl, dr = triton_ops.lowrank_linear_bwd_triton(dy[:0], x[:0], w, lo, ro, s, t, 0.0, 0, True, True, True)
     assert dx.shape == (0, 48)

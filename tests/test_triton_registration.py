@@ -21,8 +21,17 @@ def test_opcheck_triton_ops():
     torch.library.opcheck(torch.ops.muscle_kernels.lowrank_linear_fwd.default, (x, W, b, L, R, s, 0.0, None, "triton"))
     t = (x @ L.detach().t()).float()
     dy = torch.randn(7, 10, device=DEVICE)
+    no_bits = torch.empty(0, dtype=torch.int32, device=DEVICE)
     torch.library.opcheck(torch.ops.muscle_kernels.lowrank_linear_bwd.default,
-                          (dy, x, W, L.detach(), R.detach(), s, t, 0.0, None, "triton", True, True, True))
+                          (dy, x, W, L.detach(), R.detach(), s, t, no_bits, 0.0, None, "triton", True, True, True))
+    # With dropout the forward's third output is the packed mask, which backward takes back.
+    seed = torch.tensor([7])
+    fwd_args = (x, W, b, L, R, s, 0.3, seed, "triton")
+    torch.library.opcheck(torch.ops.muscle_kernels.lowrank_linear_fwd.default, fwd_args)
+    _, t, bits = (v.detach() for v in torch.ops.muscle_kernels.lowrank_linear_fwd.default(*fwd_args))
+    assert bits.shape == (7, 1) and bits.dtype == torch.int32
+    torch.library.opcheck(torch.ops.muscle_kernels.lowrank_linear_bwd.default,
+                          (dy, x, W, L.detach(), R.detach(), s, t, bits, 0.3, seed, "triton", True, True, True))
 
 
 def test_compiled_layer_with_triton_backend_matches_eager():

@@ -120,9 +120,9 @@ def runners_for(impls: Dict[str, Tuple[Callable, Callable]], args: tuple, backwa
 
     def make(fwd, bwd):
         def run():
-            y, t = fwd(x2, weight, bias, lora_L, lora_R, scales, p, seed)
+            y, t, bits = fwd(x2, weight, bias, lora_L, lora_R, scales, p, seed)
             if backward:
-                bwd(dy, x2, weight, lora_L, lora_R, scales, t, p, seed, *needs)
+                bwd(dy, x2, weight, lora_L, lora_R, scales, t, p, seed, *needs, bits)
             return y
         return run
 

@@ -40,15 +40,16 @@ def lowrank_linear_fwd_torch(
     scales: torch.Tensor,
     dropout_p: float,
     seed: int,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """x2: [M, in] -> (y [M, out], T [M, n*r]) with T = drop(x) L^T (unscaled, saved for backward)."""
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x2: [M, in] -> (y [M, out], T [M, n*r], bits) with T = drop(x) L^T (unscaled, saved for backward); `bits` is
+    empty: this path regenerates its mask from the seed (the Triton path saves a packed one)."""
     y = torch.addmm(bias, x2, weight.t()) if bias is not None else torch.mm(x2, weight.t())
     # The skinny GEMMs' speed on MKL/oneDNN depends on the layout of the small operand: L as a transposed view
     # (column-major) was fastest or equal at every shape measured.
     t = torch.mm(_dropped(x2, dropout_p, seed), lora_L.t())
     # In place: the expansion never materialises a second [M, out] tensor.
     y.addmm_(t * scales.to(t.dtype), lora_R.t())
-    return y, t
+    return y, t, x2.new_empty(0, dtype=torch.int32)
 
 
 def lowrank_linear_bwd_torch(
@@ -64,6 +65,7 @@ def lowrank_linear_bwd_torch(
     needs_dx: bool,
     needs_dL: bool,
     needs_dR: bool,
+    bits: Optional[torch.Tensor] = None,
 ):
     """docs/layer.md gradients: dx = dy W + drop'((G s) L), dR = dy^T (T s), dL = (G s)^T drop(x), G = dy R."""
     s = scales.to(dy2.dtype)

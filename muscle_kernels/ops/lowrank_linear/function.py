@@ -20,7 +20,8 @@ call costs several times more Python dispatch (benchmarks/RESULTS.md), which wou
 GPU. Under `torch.compile` the same forward/backward implementations are reached through two custom ops (forward and
 backward) with fake kernels and a registered autograd formula, so a compiled model that uses the layer traces without
 graph breaks; the dropout seed is then a tensor drawn inside the graph (no `.item()` in the traced code). Backward
-saves T = drop(x) L^T ([M, n*r]) and never an [M, out] intermediate; dropout is regenerated from the seed.
+saves T = drop(x) L^T ([M, n*r]) and never an [M, out] intermediate; dropout is regenerated from the seed (composed
+path) or read from the packed mask that the Triton forward saved (1 bit per element of x).
 """
 from __future__ import annotations
 
@@ -169,6 +170,13 @@ def _t_dtype(x: torch.Tensor, backend: str) -> torch.dtype:
     return torch.float32 if backend == "triton" else x.dtype
 
 
+def _bits_shape(x2: torch.Tensor, dropout_p: float, backend: str) -> tuple:
+    # The Triton forward's packed dropout mask: one bit per element of x, 32 per int32 word; empty otherwise.
+    if backend == "triton" and dropout_p > 0.0:
+        return (x2.shape[0], (x2.shape[1] + 31) // 32)
+    return (0,)
+
+
 @torch.library.custom_op("muscle_kernels::lowrank_linear_fwd", mutates_args=())
 def _fwd_op(
     x2: torch.Tensor,
@@ -180,7 +188,7 @@ def _fwd_op(
     dropout_p: float,
     seed: Optional[torch.Tensor],
     backend: str,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     fwd, _ = _impl(backend)
     return fwd(x2, weight, bias, lora_L, lora_R, scales, dropout_p, _seed_int(seed))
 
@@ -188,7 +196,8 @@ def _fwd_op(
 @_fwd_op.register_fake
 def _(x2, weight, bias, lora_L, lora_R, scales, dropout_p, seed, backend):
     m = x2.shape[0]
-    return x2.new_empty(m, weight.shape[0]), x2.new_empty(m, lora_L.shape[0], dtype=_t_dtype(x2, backend))
+    return (x2.new_empty(m, weight.shape[0]), x2.new_empty(m, lora_L.shape[0], dtype=_t_dtype(x2, backend)),
+            x2.new_empty(_bits_shape(x2, dropout_p, backend), dtype=torch.int32))
 
 
 @torch.library.custom_op("muscle_kernels::lowrank_linear_bwd", mutates_args=())
@@ -200,6 +209,7 @@ def _bwd_op(
     lora_R: torch.Tensor,
     scales: torch.Tensor,
     t: torch.Tensor,
+    bits: torch.Tensor,
     dropout_p: float,
     seed: Optional[torch.Tensor],
     backend: str,
@@ -209,14 +219,14 @@ def _bwd_op(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _, bwd = _impl(backend)
     dx, dL, dR = bwd(dy2, x2, weight, lora_L, lora_R, scales, t, dropout_p, _seed_int(seed), needs_dx, needs_dL,
-                     needs_dR)
+                     needs_dR, bits)
     # A custom op cannot return None: an empty tensor stands for "not needed".
     empty = x2.new_empty(0)
     return (dx if dx is not None else empty, dL if dL is not None else empty, dR if dR is not None else empty)
 
 
 @_bwd_op.register_fake
-def _(dy2, x2, weight, lora_L, lora_R, scales, t, dropout_p, seed, backend, needs_dx, needs_dL, needs_dR):
+def _(dy2, x2, weight, lora_L, lora_R, scales, t, bits, dropout_p, seed, backend, needs_dx, needs_dL, needs_dR):
     empty = x2.new_empty(0)
     return (
         x2.new_empty(x2.shape) if needs_dx else empty,
@@ -227,18 +237,18 @@ def _(dy2, x2, weight, lora_L, lora_R, scales, t, dropout_p, seed, backend, need
 
 def _setup_context(ctx, inputs, output):
     x2, weight, bias, lora_L, lora_R, scales, dropout_p, seed, backend = inputs
-    _, t = output
-    ctx.save_for_backward(x2, weight, lora_L, lora_R, scales, t, seed)
+    _, t, bits = output
+    ctx.save_for_backward(x2, weight, lora_L, lora_R, scales, t, bits, seed)
     ctx.dropout_p, ctx.backend = dropout_p, backend
     ctx.has_bias = bias is not None
 
 
-def _backward(ctx, dy2, _dt):
-    x2, weight, lora_L, lora_R, scales, t, seed = ctx.saved_tensors
+def _backward(ctx, dy2, _dt, _dbits):
+    x2, weight, lora_L, lora_R, scales, t, bits, seed = ctx.saved_tensors
     need = ctx.needs_input_grad
     dy2 = dy2.contiguous()
     dx, dL, dR = _bwd_op(
-        dy2, x2, weight, lora_L, lora_R, scales, t, ctx.dropout_p, seed, ctx.backend, need[0], need[3], need[4]
+        dy2, x2, weight, lora_L, lora_R, scales, t, bits, ctx.dropout_p, seed, ctx.backend, need[0], need[3], need[4]
     )
     # The base is frozen in MuScleLoRA, but a user who unfreezes it must not get a silently missing gradient.
     dW = dy2.t().mm(x2) if need[1] else None
@@ -256,20 +266,20 @@ class _LowRankLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2, weight, bias, lora_L, lora_R, scales, dropout_p, seed, backend):
         fwd, _ = _impl(backend)
-        y, t = fwd(x2, weight, bias, lora_L, lora_R, scales, dropout_p, seed)
-        ctx.save_for_backward(x2, weight, lora_L, lora_R, scales, t)
+        y, t, bits = fwd(x2, weight, bias, lora_L, lora_R, scales, dropout_p, seed)
+        ctx.save_for_backward(x2, weight, lora_L, lora_R, scales, t, bits)
         ctx.dropout_p, ctx.seed, ctx.backend, ctx.has_bias = dropout_p, seed, backend, bias is not None
-        ctx.mark_non_differentiable(t)
-        return y, t
+        ctx.mark_non_differentiable(t, bits)
+        return y, t, bits
 
     @staticmethod
-    def backward(ctx, dy2, _dt):
-        x2, weight, lora_L, lora_R, scales, t = ctx.saved_tensors
+    def backward(ctx, dy2, _dt, _dbits):
+        x2, weight, lora_L, lora_R, scales, t, bits = ctx.saved_tensors
         need = ctx.needs_input_grad
         dy2 = dy2.contiguous()
         _, bwd = _impl(ctx.backend)
         dx, dL, dR = bwd(dy2, x2, weight, lora_L, lora_R, scales, t, ctx.dropout_p, ctx.seed, need[0],
-                         need[3], need[4])
+                         need[3], need[4], bits)
         dW = dy2.t().mm(x2) if need[1] else None
         db = dy2.sum(0) if (ctx.has_bias and need[2]) else None
         return dx, dW, db, dL, dR, None, None, None, None
@@ -332,7 +342,7 @@ def muscle_lora_linear(
         name = _choose(tuple(args[:7]) + (0 if compiling else seed,), needs,
                        any(needs) or (grad and weight.requires_grad))
     if compiling:
-        y2, _ = _fwd_op(*args, name)
+        y2, _, _ = _fwd_op(*args, name)
     else:
-        y2, _ = _LowRankLinearFunction.apply(*args, name)
+        y2, _, _ = _LowRankLinearFunction.apply(*args, name)
     return y2.reshape(*lead, weight.shape[0])

@@ -14,14 +14,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_fwd import _keep_mask, _write_partial
+from .triton_fwd import _kept, _write_partial
 
 
 @triton.jit
 def _reduce_m_kernel(
-    a_ptr, g_ptr, s_ptr, c_ptr,
-    M, N, NR, m_per_split, seed, drop_p, drop_scale,
-    stride_am, stride_an, stride_gm, stride_gr, stride_cn, stride_cr,
+    a_ptr, g_ptr, s_ptr, c_ptr, bits_ptr,
+    M, N, NR, m_per_split, drop_scale,
+    stride_am, stride_an, stride_gm, stride_gr, stride_cn, stride_cr, stride_bits,
     HAS_DROP: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_R: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -45,7 +45,8 @@ def _reduce_m_kernel(
         # A^T tile loaded directly as [BLOCK_N, BLOCK_M]; rows past the slice read as zero.
         a_t = tl.load(a_ptr + rm64[None, :] * stride_am + rn_safe[:, None] * stride_an, mask=m_ok[None, :], other=0.0)
         if HAS_DROP:
-            a_t = tl.where(_keep_mask(seed, rm[None, :], rn[:, None], drop_p), a_t, 0.0).to(a_t.dtype)
+            keep = _kept(bits_ptr, stride_bits, rm % M, pid_n * BLOCK_N, tl.cdiv(N, 32), BLOCK_M, BLOCK_N, 0)
+            a_t = tl.where(keep, a_t, 0.0).to(a_t.dtype)
         g = tl.load(g_ptr + rm64[:, None] * stride_gm + rr64[None, :] * stride_gr, mask=m_ok[:, None] & r_ok[None, :],
                     other=0.0)
         if UPCAST:

@@ -11,10 +11,13 @@ Design (docs/layer.md, M = all leading dims flattened, R = n*r padded to BLOCK_R
   T_MODE 1: the small product was computed by `_shrink_kernel` (one extra read of A, ~ FLOPS / (N * bandwidth) of
   the GEMM, i.e. 2-6% on an H100); the tile loads it and seeds its accumulator with ``(T * s) Q^T`` before the K loop
   (masked by dropout first in backward, so one [BLOCK_M, BLOCK_N] accumulator is ever live). Used for large R and
-  whenever dropout is on, because regenerating the mask once per N tile would cost ~40 integer ops per element.
-- Dropout keeps element (m, c) of x iff ``uniform(philox(seed, c, m)) >= p``: a pure function of the seed and the
-  coordinates, whatever the tiling, so backward regenerates it and no [M, in] mask is ever stored. The 1 / (1 - p)
-  factor is applied to fp32 accumulators, never to low-precision operands.
+  whenever dropout is on, because the in-loop product would have to mask the A tile again in every N tile.
+- Dropout keeps element (m, c) of x iff ``uniform(philox(seed, (c // 4, m, 0, 0))[c % 4]) >= p``: a pure function of
+  the seed and the coordinates, whatever the tiling, with one Philox call for four adjacent columns.
+  `_dropout_bits_kernel` evaluates it once per forward into a packed mask (bit c % 32 of int32 word (m, c // 32),
+  1/16 of x's size in bf16), which the shrink, the backward dx epilogue and the dL reduction read back with one load
+  and a shift per element instead of running Philox's ten rounds three times. No unpacked [M, in] mask is ever stored. The
+  1 / (1 - p) factor is applied to fp32 accumulators, never to low-precision operands.
 - fp32 accumulation everywhere. Under the Triton interpreter tl.dot on bf16 multiplies raw bits, so UPCAST (set
   when interpreting) casts every dot operand to fp32.
 """
@@ -25,13 +28,48 @@ import triton.language as tl
 
 
 @triton.jit
-def _keep_mask(seed, rows, cols, p):
-    """Dropout keep-mask for x[rows, cols]; rows and cols are broadcastable 2-D index blocks."""
-    c0 = (cols + rows * 0).to(tl.uint32)
-    c1 = (rows + cols * 0).to(tl.uint32)
-    zero = c0 * 0
-    r0, _, _, _ = tl.philox(seed, c0, c1, zero, zero)
-    return tl.uint_to_uniform_float(r0) >= p
+def _dropout_bits_kernel(bits_ptr, M, W, stride_bm, seed, p, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr):
+    """The packed dropout keep-mask of an [M, K] input: bit b of int32 word (m, w) keeps x[m, 32 w + b]; W = cdiv(K, 32).
+
+    Word (m, w) takes 8 Philox calls, counters (8 w + j, m) for j < 8, whose 4 outputs are columns 32 w + 4 j + i."""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rw = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+    c1 = (rm[:, None] + rw[None, :] * 0).to(tl.uint32)
+    zero = c1 * 0
+    word = zero
+    # A loop, not unrolled: eight Philox calls in flight at once would need 8x the registers (and spilled).
+    for j in range(8):
+        c0 = (rw[None, :] * 8 + j + rm[:, None] * 0).to(tl.uint32)
+        r0, r1, r2, r3 = tl.philox(seed, c0, c1, zero, zero)
+        word |= (tl.uint_to_uniform_float(r0) >= p).to(tl.uint32) << (4 * j)
+        word |= (tl.uint_to_uniform_float(r1) >= p).to(tl.uint32) << (4 * j + 1)
+        word |= (tl.uint_to_uniform_float(r2) >= p).to(tl.uint32) << (4 * j + 2)
+        word |= (tl.uint_to_uniform_float(r3) >= p).to(tl.uint32) << (4 * j + 3)
+    ok = (rm[:, None] < M) & (rw[None, :] < W)
+    out = bits_ptr + rm.to(tl.int64)[:, None] * stride_bm + rw.to(tl.int64)[None, :]
+    tl.store(out, word.to(tl.int32, bitcast=True), mask=ok)
+
+
+@triton.jit
+def _kept(bits_ptr, stride_bm, rows, col0, W, ROWS: tl.constexpr, COLS: tl.constexpr, COLS_AXIS: tl.constexpr):
+    """Keep-mask of x[rows, col0 : col0 + COLS] from the packed mask, as a [ROWS, COLS] block (COLS_AXIS 1) or its
+    transpose [COLS, ROWS] (COLS_AXIS 0). rows: [ROWS] valid row indices; col0 and COLS are multiples of 32.
+
+    The COLS / 32 words of each row are loaded once and broadcast over their 32 columns in registers: loading a word
+    per element instead needs a 64-bit address per element, which spilled in the dL reduction at sm_90."""
+    tl.static_assert(COLS % 32 == 0, "the mask is read in whole words of 32 columns")
+    NW: tl.constexpr = COLS // 32
+    wi = col0 // 32 + tl.arange(0, NW)
+    shift = tl.arange(0, COLS) & 31
+    rows64 = rows.to(tl.int64)
+    if COLS_AXIS == 1:
+        words = tl.load(bits_ptr + rows64[:, None] * stride_bm + wi[None, :], mask=(wi < W)[None, :], other=0)
+        full = tl.reshape(tl.broadcast_to(words[:, :, None], (ROWS, NW, 32)), (ROWS, COLS))
+        return ((full >> shift[None, :]) & 1) != 0
+    else:
+        words = tl.load(bits_ptr + rows64[None, :] * stride_bm + wi[:, None], mask=(wi < W)[:, None], other=0)
+        full = tl.reshape(tl.broadcast_to(words[:, None, :], (NW, 32, ROWS)), (COLS, ROWS))
+        return ((full >> shift[:, None]) & 1) != 0
 
 
 @triton.jit
@@ -44,23 +82,13 @@ def _write_partial(ptr, acc, mask, ATOMIC: tl.constexpr):
 
 
 @triton.jit
-def _dropout_mask_kernel(out_ptr, M, K, seed, p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Writes the keep-mask (uint8) of an [M, K] input; only for tests and debugging."""
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    keep = _keep_mask(seed, rm[:, None], rk[None, :], p)
-    ok = (rm[:, None] < M) & (rk[None, :] < K)
-    tl.store(out_ptr + rm[:, None].to(tl.int64) * K + rk[None, :].to(tl.int64), keep.to(tl.uint8), mask=ok)
-
-
-@triton.jit
 def _fused_lowrank_mm_kernel(
     a_ptr, b_ptr, p_ptr, q_ptr, s_ptr, bias_ptr, t_ptr, c_ptr,
-    M, N, K, NR, m_bucket, seed, drop_p, drop_scale,
+    bits_ptr, M, N, K, NR, m_bucket, drop_scale,
     stride_am, stride_ak, stride_bk, stride_bn, stride_pr, stride_pk, stride_qn, stride_qr,
-    stride_tm, stride_tr, stride_cm, stride_cn,
+    stride_tm, stride_tr, stride_cm, stride_cn, stride_bits,
     HAS_BIAS: tl.constexpr, T_MODE: tl.constexpr, STORE_T: tl.constexpr, OUT_DROP: tl.constexpr,
-    BLOCK_R: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Grouped launch order: GROUP_M row tiles share each column tile of B while it is hot in L2.
@@ -104,7 +132,7 @@ def _fused_lowrank_mm_kernel(
             acc = tl.dot((t * sc[None, :]).to(q.dtype), q, acc, input_precision=PRECISION)
         if OUT_DROP:
             # Backward through dropout: only the adapter's part of dx is masked (docs/layer.md: dx = dy W + drop'(...)).
-            keep = _keep_mask(seed, rm[:, None], rn[None, :], drop_p)
+            keep = _kept(bits_ptr, stride_bits, rm_safe, pid_n * BLOCK_N, tl.cdiv(N, 32), BLOCK_M, BLOCK_N, 1)
             acc = tl.where(keep, acc * drop_scale, 0.0)
     else:
         tl.static_assert(not OUT_DROP, "OUT_DROP needs T_MODE 1 (the masked part must come before the base GEMM)")
@@ -118,16 +146,23 @@ def _fused_lowrank_mm_kernel(
         p_cols = p_ptr + rr64[None, :] * stride_pr
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
-        k_ok = kk < K
         kk64 = kk.to(tl.int64)
-        a = tl.load(a_rows + kk64[None, :] * stride_ak, mask=k_ok[None, :], other=0.0)
-        b = tl.load(b_cols + kk64[:, None] * stride_bk, mask=k_ok[:, None], other=0.0)
+        if EVEN_K:
+            a = tl.load(a_rows + kk64[None, :] * stride_ak)
+            b = tl.load(b_cols + kk64[:, None] * stride_bk)
+        else:
+            k_ok = kk < K
+            a = tl.load(a_rows + kk64[None, :] * stride_ak, mask=k_ok[None, :], other=0.0)
+            b = tl.load(b_cols + kk64[:, None] * stride_bk, mask=k_ok[:, None], other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
         if T_MODE == 0:
-            pt = tl.load(p_cols + kk64[:, None] * stride_pk, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+            if EVEN_K:
+                pt = tl.load(p_cols + kk64[:, None] * stride_pk, mask=r_ok[None, :], other=0.0)
+            else:
+                pt = tl.load(p_cols + kk64[:, None] * stride_pk, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
             if UPCAST:
                 pt = pt.to(tl.float32)
             t_acc = tl.dot(a, pt, t_acc, input_precision=PRECISION)
@@ -150,13 +185,14 @@ def _fused_lowrank_mm_kernel(
 
 @triton.jit
 def _shrink_kernel(
-    a_ptr, p_ptr, t_ptr,
-    M, K, NR, k_per_split, seed, drop_p, drop_scale,
-    stride_am, stride_ak, stride_pr, stride_pk, stride_tm, stride_tr,
-    HAS_DROP: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_R: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    a_ptr, p_ptr, t_ptr, bits_ptr,
+    M, K, NR, k_per_split, drop_scale,
+    stride_am, stride_ak, stride_pr, stride_pk, stride_tm, stride_tr, stride_bits,
+    HAS_DROP: tl.constexpr, ATOMIC: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """T[M, NR] (fp32) = drop(A)[M, K] @ P[NR, K]^T. Split over K (ATOMIC adds into a zeroed T) when M is short."""
+    """T[M, NR] (fp32) = drop(A)[M, K] @ P[NR, K]^T. Split over K (ATOMIC adds into a zeroed T) when M is short.
+    EVEN_K: K is a multiple of BLOCK_K (so is every slice), and the loads need no K mask."""
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -173,14 +209,19 @@ def _shrink_kernel(
     p_cols = p_ptr + rr64[None, :] * stride_pr
     for k0 in range(k_start, k_end, BLOCK_K):
         kk = k0 + rk
-        k_ok = kk < k_end
         # int64 before the stride: k * stride_pk reaches 2^31 for long K. (Pointer tensors carried around this loop, as
         # in the fused GEMM, would cost a [BLOCK_K, BLOCK_R] block of 64-bit registers: 12 bytes of spills at sm_90.)
         kk64 = kk.to(tl.int64)
-        a = tl.load(a_rows + kk64[None, :] * stride_ak, mask=k_ok[None, :], other=0.0)
+        if EVEN_K:
+            a = tl.load(a_rows + kk64[None, :] * stride_ak)
+            pt = tl.load(p_cols + kk64[:, None] * stride_pk, mask=r_ok[None, :], other=0.0)
+        else:
+            k_ok = kk < k_end
+            a = tl.load(a_rows + kk64[None, :] * stride_ak, mask=k_ok[None, :], other=0.0)
+            pt = tl.load(p_cols + kk64[:, None] * stride_pk, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
         if HAS_DROP:
-            a = tl.where(_keep_mask(seed, rm[:, None], kk[None, :], drop_p), a, 0.0).to(a.dtype)
-        pt = tl.load(p_cols + kk64[:, None] * stride_pk, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+            a = tl.where(_kept(bits_ptr, stride_bits, rm_safe, k0, tl.cdiv(K, 32), BLOCK_M, BLOCK_K, 1), a,
+                         0.0).to(a.dtype)
         if UPCAST:
             a = a.to(tl.float32)
             pt = pt.to(tl.float32)

@@ -1,15 +1,17 @@
 """Launchers of the Triton kernels of the multi-scale low-rank linear op (the "triton" backend of function.py).
 
-    lowrank_linear_fwd_triton(x2, weight, bias, lora_L, lora_R, scales, dropout_p, seed) -> (y [M, out], T [M, n*r] fp32)
+    lowrank_linear_fwd_triton(x2, weight, bias, lora_L, lora_R, scales, dropout_p, seed)
+        -> (y [M, out], T [M, n*r] fp32, bits: the packed dropout mask [M, cdiv(in, 32)] int32, or empty without dropout)
     lowrank_linear_bwd_triton(dy2, x2, weight, lora_L, lora_R, scales, t, dropout_p, seed,
-                              needs_dx, needs_dL, needs_dR) -> (dx | None, dL | None, dR | None)
-    dropout_mask_triton(shape, p, seed, device) -> bool keep-mask that the kernels regenerate in-kernel
+                              needs_dx, needs_dL, needs_dR, bits=None) -> (dx | None, dL | None, dR | None)
+    dropout_mask_triton(shape, p, seed, device) -> the bool keep-mask that the kernels apply (unpacked)
 
 Inputs arrive 2-D and contiguous (function.py flattens and copies at most once); x, weight, bias, L and R share one
 dtype among fp32 / fp16 / bf16, scales is any float [n*r]. Launch plan (kernels in triton_fwd.py / triton_bwd.py):
 
     forward   small n*r, no dropout:  fused GEMM, T accumulated in its K loop               (1 launch)
               otherwise:               shrink T = drop(x) L^T, then fused GEMM loading T     (2 launches)
+              dropout:                 the packed keep-mask first, saved for backward        (+1 launch)
     backward  dx (+ G for dL):         fused GEMM dx = dy W + ((dy R) s) L, same two modes   (1-2 launches)
               dR = dy^T (T s), dL = (G s)^T drop(x): M-reductions                           (1 launch each)
 
@@ -27,10 +29,10 @@ import torch
 import triton
 
 from .triton_bwd import _reduce_m_kernel
-from .triton_fwd import _dropout_mask_kernel, _fused_lowrank_mm_kernel, _shrink_kernel
+from .triton_fwd import _dropout_bits_kernel, _fused_lowrank_mm_kernel, _shrink_kernel
 
 __all__ = [
-    "lowrank_linear_fwd_triton", "lowrank_linear_bwd_triton", "dropout_mask_triton",
+    "lowrank_linear_fwd_triton", "lowrank_linear_bwd_triton", "dropout_mask_triton", "unpack_bits",
     "fused_configs", "shrink_config", "reduce_config", "block_r", "force_configs", "tf32_allowed", "FUSE_T_MAX_R",
     "T_CHUNK",
 ]
@@ -54,6 +56,8 @@ FUSE_T_MAX_R = 32
 # Chunk of n*r per tl.dot when the GEMM loads a precomputed T (T_MODE 1): 64 spills at 128x256 on sm_90.
 T_CHUNK = 32
 H100_SMEM = 227 * 1024
+# (BLOCK_M, BLOCK_W, warps) of the dropout-mask kernel: 2048 words (65536 mask bits) per program.
+BITS_CONFIG = (64, 32, 4)
 
 
 def block_r(nr: int) -> int:
@@ -67,7 +71,8 @@ def block_r(nr: int) -> int:
 # 128 bytes (one swizzled shared-memory row): 64 for fp16/bf16, 32 for fp32.
 # ----------------------------------------------------------------------------------------------------------------
 _FUSED_SHAPES = [
-    # BLOCK_M, BLOCK_N, warps, stages
+    # BLOCK_M, BLOCK_N, warps, stages. The same tiles serve the dropout epilogue, which only reads the packed mask.
+    (128, 256, 8, 4),  # the deeper pipeline where shared memory allows (autotune keeps whichever is faster)
     (128, 256, 8, 3),
     (128, 128, 8, 4),  # 128x128 with 4 warps spilled 184 bytes in the T-loaded prologue at sm_90
     (64, 128, 4, 4),
@@ -80,29 +85,17 @@ _FUSED_SHAPES_IEEE = [
     (128, 64, 8, 3),
     (64, 128, 8, 3),
 ]
-# Backward through dropout regenerates the mask of the whole output tile in the epilogue (4 Philox words per element):
-# 128x256 spills 15 KB per thread and 128x64 with 4 warps 152 bytes at sm_90, these do not.
-_FUSED_SHAPES_DROP = [
-    (128, 128, 8, 4),
-    (64, 128, 4, 4),
-    (64, 64, 4, 4),
-]
-
-
 def _fused_smem(bm, bn, bk, br, stages, elt):
+    # One pipeline stage holds an A, a B and (T accumulated in the loop only) a P tile.
     return stages * (bm * bk + bk * bn + bk * br) * elt
 
 
-def fused_configs(elt_size: int, precision: str = "tf32", out_drop: bool = False, br: int = FUSE_T_MAX_R,
-                  smem_limit: int = H100_SMEM):
-    """The shipped configs of the fused GEMM for an element size (bytes), tl.dot precision and dropout epilogue,
-    fitted to shared memory."""
+def fused_configs(elt_size: int, precision: str = "tf32", br: int = FUSE_T_MAX_R, smem_limit: int = H100_SMEM):
+    """The shipped configs of the fused GEMM for an element size (bytes) and tl.dot precision, fitted to shared
+    memory. br: the P tile's width in the K loop (0 when T is loaded, T_MODE 1)."""
     bk = 128 // elt_size
     out = []
-    if elt_size == 4 and precision == "ieee":
-        shapes = _FUSED_SHAPES_IEEE
-    else:
-        shapes = _FUSED_SHAPES_DROP if out_drop else _FUSED_SHAPES
+    shapes = _FUSED_SHAPES_IEEE if elt_size == 4 and precision == "ieee" else _FUSED_SHAPES
     for bm, bn, w, st in shapes:
         while st > 2 and _fused_smem(bm, bn, bk, br, st, elt_size) > smem_limit:
             st -= 1
@@ -121,9 +114,8 @@ def _all_fused_configs():
         # The interpreter cannot benchmark several configs (and would take minutes): one small config.
         return [_INTERPRETER_CONFIG]
     seen, out = set(), []
-    for elt, prec, drop in ((2, "tf32", False), (4, "tf32", False), (4, "ieee", False), (2, "tf32", True),
-                            (4, "tf32", True)):
-        for c in fused_configs(elt, prec, drop):
+    for elt, prec in ((2, "tf32"), (4, "tf32"), (4, "ieee")):
+        for c in fused_configs(elt, prec):
             key = (tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages)
             if key not in seen:
                 seen.add(key)
@@ -135,19 +127,22 @@ def _prune_fused(configs, named_args, **kwargs):
     if _INTERPRET:
         return configs
     elt = named_args["a_ptr"].element_size()
+    br = kwargs["BLOCK_R"] if kwargs["T_MODE"] == 0 else 0
     keep = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
-            for c in fused_configs(elt, kwargs["PRECISION"], kwargs["OUT_DROP"])}
+            for c in fused_configs(elt, kwargs["PRECISION"], br)}
     return [c for c in configs
             if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) in keep]
 
 
 # Autotuned per (M bucket, N, K, n*r, mode, B's layout, dtypes): a new token count within a power-of-two bucket
 # reuses the tuned config instead of re-tuning.
+# EVEN_K (K a multiple of BLOCK_K, as in every LLM layer) drops the K masks from the main loop's loads.
+_fused_even = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(_fused_lowrank_mm_kernel)
 _fused_tuned = triton.autotune(
     configs=_all_fused_configs(),
     key=["m_bucket", "N", "K", "NR", "T_MODE", "OUT_DROP", "stride_bk", "PRECISION"],
     prune_configs_by={"early_config_prune": _prune_fused},
-)(_fused_lowrank_mm_kernel)
+)(_fused_even)
 
 
 def shrink_config(br: int, elt_size: int, interpret: Optional[bool] = None):
@@ -258,6 +253,30 @@ def _fuse_t(nr: int, dropout_p: float) -> bool:
     return True if _FORCE_FUSE_T is None else _FORCE_FUSE_T
 
 
+def _no_bits(device):
+    # Stands in for the mask pointer when there is no dropout (never read: HAS_DROP / OUT_DROP are off).
+    return torch.empty((1, 1), dtype=torch.int32, device=device)
+
+
+def _dropout_bits(m: int, k: int, p: float, seed: int, device) -> torch.Tensor:
+    """The packed keep-mask [m, cdiv(k, 32)] int32 of an [m, k] input (triton_fwd.py: `_dropout_bits_kernel`)."""
+    w = triton.cdiv(k, 32)
+    bits = _alloc((m, w), torch.int32, device) if not _FILL_NAN else torch.full((m, w), -1, dtype=torch.int32,
+                                                                                    device=device)
+    if m and w:
+        bm, bw, warps = (32, 16, 4) if _INTERPRET else BITS_CONFIG
+        _dropout_bits_kernel[(triton.cdiv(m, bm), triton.cdiv(w, bw))](bits, m, w, bits.stride(0), int(seed), float(p),
+                                                                       BLOCK_M=bm, BLOCK_W=bw, num_warps=warps)
+    return bits
+
+
+def _check_bits(bits, m, k):
+    want = (m, triton.cdiv(k, 32))
+    if bits.dtype != torch.int32 or tuple(bits.shape) != want or bits.stride(1) != 1:
+        raise ValueError(f"bits: expected the forward's packed dropout mask, int32 {want} with unit column stride, "
+                         f"got {bits.dtype} {tuple(bits.shape)}")
+
+
 def _check_dtypes(x2, **others):
     if x2.dtype not in _DTYPES:
         raise TypeError(f"x: the triton backend supports float32, float16 and bfloat16, got {x2.dtype}")
@@ -266,8 +285,8 @@ def _check_dtypes(x2, **others):
             raise TypeError(f"{name}: expected dtype {x2.dtype} (the dtype of x), got {t.dtype}")
 
 
-def _launch_shrink(a, p, t, rows_stride_p, k_stride_p, dropout_p, seed):
-    """t[M, NR] (fp32) = drop(a) @ P^T where P[r, k] = p[r * rows_stride_p + k * k_stride_p]."""
+def _launch_shrink(a, p, t, rows_stride_p, k_stride_p, dropout_p, bits):
+    """t[M, NR] (fp32) = drop(a) @ P^T where P[r, k] = p[r * rows_stride_p + k * k_stride_p]; drop from `bits`."""
     m, k = a.shape
     nr = t.shape[1]
     br = block_r(nr)
@@ -280,16 +299,17 @@ def _launch_shrink(a, p, t, rows_stride_p, k_stride_p, dropout_p, seed):
         t.zero_()
     if k == 0:
         return
+    bits = _no_bits(a.device) if bits is None else bits
     _shrink_kernel[(m_tiles, split)](
-        a, p, t, m, k, nr, k_per_split, seed, dropout_p, 1.0 / (1.0 - dropout_p),
-        a.stride(0), a.stride(1), rows_stride_p, k_stride_p, t.stride(0), t.stride(1),
-        HAS_DROP=dropout_p > 0.0, ATOMIC=split > 1, BLOCK_R=br, UPCAST=_INTERPRET,
+        a, p, t, bits, m, k, nr, k_per_split, 1.0 / (1.0 - dropout_p),
+        a.stride(0), a.stride(1), rows_stride_p, k_stride_p, t.stride(0), t.stride(1), bits.stride(0),
+        HAS_DROP=dropout_p > 0.0, ATOMIC=split > 1, EVEN_K=k % bk == 0, BLOCK_R=br, UPCAST=_INTERPRET,
         PRECISION=_precision(a.dtype), BLOCK_M=bm, BLOCK_K=bk, num_warps=warps, num_stages=stages,
     )
 
 
-def _launch_reduce(a, g, s, c, c_strides, dropout_p, seed):
-    """c[N, NR] (fp32, strides c_strides) = drop(a)^T (g * s), a: [M, N], g: [M, NR] fp32."""
+def _launch_reduce(a, g, s, c, c_strides, dropout_p, bits):
+    """c[N, NR] (fp32, strides c_strides) = drop(a)^T (g * s), a: [M, N], g: [M, NR] fp32; drop from `bits`."""
     m, n = a.shape
     nr = g.shape[1]
     br = block_r(nr)
@@ -302,16 +322,17 @@ def _launch_reduce(a, g, s, c, c_strides, dropout_p, seed):
     split = triton.cdiv(m, m_per_split)
     if split > 1:
         c.zero_()
+    bits = _no_bits(a.device) if bits is None else bits
     _reduce_m_kernel[(triton.cdiv(n, bn), split, triton.cdiv(nr, br))](
-        a, g, s, c, m, n, nr, m_per_split, seed, dropout_p, 1.0 / (1.0 - dropout_p),
-        a.stride(0), a.stride(1), g.stride(0), g.stride(1), c_strides[0], c_strides[1],
+        a, g, s, c, bits, m, n, nr, m_per_split, 1.0 / (1.0 - dropout_p),
+        a.stride(0), a.stride(1), g.stride(0), g.stride(1), c_strides[0], c_strides[1], bits.stride(0),
         HAS_DROP=dropout_p > 0.0, ATOMIC=split > 1, BLOCK_R=br, UPCAST=_INTERPRET,
         PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
     )
 
 
 def _launch_fused(a, b_strides, b, p, p_strides, q, q_strides, s, bias, t, c, n, t_mode, store_t, out_drop,
-                  dropout_p, seed):
+                  dropout_p, bits):
     m, k = a.shape
     nr = s.shape[0]
     br = block_r(nr) if t_mode == 0 else min(T_CHUNK, block_r(nr))
@@ -319,16 +340,17 @@ def _launch_fused(a, b_strides, b, p, p_strides, q, q_strides, s, bias, t, c, n,
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-    args = (a, b, p, q, s, bias if bias is not None else s, t, c,
-            m, n, k, nr, _m_bucket(m), seed, dropout_p, 1.0 / (1.0 - dropout_p),
+    bits = _no_bits(a.device) if bits is None else bits
+    args = (a, b, p, q, s, bias if bias is not None else s, t, c, bits,
+            m, n, k, nr, _m_bucket(m), 1.0 / (1.0 - dropout_p),
             a.stride(0), a.stride(1), b_strides[0], b_strides[1], p_strides[0], p_strides[1],
-            q_strides[0], q_strides[1], t.stride(0), t.stride(1), c.stride(0), c.stride(1))
+            q_strides[0], q_strides[1], t.stride(0), t.stride(1), c.stride(0), c.stride(1), bits.stride(0))
     meta = dict(HAS_BIAS=bias is not None, T_MODE=t_mode, STORE_T=store_t, OUT_DROP=out_drop,
                 BLOCK_R=br, UPCAST=_INTERPRET, PRECISION=_precision(a.dtype))
     forced = _FORCE_CONFIG.get("fused")
     if forced is not None:
-        _fused_lowrank_mm_kernel[grid(forced.kwargs)](*args, **meta, **forced.kwargs, num_warps=forced.num_warps,
-                                                     num_stages=forced.num_stages)
+        _fused_even[grid(forced.kwargs)](*args, **meta, **forced.kwargs, num_warps=forced.num_warps,
+                                         num_stages=forced.num_stages)
     else:
         _fused_tuned[grid](*args, **meta)
 
@@ -337,7 +359,8 @@ def _launch_fused(a, b_strides, b, p, p_strides, q, q_strides, s, bias, t, c, n,
 # Public launchers.
 # ----------------------------------------------------------------------------------------------------------------
 def lowrank_linear_fwd_triton(x2, weight, bias, lora_L, lora_R, scales, dropout_p: float, seed: int):
-    """x2 [M, in] -> (y [M, out] in x's dtype, T [M, n*r] fp32), T = drop(x) L^T unscaled (saved for backward)."""
+    """x2 [M, in] -> (y [M, out] in x's dtype, T [M, n*r] fp32, bits), T = drop(x) L^T unscaled; T and the packed
+    dropout keep-mask `bits` ([M, cdiv(in, 32)] int32; empty when dropout_p is 0) are saved for backward."""
     _check_dtypes(x2, weight=weight, bias=bias, lora_L=lora_L, lora_R=lora_R)
     with _device_guard(x2.device):
         return _fwd(x2, weight, bias, lora_L, lora_R, scales, dropout_p, seed)
@@ -349,33 +372,43 @@ def _fwd(x2, weight, bias, lora_L, lora_R, scales, dropout_p, seed):
     p = float(dropout_p)
     y = _alloc((m, n), x2.dtype, x2.device)
     t = _alloc((m, nr), torch.float32, x2.device)
+    bits = _dropout_bits(m, k, p, seed, x2.device) if p > 0.0 else torch.empty(0, dtype=torch.int32,
+                                                                                   device=x2.device)
     if m == 0:
-        return y, t
+        return y, t, bits
     s = scales.to(device=x2.device, dtype=torch.float32).contiguous()
     fuse = _fuse_t(nr, p)
     if not fuse:
         # P[r, k] = L[r, k]
-        _launch_shrink(x2, lora_L, t, lora_L.stride(0), lora_L.stride(1), p, int(seed))
+        _launch_shrink(x2, lora_L, t, lora_L.stride(0), lora_L.stride(1), p, bits if p > 0.0 else None)
     # B[k, n] = W[n, k]; Q[n, r] = R[n, r]
     _launch_fused(x2, (weight.stride(1), weight.stride(0)), weight, lora_L, (lora_L.stride(0), lora_L.stride(1)),
                   lora_R, (lora_R.stride(0), lora_R.stride(1)), s, bias, t, y, n,
-                  t_mode=0 if fuse else 1, store_t=fuse, out_drop=False, dropout_p=p, seed=int(seed))
-    return y, t
+                  t_mode=0 if fuse else 1, store_t=fuse, out_drop=False, dropout_p=p, bits=None)
+    return y, t, bits
 
 
 def lowrank_linear_bwd_triton(dy2, x2, weight, lora_L, lora_R, scales, t, dropout_p, seed,
-                              needs_dx, needs_dL, needs_dR):
-    """docs/layer.md: dx = dy W + drop'((G s) L), dR = dy^T (T s), dL = (G s)^T drop(x), with G = dy R."""
+                              needs_dx, needs_dL, needs_dR, bits=None):
+    """docs/layer.md: dx = dy W + drop'((G s) L), dR = dy^T (T s), dL = (G s)^T drop(x), with G = dy R.
+
+    bits: the forward's packed dropout mask; None (or empty) regenerates it from `seed`, the same mask."""
     _check_dtypes(x2, dy=dy2, weight=weight, lora_L=lora_L, lora_R=lora_R)
     with _device_guard(x2.device):
-        return _bwd(dy2, x2, weight, lora_L, lora_R, scales, t, dropout_p, seed, needs_dx, needs_dL, needs_dR)
+        return _bwd(dy2, x2, weight, lora_L, lora_R, scales, t, dropout_p, seed, needs_dx, needs_dL, needs_dR, bits)
 
 
-def _bwd(dy2, x2, weight, lora_L, lora_R, scales, t, dropout_p, seed, needs_dx, needs_dL, needs_dR):
+def _bwd(dy2, x2, weight, lora_L, lora_R, scales, t, dropout_p, seed, needs_dx, needs_dL, needs_dR, bits):
     m, k = x2.shape
     n, nr = weight.shape[0], lora_L.shape[0]
     p, seed = float(dropout_p), int(seed)
     dev = x2.device
+    if p > 0.0 and m > 0 and (needs_dx or needs_dL):
+        if bits is None or bits.numel() == 0:
+            bits = _dropout_bits(m, k, p, seed, dev)
+        _check_bits(bits, m, k)
+    else:
+        bits = None
     if m == 0:
         return (_alloc((0, k), x2.dtype, dev) if needs_dx else None,
                 torch.zeros_like(lora_L) if needs_dL else None,
@@ -391,29 +424,30 @@ def _bwd(dy2, x2, weight, lora_L, lora_R, scales, t, dropout_p, seed, needs_dx, 
         if needs_dL or not fuse:
             g = _alloc((m, nr), torch.float32, dev)
         if not fuse:
-            _launch_shrink(dy2, lora_R, g, r_as_p[0], r_as_p[1], 0.0, seed)
+            _launch_shrink(dy2, lora_R, g, r_as_p[0], r_as_p[1], 0.0, None)
         # B[k', n'] = W[k', n'] (k' over out, n' over in); Q[n', r] = L[r, n']
         _launch_fused(dy2, (weight.stride(0), weight.stride(1)), weight, lora_R, r_as_p,
                       lora_L, (lora_L.stride(1), lora_L.stride(0)), s, None, g if g is not None else s[None, :], dx, k,
-                      t_mode=0 if fuse else 1, store_t=fuse and needs_dL, out_drop=p > 0.0, dropout_p=p, seed=seed)
+                      t_mode=0 if fuse else 1, store_t=fuse and needs_dL, out_drop=p > 0.0, dropout_p=p, bits=bits)
     elif needs_dL:
         g = _alloc((m, nr), torch.float32, dev)
-        _launch_shrink(dy2, lora_R, g, r_as_p[0], r_as_p[1], 0.0, seed)
+        _launch_shrink(dy2, lora_R, g, r_as_p[0], r_as_p[1], 0.0, None)
     if needs_dL:
         dl32 = _alloc((nr, k), torch.float32, dev)
-        _launch_reduce(x2, g, s, dl32, (dl32.stride(1), dl32.stride(0)), p, seed)
+        _launch_reduce(x2, g, s, dl32, (dl32.stride(1), dl32.stride(0)), p, bits)
         dL = dl32.to(lora_L.dtype)
     if needs_dR:
         t32 = t.to(torch.float32).contiguous()
         dr32 = _alloc((n, nr), torch.float32, dev)
-        _launch_reduce(dy2, t32, s, dr32, (dr32.stride(0), dr32.stride(1)), 0.0, seed)
+        _launch_reduce(dy2, t32, s, dr32, (dr32.stride(0), dr32.stride(1)), 0.0, None)
         dR = dr32.to(lora_R.dtype)
     return dx, dL, dR
 
 
 def dropout_mask_triton(shape, p: float, seed: int, device) -> torch.Tensor:
-    """The keep-mask (bool, `shape`) that the kernels generate for an input of that shape: keep x[..., c] of
-    flattened row m iff uniform(philox(seed, c, m)) >= p. For tests against the reference's `dropout_mask`."""
+    """The keep-mask (bool, `shape`) that the kernels apply to an input of that shape, unpacked from the packed mask
+    they generate: x[..., c] of flattened row m is kept iff uniform(philox(seed, (c // 4, m, 0, 0))[c % 4]) >= p.
+    For tests against the reference's `dropout_mask`."""
     shape = tuple(int(v) for v in shape)
     if len(shape) < 1:
         raise ValueError("shape: expected at least one dimension [..., in_features]")
@@ -421,9 +455,13 @@ def dropout_mask_triton(shape, p: float, seed: int, device) -> torch.Tensor:
     m = 1
     for v in shape[:-1]:
         m *= v
-    out = torch.empty((m, k), dtype=torch.uint8, device=device)
-    if m and k:
-        with _device_guard(out.device):
-            _dropout_mask_kernel[(triton.cdiv(m, 32), triton.cdiv(k, 32))](out, m, k, int(seed), float(p),
-                                                                          BLOCK_M=32, BLOCK_K=32)
-    return out.bool().reshape(shape)
+    with _device_guard(torch.device(device)):
+        bits = _dropout_bits(m, k, float(p), int(seed), device)
+    return unpack_bits(bits, k).reshape(shape)
+
+
+def unpack_bits(bits: torch.Tensor, k: int) -> torch.Tensor:
+    """[M, cdiv(k, 32)] int32 packed keep-mask -> [M, k] bool (bit c % 32 of word c // 32)."""
+    cols = torch.arange(k, device=bits.device)
+    words = bits.to(torch.int64)[:, cols // 32] if bits.numel() else bits.new_zeros((bits.shape[0], k), dtype=torch.int64)
+    return ((words >> (cols % 32)) & 1).bool()
