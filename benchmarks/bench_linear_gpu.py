@@ -259,10 +259,23 @@ def run(case_list, out_csv: Path, cuda_graph: bool, device, budget_s=None, rep=1
     print("auto choices:")
     for c in auto_choices():
         print(f"  {c}")
+    print_autotune_choices()
     report_goals(rows)
     plot(rows, out_csv.with_suffix(".png"))
     print(f"checks: {failures} case(s) failed")
     return rows, failures
+
+
+def print_autotune_choices():
+    """The tile autotune kept per key of the fused GEMM: shows whether a candidate (e.g. 128x256 with 4 stages) ever
+    wins. Keys are (m_bucket, N, K, NR, T_MODE, OUT_DROP, stride_bk, PRECISION, dtypes...)."""
+    from muscle_kernels.ops.lowrank_linear import triton_ops
+
+    cache = getattr(getattr(triton_ops, "_fused_tuned", None), "cache", None) or {}
+    for key, cfg in cache.items():
+        kw = cfg.kwargs
+        print(f"autotune {key[:8]} -> {kw.get('BLOCK_M')}x{kw.get('BLOCK_N')}x{kw.get('BLOCK_K')} "
+              f"w{cfg.num_warps} s{cfg.num_stages}")
 
 
 def report_goals(rows):

@@ -245,6 +245,15 @@ def test_empty_batch():
     assert torch.equal(dr, torch.zeros_like(ro)), "dR: expected zeros for an empty batch"
 
 
+def test_a_mask_of_the_wrong_shape_is_refused():
+    x, w, b, lo, ro, s, dy = _cast(torch.float32, *_problem(37, 72, 48, 16, True, seed=9))
+    y, t, bits = triton_ops.lowrank_linear_fwd_triton(x, w, b, lo, ro, s, 0.3, 4)
+    with pytest.raises(ValueError, match="bits:"):
+        triton_ops.lowrank_linear_bwd_triton(dy, x, w, lo, ro, s, t, 0.3, 4, True, True, True, bits=bits[:-1])
+    with pytest.raises(ValueError, match="bits:"):
+        triton_ops.lowrank_linear_bwd_triton(dy, x, w, lo, ro, s, t, 0.3, 4, True, True, True, bits=bits.float())
+
+
 def test_bad_dtypes_name_the_argument():
     x, w, b, lo, ro, s, dy = _problem(4, 48, 72, 4, True)
     with pytest.raises(TypeError, match="x:"):
