@@ -126,7 +126,10 @@ def check_case(layer, x, p, seed=1234):
              "triton": lambda: triton_ops.dropout_mask_triton(x2.shape, p, seed, dev)}
     paths = [("cublas", cpu.lowrank_linear_fwd_torch, cpu.lowrank_linear_bwd_torch, "torch", None),
              ("triton", triton_ops.lowrank_linear_fwd_triton, triton_ops.lowrank_linear_bwd_triton, "triton", None),
-             ("shrink", triton_ops.lowrank_linear_fwd_triton, triton_ops.lowrank_linear_bwd_triton, "triton", False)]
+             ("shrink", triton_ops.lowrank_linear_fwd_triton, triton_ops.lowrank_linear_bwd_triton, "triton", False),
+             # dR in the backward's G pass (auto's third candidate; its time is in the printed auto choices)
+             ("triton-fdy", triton_ops.lowrank_linear_fwd_triton, triton_ops.lowrank_linear_bwd_triton_fused_dy,
+              "triton", None)]
     bad = []
     eps = {torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7, torch.float32: 2 ** -20}[dtype]
     from muscle_kernels.ops.lowrank_linear.triton_ops import tf32_allowed
@@ -231,7 +234,7 @@ def run(case_list, out_csv: Path, cuda_graph: bool, device, budget_s=None, rep=1
         bad = check_case(layers["ours"][0], x, p)
         failures += bool(bad)
         tag = f"({tokens}, {in_f}, {out_f}, nr={nr}, p={p})"
-        print(f"check {'ok  ' if not bad else 'FAIL'} {tag}: y, dx, dL, dR of cublas, triton, shrink")
+        print(f"check {'ok  ' if not bad else 'FAIL'} {tag}: y, dx, dL, dR of cublas, triton, shrink, triton-fdy")
         for line in bad:
             print(f"check FAIL {tag}: {line}")
         case_rows = []

@@ -69,9 +69,16 @@ def _jobs(subset: bool):
         brs = (256,) if subset else (16, 64, 256)
         for br in brs:
             bm, bk, w, st = ops.shrink_config(br, elt)
-            meta = dict(HAS_DROP=True, ATOMIC=True, EVEN_K=True, BLOCK_R=br, UPCAST=False, PRECISION=prec, BLOCK_M=bm,
-                        BLOCK_K=bk)
+            meta = dict(HAS_DROP=True, ATOMIC=True, EVEN_K=True, FUSED_DR=False, BLOCK_R=br, UPCAST=False,
+                        PRECISION=prec, BLOCK_M=bm, BLOCK_K=bk)
             jobs.append(("shrink", "drop+split", dtype, meta, ("stride_ak", "stride_tr"), w, st))
+            # The backward G pass with dR fused in (auto's "triton-fdy"); the subset takes its widest n*r.
+            fdy_br = ops.fused_dy_max_r(prec)
+            if br <= fdy_br or subset:
+                bm, bk, w, st = ops.shrink_config(min(br, fdy_br), elt)
+                meta = dict(meta, HAS_DROP=False, FUSED_DR=True, BLOCK_R=min(br, fdy_br), BLOCK_M=bm, BLOCK_K=bk)
+                jobs.append(("shrink", "G+dR fused", dtype, meta,
+                             ("stride_ak", "stride_pr", "stride_tr", "stride_tsr", "stride_drr"), w, st))
             bm, bn, bc, w, st = ops.reduce_config(br, elt, prec)
             meta = dict(HAS_DROP=False, ATOMIC=True, BLOCK_R=bc, UPCAST=False, PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn)
             jobs.append(("reduce", "dR split", dtype, meta, ("stride_an", "stride_gr", "stride_cr"), w, st))
@@ -120,7 +127,7 @@ def _compile_one(job):
     kname, variant, dtype, meta, unit, warps, stages = job
     fn = _kernel(kname)
     tl_dt = _tl_dtype(dtype)
-    fp32_ptrs = {"s_ptr", "t_ptr", "g_ptr"} | ({"c_ptr"} if kname == "reduce" else set())
+    fp32_ptrs = {"s_ptr", "t_ptr", "g_ptr", "ts_ptr", "dr_ptr"} | ({"c_ptr"} if kname == "reduce" else set())
     floats = {"p", "drop_scale"}
     signature, constexprs, attrs = {}, {}, {}
     for i, arg in enumerate(fn.arg_names):

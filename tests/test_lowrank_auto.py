@@ -131,6 +131,40 @@ def test_the_op_times_both_paths_on_first_use(monkeypatch, times, expected):
     assert [c["backward"] for c in autoselect.auto_choices()] == [True, False]
 
 
+@pytest.mark.skipif("triton" not in function.available_backends("cpu"), reason="needs TRITON_INTERPRET=1")
+@pytest.mark.parametrize("nr,p,races", [(40, 0.0, True), (8, 0.2, True), (8, 0.0, False)],
+                         ids=["wide", "dropout", "narrow"])
+def test_fused_dy_races_where_the_backward_has_a_g_pass(monkeypatch, nr, p, races):
+    """n*r > 32 or dropout: the Triton backward reads dy for G in a pass of its own, and "triton-fdy" (dR in that
+    pass) is timed as a third candidate; otherwise it would run the same kernels, and is not."""
+    monkeypatch.setattr(function, "resolve_backend", lambda backend, device: "auto")
+    timer = FakeTimer(2.0, 3.0, 1.0)  # triton, cublas, triton-fdy
+    monkeypatch.setattr(autoselect, "cuda_timer", timer)
+    x, w, b, lo, ro, s, dy = _problem(torch.float32, 37, 24, 40, nr)
+    x.requires_grad_(), lo.requires_grad_(), ro.requires_grad_()
+    torch.manual_seed(3)
+    y = muscle_lora_linear(x, w, b, lo, ro, s, dropout_p=p, training=True)
+    y.backward(dy)
+    (entry,) = autoselect.auto_choices()
+    assert timer.calls == (3 if races else 2)
+    assert entry["choice"] == ("triton-fdy" if races else "triton")
+    assert set(entry["times_ms"]) == ({"triton", "cublas", "triton-fdy"} if races else {"triton", "cublas"})
+    mask = None
+    if p > 0:
+        torch.manual_seed(3)
+        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())  # the draw muscle_lora_linear makes
+        mask = triton_ops_module().dropout_mask_triton(x.shape, p, seed, x.device)
+    ref = _reference(x.detach(), w, b, lo.detach(), ro.detach(), s, dy, mask, p)
+    for name, got in (("y", y), ("dx", x.grad), ("dL", lo.grad), ("dR", ro.grad)):
+        assert_close(name, ref[name], got)
+
+
+def triton_ops_module():
+    from muscle_kernels.ops.lowrank_linear import triton_ops
+
+    return triton_ops
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # The composed ("cublas") path against the reference, on CPU tensors.
 # ------------------------------------------------------------------------------------------------------------------

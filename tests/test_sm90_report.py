@@ -40,7 +40,7 @@ sys.path.insert(0, {bench!r})
 import sm90_report as r
 rows = r.report_rows(subset=True, progress=False, dtypes=("bf16", "fp32-ieee"),
                      variants=("fwd T-in-loop", "dx G-loaded+drop", "dL drop+split", "dR split", "drop+split",
-                               "dropout mask"))
+                               "G+dR fused", "dropout mask"))
 rows = [x for x in rows if x["dtype"] == "bf16" or x["variant"] == "dR split"]
 print(json.dumps({{"rows": rows, "failures": r.failures(rows)}}))
 """
@@ -55,7 +55,8 @@ def test_sm90_report_subset_passes():
     rows, bad = out["rows"], out["failures"]
     seen = {(r["variant"], r["dtype"]) for r in rows}
     for want in [("fwd T-in-loop", "bf16"), ("dx G-loaded+drop", "bf16"), ("dL drop+split", "bf16"),
-                 ("dR split", "bf16"), ("dR split", "fp32-ieee"), ("drop+split", "bf16"), ("dropout mask", "bf16")]:
+                 ("dR split", "bf16"), ("dR split", "fp32-ieee"), ("drop+split", "bf16"), ("G+dR fused", "bf16"),
+                 ("dropout mask", "bf16")]:
         assert want in seen, f"sm90 report: no row for {want}"
     assert bad == [], "sm90 report failures:\n" + "\n".join(bad)
     for r in rows:

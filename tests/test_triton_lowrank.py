@@ -69,14 +69,16 @@ def _cast(dtype, *tensors):
     return [None if v is None else v.to(device=DEVICE, dtype=dtype) for v in tensors]
 
 
-def _check_all(dtype, x, w, b, lo, ro, s, dy, p=0.0, seed=0, needs=(True, True, True), scales_dtype=torch.float32):
+def _check_all(dtype, x, w, b, lo, ro, s, dy, p=0.0, seed=0, needs=(True, True, True), scales_dtype=torch.float32,
+               fused_dy=False):
     mask = triton_ops.dropout_mask_triton(x.shape, p, seed, DEVICE).cpu() if p > 0 else None
     ref_y, ref_dx, ref_dl, ref_dr = _reference(x, w, b, lo, ro, s, dy, mask, p)
     xc, wc, bc, lc, rc, dyc = _cast(dtype, x, w, b, lo, ro, dy)
     sc = s.to(device=DEVICE, dtype=scales_dtype)
     y, t, bits = triton_ops.lowrank_linear_fwd_triton(xc, wc, bc, lc, rc, sc, p, seed)
     assert y.dtype == dtype and t.dtype == torch.float32
-    dx, dl, dr = triton_ops.lowrank_linear_bwd_triton(dyc, xc, wc, lc, rc, sc, t, p, seed, *needs, bits=bits)
+    dx, dl, dr = triton_ops.lowrank_linear_bwd_triton(dyc, xc, wc, lc, rc, sc, t, p, seed, *needs, bits=bits,
+                                                      fused_dy=fused_dy)
 
     # Plain PyTorch in the same dtype (the torch path) sets the error budget for fp16/bf16.
     base = None
@@ -243,6 +245,37 @@ def test_empty_batch():
     assert dx.shape == (0, 48)
     assert torch.equal(dl, torch.zeros_like(lo)), "dL: expected zeros for an empty batch"
     assert torch.equal(dr, torch.zeros_like(ro)), "dR: expected zeros for an empty batch"
+
+
+@pytest.mark.parametrize("split", [None, 3], ids=["split-auto", "split3"])
+@pytest.mark.parametrize("needs", [(True, True, True), (False, True, True), (True, False, True)],
+                         ids=["all", "dL+dR", "dx+dR"])
+@pytest.mark.parametrize("nr,p", [(40, 0.0), (64, 0.0), (16, 0.2)], ids=["nr40", "nr64", "dropout"])
+def test_fused_dy_computes_dr_in_the_g_pass(monkeypatch, nr, p, needs, split):
+    monkeypatch.setattr(triton_ops, "_FORCE_SPLIT", split)
+    assert triton_ops.uses_fused_dy(nr, p, torch.bfloat16) and triton_ops.uses_fused_dy(nr, p, torch.float32)
+    calls = []
+    real = triton_ops._launch_reduce
+    monkeypatch.setattr(triton_ops, "_launch_reduce", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    _check_all(torch.float32, *_problem(37, 48, 72, nr, True, seed=14), p=p, seed=3, needs=needs, fused_dy=True)
+    # dR came from the G pass: the only reduction left is dL's over x ([37, 48]), none over dy ([37, 72]).
+    assert (37, 72) not in calls, "fused_dy: dR was still reduced in a pass of its own"
+    if ON_GPU or split is None:
+        _check_all(torch.bfloat16, *_problem(37, 48, 72, nr, True, seed=15), needs=needs, fused_dy=True)
+
+
+def test_fused_dy_is_off_in_deterministic_mode(monkeypatch):
+    x, w, b, lo, ro, s, dy = _cast(torch.float32, *_problem(37, 48, 72, 64, True, seed=16))
+    y, t, _ = triton_ops.lowrank_linear_fwd_triton(x, w, b, lo, ro, s, 0.0, 0)
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    plain = triton_ops.lowrank_linear_bwd_triton(dy, x, w, lo, ro, s, t, 0.0, 0, True, True, True)
+    calls = []
+    real = triton_ops._launch_reduce
+    monkeypatch.setattr(triton_ops, "_launch_reduce", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    fused = triton_ops.lowrank_linear_bwd_triton(dy, x, w, lo, ro, s, t, 0.0, 0, True, True, True, fused_dy=True)
+    assert (37, 72) in calls, "deterministic mode: dR must come from its own (atomics-free) reduction over dy"
+    for name, a, c in zip(("dx", "dL", "dR"), plain, fused):
+        assert torch.equal(a, c), f"{name}: deterministic mode must run the atomics-free reduction"
 
 
 def test_a_mask_of_the_wrong_shape_is_refused():

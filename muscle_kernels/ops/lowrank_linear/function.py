@@ -135,11 +135,22 @@ def _check_inputs(x, weight, bias, lora_L, lora_R, scales, dropout_p):
 # Custom ops (forward and backward) and their autograd formula.
 # --------------------------------------------------------------------------------------------------------------------
 def _impl(backend: str):
-    """(forward, backward) implementations of a concrete backend ("torch" and "cublas" share the composed GEMMs)."""
+    """(forward, backward) implementations of a concrete backend ("torch" and "cublas" share the composed GEMMs;
+    "triton-fdy", which only "auto" picks, is "triton" with dR computed in the backward's pass over dy for G)."""
     if backend == "triton":
         ops = _triton_ops()
         return ops.lowrank_linear_fwd_triton, ops.lowrank_linear_bwd_triton
+    if backend == _FUSED_DY:
+        ops = _triton_ops()
+        return ops.lowrank_linear_fwd_triton, ops.lowrank_linear_bwd_triton_fused_dy
     return lowrank_linear_fwd_torch, lowrank_linear_bwd_torch
+
+
+_FUSED_DY = "triton-fdy"
+
+
+def _is_triton(backend: str) -> bool:
+    return backend in ("triton", _FUSED_DY)
 
 
 def _choose(args: tuple, needs: Tuple[bool, bool, bool], backward: bool) -> str:
@@ -148,11 +159,14 @@ def _choose(args: tuple, needs: Tuple[bool, bool, bool], backward: bool) -> str:
     key = autoselect.choice_key(x2, weight, lora_L.shape[0], args[6], backward)
     can_time = not (torch.compiler.is_compiling()
                     or (x2.device.type == "cuda" and torch.cuda.is_current_stream_capturing()))
-    runners = {}
+    names = list(autoselect.CANDIDATES)
+    # Where the backward reads dy once more for G, the variant that also computes dR in that pass races too.
+    if backward and needs[2] and _triton_ops().uses_fused_dy(lora_L.shape[0], args[6], x2.dtype):
+        names.append(_FUSED_DY)
     if can_time and key not in autoselect._CHOICES:
-        runners = autoselect.runners_for({name: _impl(name) for name in autoselect.CANDIDATES}, args, backward, needs)
+        runners = autoselect.runners_for({name: _impl(name) for name in names}, args, backward, needs)
     else:
-        runners = {name: None for name in autoselect.CANDIDATES}
+        runners = {name: None for name in names}
     with torch.no_grad():
         return autoselect.decide(key, runners, can_time=can_time)
 
@@ -167,12 +181,12 @@ def _seed_int(seed) -> int:
 
 def _t_dtype(x: torch.Tensor, backend: str) -> torch.dtype:
     # The Triton kernels keep T in fp32 (it is tiny, and backward reuses it); the torch path in x's dtype.
-    return torch.float32 if backend == "triton" else x.dtype
+    return torch.float32 if _is_triton(backend) else x.dtype
 
 
 def _bits_shape(x2: torch.Tensor, dropout_p: float, backend: str) -> tuple:
     # The Triton forward's packed dropout mask: one bit per element of x, 32 per int32 word; empty otherwise.
-    if backend == "triton" and dropout_p > 0.0:
+    if _is_triton(backend) and dropout_p > 0.0:
         return (x2.shape[0], (x2.shape[1] + 31) // 32)
     return (0,)
 

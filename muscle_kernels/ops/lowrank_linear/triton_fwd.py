@@ -16,8 +16,8 @@ Design (docs/layer.md, M = all leading dims flattened, R = n*r padded to BLOCK_R
   the seed and the coordinates, whatever the tiling, with one Philox call for four adjacent columns.
   `_dropout_bits_kernel` evaluates it once per forward into a packed mask (bit c % 32 of int32 word (m, c // 32),
   1/16 of x's size in bf16), which the shrink, the backward dx epilogue and the dL reduction read back with one load
-  and a shift per element instead of running Philox's ten rounds three times. No unpacked [M, in] mask is ever stored. The
-  1 / (1 - p) factor is applied to fp32 accumulators, never to low-precision operands.
+  and a shift per element instead of running Philox's ten rounds three times. No unpacked [M, in] mask is ever
+  stored. The 1 / (1 - p) factor is applied to fp32 accumulators, never to low-precision operands.
 - fp32 accumulation everywhere. Under the Triton interpreter tl.dot on bf16 multiplies raw bits, so UPCAST (set
   when interpreting) casts every dot operand to fp32.
 """
@@ -185,14 +185,20 @@ def _fused_lowrank_mm_kernel(
 
 @triton.jit
 def _shrink_kernel(
-    a_ptr, p_ptr, t_ptr, bits_ptr,
+    a_ptr, p_ptr, t_ptr, bits_ptr, ts_ptr, s_ptr, dr_ptr,
     M, K, NR, k_per_split, drop_scale,
     stride_am, stride_ak, stride_pr, stride_pk, stride_tm, stride_tr, stride_bits,
-    HAS_DROP: tl.constexpr, ATOMIC: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    stride_tsm, stride_tsr, stride_drk, stride_drr,
+    HAS_DROP: tl.constexpr, ATOMIC: tl.constexpr, EVEN_K: tl.constexpr, FUSED_DR: tl.constexpr,
+    BLOCK_R: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """T[M, NR] (fp32) = drop(A)[M, K] @ P[NR, K]^T. Split over K (ATOMIC adds into a zeroed T) when M is short.
-    EVEN_K: K is a multiple of BLOCK_K (so is every slice), and the loads need no K mask."""
+    EVEN_K: K is a multiple of BLOCK_K (so is every slice), and the loads need no K mask.
+
+    FUSED_DR (backward, A = dy): the same pass also adds A^T (TS * s) into a zeroed fp32 DR [K, NR], TS [M, NR]
+    being the forward's T, so dR = dy^T (T s) needs no second read of dy (LoRAFusion's fused dY). The row tiles
+    meet in DR through fp32 atomics: not deterministic, so the launcher never asks for it in deterministic mode."""
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -207,6 +213,14 @@ def _shrink_kernel(
     rr64 = rr.to(tl.int64)
     a_rows = a_ptr + rm_safe[:, None] * stride_am
     p_cols = p_ptr + rr64[None, :] * stride_pr
+    if FUSED_DR:
+        # (T s) of this row tile, loaded once; rows past M (wrapped onto valid ones above) contribute nothing.
+        sc = tl.load(s_ptr + rr, mask=r_ok, other=0.0)
+        ts = tl.load(ts_ptr + rm_safe[:, None] * stride_tsm + rr64[None, :] * stride_tsr,
+                     mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+        ts = (ts * sc[None, :]).to(a_ptr.dtype.element_ty)
+        if UPCAST:
+            ts = ts.to(tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         kk = k0 + rk
         # int64 before the stride: k * stride_pk reaches 2^31 for long K. (Pointer tensors carried around this loop, as
@@ -226,6 +240,13 @@ def _shrink_kernel(
             a = a.to(tl.float32)
             pt = pt.to(tl.float32)
         acc = tl.dot(a, pt, acc, input_precision=PRECISION)
+        if FUSED_DR:
+            dr = tl.dot(tl.trans(a), ts, input_precision=PRECISION)
+            dr_at = dr_ptr + kk64[:, None] * stride_drk + rr64[None, :] * stride_drr
+            if EVEN_K:
+                tl.atomic_add(dr_at, dr, mask=r_ok[None, :])
+            else:
+                tl.atomic_add(dr_at, dr, mask=k_ok[:, None] & r_ok[None, :])
     if HAS_DROP:
         acc = acc * drop_scale
     t = t_ptr + rm.to(tl.int64)[:, None] * stride_tm + rr64[None, :] * stride_tr

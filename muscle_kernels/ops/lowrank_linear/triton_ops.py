@@ -32,7 +32,8 @@ from .triton_bwd import _reduce_m_kernel
 from .triton_fwd import _dropout_bits_kernel, _fused_lowrank_mm_kernel, _shrink_kernel
 
 __all__ = [
-    "lowrank_linear_fwd_triton", "lowrank_linear_bwd_triton", "dropout_mask_triton", "unpack_bits",
+    "lowrank_linear_fwd_triton", "lowrank_linear_bwd_triton", "lowrank_linear_bwd_triton_fused_dy", "uses_fused_dy",
+    "dropout_mask_triton", "unpack_bits",
     "fused_configs", "shrink_config", "reduce_config", "block_r", "force_configs", "tf32_allowed", "FUSE_T_MAX_R",
     "T_CHUNK",
 ]
@@ -55,6 +56,15 @@ _FORCE_CONFIG: dict = {}
 FUSE_T_MAX_R = 32
 # Chunk of n*r per tl.dot when the GEMM loads a precomputed T (T_MODE 1): 64 spills at 128x256 on sm_90.
 T_CHUNK = 32
+# Widest padded n*r for which the backward may compute dR in the G pass (fused_dy): a [BLOCK_K, n*r] fp32 partial per
+# step, and (M / BLOCK_M) * out * n*r atomic adds in all. fp32 without TF32 (FMA dots, operands in registers) spilled
+# at 64 on sm_90 (benchmarks/sm90_report.py).
+FUSED_DY_MAX_R = 64
+FUSED_DY_MAX_R_IEEE = 16
+
+
+def fused_dy_max_r(precision: str) -> int:
+    return FUSED_DY_MAX_R_IEEE if precision == "ieee" else FUSED_DY_MAX_R
 H100_SMEM = 227 * 1024
 # (BLOCK_M, BLOCK_W, warps) of the dropout-mask kernel: 2048 words (65536 mask bits) per program.
 BITS_CONFIG = (64, 32, 4)
@@ -285,8 +295,9 @@ def _check_dtypes(x2, **others):
             raise TypeError(f"{name}: expected dtype {x2.dtype} (the dtype of x), got {t.dtype}")
 
 
-def _launch_shrink(a, p, t, rows_stride_p, k_stride_p, dropout_p, bits):
-    """t[M, NR] (fp32) = drop(a) @ P^T where P[r, k] = p[r * rows_stride_p + k * k_stride_p]; drop from `bits`."""
+def _launch_shrink(a, p, t, rows_stride_p, k_stride_p, dropout_p, bits, fused_dr=None):
+    """t[M, NR] (fp32) = drop(a) @ P^T where P[r, k] = p[r * rows_stride_p + k * k_stride_p]; drop from `bits`.
+    fused_dr = (ts [M, NR] fp32, s, dr [K, NR] fp32 zeroed): also dr += a^T (ts * s) in the same pass."""
     m, k = a.shape
     nr = t.shape[1]
     br = block_r(nr)
@@ -300,10 +311,13 @@ def _launch_shrink(a, p, t, rows_stride_p, k_stride_p, dropout_p, bits):
     if k == 0:
         return
     bits = _no_bits(a.device) if bits is None else bits
+    ts, s, dr = fused_dr if fused_dr is not None else (t, t, t)  # unused without FUSED_DR
     _shrink_kernel[(m_tiles, split)](
-        a, p, t, bits, m, k, nr, k_per_split, 1.0 / (1.0 - dropout_p),
+        a, p, t, bits, ts, s, dr, m, k, nr, k_per_split, 1.0 / (1.0 - dropout_p),
         a.stride(0), a.stride(1), rows_stride_p, k_stride_p, t.stride(0), t.stride(1), bits.stride(0),
-        HAS_DROP=dropout_p > 0.0, ATOMIC=split > 1, EVEN_K=k % bk == 0, BLOCK_R=br, UPCAST=_INTERPRET,
+        ts.stride(0), ts.stride(-1), dr.stride(0), dr.stride(-1),
+        HAS_DROP=dropout_p > 0.0, ATOMIC=split > 1, EVEN_K=k % bk == 0, FUSED_DR=fused_dr is not None,
+        BLOCK_R=br, UPCAST=_INTERPRET,
         PRECISION=_precision(a.dtype), BLOCK_M=bm, BLOCK_K=bk, num_warps=warps, num_stages=stages,
     )
 
@@ -389,16 +403,34 @@ def _fwd(x2, weight, bias, lora_L, lora_R, scales, dropout_p, seed):
 
 
 def lowrank_linear_bwd_triton(dy2, x2, weight, lora_L, lora_R, scales, t, dropout_p, seed,
-                              needs_dx, needs_dL, needs_dR, bits=None):
+                              needs_dx, needs_dL, needs_dR, bits=None, fused_dy=False):
     """docs/layer.md: dx = dy W + drop'((G s) L), dR = dy^T (T s), dL = (G s)^T drop(x), with G = dy R.
 
-    bits: the forward's packed dropout mask; None (or empty) regenerates it from `seed`, the same mask."""
+    bits: the forward's packed dropout mask; None (or empty) regenerates it from `seed`, the same mask.
+    fused_dy: where G has its own pass over dy (n*r > 32 or dropout), compute dR in that pass too, with fp32 atomics
+    (n*r up to 64, 16 for fp32 without TF32; never in deterministic mode). backend="auto" times this variant as "triton-fdy"."""
     _check_dtypes(x2, dy=dy2, weight=weight, lora_L=lora_L, lora_R=lora_R)
     with _device_guard(x2.device):
-        return _bwd(dy2, x2, weight, lora_L, lora_R, scales, t, dropout_p, seed, needs_dx, needs_dL, needs_dR, bits)
+        return _bwd(dy2, x2, weight, lora_L, lora_R, scales, t, dropout_p, seed, needs_dx, needs_dL, needs_dR, bits,
+                    fused_dy)
 
 
-def _bwd(dy2, x2, weight, lora_L, lora_R, scales, t, dropout_p, seed, needs_dx, needs_dL, needs_dR, bits):
+def lowrank_linear_bwd_triton_fused_dy(dy2, x2, weight, lora_L, lora_R, scales, t, dropout_p, seed,
+                                       needs_dx, needs_dL, needs_dR, bits=None):
+    """`lowrank_linear_bwd_triton` with fused_dy=True (the backward of auto's "triton-fdy" candidate)."""
+    return lowrank_linear_bwd_triton(dy2, x2, weight, lora_L, lora_R, scales, t, dropout_p, seed, needs_dx,
+                                     needs_dL, needs_dR, bits, fused_dy=True)
+
+
+def uses_fused_dy(nr: int, dropout_p: float, dtype: torch.dtype) -> bool:
+    """Whether fused_dy changes anything for this n*r, dropout and dtype (G has its own pass over dy, n*r fits)."""
+    # The limit is a register budget of compiled kernels; the interpreter runs every width (for the tests).
+    limit = FUSED_DY_MAX_R if _INTERPRET else fused_dy_max_r(_precision(dtype))
+    return not _fuse_t(nr, dropout_p) and block_r(nr) <= limit
+
+
+def _bwd(dy2, x2, weight, lora_L, lora_R, scales, t, dropout_p, seed, needs_dx, needs_dL, needs_dR, bits,
+         fused_dy=False):
     m, k = x2.shape
     n, nr = weight.shape[0], lora_L.shape[0]
     p, seed = float(dropout_p), int(seed)
@@ -418,28 +450,36 @@ def _bwd(dy2, x2, weight, lora_L, lora_R, scales, t, dropout_p, seed, needs_dx, 
     g = None
     # P[r, k'] = R^T[r, k'] = R[k', r] (the K of this GEMM runs over out)
     r_as_p = (lora_R.stride(1), lora_R.stride(0))
+    fuse = _fuse_t(nr, p)  # dropout needs the masked low-rank part first (T_MODE 1)
+    # dR from the pass that reads dy for G, when there is such a pass (G is not accumulated in the dx GEMM).
+    shrink_g = (needs_dx and not fuse) or (needs_dL and not needs_dx)
+    fused_dr = None
+    if fused_dy and needs_dR and shrink_g and uses_fused_dy(nr, p, x2.dtype) \
+            and not torch.are_deterministic_algorithms_enabled():
+        dr32 = torch.zeros((n, nr), dtype=torch.float32, device=dev)
+        fused_dr = (t.to(torch.float32).contiguous(), s, dr32)
     if needs_dx:
         dx = _alloc((m, k), x2.dtype, dev)
-        fuse = _fuse_t(nr, p)  # dropout needs the masked low-rank part first (T_MODE 1)
         if needs_dL or not fuse:
             g = _alloc((m, nr), torch.float32, dev)
         if not fuse:
-            _launch_shrink(dy2, lora_R, g, r_as_p[0], r_as_p[1], 0.0, None)
+            _launch_shrink(dy2, lora_R, g, r_as_p[0], r_as_p[1], 0.0, None, fused_dr)
         # B[k', n'] = W[k', n'] (k' over out, n' over in); Q[n', r] = L[r, n']
         _launch_fused(dy2, (weight.stride(0), weight.stride(1)), weight, lora_R, r_as_p,
                       lora_L, (lora_L.stride(1), lora_L.stride(0)), s, None, g if g is not None else s[None, :], dx, k,
                       t_mode=0 if fuse else 1, store_t=fuse and needs_dL, out_drop=p > 0.0, dropout_p=p, bits=bits)
     elif needs_dL:
         g = _alloc((m, nr), torch.float32, dev)
-        _launch_shrink(dy2, lora_R, g, r_as_p[0], r_as_p[1], 0.0, None)
+        _launch_shrink(dy2, lora_R, g, r_as_p[0], r_as_p[1], 0.0, None, fused_dr)
     if needs_dL:
         dl32 = _alloc((nr, k), torch.float32, dev)
         _launch_reduce(x2, g, s, dl32, (dl32.stride(1), dl32.stride(0)), p, bits)
         dL = dl32.to(lora_L.dtype)
     if needs_dR:
-        t32 = t.to(torch.float32).contiguous()
-        dr32 = _alloc((n, nr), torch.float32, dev)
-        _launch_reduce(dy2, t32, s, dr32, (dr32.stride(0), dr32.stride(1)), 0.0, None)
+        if fused_dr is None:
+            t32 = t.to(torch.float32).contiguous()
+            dr32 = _alloc((n, nr), torch.float32, dev)
+            _launch_reduce(dy2, t32, s, dr32, (dr32.stride(0), dr32.stride(1)), 0.0, None)
         dR = dr32.to(lora_R.dtype)
     return dx, dL, dR
 
