@@ -252,6 +252,8 @@ def run(case_list, out_csv: Path, cuda_graph: bool, device, budget_s=None, rep=1
                                       mode=mode, provider=prov, ms=round(ms, 5), ratio_to_bare=round(ms / base, 4),
                                       tflops=round(_flops(tokens, in_f, out_f, mode) / (ms * 1e-3) / 1e12, 1),
                                       peak_mb=round(peak / 2**20, 1), check="ok" if not bad else "FAIL"))
+        if p > 0.0:
+            print(mask_cost(tokens, in_f, p, device, rep), flush=True)
         append_rows(case_rows, out_csv)
         rows += case_rows
         del layers, x, dy
@@ -267,6 +269,21 @@ def run(case_list, out_csv: Path, cuda_graph: bool, device, budget_s=None, rep=1
     plot(rows, out_csv.with_suffix(".png"))
     print(f"checks: {failures} case(s) failed")
     return rows, failures
+
+
+def mask_cost(tokens, in_f, p, device, rep):
+    """One line: the time of the dropout-mask kernel alone (the forward's one Philox pass), to tell it apart from the
+    rest of dropout's cost."""
+    from muscle_kernels.ops.lowrank_linear import triton_ops
+
+    fn = lambda: triton_ops._dropout_bits(tokens, in_f, p, 1234, device)  # noqa: E731
+    fn()
+    if device.type != "cuda":
+        return f"mask {tokens}x{in_f}: (dry run, not timed)"
+    import triton.testing as tt
+
+    ms = tt.do_bench(fn, warmup=max(5, rep // 4), rep=rep, return_mode="median")
+    return f"mask {tokens}x{in_f}: {ms:.4f} ms for the packed dropout mask ({tokens * in_f / 8 / 2**20:.1f} MiB)"
 
 
 def print_autotune_choices():

@@ -141,7 +141,7 @@ step bench_freq 25 "$PY" benchmarks/bench_frequency.py "${freq_args[@]}" --json 
   for s in "${steps[@]}"; do echo "step $s"; done
   echo "--- build"; tail -n 8 "$work/build.log"
   echo "--- bench_linear (checks, goals, choices)"
-  grep -E "^check|^goal|goal line|^ *\{'device'|^autotune|^budget|TIMEOUT|Error|error" "$work/bench_linear.log" | head -n 80
+  grep -E "^check|^goal|goal line|^ *\{'device'|^autotune|^mask|^budget|TIMEOUT|Error|error" "$work/bench_linear.log" | head -n 80
   echo "--- bench_linear table"; grep -E "^ *[0-9]+ +[0-9]+ +[0-9]+ " "$work/bench_linear.log" | head -n 40
   echo "--- tests"; tail -n 40 "$work/tests.log"
   echo "--- bench_align"; grep -E "^[a-z]+:|TIMEOUT|Error" "$work/bench_align.log" | head -n 30
