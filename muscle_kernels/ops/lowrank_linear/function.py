@@ -134,6 +134,9 @@ def _check_inputs(x, weight, bias, lora_L, lora_R, scales, dropout_p):
 # --------------------------------------------------------------------------------------------------------------------
 # Custom ops (forward and backward) and their autograd formula.
 # --------------------------------------------------------------------------------------------------------------------
+_FUSED_DY = "triton-fdy"  # an internal name: users choose among BACKENDS, "auto" may also pick this one
+
+
 def _impl(backend: str):
     """(forward, backward) implementations of a concrete backend ("torch" and "cublas" share the composed GEMMs;
     "triton-fdy", which only "auto" picks, is "triton" with dR computed in the backward's pass over dy for G)."""
@@ -146,15 +149,13 @@ def _impl(backend: str):
     return lowrank_linear_fwd_torch, lowrank_linear_bwd_torch
 
 
-_FUSED_DY = "triton-fdy"
-
-
 def _is_triton(backend: str) -> bool:
     return backend in ("triton", _FUSED_DY)
 
 
 def _choose(args: tuple, needs: Tuple[bool, bool, bool], backward: bool) -> str:
-    """backend="auto" on CUDA: the cached or freshly timed choice between the fused kernels and cuBLAS."""
+    """backend="auto" on CUDA: the cached or freshly timed choice between the fused kernels (and, where it changes
+    anything, their variant with dR in the G pass) and cuBLAS."""
     x2, weight, _, lora_L = args[:4]
     key = autoselect.choice_key(x2, weight, lora_L.shape[0], args[6], backward)
     can_time = not (torch.compiler.is_compiling()
