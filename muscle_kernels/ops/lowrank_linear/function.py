@@ -46,9 +46,17 @@ _ENV_BACKEND = "MUSCLE_KERNELS_BACKEND"
 _TRITON = {"module": None, "tried": False, "error": None}
 
 
+@torch.compiler.assume_constant_result
+def _triton_loaded() -> bool:
+    # Dynamo cannot trace an import: when the first call that needs Triton is inside torch.compile, this runs eagerly
+    # at trace time and its answer is a constant of the graph (it cannot change later in the process anyway).
+    return lazy_import(_TRITON, ".triton_ops", __package__) is not None
+
+
 def _triton_ops():
-    """Import the Triton launchers lazily; None when Triton is missing or broken (one clear reason is kept)."""
-    return lazy_import(_TRITON, ".triton_ops", __package__)
+    """The Triton launchers, imported once on first use; None when Triton is missing or broken (one clear reason is
+    kept)."""
+    return _TRITON["module"] if _triton_loaded() else None
 
 
 def _interpreting() -> bool:
@@ -161,10 +169,11 @@ def _choose(args: tuple, needs: Tuple[bool, bool, bool], backward: bool) -> str:
     can_time = not (torch.compiler.is_compiling()
                     or (x2.device.type == "cuda" and torch.cuda.is_current_stream_capturing()))
     names = list(autoselect.CANDIDATES)
+    timing = can_time and key not in autoselect._CHOICES
     # Where the backward reads dy once more for G, the variant that also computes dR in that pass races too.
-    if backward and needs[2] and _triton_ops().uses_fused_dy(lora_L.shape[0], args[6], x2.dtype):
+    if timing and backward and needs[2] and _triton_ops().uses_fused_dy(lora_L.shape[0], args[6], x2.dtype):
         names.append(_FUSED_DY)
-    if can_time and key not in autoselect._CHOICES:
+    if timing:
         runners = autoselect.runners_for({name: _impl(name) for name in names}, args, backward, needs)
     else:
         runners = {name: None for name in names}
