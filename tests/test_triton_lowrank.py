@@ -286,6 +286,12 @@ def test_a_mask_of_the_wrong_shape_is_refused():
         triton_ops.lowrank_linear_bwd_triton(dy, x, w, lo, ro, s, t, 0.3, 4, True, True, True, bits=bits[:-1])
     with pytest.raises(ValueError, match="bits:"):
         triton_ops.lowrank_linear_bwd_triton(dy, x, w, lo, ro, s, t, 0.3, 4, True, True, True, bits=bits.float())
+    with pytest.raises(ValueError, match="bits:"):  # a column-strided view
+        wide = torch.zeros(bits.shape[0], 2 * bits.shape[1], dtype=torch.int32, device=bits.device)
+        triton_ops.lowrank_linear_bwd_triton(dy, x, w, lo, ro, s, t, 0.3, 4, True, True, True, bits=wide[:, ::2])
+    if ON_GPU:
+        with pytest.raises(ValueError, match="bits:"):
+            triton_ops.lowrank_linear_bwd_triton(dy, x, w, lo, ro, s, t, 0.3, 4, True, True, True, bits=bits.cpu())
 
 
 def test_bad_dtypes_name_the_argument():

@@ -280,11 +280,11 @@ def _dropout_bits(m: int, k: int, p: float, seed: int, device) -> torch.Tensor:
     return bits
 
 
-def _check_bits(bits, m, k):
+def _check_bits(bits, m, k, device):
     want = (m, triton.cdiv(k, 32))
-    if bits.dtype != torch.int32 or tuple(bits.shape) != want or bits.stride(1) != 1:
-        raise ValueError(f"bits: expected the forward's packed dropout mask, int32 {want} with unit column stride, "
-                         f"got {bits.dtype} {tuple(bits.shape)}")
+    if bits.dtype != torch.int32 or tuple(bits.shape) != want or bits.stride(1) != 1 or bits.device != device:
+        raise ValueError(f"bits: expected the forward's packed dropout mask, int32 {want} with unit column stride on "
+                         f"{device}, got {bits.dtype} {tuple(bits.shape)} strides {bits.stride()} on {bits.device}")
 
 
 def _check_dtypes(x2, **others):
@@ -438,7 +438,7 @@ def _bwd(dy2, x2, weight, lora_L, lora_R, scales, t, dropout_p, seed, needs_dx, 
     if p > 0.0 and m > 0 and (needs_dx or needs_dL):
         if bits is None or bits.numel() == 0:
             bits = _dropout_bits(m, k, p, seed, dev)
-        _check_bits(bits, m, k)
+        _check_bits(bits, m, k, dev)
     else:
         bits = None
     if m == 0:
