@@ -29,7 +29,8 @@ import triton.language as tl
 
 @triton.jit
 def _dropout_bits_kernel(bits_ptr, M, W, stride_bm, seed, p, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr):
-    """The packed dropout keep-mask of an [M, K] input: bit b of int32 word (m, w) keeps x[m, 32 w + b]; W = cdiv(K, 32).
+    """The packed dropout keep-mask of an [M, K] input: bit b of int32 word (m, w) keeps x[m, 32 w + b];
+    W = cdiv(K, 32).
 
     Word (m, w) takes 8 Philox calls, counters (8 w + j, m) for j < 8, whose 4 outputs are columns 32 w + 4 j + i."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)

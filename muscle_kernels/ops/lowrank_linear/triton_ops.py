@@ -1,7 +1,8 @@
 """Launchers of the Triton kernels of the multi-scale low-rank linear op (the "triton" backend of function.py).
 
     lowrank_linear_fwd_triton(x2, weight, bias, lora_L, lora_R, scales, dropout_p, seed)
-        -> (y [M, out], T [M, n*r] fp32, bits: the packed dropout mask [M, cdiv(in, 32)] int32, or empty without dropout)
+        -> (y [M, out], T [M, n*r] fp32, bits: the packed dropout mask [M, cdiv(in, 32)] int32 or, without
+            dropout, empty)
     lowrank_linear_bwd_triton(dy2, x2, weight, lora_L, lora_R, scales, t, dropout_p, seed,
                               needs_dx, needs_dL, needs_dR, bits=None) -> (dx | None, dL | None, dR | None)
     dropout_mask_triton(shape, p, seed, device) -> the bool keep-mask that the kernels apply (unpacked)
@@ -408,7 +409,8 @@ def lowrank_linear_bwd_triton(dy2, x2, weight, lora_L, lora_R, scales, t, dropou
 
     bits: the forward's packed dropout mask; None (or empty) regenerates it from `seed`, the same mask.
     fused_dy: where G has its own pass over dy (n*r > 32 or dropout), compute dR in that pass too, with fp32 atomics
-    (n*r up to 64, 16 for fp32 without TF32; never in deterministic mode). backend="auto" times this variant as "triton-fdy"."""
+    (n*r up to 64, 16 for fp32 without TF32; never in deterministic mode). backend="auto" times this variant as
+    "triton-fdy"."""
     _check_dtypes(x2, dy=dy2, weight=weight, lora_L=lora_L, lora_R=lora_R)
     with _device_guard(x2.device):
         return _bwd(dy2, x2, weight, lora_L, lora_R, scales, t, dropout_p, seed, needs_dx, needs_dL, needs_dR, bits,
@@ -457,7 +459,7 @@ def _bwd(dy2, x2, weight, lora_L, lora_R, scales, t, dropout_p, seed, needs_dx, 
     if fused_dy and needs_dR and shrink_g and uses_fused_dy(nr, p, x2.dtype) \
             and not torch.are_deterministic_algorithms_enabled():
         dr32 = torch.zeros((n, nr), dtype=torch.float32, device=dev)
-        fused_dr = (t.to(torch.float32).contiguous(), s, dr32)
+        fused_dr = (t.to(torch.float32).contiguous(), s, dr32)  # T is fp32 already: no copy
     if needs_dx:
         dx = _alloc((m, k), x2.dtype, dev)
         if needs_dL or not fuse:
@@ -503,5 +505,7 @@ def dropout_mask_triton(shape, p: float, seed: int, device) -> torch.Tensor:
 def unpack_bits(bits: torch.Tensor, k: int) -> torch.Tensor:
     """[M, cdiv(k, 32)] int32 packed keep-mask -> [M, k] bool (bit c % 32 of word c // 32)."""
     cols = torch.arange(k, device=bits.device)
-    words = bits.to(torch.int64)[:, cols // 32] if bits.numel() else bits.new_zeros((bits.shape[0], k), dtype=torch.int64)
+    if bits.numel() == 0:
+        return torch.zeros((bits.shape[0], k), dtype=torch.bool, device=bits.device)
+    words = bits.to(torch.int64)[:, cols // 32]
     return ((words >> (cols % 32)) & 1).bool()
