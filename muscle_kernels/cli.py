@@ -2,7 +2,8 @@
 
     muscle-lora demo                      # built-in: MiniLM on the shipped review corpus, BadNets 10%, offline
     muscle-lora analyze                   # the same, recording and plotting the frequency analysis (frequency.png)
-    muscle-lora defend --model bert-base-uncased --data poison_data/sst-2/1/badnets --method muscle-ga
+    muscle-lora defend --data poison_data/sst-2/1/badnets                 # MiniLM, muscle-screen
+    muscle-lora defend --model bert-base-uncased --data poison_data/sst-2/1/badnets --method lora,refonly,muscle-screen
     muscle-lora defend --model ./my-model --train train.csv --dev dev.csv --test-clean test.csv \\
         --attack badnets --poison-rate 0.1 --target-label 1 --method lora,muscle-ga
 
@@ -146,8 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "which <rate>/ folder holds the training set, when there are several")
     atk.add_argument("--target-label", type=int, default=None, help="the attack's target class (default 1)")
     atk.add_argument("--clean-label", action="store_true", help="poison target-class samples, keep their labels")
-    d.add_argument("--method", type=_methods, default=["muscle-ga"],
-                   help="vanilla, lora, muscle, muscle-ga, a comma-separated list, or all (default muscle-ga)")
+    d.add_argument("--method", type=_methods, default=None,
+                   help="vanilla, lora, refonly, muscle, muscle-ga, muscle-screen, a comma-separated list, or all "
+                        "(default muscle-screen; with --recipe paper, muscle-ga, the paper's method)")
     d.add_argument("--num-labels", type=_positive_int, default=None, help="default: the largest label + 1")
     d.add_argument("--gguf-file", default=None,
                    help="a GGUF file inside --model's folder (decoder LLMs shipped quantized; needs the gguf "
@@ -317,7 +319,7 @@ def _check_attack(args, *, train, test_clean, dev) -> None:
 def _run_outputs():
     from .defense.train import METHODS
 
-    return ("results.json", "results.png") + tuple(METHODS)
+    return ("results.json", "results.png", "suspects.csv") + tuple(METHODS)
 
 
 def _prepare_output(path: Optional[str], overwrite: bool) -> None:
@@ -350,7 +352,7 @@ def _clear_output(path: str) -> None:
 
     ours = set(_run_outputs())
     for name in sorted(os.listdir(path)):
-        stray = name.startswith((".results.json.", ".results.png.")) and name.endswith(".tmp")
+        stray = name.startswith((".results.json.", ".results.png.", ".suspects.csv.")) and name.endswith(".tmp")
         if name not in ours and not stray:
             continue
         full = os.path.join(path, name)
@@ -412,6 +414,7 @@ def _demo(args) -> int:
 def _defend(args, parser) -> int:
     from .defense.data import check_labels, infer_num_labels
     from .defense.models import classifier_factory
+    from .defense.train import default_method
 
     splits = _load_splits(args, parser)
     if args.model is None:
@@ -428,7 +431,8 @@ def _defend(args, parser) -> int:
         raise CliError(f"--model: cannot load {args.model!r}: {_one_line(e)}") from None
     if args.overwrite:  # only now that the data and --model are known to be good: never clear a run for nothing
         _clear_output(args.output)
-    return _run(args, splits, factory, tokenizer, args.method,
+    methods = args.method or [default_method(args.recipe)]
+    return _run(args, splits, factory, tokenizer, methods,
                 extra=dict(model=args.model, data=args.data or args.train, attack=args.attack,
                            poison_rate=args.poison_rate if args.attack else None))
 

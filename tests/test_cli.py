@@ -54,7 +54,8 @@ def test_defend_data_errors(capsys, tmp_path):
 
 def test_parser_defaults():
     args = build_parser().parse_args(["defend", "--model", "m", "--data", "d", "--method", "all"])
-    assert args.method == ["vanilla", "lora", "muscle", "muscle-ga"]
+    assert args.method == ["vanilla", "lora", "refonly", "muscle", "muscle-ga", "muscle-screen"]
+    assert build_parser().parse_args(["defend", "--data", "d"]).method is None  # resolved by the recipe
     assert build_parser().parse_args(["demo"]).output == "muscle-lora-demo"
 
 
@@ -87,6 +88,20 @@ def test_defend_end_to_end(tmp_path, capsys):
     assert results[1]["settings"]["attack"] == "addsent"
     assert os.path.isfile(out / "muscle-ga" / "muscle_lora_adapter.safetensors")
     assert os.path.isfile(out / "results.png")
+    assert not os.path.exists(out / "suspects.csv"), "only muscle-screen scores the training rows"
+
+    # No --method: the default, muscle-screen, which also writes every training row's suspicion.
+    out = tmp_path / "default"
+    code = main(["defend", "--model", str(model_dir), "--train", str(tmp_path / "train.csv"),
+                 "--test-clean", str(tmp_path / "test.csv"), "--attack", "addsent", "--poison-rate", "0.2",
+                 "--epochs", "1", "--ref-size", "8", "--batch-size", "16", "--max-length", "48",
+                 "--output", str(out), "--no-progress", "--device", "cpu"])
+    assert code == 0
+    (result,) = json.loads((out / "results.json").read_text())["results"]
+    assert result["method"] == "muscle-screen" and "screen:" in capsys.readouterr().out
+    suspects = (out / "suspects.csv").read_text().splitlines()
+    assert len(suspects) == 1 + result["screen"]["rows"] == 1 + len(result["suspects"])
+    assert os.path.isfile(out / "muscle-screen" / "muscle_lora_adapter.safetensors")
 
 
 def test_demo_splits():

@@ -44,18 +44,31 @@ def test_all_methods_write_results_and_reloadable_adapters(setup):
         for key in ("method", "cacc", "asr", "train_seconds", "step_seconds", "settings", "best_epoch", "history"):
             assert key in r, f"{r['method']}: results.json lacks {key!r}"
         assert 0.0 <= r["cacc"] <= 1.0 and 0.0 <= r["asr"] <= 1.0
-        assert r["train_seconds"] > 0 and r["steps"] == 2 * 7
+        assert r["train_seconds"] > 0
+        if r["method"] == "muscle-screen":  # the screen's own steps, then 2 epochs over the kept rows + reference
+            kept = 100 - r["screen"]["flagged"]
+            assert r["train_rows"] == kept + 8 and len(r["suspects"]) == 100
+            assert r["steps"] == r["screen"]["steps"] + 2 * -(-(kept + 8) // 16)
+        else:  # refonly: as many steps as the others, on the 8 reference rows
+            assert r["steps"] == 2 * 7 and r["train_rows"] == (8 if r["method"] == "refonly" else 100)
         assert r["best_epoch"] in (1, 2) and len(r["history"]) == 2
         assert r["settings"]["seed"] == 0 and r["settings"]["ref_size"] == 8
     ga = saved[METHODS.index("muscle-ga")]
     assert all("aligned_fraction" in h for h in ga["history"])
     assert os.path.getsize(os.path.join(out, "results.png")) > 1000
+    with open(os.path.join(out, "suspects.csv")) as f:
+        rows = f.read().splitlines()
+    assert rows[0].split(",")[:4] == ["row", "score", "rank", "flagged"] and len(rows) == 101
+    screened = saved[METHODS.index("muscle-screen")]
+    assert sorted(int(r.split(",")[0]) for r in rows[1:]) == list(range(100))
+    assert [int(r.split(",")[2]) for r in rows[1:]] == list(range(1, 101)), "ranked, most suspicious first"
+    assert sum(int(r.split(",")[3]) for r in rows[1:]) == screened["screen"]["flagged"]
 
     # The saved adapter is the best epoch's: reloaded into a fresh model it gives the recorded test accuracy.
     from muscle_kernels.integrations.adapters import load_adapter
 
     splits_ref = split_reference(splits, settings)
-    for method in ("lora", "muscle", "muscle-ga"):
+    for method in ("lora", "refonly", "muscle", "muscle-ga", "muscle-screen"):
         torch.manual_seed(123)  # a different fresh head: every trained tensor must come from the file
         model = load_adapter(factory(), os.path.join(out, method))
         cacc = evaluate(model, tokenizer, splits_ref.test_clean, settings, torch.device("cpu"), progress=False)

@@ -1,4 +1,4 @@
-"""Defended fine-tuning: the four methods on the same model, data and seed, with CACC / ASR at the best dev epoch.
+"""Defended fine-tuning: the methods on the same model, data and seed, with CACC / ASR at the best dev epoch.
 
 Methods (docs/layer.md, docs/alignment.md):
 - "vanilla": full fine-tuning of every weight.
@@ -9,6 +9,12 @@ Methods (docs/layer.md, docs/alignment.md):
 - "muscle-ga": the full method: the same adapters, and every step's gradient aligned with the gradient of a clean
   reference batch (GradientAligner). The reference set is drawn from the clean dev data and removed from it -- for
   every method, so that all of them pick their best epoch on the same dev samples.
+- "refonly": the baseline a defense must beat: plain LoRA trained on the reference set alone (the training set
+  discarded), for as many optimizer steps as lora and muscle-ga take, its best checkpoint picked on the same dev rows.
+- "muscle-screen" (the default of `muscle-lora defend`): screen the training set against the reference set
+  (defense/screen.py: over-represented tokens, labels a reference-trained LoRA finds surprising), drop the rows above
+  a threshold calibrated on clean dev rows, and train the MuScleLoRA adapters on the rest plus the reference set.
+  It writes every row's suspicion (suspects.csv). docs/defense.md has why and what it measured.
 
 Each epoch ends with an evaluation on the clean dev set (and on the poisoned dev set when there is one, to show when a
 backdoor is learned); the adapter of the epoch with the best clean dev accuracy is restored and measured on the
@@ -36,10 +42,12 @@ from ..nn.spec import AdapterSpec
 from .data import DataError, Sample, check_labels
 from .metrics import accuracy, attack_success_rate
 
-__all__ = ["METHODS", "Settings", "reference_size", "Splits", "split_reference", "train_method", "run_methods", "evaluate",
+__all__ = ["METHODS", "REFERENCE_METHODS", "default_method", "label_surprise_scores", "Settings", "reference_size", "Splits", "split_reference", "train_method", "run_methods", "evaluate",
            "resolve_device"]
 
-METHODS = ("vanilla", "lora", "muscle", "muscle-ga")
+METHODS = ("vanilla", "lora", "refonly", "muscle", "muscle-ga", "muscle-screen")
+# the methods that need the clean reference set (drawn from dev by split_reference)
+REFERENCE_METHODS = ("refonly", "muscle-ga", "muscle-screen")
 
 _GATE = GateConfig()  # the gate's defaults are GateConfig's (align/gate.py), written there only
 
@@ -56,6 +64,11 @@ class Settings:
         defaults these are; `gate()` builds it).
     freq_band / mslr_alpha: override the recipe's multi-scale head (None: MuScleLoRAConfig.for_model's choice);
         checked like AdapterSpec's freq_band and alpha, as lora_rank and lora_alpha are.
+    screen_epochs / screen_quantile: muscle-screen's screen (defense/screen.py): the reference-set LoRA trains for
+        this many passes over the reference set (at most one training epoch's steps), and a training row is dropped
+        when its suspicion exceeds this quantile of the clean dev rows' suspicion.
+    sync_timing: on CUDA, synchronise around each step so that step_seconds is the step's own time (serialises
+        the GPU; off by default).
     """
 
     epochs: int = 3
@@ -79,11 +92,14 @@ class Settings:
     lora_alpha: float = 32.0
     freq_band: Optional[List[float]] = None
     mslr_alpha: Optional[float] = None
+    screen_epochs: int = 10
+    screen_quantile: float = 0.95
+    sync_timing: bool = False
     device: str = "auto"
 
     def __post_init__(self):
         for name, low in dict(epochs=1, batch_size=1, eval_batch_size=1, max_length=2, ref_size=1, ref_batch_size=1,
-                              seed=-2**63).items():
+                              seed=-2**63, screen_epochs=1).items():
             if name == "ref_size" and self.ref_size is None:
                 continue  # chosen from the dev set's size (reference_size)
             setattr(self, name, integer(low)(name, getattr(self, name)))
@@ -92,6 +108,11 @@ class Settings:
         for name in ("weight_decay", "max_grad_norm"):
             setattr(self, name, non_negative_number(name, getattr(self, name)))
         self.warmup_ratio = fraction("warmup_ratio", self.warmup_ratio)
+        self.screen_quantile = fraction("screen_quantile", self.screen_quantile)
+        if not 0.0 < self.screen_quantile < 1.0:
+            raise ValueError(f"screen_quantile: expected a number strictly between 0 and 1, got {self.screen_quantile}")
+        if not isinstance(self.sync_timing, bool):
+            raise ValueError(f"sync_timing: expected true or false, got {self.sync_timing!r}")
         self.ref_select = one_of(("random", "kmeans"))("ref_select", self.ref_select)
         # The gate's fields and the adapter overrides go through GateConfig's and AdapterSpec's own checks.
         for name, gate_field in _GATE_FIELDS.items():
@@ -219,6 +240,21 @@ def predict(model, tokenizer, samples: Sequence[Sample], settings: Settings, dev
     return preds
 
 
+@torch.no_grad()
+def label_surprise_scores(model, tokenizer, samples: Sequence[Sample], settings: Settings, device) -> List[float]:
+    """Each sample's cross-entropy of its own label under `model` (eval mode): how much the label surprises it."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for batch in _batches(tokenizer, samples, settings.eval_batch_size, settings.max_length, device):
+        batch = _forward_kwargs(model, batch)
+        labels = batch.pop("labels")
+        logits = model(**batch).logits.float()
+        out.extend(torch.nn.functional.cross_entropy(logits, labels, reduction="none").tolist())
+    model.train(was_training)
+    return out
+
+
 def evaluate(model, tokenizer, samples: Sequence[Sample], settings: Settings, device, *, poisoned: bool = False,
              target_label: Optional[int] = None, desc: str = "eval", progress: bool = True) -> float:
     """Clean accuracy, or (poisoned=True) the attack success rate on a triggered set."""
@@ -241,7 +277,7 @@ def _prepare(model: nn.Module, method: str, settings: Settings) -> nn.Module:
     from ..integrations.config import MuScleLoRAConfig
 
     overrides = dict(lora_rank=settings.lora_rank, lora_alpha=settings.lora_alpha)
-    if method == "lora":
+    if method in ("lora", "refonly"):
         recipe = MuScleLoRAConfig.for_model(model)
         # Plain LoRA: no multi-scale head; the head's modules train in full instead.
         config = MuScleLoRAConfig.for_model(model, mslr_targets=[], trainable=list(recipe.modules_to_save),
@@ -266,106 +302,188 @@ def _lr_lambda(total_steps: int, warmup_ratio: float) -> Callable[[int], float]:
     return f
 
 
+def _steps_per_epoch(rows: int, settings: Settings) -> int:
+    return math.ceil(rows / settings.batch_size)
+
+
+def _fit(model, tokenizer, rows: Sequence[Sample], settings: Settings, device, *, method: str, total_steps: int,
+         checkpoints: int, splits: Splits, lr: float, aligner_factory=None, progress: bool = True,
+         log: Callable[[str], None] = print, on_step: Optional[Callable] = None) -> dict:
+    """Train `model`'s trainable tensors on `rows` for `total_steps` optimizer steps (shuffled passes, the last one
+    cut short), evaluating on the dev sets at `checkpoints` evenly spaced steps (epoch ends when the steps are whole
+    epochs) and keeping the best checkpoint's tensors. Returns history, best (acc, epoch, state), step_times."""
+    from tqdm.auto import tqdm
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise RuntimeError(f"{method}: the model has no trainable parameters")
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=settings.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total_steps, settings.warmup_ratio))
+    aligner = aligner_factory(params) if aligner_factory is not None else None
+    update = AlignClipStep(params, aligner=aligner, max_grad_norm=settings.max_grad_norm, optimizer=opt,
+                           scheduler=sched)
+    ends = sorted({max(1, round(total_steps * (c + 1) / checkpoints)) for c in range(checkpoints)})
+    per_pass = _steps_per_epoch(len(rows), settings)
+    gen = torch.Generator().manual_seed(settings.seed)
+    history, step_times = [], []
+    best = dict(acc=-1.0, epoch=-1, state=None)
+    sync = device.type == "cuda" and settings.sync_timing
+    if on_step is not None:
+        on_step(0, model, method=method)
+    step = 0
+    bar = tqdm(total=total_steps, desc=method, leave=False, disable=not progress)
+    losses, branches = [], []
+    while step < total_steps:
+        order = torch.randperm(len(rows), generator=gen).tolist()
+        for batch in _batches(tokenizer, rows, settings.batch_size, settings.max_length, device, order):
+            if sync:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            loss = model(**_forward_kwargs(model, batch)).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            done = update(model, step // per_pass)  # align (muscle-ga), clip, optimizer and scheduler step
+            if aligner is not None:
+                branches.append(done.align.branch)
+            if sync:
+                torch.cuda.synchronize()
+            step_times.append(time.perf_counter() - t0)
+            losses.append(loss.item())
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            if on_step is not None:
+                on_step(step, model, method=method)
+            if step == ends[len(history)]:
+                record = _checkpoint(model, tokenizer, splits, settings, device, len(history) + 1, losses, branches,
+                                     progress)
+                history.append(record)
+                log(f"  {method} {'epoch' if total_steps == per_pass * len(ends) else 'checkpoint'} "
+                    f"{record['epoch']}/{len(ends)}: loss {record['train_loss']:.4f}  dev acc {record['dev_acc']:.4f}"
+                    + (f"  dev ASR {record['dev_asr']:.4f}" if splits.dev_poison else "")
+                    + (f"  aligned {record['aligned_fraction']:.0%}" if aligner is not None else ""))
+                if record["dev_acc"] > best["acc"]:
+                    best = dict(acc=record["dev_acc"], epoch=record["epoch"],
+                                state={n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+                losses, branches = [], []
+            if step >= total_steps:
+                break
+    bar.close()
+    with torch.no_grad():  # back to the best checkpoint's weights (only trainable tensors ever change)
+        named = dict(model.named_parameters())
+        for n, v in best["state"].items():
+            named[n].copy_(v)
+    return dict(history=history, best=best, step_times=step_times, trainable=sum(p.numel() for p in params))
+
+
+def _checkpoint(model, tokenizer, splits, settings, device, index, losses, branches, progress) -> dict:
+    dev_acc = evaluate(model, tokenizer, splits.dev, settings, device, desc="dev", progress=progress)
+    dev_asr = evaluate(model, tokenizer, splits.dev_poison, settings, device, poisoned=True, desc="dev-poison",
+                       progress=progress) if splits.dev_poison else float("nan")
+    record = dict(epoch=index, train_loss=statistics.fmean(losses) if losses else float("nan"), dev_acc=dev_acc,
+                  dev_asr=dev_asr)
+    if branches:  # the share of steps whose gradient was replaced by its projection (the rest: blended or raw)
+        record["aligned_fraction"] = branches.count("replace") / len(branches)
+        record["blended_fraction"] = branches.count("blend") / len(branches)
+    return record
+
+
+def _screen(model_factory, tokenizer, splits: Splits, settings: Settings, device, *, progress: bool,
+            log: Callable[[str], None]):
+    """muscle-screen's first stage: a LoRA fitted to the reference set alone, then every training row scored
+    against the reference set (defense/screen.py). Returns (Screen, optimizer steps, seconds)."""
+    from .screen import screen_rows, token_scores
+
+    t0 = time.perf_counter()
+    calib = splits.dev  # clean rows that neither the reference model nor the token counts have seen
+    lex_train, lex_calib = token_scores([s.text for s in splits.train], [s.text for s in splits.ref],
+                                        [s.text for s in calib])
+    probe = _prepare(model_factory(), "lora", settings).to(device)
+    probe.train()
+    ref_steps = _steps_per_epoch(len(splits.ref), settings)
+    steps = max(ref_steps, min(settings.screen_epochs * ref_steps, _steps_per_epoch(len(splits.train), settings)))
+    fitted = _fit(probe, tokenizer, splits.ref, settings, device, method="screen", total_steps=steps, checkpoints=1,
+                  splits=dataclasses.replace(splits, dev_poison=[]), lr=settings.lr, progress=progress,
+                  log=log)
+    surprise_train = label_surprise_scores(probe, tokenizer, splits.train, settings, device)
+    surprise_calib = label_surprise_scores(probe, tokenizer, calib, settings, device)
+    probe.to("cpu")
+    del probe
+    screen = screen_rows(dict(tokens=lex_train, label=surprise_train), dict(tokens=lex_calib, label=surprise_calib),
+                         quantile=settings.screen_quantile)
+    log(f"  screen: {sum(screen.flagged)} of {len(screen.flagged)} training rows flagged "
+        f"(threshold {screen.threshold:.2f}, the {settings.screen_quantile:.0%} point of {len(calib)} clean dev rows)")
+    return screen, len(fitted["step_times"]), time.perf_counter() - t0
+
+
 def train_method(method: str, model_factory: Callable[[], nn.Module], tokenizer, splits: Splits,
                  settings: Settings, *, output_dir: Optional[str] = None, progress: bool = True,
                  log: Callable[[str], None] = print, on_step: Optional[Callable] = None) -> dict:
     """Fine-tune a fresh model from `model_factory()` with `method`; return its result record.
 
-    The record: method, cacc, asr (at the best dev epoch), best_epoch, train_seconds, step_seconds (median time of
-    one optimizer step), history (per epoch: dev accuracy, dev ASR, train loss, share of aligned steps), settings.
-    With `output_dir`, the adapter (or, for vanilla, the full model) goes to output_dir/<method>/.
+    The record: method, cacc, asr (at the best dev checkpoint), best_epoch, train_seconds, step_seconds (median time
+    of one optimizer step), steps, history (per checkpoint: dev accuracy, dev ASR, train loss, share of aligned
+    steps), settings; muscle-screen adds `screen` (rows flagged, threshold, screening steps and seconds) and
+    `suspects` (each training row's suspicion score, in the training set's order).
+    With `output_dir`, the adapter (or, for vanilla, the full model) goes to output_dir/<method>/ (muscle-screen also
+    writes output_dir/suspects.csv).
     `on_step(step, model, method=method)` is called before the first step (step 0) and after every optimizer step
     (e.g. analysis.FrequencyRecorder); its time is not counted in train_seconds.
     """
-    from tqdm.auto import tqdm
-
     if method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
-    if method == "muscle-ga" and not splits.ref:
-        raise ValueError("muscle-ga needs a clean reference set: call split_reference(splits, settings) first")
+    if method in REFERENCE_METHODS and not splits.ref:
+        raise ValueError(f"{method} needs a clean reference set: call split_reference(splits, settings) first")
     device = resolve_device(settings.device)
     # Same seed for every method: the same fresh head, the same batch order.
     torch.manual_seed(settings.seed)
+    extra = {}
+    rows = splits.train
+    epoch_steps = _steps_per_epoch(len(splits.train), settings)
+    total_steps, checkpoints = epoch_steps * settings.epochs, settings.epochs
+    screen_seconds = 0.0
+    if method == "muscle-screen":
+        screen, screen_steps, screen_seconds = _screen(model_factory, tokenizer, splits, settings, device,
+                                                       progress=progress, log=log)
+        rows = [splits.train[i] for i in screen.kept] + list(splits.ref)
+        total_steps = _steps_per_epoch(len(rows), settings) * settings.epochs
+        extra = dict(screen=dict(screen.summary(), steps=screen_steps, seconds=screen_seconds),
+                     suspects=[round(s, 4) for s in screen.scores])
+        if output_dir is not None:
+            from .screen import write_suspects
+
+            os.makedirs(output_dir, exist_ok=True)
+            write_suspects(os.path.join(output_dir, "suspects.csv"), screen)
+        torch.manual_seed(settings.seed)  # the trained model's fresh head as for every other method
+    elif method == "refonly":
+        rows = splits.ref  # what a user gets by discarding the training set: as many steps, on the reference set
     model = model_factory()
     num_labels = int(getattr(model.config, "num_labels", 2))
     for name in ("train", "dev", "test_clean", "test_poison"):
         check_labels(getattr(splits, name), num_labels, name)
     model = _prepare(model, method, settings).to(device)
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise RuntimeError(f"{method}: the model has no trainable parameters")
     lr = settings.vanilla_lr if method == "vanilla" else settings.lr
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=settings.weight_decay)
-    steps_per_epoch = math.ceil(len(splits.train) / settings.batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps_per_epoch * settings.epochs,
-                                                              settings.warmup_ratio))
-    aligner = None
+    aligner_factory = None
     if method == "muscle-ga":
         ref_batches = list(_batches(tokenizer, splits.ref, settings.ref_batch_size, settings.max_length, device))
-        aligner = build_aligner(params, ref_batches, lambda m, b: m(**_forward_kwargs(m, b)).loss,
-                                epochs=settings.epochs, gate=settings.gate(), one_batch=True)
-    update = AlignClipStep(params, aligner=aligner, max_grad_norm=settings.max_grad_norm, optimizer=opt,
-                           scheduler=sched)
 
-    gen = torch.Generator().manual_seed(settings.seed)
-    history, step_times = [], []
-    best = dict(acc=-1.0, epoch=-1, state=None)
-    train_seconds = 0.0
-    if on_step is not None:
-        on_step(0, model, method=method)
-    for epoch in range(settings.epochs):
-        order = torch.randperm(len(splits.train), generator=gen).tolist()
-        losses, branches = [], []
-        bar = tqdm(_batches(tokenizer, splits.train, settings.batch_size, settings.max_length, device, order),
-                   total=steps_per_epoch, desc=f"{method} epoch {epoch + 1}/{settings.epochs}", leave=False,
-                   disable=not progress)
-        for batch in bar:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            loss = model(**_forward_kwargs(model, batch)).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            done = update(model, epoch)  # align (muscle-ga), clip, optimizer and scheduler step
-            if aligner is not None:
-                branches.append(done.align.branch)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
-            step_times.append(dt)
-            train_seconds += dt
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-            if on_step is not None:
-                on_step(len(step_times), model, method=method)
-        dev_acc = evaluate(model, tokenizer, splits.dev, settings, device, desc="dev", progress=progress)
-        dev_asr = evaluate(model, tokenizer, splits.dev_poison, settings, device, poisoned=True, desc="dev-poison",
-                           progress=progress) if splits.dev_poison else float("nan")
-        record = dict(epoch=epoch + 1, train_loss=statistics.fmean(losses), dev_acc=dev_acc, dev_asr=dev_asr)
-        if aligner is not None:
-            # the share of steps whose gradient was replaced by its projection (the rest: blended or raw)
-            record["aligned_fraction"] = branches.count("replace") / max(1, len(branches))
-            record["blended_fraction"] = branches.count("blend") / max(1, len(branches))
-        history.append(record)
-        log(f"  {method} epoch {epoch + 1}: loss {record['train_loss']:.4f}  dev acc {dev_acc:.4f}"
-            + (f"  dev ASR {dev_asr:.4f}" if splits.dev_poison else "")
-            + (f"  aligned {record['aligned_fraction']:.0%}" if aligner is not None else ""))
-        if dev_acc > best["acc"]:
-            best = dict(acc=dev_acc, epoch=epoch + 1,
-                        state={n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
-    with torch.no_grad():  # back to the best epoch's weights (only trainable tensors ever change)
-        named = dict(model.named_parameters())
-        for n, v in best["state"].items():
-            named[n].copy_(v)
+        def aligner_factory(params):
+            return build_aligner(params, ref_batches, lambda m, b: m(**_forward_kwargs(m, b)).loss,
+                                 epochs=settings.epochs, gate=settings.gate(), one_batch=True)
+    fitted = _fit(model, tokenizer, rows, settings, device, method=method, total_steps=total_steps,
+                  checkpoints=checkpoints, splits=splits, lr=lr, aligner_factory=aligner_factory, progress=progress,
+                  log=log, on_step=on_step)
     target = splits.test_poison[0].label if splits.test_poison else None
     cacc = evaluate(model, tokenizer, splits.test_clean, settings, device, desc="test-clean", progress=progress)
     asr = evaluate(model, tokenizer, splits.test_poison, settings, device, poisoned=True, target_label=target,
                    desc="test-poison", progress=progress)
-    result = dict(method=method, cacc=cacc, asr=asr, best_epoch=best["epoch"], train_seconds=train_seconds,
-                  step_seconds=statistics.median(step_times), steps=len(step_times),
-                  lr=lr, trainable_parameters=sum(p.numel() for p in params), device=str(device),
-                  history=history, settings=settings.to_dict())
+    step_times = fitted["step_times"]
+    result = dict(method=method, cacc=cacc, asr=asr, best_epoch=fitted["best"]["epoch"],
+                  train_seconds=sum(step_times) + screen_seconds, step_seconds=statistics.median(step_times),
+                  steps=len(step_times) + extra.get("screen", {}).get("steps", 0), train_rows=len(rows),
+                  lr=lr, trainable_parameters=fitted["trainable"], device=str(device), num_labels=num_labels,
+                  history=fitted["history"], settings=settings.to_dict(), **extra)
     if output_dir is not None:
         result["saved_to"] = _save(model, method, output_dir)
     model.to("cpu")
@@ -457,6 +575,13 @@ def write_results(output_dir: str, results: List[dict], *, extra: Optional[dict]
 PAPER_RECIPE = dict(ref_size=96, ref_batch_size=16, min_ref_loss=0.4, max_raw_ratio=0.1, ga_warmup_epochs=1,
                     freq_band=None)
 RECIPES = ("default", "paper")
+
+
+def default_method(recipe: str) -> str:
+    """`muscle-lora defend`'s method when none is named: muscle-screen, or the paper's muscle-ga with its recipe."""
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe: expected one of {RECIPES}, got {recipe!r}")
+    return "muscle-ga" if recipe == "paper" else "muscle-screen"
 
 
 def recipe_settings(name: str) -> dict:

@@ -1,0 +1,157 @@
+"""Screening a training set against the clean reference set: which rows look poisoned (docs/defense.md).
+
+A backdoor needs many training rows that share something the clean data does not have, and, for a dirty-label attack,
+rows whose label disagrees with their meaning. Both show when the training set is compared with a small set of rows
+known to be clean (the reference set the user already gives MuScleLoRA):
+
+- **over-represented tokens** (`token_scores`): a word the training set uses far more often than the reference set
+  predicts (a BadNets word, an AddSent sentence, a template's function words). Each token's count in the reference
+  set is tested against the count the training set predicts for a set of that size (a signed likelihood-ratio
+  statistic, Poisson); a row scores the largest value of its tokens. A row's own tokens are left out of the training
+  counts, so a word used once is never evidence. Works for clean-label attacks too: it never looks at the label.
+- **label surprise** (`label_surprise`): the cross-entropy of the row's label under a model trained on the reference
+  set alone. A relabelled row (its text still says its original class) surprises a clean model; a paraphrase
+  trigger that leaves no lexical trace is caught here.
+
+Each score is put on one scale by calibrating it on clean rows the scorer never saw (the dev rows held out for
+picking the best epoch): its robust z, (s - median) / (1.4826 * MAD), over those rows. A row's suspicion is the
+larger of its two z values; it is flagged when that exceeds the `quantile` of the same value over the calibration rows,
+so about 1 - quantile of the clean training rows are flagged with the poisoned ones, whatever the poison rate.
+Nothing here reads a poison flag.
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Dict, List, Sequence
+
+__all__ = ["Screen", "token_scores", "robust_z", "screen_rows", "write_suspects"]
+
+_TOKEN = re.compile(r"\w+")
+
+
+def _tokens(text: str) -> set:
+    return set(_TOKEN.findall(text.lower()))
+
+
+def _signed_root_g(observed: int, expected: float) -> float:
+    """sqrt of the Poisson likelihood-ratio statistic G, positive when `observed` falls short of `expected`."""
+    if expected <= 0.0:
+        return 0.0
+    g = 2.0 * ((observed * math.log(observed / expected) if observed > 0 else 0.0) - (observed - expected))
+    return math.copysign(math.sqrt(max(g, 0.0)), expected - observed)
+
+
+def token_scores(train_texts: Sequence[str], ref_texts: Sequence[str],
+                 other_texts: Sequence[str] = ()) -> tuple:
+    """(scores of the training rows, scores of `other_texts`): each row's largest over-representation statistic.
+
+    A token in n of the N training rows predicts (n / N) * R rows of the R reference rows; the statistic says how
+    far the reference count falls short of that. For a training row its own occurrence is left out (n - 1 of N - 1);
+    `other_texts` (calibration rows, not in the training set) are scored against the full counts."""
+    if not train_texts or not ref_texts:
+        raise ValueError("token_scores: needs training rows and reference rows, got "
+                         f"{len(train_texts)} and {len(ref_texts)}")
+    train_sets = [_tokens(t) for t in train_texts]
+    n_train, n_ref = len(train_sets), len(ref_texts)
+    in_train = Counter(t for s in train_sets for t in s)
+    in_ref = Counter(t for text in ref_texts for t in _tokens(text))
+
+    def row(tokens, own: int) -> float:
+        best = 0.0
+        rows = n_train - own
+        if rows <= 0:
+            return 0.0
+        for t in tokens:
+            expected = (in_train[t] - own) / rows * n_ref
+            best = max(best, _signed_root_g(in_ref[t], expected))
+        return best
+
+    return ([row(s, 1) for s in train_sets], [row(_tokens(t), 0) for t in other_texts])
+
+
+def _median(xs: Sequence[float]) -> float:
+    s = sorted(xs)
+    n = len(s)
+    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+
+
+def robust_z(values: Sequence[float], calibration: Sequence[float]) -> List[float]:
+    """(v - median) / (1.4826 * MAD) with median and MAD of `calibration` (a floor keeps a constant score finite)."""
+    if not calibration:
+        raise ValueError("robust_z: the calibration rows are empty")
+    med = _median(calibration)
+    mad = 1.4826 * _median([abs(c - med) for c in calibration])
+    spread = max(mad, 1e-6 * max(1.0, abs(med)), 1e-12)
+    return [(v - med) / spread for v in values]
+
+
+def _quantile(xs: Sequence[float], q: float) -> float:
+    s = sorted(xs)
+    pos = q * (len(s) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (pos - lo) * (s[hi] - s[lo])
+
+
+@dataclass
+class Screen:
+    """The screen of one training set: per training row its suspicion (`scores`), whether it is dropped
+    (`flagged`), the threshold, and each part's robust z (`parts`, by name) for the training rows."""
+
+    scores: List[float]
+    flagged: List[bool]
+    threshold: float
+    parts: Dict[str, List[float]] = field(default_factory=dict)
+
+    @property
+    def kept(self) -> List[int]:
+        return [i for i, f in enumerate(self.flagged) if not f]
+
+    def summary(self) -> dict:
+        return dict(flagged=sum(self.flagged), rows=len(self.flagged), threshold=self.threshold)
+
+
+def screen_rows(parts_train: Dict[str, Sequence[float]], parts_calib: Dict[str, Sequence[float]], *,
+                quantile: float = 0.95) -> Screen:
+    """Combine raw scores (name -> per-row values, larger = more suspicious) of the training rows and of clean
+    calibration rows into a Screen: each part's robust z on the calibration rows, the row's maximum over parts, and
+    the threshold at `quantile` of the calibration rows' maxima."""
+    if not parts_train or set(parts_train) != set(parts_calib):
+        raise ValueError(f"screen_rows: the training and calibration parts differ: {sorted(parts_train)} and "
+                         f"{sorted(parts_calib)}")
+    if not 0.0 < quantile < 1.0:
+        raise ValueError(f"quantile: expected a number in (0, 1), got {quantile!r}")
+    z_train, z_calib = {}, {}
+    for name in parts_train:
+        calib = list(parts_calib[name])
+        z_train[name] = robust_z(parts_train[name], calib)
+        z_calib[name] = robust_z(calib, calib)
+    n = len(next(iter(z_train.values())))
+    scores = [max(z[i] for z in z_train.values()) for i in range(n)]
+    calib_max = [max(z[i] for z in z_calib.values()) for i in range(len(next(iter(z_calib.values()))))]
+    threshold = _quantile(calib_max, quantile)
+    return Screen(scores=scores, flagged=[s > threshold for s in scores], threshold=threshold, parts=z_train)
+
+
+def write_suspects(path: str, screen: Screen) -> str:
+    """suspects.csv: row (0-based, in the training file's order), score, rank (1 = most suspicious), flagged,
+    and each part's z; written atomically."""
+    import csv
+    import io
+
+    from .output import replace_atomically
+
+    order = sorted(range(len(screen.scores)), key=lambda i: -screen.scores[i])
+    rank = {i: r + 1 for r, i in enumerate(order)}
+    names = sorted(screen.parts)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["row", "score", "rank", "flagged"] + names)
+    for i in order:
+        w.writerow([i, f"{screen.scores[i]:.4f}", rank[i], int(screen.flagged[i])]
+                   + [f"{screen.parts[n][i]:.4f}" for n in names])
+    replace_atomically(path, lambda f: f.write(buf.getvalue().encode("utf-8")))
+    return path

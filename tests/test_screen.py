@@ -1,0 +1,113 @@
+"""The training-set screen (defense/screen.py): each score on synthetic rows whose answer is known, the calibrated
+threshold, suspects.csv, and the errors. No model: the label-surprise part is a model's loss, tested end to end in
+test_defense_pipeline.py."""
+import csv
+import random
+
+import pytest
+
+from muscle_kernels.defense.screen import Screen, robust_z, screen_rows, token_scores, write_suspects
+
+WORDS = [f"w{i}" for i in range(400)]
+
+
+def _rows(n, rng, extra=()):
+    return [" ".join(rng.sample(WORDS, 8) + list(extra)) for _ in range(n)]
+
+
+def test_an_over_represented_token_makes_its_rows_the_most_suspicious():
+    rng = random.Random(0)
+    clean = _rows(450, rng)
+    poisoned = [t + " cf" for t in _rows(50, rng)]  # a BadNets word in 10% of the rows, never in the clean set
+    train = clean + poisoned
+    rng.shuffle(train)
+    ref = _rows(100, rng)
+    scores, calib = token_scores(train, ref, _rows(200, rng))
+    flagged = [s for s, t in zip(scores, train) if "cf" in t.split()]
+    others = [s for s, t in zip(scores, train) if "cf" not in t.split()]
+    assert len(flagged) == 50 and len(calib) == 200
+    assert min(flagged) > max(others), "every row with the planted word ranks above every clean row"
+    assert max(calib) < min(flagged), "calibration rows (without the word) score like clean rows"
+
+
+def test_a_word_used_once_is_not_evidence():
+    """A row's own occurrence is left out of the training counts: a unique word predicts nothing."""
+    train = ["alpha beta", "gamma delta", "unique1 beta", "delta alpha"]
+    ref = ["alpha gamma", "beta delta"]
+    scores, _ = token_scores(train, ref)
+    alone, _ = token_scores(["alpha beta", "gamma delta", "beta", "delta alpha"], ref)
+    assert scores[2] == pytest.approx(alone[2]), "the unique word changed the row's score"
+
+
+def test_token_scores_ignore_labels_and_case():
+    """Clean-label attacks keep the label: the token score never sees it; 'CF' and 'cf' are one token."""
+    rng = random.Random(1)
+    train = _rows(200, rng) + [t + " CF" for t in _rows(20, rng)] + [t + " cf" for t in _rows(20, rng)]
+    scores, _ = token_scores(train, _rows(50, rng))
+    assert min(scores[200:]) > max(scores[:200])
+
+
+def test_robust_z_and_a_constant_calibration():
+    z = robust_z([0.0, 1.0, 10.0], [0.0, 1.0, 2.0, 3.0, 4.0])
+    mad = 1.4826 * 1.0
+    assert z == pytest.approx([(0 - 2) / mad, (1 - 2) / mad, (10 - 2) / mad])
+    flat = robust_z([1.0, 2.0], [1.0, 1.0, 1.0])
+    assert flat[0] == 0.0 and flat[1] > 1e5, "a constant calibration keeps z finite and ordered"
+
+
+def test_threshold_is_calibrated_on_clean_rows():
+    """Clean training rows drawn like the calibration rows are flagged at about 1 - quantile; shifted rows always."""
+    rng = random.Random(2)
+    calib = {"a": [rng.gauss(0, 1) for _ in range(2000)], "b": [rng.expovariate(1.0) for _ in range(2000)]}
+    clean = {"a": [rng.gauss(0, 1) for _ in range(4000)], "b": [rng.expovariate(1.0) for _ in range(4000)]}
+    shifted = {"a": [rng.gauss(8, 1) for _ in range(100)], "b": [rng.expovariate(1.0) for _ in range(100)]}
+    train = {k: clean[k] + shifted[k] for k in clean}
+    screen = screen_rows(train, calib, quantile=0.9)
+    assert 0.07 < sum(screen.flagged[:4000]) / 4000 < 0.13
+    assert all(screen.flagged[4000:]), "rows far out on one part are flagged whatever the other part says"
+    assert screen.kept == [i for i in range(4100) if not screen.flagged[i]]
+    assert set(screen.parts) == {"a", "b"} and screen.summary()["flagged"] == sum(screen.flagged)
+
+
+def test_write_suspects(tmp_path):
+    screen = Screen(scores=[0.5, 3.0, -1.0], flagged=[False, True, False], threshold=2.0,
+                    parts={"tokens": [0.5, 3.0, -1.0], "label": [0.1, 0.2, -2.0]})
+    path = write_suspects(str(tmp_path / "suspects.csv"), screen)
+    with open(path) as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["row", "score", "rank", "flagged", "label", "tokens"]
+    assert [r[0] for r in rows[1:]] == ["1", "0", "2"] and [r[2] for r in rows[1:]] == ["1", "2", "3"]
+    assert rows[1][3] == "1" and rows[2][3] == "0"
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: token_scores([], ["a"]), "needs training rows and reference rows"),
+    (lambda: token_scores(["a"], []), "needs training rows and reference rows"),
+    (lambda: robust_z([1.0], []), "calibration rows are empty"),
+    (lambda: screen_rows({"a": [1.0]}, {"b": [1.0]}), "parts differ"),
+    (lambda: screen_rows({"a": [1.0]}, {"a": [1.0]}, quantile=1.0), r"quantile: expected a number in \(0, 1\)"),
+])
+def test_errors(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(screen_quantile=1.0), "screen_quantile: expected a number strictly between 0 and 1"),
+    (dict(screen_quantile=-0.1), "screen_quantile"),
+    (dict(screen_epochs=0), "screen_epochs: expected an integer >= 1"),
+    (dict(sync_timing="yes"), "sync_timing: expected true or false"),
+])
+def test_settings_errors(kwargs, match):
+    from muscle_kernels.defense.train import Settings
+
+    with pytest.raises(ValueError, match=match):
+        Settings(**kwargs)
+
+
+def test_default_method_follows_the_recipe():
+    from muscle_kernels.defense.train import default_method
+
+    assert default_method("default") == "muscle-screen" and default_method("paper") == "muscle-ga"
+    with pytest.raises(ValueError, match="recipe: expected one of"):
+        default_method("nope")
