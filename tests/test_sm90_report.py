@@ -30,7 +30,7 @@ def _ptxas_present() -> bool:
     return bool(path) and os.path.exists(path)
 
 
-pytestmark = pytest.mark.skipif(not _ptxas_present(), reason="Triton's CUDA backend / ptxas is not installed")
+needs_ptxas = pytest.mark.skipif(not _ptxas_present(), reason="Triton's CUDA backend / ptxas is not installed")
 
 # One of each kind: the biggest forward tile, the dropout backward tile, the widest shrink and reduction, the mask, and the
 # fp32-without-TF32 reduction that once spilled.
@@ -46,6 +46,7 @@ print(json.dumps({{"rows": rows, "failures": r.failures(rows)}}))
 """
 
 
+@needs_ptxas
 def test_sm90_report_subset_passes():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", SCRIPT.format(bench=str(ROOT / "benchmarks"))], cwd=ROOT, env=env,
@@ -66,3 +67,26 @@ def test_sm90_report_subset_passes():
         assert bool(r["philox"]) == (r["kernel"] == "bits"), f"{r['kernel']} {r['variant']}: philox {r['philox']}"
         # int64 offsets: no pointer offset inside a loop is an index * stride product in 32 bits
         assert r["loop_i32_offsets"] == [], f"{r['kernel']} {r['variant']}: i32 offsets {r['loop_i32_offsets']}"
+        # Every split reduction ends in atomics (ATOMIC=True in these jobs): all relaxed, so no per-element fence.
+        has_atomics = r["variant"] in ("dL drop+split", "dR split", "drop+split", "G+dR fused")
+        assert bool(r["atomics"]) == has_atomics, f"{r['kernel']} {r['variant']}: {r['atomics']} atomics"
+        assert r["atomics_not_relaxed"] == 0, f"{r['kernel']} {r['variant']}: acq_rel atomics"
+        assert r["sass_membar_gpu"] in (0, None), f"{r['kernel']} {r['variant']}: MEMBAR.GPU {r['sass_membar_gpu']}"
+
+
+def test_atomic_checks_tell_relaxed_from_acq_rel():
+    """The report's PTX and SASS parsers on the forms Triton 3.6 / 3.8 emit for sm_90 (the lines below are copied from
+    the report's compiles of the dR reduction before and after sem="relaxed")."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import sm90_report as r
+
+    relaxed = "\t@%p9 atom.global.gpu.relaxed.add.f32 \t%r105, [ %rd43 + 0 ], %r106;\n\tred.global.add.f32 [%rd1], %r2;"
+    acq_rel = "\t@%p9 atom.global.gpu.acq_rel.add.f32 \t%r105, [ %rd43 + 0 ], %r106;\n\tst.global.b32 [%rd1], %r2;"
+    assert r.ptx_atomics(relaxed) == (2, 0)  # PTX assumes .relaxed where no semantics is named
+    assert r.ptx_atomics(acq_rel) == (1, 1)
+    assert r.ptx_atomics("\tld.global.b32 %r1, [%rd1];") == (0, 0)
+    rows = [dict(kernel="reduce", variant="dR split", dtype="bf16", blocks="64", warps=8, stages=3, spills=0,
+                 smem=0, wgmma=True, loop_i32_offsets=[], philox=0, atomics=64, atomics_not_relaxed=a,
+                 sass_membar_gpu=m) for a, m in ((0, 0), (64, 64), (0, None))]
+    bad = r.failures(rows)
+    assert len(bad) == 2 and all("64 w8 s3:" in b for b in bad), bad
