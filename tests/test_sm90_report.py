@@ -90,3 +90,32 @@ def test_atomic_checks_tell_relaxed_from_acq_rel():
                  sass_membar_gpu=m) for a, m in ((0, 0), (64, 64), (0, None))]
     bad = r.failures(rows)
     assert len(bad) == 2 and all("64 w8 s3:" in b for b in bad), bad
+
+
+SPECIALISATION = """
+import json, torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime.jit import create_function_from_signature
+from muscle_kernels.ops.lowrank_linear import triton_fwd
+k = triton_fwd._dropout_bits_kernel
+i = k.arg_names.index("seed")
+# The binder Triton builds for launches: its specialisation list is (part of) the compile-cache key.
+binder = create_function_from_signature(k.signature, k.params, triton.compiler.make_backend(GPUTarget("cuda", 90, 32)))
+bits = torch.empty(64, dtype=torch.int32)
+specs = [repr(binder(bits, 37, 2, 2, seed, 0.1, BLOCK_M=32, BLOCK_W=16)[1]) for seed in (1, 16, 17, 12345)]
+print(json.dumps({"flag": bool(k.params[i].do_not_specialize), "specs": specs}))
+"""
+
+
+@needs_ptxas
+def test_dropout_seed_is_not_specialised():
+    """A seed of 1 (a constant to Triton) or a multiple of 16 (an alignment hint) must not compile another variant of
+    the dropout-mask kernel: the launch's specialisation key is the same for every seed."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", SPECIALISATION], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["flag"], "seed is not in the dropout-mask kernel's do_not_specialize"
+    assert len(set(out["specs"])) == 1, f"the specialisation changes with the seed: {out['specs']}"

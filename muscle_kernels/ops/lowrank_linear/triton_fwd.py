@@ -27,7 +27,10 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+# do_not_specialize: Triton otherwise specialises an int argument equal to 1 (a constant) or divisible by 16 (an
+# alignment hint), so a random seed would compile a new variant of the kernel in 1 of 16 training steps. The launcher
+# keeps the seed below 2^31, so its type (i32) never changes either.
+@triton.jit(do_not_specialize=["seed"])
 def _dropout_bits_kernel(bits_ptr, M, W, stride_bm, seed, p, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr):
     """The packed dropout keep-mask of an [M, K] input: bit b of int32 word (m, w) keeps x[m, 32 w + b];
     W = cdiv(K, 32).
