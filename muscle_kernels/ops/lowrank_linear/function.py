@@ -178,7 +178,7 @@ def _choose(args: tuple, needs: Tuple[bool, bool, bool], backward: bool) -> str:
     else:
         runners = {name: None for name in names}
     with torch.no_grad():
-        return autoselect.decide(key, runners, can_time=can_time)
+        return autoselect.decide(key, runners, can_time=can_time, device=x2.device)
 
 
 def _seed_int(seed) -> int:
