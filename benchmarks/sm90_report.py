@@ -88,7 +88,10 @@ def _jobs(subset: bool):
             meta = dict(meta, HAS_DROP=True)
             jobs.append(("reduce", "dL drop+split", dtype, meta, ("stride_an", "stride_gr", "stride_cn"), w, st))
     bm, bw, w = ops.BITS_CONFIG
-    jobs.append(("bits", "dropout mask", "bf16", dict(BLOCK_M=bm, BLOCK_W=bw), (), w, 1))
+    jobs.append(("bits", "dropout mask", "bf16", dict(SEED_FROM_PTR=False, BLOCK_M=bm, BLOCK_W=bw), (), w, 1))
+    # The seed read from a device tensor (function.py's graph-safe draw)
+    jobs.append(("bits", "dropout mask, seed on device", "bf16", dict(SEED_FROM_PTR=True, BLOCK_M=bm, BLOCK_W=bw), (),
+                 w, 1))
     return jobs
 
 
@@ -137,7 +140,8 @@ def _compile_one(job):
         if arg in meta:
             signature[arg], constexprs[arg] = "constexpr", meta[arg]
         elif arg.endswith("_ptr"):
-            signature[arg] = "*i32" if arg == "bits_ptr" else "*fp32" if arg in fp32_ptrs else f"*{tl_dt}"
+            signature[arg] = ("*i32" if arg == "bits_ptr" else "*i64" if arg == "seed_ptr" else "*fp32"
+                              if arg in fp32_ptrs else f"*{tl_dt}")
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif arg in floats:
             signature[arg] = "fp32"

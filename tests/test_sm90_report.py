@@ -40,7 +40,7 @@ sys.path.insert(0, {bench!r})
 import sm90_report as r
 rows = r.report_rows(subset=True, progress=False, dtypes=("bf16", "fp32-ieee"),
                      variants=("fwd T-in-loop", "dx G-loaded+drop", "dL drop+split", "dR split", "drop+split",
-                               "G+dR fused", "dropout mask"))
+                               "G+dR fused", "dropout mask", "dropout mask, seed on device"))
 rows = [x for x in rows if x["dtype"] == "bf16" or x["variant"] == "dR split"]
 print(json.dumps({{"rows": rows, "failures": r.failures(rows)}}))
 """
@@ -57,7 +57,7 @@ def test_sm90_report_subset_passes():
     seen = {(r["variant"], r["dtype"]) for r in rows}
     for want in [("fwd T-in-loop", "bf16"), ("dx G-loaded+drop", "bf16"), ("dL drop+split", "bf16"),
                  ("dR split", "bf16"), ("dR split", "fp32-ieee"), ("drop+split", "bf16"), ("G+dR fused", "bf16"),
-                 ("dropout mask", "bf16")]:
+                 ("dropout mask", "bf16"), ("dropout mask, seed on device", "bf16")]:
         assert want in seen, f"sm90 report: no row for {want}"
     assert bad == [], "sm90 report failures:\n" + "\n".join(bad)
     for r in rows:
@@ -102,7 +102,8 @@ i = k.arg_names.index("seed")
 # The binder Triton builds for launches: its specialisation list is (part of) the compile-cache key.
 binder = create_function_from_signature(k.signature, k.params, triton.compiler.make_backend(GPUTarget("cuda", 90, 32)))
 bits = torch.empty(64, dtype=torch.int32)
-specs = [repr(binder(bits, 37, 2, 2, seed, 0.1, BLOCK_M=32, BLOCK_W=16)[1]) for seed in (1, 16, 17, 12345)]
+specs = [repr(binder(bits, 37, 2, 2, seed, bits, 0.1, SEED_FROM_PTR=False, BLOCK_M=32, BLOCK_W=16)[1])
+         for seed in (1, 16, 17, 12345)]
 print(json.dumps({"flag": bool(k.params[i].do_not_specialize), "specs": specs}))
 """
 

@@ -31,11 +31,17 @@ import triton.language as tl
 # alignment hint), so a random seed would compile a new variant of the kernel in 1 of 16 training steps. The launcher
 # keeps the seed below 2^31, so its type (i32) never changes either.
 @triton.jit(do_not_specialize=["seed"])
-def _dropout_bits_kernel(bits_ptr, M, W, stride_bm, seed, p, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr):
+def _dropout_bits_kernel(bits_ptr, M, W, stride_bm, seed, seed_ptr, p, SEED_FROM_PTR: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr):
     """The packed dropout keep-mask of an [M, K] input: bit b of int32 word (m, w) keeps x[m, 32 w + b];
     W = cdiv(K, 32).
 
-    Word (m, w) takes 8 Philox calls, counters (8 w + j, m) for j < 8, whose 4 outputs are columns 32 w + 4 j + i."""
+    Word (m, w) takes 8 Philox calls, counters (8 w + j, m) for j < 8, whose 4 outputs are columns 32 w + 4 j + i.
+    SEED_FROM_PTR: the seed is read at run time from seed_ptr (one int64 in [0, 2^31), drawn on the device by torch's
+    generator), so a CUDA graph replays the draw and the kernel sees a new seed each time; Philox takes it as a 64-bit
+    key, so the mask equals the one from the same value passed as `seed`."""
+    if SEED_FROM_PTR:
+        seed = tl.load(seed_ptr)
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rw = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
     c1 = (rm[:, None] + rw[None, :] * 0).to(tl.uint32)
