@@ -11,7 +11,9 @@
 #   step          estimate   limit   what
 #   env              3 s       30 s  one line: GPU, driver, python, torch, CUDA, triton, transformers
 #   build         60-120 s    240 s  the grad-align extension (`python -m muscle_kernels.build --cuda`,
-#                                    TORCH_CUDA_ARCH_LIST=9.0), in the background while the benchmark runs
+#                                    TORCH_CUDA_ARCH_LIST=9.0), in the background while the benchmark runs. The
+#                                    machine's torch is 2.11, so this is the build against 2.11's own headers
+#                                    (offline: tools/build_against_torch.py with the 2.11 wheel)
 #   bench_linear 120-150 s    150 s  benchmarks/bench_linear_gpu.py --quick: every case checked (y, dx, dL, dR vs
 #                                    fp32), then timed. Case 1 (n*r 16) compiles ~30 variants (4 autotuned GEMM
 #                                    modes x 6 configs, shrink, reductions): ~25 s of compiles + ~15 s of checks
