@@ -16,9 +16,11 @@ is the allocator's peak during one call, above what was allocated before.
 Before any timing, y, dx, dL and dR of every fast path (triton, shrink mode, cublas) are checked against an fp32
 reference on the same bf16 inputs with the tests' rule (error at most 2x that of plain PyTorch in bf16, plus one
 rounding step of the output's magnitude); dropout cases use each path's own mask. A failed check is printed as
-"check FAIL" and makes the exit status 1; the timings still run. Goals (issue 9) are reported at the end.
+"check FAIL" and makes the exit status 1; the timings still run. Each case's goal lines (issue 9) and new `auto`
+choices are printed (and flushed) as the case ends, and all of them again at the end.
 
     python benchmarks/bench_linear_gpu.py --quick          # 8192 tokens x 3 shapes x n*r {16, 64}, + dropout 0.1
+                                                           # (n*r 16, 64 and the dropout case first)
     python benchmarks/bench_linear_gpu.py                  # tokens 2048..16384 x 3 shapes x n*r {16, 64}
     python benchmarks/bench_linear_gpu.py --dry-run        # the same flow on the CPU, tiny shapes, Triton interpreter
 
@@ -57,12 +59,16 @@ DRY_CASES = [(37, 48, 80, 16, 0.0), (37, 48, 80, 16, 0.1)]
 
 
 def cases(quick: bool):
-    """(tokens, in, out, n*r, dropout p)."""
-    if quick:  # the most telling cases first: a run cut short by --budget-s still has them
-        out = [(8192, 4096, 4096, 16, 0.0), (8192, 4096, 4096, 16, 0.1)]
-        return out + [(8192, i, o, nr, 0.0) for nr in RANKS for i, o in SHAPES if (i, o, nr) != (4096, 4096, 16)]
-    out = [(t, i, o, nr, 0.0) for nr in RANKS for i, o in SHAPES for t in TOKENS]
-    return out + [(8192, i, o, 16, 0.1) for i, o in SHAPES]
+    """(tokens, in, out, n*r, dropout p). The first cases are one of each n*r and the dropout case (with its plain
+    twin before it, so its cost can be stated): a run cut short by --budget-s or a timeout still has every kind of
+    figure (the first case also pays the compiles, so it is the slowest)."""
+    first = [(8192, 4096, 4096, 16, 0.0), (8192, 4096, 4096, 64, 0.0), (8192, 4096, 4096, 16, 0.1)]
+    if quick:
+        rest = [(8192, i, o, nr, 0.0) for nr in RANKS for i, o in SHAPES]
+    else:
+        rest = [(t, i, o, nr, 0.0) for nr in RANKS for i, o in SHAPES for t in TOKENS]
+        rest += [(8192, i, o, 16, 0.1) for i, o in SHAPES]
+    return first + [c for c in rest if c not in first]
 
 
 def make_layers(in_f, out_f, nr, p, device, dtype):
@@ -220,6 +226,7 @@ def run(case_list, out_csv: Path, cuda_graph: bool, device, budget_s=None, rep=1
                 torch=torch.__version__, triton=triton.__version__, dtype="bf16",
                 timer="do_bench_cudagraph" if cuda_graph else ("do_bench" if device.type == "cuda" else "perf_counter"))
     rows, failures, skipped = [], 0, 0
+    shown = set()  # auto choices already printed
     header = (f"{'tokens':>6} {'in':>5} {'out':>5} {'n*r':>4} {'p':>4} {'mode':>7} | {'bare ms':>8} {'TF/s':>6} | "
               + " ".join(f"{p:>11}" for p in PROVIDERS[1:]) + " | peak MB bare/ours")
     print(header)
@@ -256,15 +263,20 @@ def run(case_list, out_csv: Path, cuda_graph: bool, device, budget_s=None, rep=1
             print(mask_cost(tokens, in_f, p, device, rep), flush=True)
         append_rows(case_rows, out_csv)
         rows += case_rows
+        # This case's figures now, not after the last case: a step killed by its timeout keeps every finished case.
+        print_auto_choices(shown)
+        report_goals(rows, only=(tokens, in_f, out_f, nr, p), total=False)
+        sys.stdout.flush()
         del layers, x, dy
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if skipped:
         print(f"budget: {skipped} case(s) not run (--budget-s {budget_s})")
-    print("auto choices:")
+    print("auto choices (all):")
     for c in auto_choices():
         print(f"  {c}")
     print_autotune_choices()
+    print("goals (all cases):")
     report_goals(rows)
     plot(rows, out_csv.with_suffix(".png"))
     print(f"checks: {failures} case(s) failed")
@@ -286,6 +298,17 @@ def mask_cost(tokens, in_f, p, device, rep):
     return f"mask {tokens}x{in_f}: {ms:.4f} ms for the packed dropout mask ({tokens * in_f / 8 / 2**20:.1f} MiB)"
 
 
+def print_auto_choices(shown: set):
+    """The decisions of backend="auto" made since the last call (`shown` holds those already printed)."""
+    from muscle_kernels.ops.lowrank_linear.autoselect import auto_choices
+
+    for c in auto_choices():
+        key = repr(sorted((k, v) for k, v in c.items() if k not in ("times_ms", "choice")))
+        if key not in shown:
+            shown.add(key)
+            print(f"auto {c}")
+
+
 def print_autotune_choices():
     """The tile autotune kept per key of the fused GEMM: shows whether a candidate (e.g. 128x256 with 4 stages) ever
     wins. Keys are (m_bucket, N, K, NR, T_MODE, OUT_DROP, stride_bk, PRECISION, dtypes...)."""
@@ -298,8 +321,9 @@ def print_autotune_choices():
               f"w{cfg.num_warps} s{cfg.num_stages}")
 
 
-def report_goals(rows):
-    """The issue's goals, checked on fwd+bwd rows of this run."""
+def report_goals(rows, only=None, total=True):
+    """The issue's goals, checked on fwd+bwd rows of this run; `only`: the lines of one case (tokens, in, out, n*r,
+    p), printed as that case ends (a dropout case also gets its cost against its plain twin, when that ran)."""
     by = {}
     for r in rows:
         if r["mode"] == "fwd+bwd":
@@ -307,6 +331,8 @@ def report_goals(rows):
                 r["provider"]] = r["ms"]
     misses = 0
     for key, t in sorted(by.items()):
+        if only is not None and key != only:
+            continue
         vs_bare = t["ours"] / t["bare"]
         vs_peft = t["peft"] / t["ours"] if "peft" in t else float("nan")
         vs_cublas = t["ours"] / t["ours-cublas"]
@@ -316,13 +342,15 @@ def report_goals(rows):
               f"(>= 1.35), ours/cublas {vs_cublas:.3f} (<= 1, 2% noise), triton/bare "
               f"{t['ours-triton'] / t['bare']:.3f}, shrink/bare {t['ours-shrink'] / t['bare']:.3f}")
     for key, t in sorted(by.items()):
-        if key[4] > 0:
+        if key[4] > 0 and (only is None or key == only):
             plain = by.get(key[:4] + (0.0,))
             if plain:
                 cost = t["ours"] / plain["ours"]
                 print(f"goal {'ok  ' if cost <= 1.10 else 'MISS'} {key}: dropout costs {cost:.3f}x (<= 1.10)")
                 misses += cost > 1.10
-    print(f"{misses} goal line(s) missed")
+    if total:
+        print(f"{misses} goal line(s) missed")
+    return misses
 
 
 def plot(rows, path: Path):

@@ -4,8 +4,11 @@ No GPU needed: each (kernel, variant, dtype, config) is compiled with ``triton.c
 target=GPUTarget("cuda", 90, 32))`` with the specialisations the runtime would make for typical LLM shapes (unit
 strides as constants, pointers / N / K / leading strides divisible by 16), then the PTX goes through ``ptxas -v`` for
 registers and spills. Prints a table and exits non-zero when a shipped config spills, needs more than the H100's
-227 KiB of shared memory, (fp16/bf16) does not use wgmma, computes a pointer offset in 32 bits inside a loop, or runs
-Philox anywhere but in the dropout-mask kernel.
+227 KiB of shared memory, (fp16/bf16) does not use wgmma, computes a pointer offset in 32 bits inside a loop, runs
+Philox anywhere but in the dropout-mask kernel, or has an atomic that is not relaxed: in the PTX every atom/red must be
+`.relaxed`, and where Triton's cuobjdump can disassemble the cubin, no kernel with atomics may have a GPU- or
+system-scope MEMBAR in its SASS (Triton's default acq_rel puts MEMBAR.ALL.GPU + ERRBAR + CCTL.IVALL around each
+element atomic; relaxed is one REDG).
 
     python benchmarks/sm90_report.py            # everything (a few minutes on 2 cores)
     python benchmarks/sm90_report.py --subset   # the largest config of each kernel/variant/dtype (what the test runs)
@@ -85,7 +88,10 @@ def _jobs(subset: bool):
             meta = dict(meta, HAS_DROP=True)
             jobs.append(("reduce", "dL drop+split", dtype, meta, ("stride_an", "stride_gr", "stride_cn"), w, st))
     bm, bw, w = ops.BITS_CONFIG
-    jobs.append(("bits", "dropout mask", "bf16", dict(BLOCK_M=bm, BLOCK_W=bw), (), w, 1))
+    jobs.append(("bits", "dropout mask", "bf16", dict(SEED_FROM_PTR=False, BLOCK_M=bm, BLOCK_W=bw), (), w, 1))
+    # The seed read from a device tensor (function.py's graph-safe draw)
+    jobs.append(("bits", "dropout mask, seed on device", "bf16", dict(SEED_FROM_PTR=True, BLOCK_M=bm, BLOCK_W=bw), (),
+                 w, 1))
     return jobs
 
 
@@ -134,7 +140,8 @@ def _compile_one(job):
         if arg in meta:
             signature[arg], constexprs[arg] = "constexpr", meta[arg]
         elif arg.endswith("_ptr"):
-            signature[arg] = "*i32" if arg == "bits_ptr" else "*fp32" if arg in fp32_ptrs else f"*{tl_dt}"
+            signature[arg] = ("*i32" if arg == "bits_ptr" else "*i64" if arg == "seed_ptr" else "*fp32"
+                              if arg in fp32_ptrs else f"*{tl_dt}")
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif arg in floats:
             signature[arg] = "fp32"
@@ -153,10 +160,38 @@ def _compile_one(job):
     ptx = ck.asm["ptx"]
     i32 = loop_i32_offsets(ck.asm["ttir"])
     regs, spills = ptxas_usage(ptx)
+    atoms, strong = ptx_atomics(ptx)
+    membars = sass_membars(ck.asm.get("cubin"))
     blocks = "x".join(str(meta[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R", "BLOCK_W") if k in meta)
     return dict(kernel=kname, variant=variant, dtype=dtype, blocks=blocks, warps=warps, stages=stages, registers=regs,
                 spills=spills, smem=int(ck.metadata.shared), wgmma="wgmma.mma_async" in ptx,
-                loop_i32_offsets=i32, philox=philox_rounds(ptx))
+                loop_i32_offsets=i32, philox=philox_rounds(ptx), atomics=atoms, atomics_not_relaxed=strong,
+                sass_membar_gpu=membars)
+
+
+_PTX_ATOMIC = re.compile(r"^\s*(?:@!?%p\d+\s+)?((?:atom|red)\.[\w.]+)", flags=re.M)
+
+
+def ptx_atomics(ptx: str):
+    """(atomic instructions, those with acquire/release semantics) in a kernel's PTX. acq_rel / release / acquire
+    atomics become a full GPU fence per element in the SASS; the split reductions only need the sum, read after the
+    kernel ends. (PTX assumes .relaxed where an atom/red names no semantics.)"""
+    ops = _PTX_ATOMIC.findall(ptx)
+    return len(ops), sum(1 for op in ops if re.search(r"\.(acq_rel|acquire|release)\b", op))
+
+
+def sass_membars(cubin):
+    """GPU- or system-scope MEMBARs in the SASS of a cubin (a CTA-scope MEMBAR, from Triton's shared-memory barriers,
+    is not counted: it is there with or without atomics), or None when cuobjdump cannot disassemble it here."""
+    if not cubin:
+        return None
+    try:
+        from triton.tools.disasm import get_sass
+
+        sass = get_sass(cubin)
+    except Exception:  # no cuobjdump in this Triton install, or one too old for sm_90: the PTX check still holds
+        return None
+    return len(re.findall(r"MEMBAR\.\w*\.?(?:GPU|SYS)\b", sass))
 
 
 # Philox's round multiplier 0xD2511F53 as PTX writes the immediate (signed or unsigned 32-bit).
@@ -244,6 +279,11 @@ def failures(rows):
             bad.append(f"{tag}: no Philox rounds in the dropout-mask kernel")
         if r["kernel"] != "bits" and r["philox"]:
             bad.append(f"{tag}: runs Philox (the dropout mask must be read from the packed mask, not regenerated)")
+        if r.get("atomics_not_relaxed"):
+            bad.append(f"{tag}: {r['atomics_not_relaxed']} of {r['atomics']} PTX atomics are not .relaxed "
+                       "(each is a full GPU fence: pass sem=\"relaxed\")")
+        if r.get("atomics") and r.get("sass_membar_gpu"):
+            bad.append(f"{tag}: {r['sass_membar_gpu']} GPU-scope MEMBARs in the SASS of a kernel with atomics")
     return bad
 
 
@@ -265,12 +305,14 @@ def report_rows(subset: bool = False, workers: int = 2, progress: bool = True, d
 
 def format_table(rows):
     head = ("kernel", "variant", "dtype", "blocks (MxNxKxR)", "warps", "stages", "regs", "spills", "smem KiB", "wgmma",
-            "i32 loop offsets", "philox")
+            "i32 loop offsets", "philox", "atomics (not relaxed)", "SASS MEMBAR.GPU")
     lines = [head]
     for r in rows:
         lines.append((r["kernel"], r["variant"], r["dtype"], r["blocks"], str(r["warps"]), str(r["stages"]),
                       str(r["registers"]), str(r["spills"]), f"{r['smem'] / 1024:.1f}", "yes" if r["wgmma"] else "no",
-                      str(len(r["loop_i32_offsets"])), "yes" if r["philox"] else "no"))
+                      str(len(r["loop_i32_offsets"])), "yes" if r["philox"] else "no",
+                      f"{r['atomics']} ({r['atomics_not_relaxed']})",
+                      "n/a" if r["sass_membar_gpu"] is None else str(r["sass_membar_gpu"])))
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     fmt = lambda line: "| " + " | ".join(c.ljust(w) for c, w in zip(line, widths)) + " |"  # noqa: E731
     out = [fmt(lines[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]

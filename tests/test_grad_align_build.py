@@ -128,3 +128,24 @@ def test_info_reports_versions_and_backends(tmp_path):
     assert "align_gradients_ / grad_align_reduce / grad_align_apply_ on cpu:" in out.stdout, out.stdout
     assert "not built yet" in out.stdout and "muscle_lora_linear on cpu:" in out.stdout, out.stdout
     assert not any(tmp_path.iterdir()), "info must not build anything"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("MUSCLE_KERNELS_TORCH_211"),
+                    reason="set MUSCLE_KERNELS_TORCH_211 to a torch 2.11 wheel or package directory "
+                           "(pip download torch==2.11.0 --no-deps -d DIR, ~530 MB)")
+def test_builds_against_torch_2_11_headers(tmp_path):
+    """The GPU machine runs torch 2.11: the extension must compile against 2.11's own headers (not only against a
+    newer torch with TORCH_TARGET_VERSION 2.11), link, and need no torch symbol that 2.11's libraries lack."""
+    spec = os.environ["MUSCLE_KERNELS_TORCH_211"]
+    cuda = shutil.which("nvcc") is not None or extension.cuda_home() is not None
+    cmd = [sys.executable, str(Path(__file__).resolve().parents[1] / "tools" / "build_against_torch.py"),
+           "--torch", spec, "--out", str(tmp_path)] + (["--cuda"] if cuda else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("torch 2.11.")]
+    assert len(lines) == (2 if cuda else 1), proc.stdout
+    for line in lines:
+        wanted = int(line.split("needs ")[1].split()[0])
+        # the stable-ABI shims at least (a library that needed none would not have been built against torch at all)
+        assert wanted > 20 and line.endswith("every one is exported by that torch"), line

@@ -152,7 +152,7 @@ def test_fused_dy_races_where_the_backward_has_a_g_pass(monkeypatch, nr, p, race
     mask = None
     if p > 0:
         torch.manual_seed(3)
-        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())  # the draw muscle_lora_linear makes
+        seed = int(torch.randint(0, 2**31 - 1, (1,), device=x.device).item())  # the Triton path's draw
         mask = triton_ops_module().dropout_mask_triton(x.shape, p, seed, x.device)
     ref = _reference(x.detach(), w, b, lo.detach(), ro.detach(), s, dy, mask, p)
     for name, got in (("y", y), ("dx", x.grad), ("dL", lo.grad), ("dR", ro.grad)):
@@ -230,3 +230,80 @@ def test_auto_on_cuda_times_both_and_is_correct():
     for name, got in (("y", y), ("dx", xg.grad), ("dL", lg.grad), ("dR", rg.grad)):
         assert_close(name, ref[name], got.cpu(), base=base[name].float(),
                      atol=4 * 2 ** -7 * ref[name].abs().max().item())
+
+
+class _FakeCudaDevice:
+    """Stands in for torch.cuda.device: records the device made current while it is entered."""
+
+    current = "cuda:0"
+    entered = []
+
+    def __init__(self, device):
+        self.device = str(torch.device(device))
+
+    def __enter__(self):
+        self.prev, _FakeCudaDevice.current = _FakeCudaDevice.current, self.device
+        _FakeCudaDevice.entered.append(self.device)
+
+    def __exit__(self, *exc):
+        _FakeCudaDevice.current = self.prev
+
+
+def test_timing_runs_with_the_inputs_device_current(monkeypatch):
+    """Tensors on cuda:1 while cuda:0 is current: CUDA events and synchronize act on the current device, so each
+    candidate is timed with cuda:1 made current (and the caller's device is current again afterwards)."""
+    monkeypatch.setattr(torch.cuda, "device", _FakeCudaDevice)
+    monkeypatch.setattr(_FakeCudaDevice, "entered", [])
+    seen = []
+
+    def timer(run):
+        run()
+        seen.append(_FakeCudaDevice.current)
+        return 1.0 + len(seen)
+
+    key = ("cuda:1",) + KEY[1:]
+    assert autoselect.decide(key, _runners([]), timer, device=torch.device("cuda", 1)) == "triton"
+    assert seen == ["cuda:1", "cuda:1"] and _FakeCudaDevice.current == "cuda:0"
+    # CPU inputs (the interpreter): no device to make current
+    autoselect.clear_auto_choices()
+    _FakeCudaDevice.entered.clear()
+    autoselect.decide(("cpu",) + KEY[1:], _runners([]), FakeTimer(1.0, 2.0), device=torch.device("cpu"))
+    assert _FakeCudaDevice.entered == []
+
+
+@pytest.mark.skipif("triton" not in function.available_backends("cpu"), reason="needs TRITON_INTERPRET=1")
+def test_the_op_times_on_its_inputs_device(monkeypatch):
+    monkeypatch.setattr(function, "resolve_backend", lambda backend, device: "auto")
+    got = {}
+    real = autoselect.decide
+
+    def spy(key, runners, timer=None, can_time=True, device=None):
+        got["device"] = device
+        return real(key, runners, FakeTimer(1.0, 2.0), can_time, device)
+
+    monkeypatch.setattr(autoselect, "decide", spy)
+    x, w, b, lo, ro, s, _ = _problem(torch.float32, 5, 24, 40, 8)
+    muscle_lora_linear(x, w, b, lo, ro, s)
+    assert got["device"] == x.device
+
+
+@pytest.mark.parametrize("fault", [RuntimeError("CUDA error: an illegal memory access was encountered"),
+                                   getattr(torch, "AcceleratorError", RuntimeError)("CUDA error: unspecified launch "
+                                                                                    "failure")],
+                         ids=["runtime-error", "accelerator-error"])
+def test_a_device_fault_is_not_treated_as_a_lost_race(fault):
+    """A compile error only takes its candidate out of the race; a CUDA error is a device fault that leaves the
+    context unusable, so auto raises it (naming the candidate) instead of pretending the other path can run."""
+    def broken():
+        raise RuntimeError("triton: out of resources: shared memory")
+
+    def faulty():
+        raise fault
+
+    ok = {"triton": broken, "cublas": lambda: None}
+    assert autoselect.decide(KEY, ok, FakeTimer(1.0)) == "cublas"
+    autoselect.clear_auto_choices()
+    with pytest.raises(RuntimeError, match="'triton' hit a CUDA error.*poisons the CUDA context") as info:
+        autoselect.decide(KEY, {"triton": faulty, "cublas": lambda: None}, FakeTimer(1.0, 1.0))
+    assert info.value.__cause__ is fault
+    assert autoselect.auto_choices() == [], "nothing may be cached after a device fault"

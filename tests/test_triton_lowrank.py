@@ -326,7 +326,7 @@ def test_op_backend_triton_3d_noncontiguous(dtype):
 def test_op_dropout_seed_is_replayed_in_backward():
     x, w, b, lo, ro, s, dy = _problem(37, 48, 72, 16, True, seed=7)
     torch.manual_seed(1234)
-    seed = int(torch.randint(0, 2**31 - 1, (1,)).item())  # what muscle_lora_linear draws first
+    seed = int(torch.randint(0, 2**31 - 1, (1,), device=DEVICE).item())  # its first draw, on the inputs' device
     mask = triton_ops.dropout_mask_triton(x.shape, 0.3, seed, DEVICE).cpu()
     ref_y, ref_dx, ref_dl, ref_dr = _reference(x, w, b, lo, ro, s, dy, mask, 0.3)
     xc, wc, bc, lc, rc = _cast(torch.float32, x, w, b, lo, ro)
@@ -356,3 +356,83 @@ def test_layer_with_triton_backend_matches_torch_backend():
     y1.backward(g), y2.backward(g)
     assert_close("dL", twin.lora_L.grad.double(), lay.lora_L.grad)
     assert_close("dR", twin.lora_R.grad.double(), lay.lora_R.grad)
+
+
+def test_dropout_seed_comes_from_the_generator_state():
+    """The Triton path's dropout seed is drawn by torch's generator of the inputs' device: the same generator state
+    (torch.manual_seed) gives the same mask, consecutive calls give new ones."""
+    x, w, b, lo, ro, s, _ = (v.float().to(DEVICE) for v in _problem(37, 48, 72, 16, True, seed=21))
+    s = s.float().to(DEVICE)
+
+    def adapter():  # y - (x W^T + b): the adapter's part, which is all that dropout changes
+        y = muscle_lora_linear(x, w, b, lo, ro, s, dropout_p=0.5, training=True, backend="triton")
+        return y - torch.nn.functional.linear(x, w, b)
+
+    torch.manual_seed(31)
+    first, second = adapter(), adapter()
+    torch.manual_seed(31)
+    again = adapter()
+    assert torch.equal(first, again), "the same generator state gave another mask"
+    assert not torch.allclose(first, second), "two consecutive calls used the same mask"
+    # and the mask is the one of the seed that generator state draws on the inputs' device
+    torch.manual_seed(31)
+    seed = int(torch.randint(0, 2**31 - 1, (1,), device=DEVICE).item())
+    mask = triton_ops.dropout_mask_triton(x.shape, 0.5, seed, DEVICE)
+    want = lowrank_linear_reference(x, w, None, lo, ro, s, mask, 0.5) - torch.nn.functional.linear(x, w)
+    assert_close("adapter part", want, first)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 16, 1234, 2**31 - 2])
+def test_a_seed_tensor_gives_the_mask_of_its_value(seed):
+    """The kernel reads a tensor seed on the device (no host sync: CUDA-graph safe); the mask is the one of the same
+    value passed as an int, so dropout_mask_triton (and the tests) can name it."""
+    shape = (37, 70)
+    by_int = triton_ops.dropout_mask_triton(shape, 0.3, seed, DEVICE)
+    by_tensor = triton_ops.dropout_mask_triton(shape, 0.3, torch.tensor([seed], device=DEVICE), DEVICE)
+    assert torch.equal(by_int, by_tensor)
+    assert 0 < int(by_int.sum()) < by_int.numel()
+    if seed:
+        assert not torch.equal(by_int, triton_ops.dropout_mask_triton(shape, 0.3, seed - 1, DEVICE))
+    with pytest.raises(ValueError, match="seed: expected one integer"):
+        triton_ops.dropout_mask_triton(shape, 0.3, torch.tensor([1.5], device=DEVICE), DEVICE)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA-graph capture needs a CUDA device")
+def test_dropout_under_cuda_graph_replay_draws_new_masks():
+    """A captured forward with dropout: each replay must use a new mask (a host-integer seed would be frozen into
+    the graph)."""
+    torch.manual_seed(5)
+    x, w, b, lo, ro, s, _ = (v.to(DEVICE, torch.bfloat16) for v in _problem(256, 128, 96, 16, True, seed=22))
+    s = s.float()
+    fn = lambda: muscle_lora_linear(x, w, b, lo, ro, s, dropout_p=0.5, training=True, backend="triton")  # noqa: E731
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()  # compile outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    outs = []
+    for _ in range(3):
+        graph.replay()
+        outs.append(out.clone())
+    torch.cuda.synchronize()
+    assert not torch.equal(outs[0], outs[1]) and not torch.equal(outs[1], outs[2]), "a replay reused its mask"
+    for o in outs:  # each replay is a valid dropout of the adapter: not the plain layer, not NaN
+        assert torch.isfinite(o).all()
+
+
+def test_dropout_capture_refuses_the_host_seeded_path():
+    """Under CUDA-graph capture only the Triton path's seed (read on the device) changes between replays: the
+    composed path, seeded by a host integer, refuses instead of replaying one mask forever."""
+    from muscle_kernels.ops.lowrank_linear import function
+
+    x = torch.zeros(4, 8, device=DEVICE)
+    with pytest.raises(RuntimeError, match="dropout under CUDA-graph capture: backend 'cublas'"):
+        function._draw_seed(x, 0.5, "cublas", compiling=False, capturing=True)
+    seed = function._draw_seed(x, 0.5, "triton", compiling=False, capturing=True)
+    assert isinstance(seed, torch.Tensor) and seed.device == x.device and seed.dtype == torch.int64
+    assert function._draw_seed(x, 0.0, "cublas", compiling=False, capturing=True) == 0  # no dropout: nothing drawn
+    assert isinstance(function._draw_seed(x, 0.5, "cublas", compiling=False, capturing=False), int)

@@ -97,7 +97,7 @@ def test_compiled_triton_layer_with_dropout_uses_one_mask():
     torch.manual_seed(77)
     y = compiled(x)
     torch.manual_seed(77)
-    seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+    seed = int(torch.randint(0, 2**31 - 1, (1,), device=DEVICE).item())  # the Triton path draws on x's device
     mask = triton_ops.dropout_mask_triton(x.shape, 0.3, seed, DEVICE)
     assert 0.5 < mask.float().mean().item() < 0.9
     dy = torch.randn_like(y)

@@ -16,9 +16,18 @@ backward wanted). The choice is visible and can be forced:
 
 Under torch.compile tracing or CUDA-graph capture nothing can be timed: a class already decided keeps its choice, an
 undecided one runs Triton (the choice made before this module existed), and is not cached.
+
+Timing runs on the inputs' device (made current for it): CUDA events and synchronize act on the current device, so
+with tensors on cuda:1 and cuda:0 current both candidates would otherwise be timed on the wrong device's stream.
+
+A candidate that raises a Python exception (a Triton compile error, a launch refused for its resources) is out of the
+race and the other one runs. A device-side fault (an illegal address, a trap) cannot be recovered from this way: it is
+sticky, the process's CUDA context is unusable afterwards and every later CUDA call fails. So a CUDA error raised while
+timing is not treated as "that candidate lost": it is raised, with the candidate's name.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import sys
@@ -63,13 +72,27 @@ def cuda_timer(fn: Callable[[], object], reps: int = 10) -> float:
     return statistics.median(times)
 
 
+def _is_device_fault(exc: BaseException) -> bool:
+    # torch >= 2.8 raises torch.AcceleratorError for CUDA runtime errors; older versions a RuntimeError naming it.
+    accel = getattr(torch, "AcceleratorError", None)
+    return (accel is not None and isinstance(exc, accel)) or "CUDA error" in str(exc)
+
+
+def _on_device(device) -> contextlib.AbstractContextManager:
+    """`device` made current while timing (events, synchronize and the launches all use the current device)."""
+    if device is not None and torch.device(device).type == "cuda":
+        return torch.cuda.device(torch.device(device))
+    return contextlib.nullcontext()
+
+
 def decide(key: tuple, runners: Dict[str, Callable[[], object]], timer: Optional[Callable[[Callable], float]] = None,
-           can_time: bool = True) -> str:
+           can_time: bool = True, device=None) -> str:
     """The cached choice for `key`, timing each of `runners` (name -> callable) with `timer` (default: cuda_timer)
-    on first use.
+    on first use, with `device` (the inputs' device) current.
 
     `runners` is only called when the key is new; a candidate that raises is out of the race (and named on stderr
-    when verbose). When nothing can be timed (`can_time` False) an undecided key gets "triton", uncached."""
+    when verbose), except for a CUDA error: a device fault leaves the context unusable, so it is raised (module
+    docstring). When nothing can be timed (`can_time` False) an undecided key gets "triton", uncached."""
     if key in _CHOICES:
         return _CHOICES[key]
     if not can_time:
@@ -78,8 +101,14 @@ def decide(key: tuple, runners: Dict[str, Callable[[], object]], timer: Optional
     times: Dict[str, float] = {}
     for name, run in runners.items():
         try:
-            times[name] = float(timer(run))
+            with _on_device(device):
+                times[name] = float(timer(run))
         except Exception as exc:  # e.g. a Triton compile failure on an unusual GPU: the other path still runs
+            if _is_device_fault(exc):
+                raise RuntimeError(f"backend='auto': candidate {name!r} hit a CUDA error while being timed on "
+                                   f"{dict(zip(_KEY_FIELDS, key))}; a device fault poisons the CUDA context, so no "
+                                   "other candidate can run in this process (MUSCLE_KERNELS_BACKEND=cublas rules "
+                                   "the Triton kernels out)") from exc
             _say(f"muscle_kernels auto: {name} failed on {key}: {type(exc).__name__}: {exc}")
     if not times:
         raise RuntimeError(f"backend='auto': every candidate failed for {dict(zip(_KEY_FIELDS, key))}")

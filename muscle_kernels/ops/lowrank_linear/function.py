@@ -19,9 +19,10 @@ In eager mode the fast backends run through a plain `torch.autograd.Function`, b
 call costs several times more Python dispatch (benchmarks/RESULTS.md), which would eat the adapter's whole budget on a
 GPU. Under `torch.compile` the same forward/backward implementations are reached through two custom ops (forward and
 backward) with fake kernels and a registered autograd formula, so a compiled model that uses the layer traces without
-graph breaks; the dropout seed is then a tensor drawn inside the graph (no `.item()` in the traced code). Backward
-saves T = drop(x) L^T ([M, n*r]) and never an [M, out] intermediate; dropout is regenerated from the seed (composed
-path) or read from the packed mask that the Triton forward saved (1 bit per element of x).
+graph breaks; the dropout seed is then a tensor drawn inside the graph (no `.item()` in the traced code). The Triton
+backends draw it on the inputs' device and read it in the mask kernel, so CUDA-graph replays get fresh masks
+(`_draw_seed`). Backward saves T = drop(x) L^T ([M, n*r]) and never an [M, out] intermediate; dropout is regenerated
+from the seed (composed path) or read from the packed mask that the Triton forward saved (1 bit per element of x).
 """
 from __future__ import annotations
 
@@ -178,15 +179,40 @@ def _choose(args: tuple, needs: Tuple[bool, bool, bool], backward: bool) -> str:
     else:
         runners = {name: None for name in names}
     with torch.no_grad():
-        return autoselect.decide(key, runners, can_time=can_time)
+        return autoselect.decide(key, runners, can_time=can_time, device=x2.device)
 
 
-def _seed_int(seed) -> int:
-    # Under torch.compile the seed arrives as a one-element CPU tensor; .item() here runs inside the opaque custom op,
-    # at run time, so it costs no graph break (and no device sync: the tensor is on the CPU).
+def _draw_seed(x: torch.Tensor, p: float, backend: str, compiling: bool, capturing: bool):
+    """The dropout seed of one call (None / 0 without dropout), from torch's generators, so torch.manual_seed
+    reproduces it and consecutive calls differ.
+
+    Triton backends: a one-element int64 tensor drawn on x's device by that device's default generator and read by
+    the mask kernel at run time, never on the host. Under CUDA-graph capture the draw is captured like any random op
+    (torch takes its Philox seed and offset from the generator's graph-safe state, as for its own fused dropout), so
+    each replay draws a new seed and so a new mask; no .item(), so no sync either. (Inductor seeds its Triton kernels
+    the same way.) Other backends seed a private generator with a host integer drawn from the CPU generator (a
+    tensor under torch.compile, read inside the custom op): a graph replay would reuse it, so they refuse capture."""
+    if p <= 0.0:
+        return None if compiling else 0
+    if _is_triton(backend):
+        return torch.randint(0, 2**31 - 1, (1,), device=x.device)
+    if capturing:
+        raise RuntimeError(f"dropout under CUDA-graph capture: backend {backend!r} seeds its mask from a host "
+                           "integer, which every replay would reuse; use backend='triton' (or 'auto'), or "
+                           "dropout_p=0 in the captured region")
+    seed_t = torch.randint(0, 2**31 - 1, (1,))  # traced as a graph op when compiling
+    return seed_t if compiling else int(seed_t.item())
+
+
+def _seed_arg(seed, backend: str):
+    # Under torch.compile the seed arrives as a one-element tensor. The Triton launchers take it as it is (read on
+    # the device); the composed path needs an int: .item() here runs inside the opaque custom op, at run time, so it
+    # costs no graph break (and no device sync: that tensor is on the CPU).
     if seed is None:
         return 0
-    return int(seed.item()) if isinstance(seed, torch.Tensor) else int(seed)
+    if isinstance(seed, torch.Tensor):
+        return seed if _is_triton(backend) else int(seed.item())
+    return int(seed)
 
 
 def _t_dtype(x: torch.Tensor, backend: str) -> torch.dtype:
@@ -214,7 +240,7 @@ def _fwd_op(
     backend: str,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     fwd, _ = _impl(backend)
-    return fwd(x2, weight, bias, lora_L, lora_R, scales, dropout_p, _seed_int(seed))
+    return fwd(x2, weight, bias, lora_L, lora_R, scales, dropout_p, _seed_arg(seed, backend))
 
 
 @_fwd_op.register_fake
@@ -242,8 +268,8 @@ def _bwd_op(
     needs_dR: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _, bwd = _impl(backend)
-    dx, dL, dR = bwd(dy2, x2, weight, lora_L, lora_R, scales, t, dropout_p, _seed_int(seed), needs_dx, needs_dL,
-                     needs_dR, bits)
+    dx, dL, dR = bwd(dy2, x2, weight, lora_L, lora_R, scales, t, dropout_p, _seed_arg(seed, backend), needs_dx,
+                     needs_dL, needs_dR, bits)
     # A custom op cannot return None: an empty tensor stands for "not needed".
     empty = x2.new_empty(0)
     return (dx if dx is not None else empty, dL if dL is not None else empty, dR if dR is not None else empty)
@@ -351,20 +377,19 @@ def muscle_lora_linear(
             mask = torch.rand(x.shape, device=x.device) >= p
         return lowrank_linear_reference(x, weight, bias, lora_L, lora_R, scales, mask, p)
     compiling = torch.compiler.is_compiling()
-    if p > 0.0:
-        # The same draw either way (one int64 from the default CPU generator); traced as a graph op when compiling.
-        seed_t = torch.randint(0, 2**31 - 1, (1,))
-        seed = seed_t if compiling else int(seed_t.item())
-    else:
-        seed = None if compiling else 0
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).contiguous()  # one copy at most, only for a non-contiguous x
-    args = [x2, weight.contiguous(), bias, lora_L.contiguous(), lora_R.contiguous(), scales, p, seed]
+    args = [x2, weight.contiguous(), bias, lora_L.contiguous(), lora_R.contiguous(), scales, p, None]
+    capturing = not compiling and x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
     if name == "auto":
-        grad = torch.is_grad_enabled()
-        needs = tuple(grad and v.requires_grad for v in (x, lora_L, lora_R))
-        name = _choose(tuple(args[:7]) + (0 if compiling else seed,), needs,
-                       any(needs) or (grad and weight.requires_grad))
+        if capturing and p > 0.0 and _triton_usable(x.device):
+            name = "triton"  # the one graph-safe dropout (below), whatever was chosen before capture
+        else:
+            grad = torch.is_grad_enabled()
+            needs = tuple(grad and v.requires_grad for v in (x, lora_L, lora_R))
+            # Timing ignores the seed's value: 0 stands in (the real one is drawn below, once).
+            name = _choose(tuple(args[:7]) + (0,), needs, any(needs) or (grad and weight.requires_grad))
+    args[7] = _draw_seed(x, p, name, compiling, capturing)
     if compiling:
         y2, _, _ = _fwd_op(*args, name)
     else:

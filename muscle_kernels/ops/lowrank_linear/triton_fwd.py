@@ -27,12 +27,21 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
-def _dropout_bits_kernel(bits_ptr, M, W, stride_bm, seed, p, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr):
+# do_not_specialize: Triton otherwise specialises an int argument equal to 1 (a constant) or divisible by 16 (an
+# alignment hint), so a random seed would compile a new variant of the kernel in 1 of 16 training steps. The launcher
+# keeps the seed below 2^31, so its type (i32) never changes either.
+@triton.jit(do_not_specialize=["seed"])
+def _dropout_bits_kernel(bits_ptr, M, W, stride_bm, seed, seed_ptr, p, SEED_FROM_PTR: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr):
     """The packed dropout keep-mask of an [M, K] input: bit b of int32 word (m, w) keeps x[m, 32 w + b];
     W = cdiv(K, 32).
 
-    Word (m, w) takes 8 Philox calls, counters (8 w + j, m) for j < 8, whose 4 outputs are columns 32 w + 4 j + i."""
+    Word (m, w) takes 8 Philox calls, counters (8 w + j, m) for j < 8, whose 4 outputs are columns 32 w + 4 j + i.
+    SEED_FROM_PTR: the seed is read at run time from seed_ptr (one int64 in [0, 2^31), drawn on the device by torch's
+    generator), so a CUDA graph replays the draw and the kernel sees a new seed each time; Philox takes it as a 64-bit
+    key, so the mask equals the one from the same value passed as `seed`."""
+    if SEED_FROM_PTR:
+        seed = tl.load(seed_ptr)
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rw = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
     c1 = (rm[:, None] + rw[None, :] * 0).to(tl.uint32)
@@ -75,9 +84,13 @@ def _kept(bits_ptr, stride_bm, rows, col0, W, ROWS: tl.constexpr, COLS: tl.const
 
 @triton.jit
 def _write_partial(ptr, acc, mask, ATOMIC: tl.constexpr):
-    """The epilogue of the split reductions: add into a zeroed output when the reduction is split, else store."""
+    """The epilogue of the split reductions: add into a zeroed output when the reduction is split, else store.
+
+    sem="relaxed": the partial sums only meet in the output, which nothing reads before the kernel ends, so no
+    ordering is needed. Triton's default (acq_rel) wraps every element atomic in a full GPU fence (sm_90 SASS:
+    MEMBAR.ALL.GPU + ATOMG + ERRBAR + CCTL.IVALL instead of one REDG; benchmarks/sm90_report.py checks it)."""
     if ATOMIC:
-        tl.atomic_add(ptr, acc, mask=mask)
+        tl.atomic_add(ptr, acc, mask=mask, sem="relaxed")
     else:
         tl.store(ptr, acc, mask=mask)
 
@@ -244,10 +257,11 @@ def _shrink_kernel(
         if FUSED_DR:
             dr = tl.dot(tl.trans(a), ts, input_precision=PRECISION)
             dr_at = dr_ptr + kk64[:, None] * stride_drk + rr64[None, :] * stride_drr
+            # relaxed: DR is only read after the kernel (see _write_partial); acq_rel would fence every element.
             if EVEN_K:
-                tl.atomic_add(dr_at, dr, mask=r_ok[None, :])
+                tl.atomic_add(dr_at, dr, mask=r_ok[None, :], sem="relaxed")
             else:
-                tl.atomic_add(dr_at, dr, mask=k_ok[:, None] & r_ok[None, :])
+                tl.atomic_add(dr_at, dr, mask=k_ok[:, None] & r_ok[None, :], sem="relaxed")
     if HAS_DROP:
         acc = acc * drop_scale
     t = t_ptr + rm.to(tl.int64)[:, None] * stride_tm + rr64[None, :] * stride_tr

@@ -7,6 +7,9 @@
                               needs_dx, needs_dL, needs_dR, bits=None) -> (dx | None, dL | None, dR | None)
     dropout_mask_triton(shape, p, seed, device) -> the bool keep-mask that the kernels apply (unpacked)
 
+The seed is an int or a one-element integer tensor on the inputs' device (what function.py passes, drawn there by
+torch's generator: CUDA-graph safe, see _seed_args); both give the same mask for the same value below 2^31.
+
 Inputs arrive 2-D and contiguous (function.py flattens and copies at most once); x, weight, bias, L and R share one
 dtype among fp32 / fp16 / bf16, scales is any float [n*r]. Launch plan (kernels in triton_fwd.py / triton_bwd.py):
 
@@ -269,15 +272,31 @@ def _no_bits(device):
     return torch.empty((1, 1), dtype=torch.int32, device=device)
 
 
-def _dropout_bits(m: int, k: int, p: float, seed: int, device) -> torch.Tensor:
-    """The packed keep-mask [m, cdiv(k, 32)] int32 of an [m, k] input (triton_fwd.py: `_dropout_bits_kernel`)."""
+def _seed_args(seed, device):
+    """(seed, seed_ptr, SEED_FROM_PTR) for the mask kernel. A tensor seed (one integer, as function.py draws it on the
+    inputs' device) is read by the kernel at run time: no host sync, and a CUDA graph replay sees the replayed draw.
+    An int seed is reduced mod 2^31 so that Triton always passes it as i32 (a wider one would compile another
+    variant); seeds below 2^31 give the same mask either way."""
+    if isinstance(seed, torch.Tensor):
+        if seed.numel() != 1 or seed.is_floating_point():
+            raise ValueError(f"seed: expected one integer, got a {seed.dtype} tensor of shape {tuple(seed.shape)}")
+        # No copy when it is already an int64 on this device (the graph-safe case).
+        return 0, seed.reshape(1).to(device=device, dtype=torch.int64), True
+    return int(seed) % 2**31, _no_bits(device), False
+
+
+def _dropout_bits(m: int, k: int, p: float, seed, device) -> torch.Tensor:
+    """The packed keep-mask [m, cdiv(k, 32)] int32 of an [m, k] input (triton_fwd.py: `_dropout_bits_kernel`);
+    seed: an int or a one-element integer tensor (read on the device, see `_seed_args`)."""
     w = triton.cdiv(k, 32)
     bits = _alloc((m, w), torch.int32, device) if not _FILL_NAN else torch.full((m, w), -1, dtype=torch.int32,
                                                                                     device=device)
     if m and w:
         bm, bw, warps = (32, 16, 4) if _INTERPRET else BITS_CONFIG
-        _dropout_bits_kernel[(triton.cdiv(m, bm), triton.cdiv(w, bw))](bits, m, w, bits.stride(0), int(seed), float(p),
-                                                                       BLOCK_M=bm, BLOCK_W=bw, num_warps=warps)
+        seed_i, seed_ptr, from_ptr = _seed_args(seed, device)
+        _dropout_bits_kernel[(triton.cdiv(m, bm), triton.cdiv(w, bw))](
+            bits, m, w, bits.stride(0), seed_i, seed_ptr, float(p), SEED_FROM_PTR=from_ptr,
+            BLOCK_M=bm, BLOCK_W=bw, num_warps=warps)
     return bits
 
 
@@ -435,7 +454,10 @@ def _bwd(dy2, x2, weight, lora_L, lora_R, scales, t, dropout_p, seed, needs_dx, 
          fused_dy=False):
     m, k = x2.shape
     n, nr = weight.shape[0], lora_L.shape[0]
-    p, seed = float(dropout_p), int(seed)
+    p = float(dropout_p)
+    # A tensor seed stays a tensor (int() would sync, and fail under CUDA-graph capture); it only regenerates the
+    # mask when the forward's packed one is missing.
+    seed = seed if isinstance(seed, torch.Tensor) else int(seed)
     dev = x2.device
     if p > 0.0 and m > 0 and (needs_dx or needs_dL):
         if bits is None or bits.numel() == 0:
@@ -498,7 +520,7 @@ def dropout_mask_triton(shape, p: float, seed: int, device) -> torch.Tensor:
     for v in shape[:-1]:
         m *= v
     with _device_guard(torch.device(device)):
-        bits = _dropout_bits(m, k, float(p), int(seed), device)
+        bits = _dropout_bits(m, k, float(p), seed, device)
     return unpack_bits(bits, k).reshape(shape)
 
 
