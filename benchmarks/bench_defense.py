@@ -268,7 +268,9 @@ def _plot_curve(rows, path):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True)
-    p.add_argument("--attacks", default=None, help="comma-separated attack folder names (default: all found)")
+    p.add_argument("--attacks", default=None,
+                   help="comma-separated attack folder names (badnets) or <dataset>-<attack> names (hsol-badnets), "
+                        "run in this order (default: all found)")
     p.add_argument("--poison-setting", default=None)
     p.add_argument("--poison-rate", type=float, default=None)
     p.add_argument("--methods", default="lora,refonly,clean,muscle-screen",
@@ -307,9 +309,9 @@ def main(argv=None):
     settings_kw = {**recipe_settings(args.recipe), **overrides}
     tag = args.tag or (args.recipe + ("" if not overrides else " " + " ".join(f"{k}={v}" for k, v in overrides.items())))
     attacks = [a for data in args.data.split(",") for a in _attack_dirs(data)]
-    if args.attacks:
-        keep = set(args.attacks.split(","))
-        attacks = [a for a in attacks if os.path.basename(a) in keep or _attack_name(a) in keep]
+    if args.attacks:  # in the order given: the first ones are run first
+        wanted = args.attacks.split(",")
+        attacks = [a for w in wanted for a in attacks if w in (os.path.basename(a), _attack_name(a))]
     methods = args.methods.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
     sizes = [None if n.strip() == "all" else int(n) for n in args.train_size.split(",")]
