@@ -8,8 +8,9 @@
 
 Both print a table (CACC, ASR, time per method) and write results.json, results.png and the adapters to --output.
 results.json is {"complete": bool, "results": [...]}, rewritten atomically after each method ("complete" turns true
-at the end); a non-empty --output is refused unless --overwrite. Bad input is one line on stderr and exit code 2
-(Ctrl-C: 130); an unexpected error keeps its traceback.
+at the end); a non-empty --output is refused unless --overwrite, which removes only what earlier runs recorded
+writing (.muscle-lora-manifest.json), and a folder is used by one run at a time (.muscle-lora.lock). Bad input
+is one line on stderr and exit code 2 (Ctrl-C: 130); an unexpected error keeps its traceback.
 """
 from __future__ import annotations
 
@@ -90,7 +91,8 @@ def _add_training_options(p: argparse.ArgumentParser, defaults: dict) -> None:
     g.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     g.add_argument("--output", default=None, help="directory for results.json, results.png and the adapters")
     g.add_argument("--overwrite", action="store_true",
-                   help="replace the results of an earlier run in --output (else a non-empty --output is refused)")
+                   help="replace the results of an earlier run in --output (else a non-empty --output is refused); "
+                        "only what runs of muscle-lora recorded writing there is removed")
     g.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
 
 
@@ -313,18 +315,21 @@ def _check_attack(args, *, train, test_clean, dev) -> None:
                            f"measure the attack (labels: {sorted(have)})")
 
 
-# what a run writes into --output (and --overwrite clears): the record, the plot, one folder per method
-def _run_outputs():
-    from .defense.train import METHODS
+# what a run writes into --output: the record, the plot, one folder per method whose model is saved
+def _run_outputs(methods, *, save_vanilla: bool = True, extra=()) -> tuple:
+    folders = tuple(m for m in methods if save_vanilla or m != "vanilla")
+    return ("results.json", "results.png") + folders + tuple(extra)
 
-    return ("results.json", "results.png") + tuple(METHODS)
 
-
-def _prepare_output(path: Optional[str], overwrite: bool) -> None:
-    """Create --output and prove it writable before anything loads; refuse an earlier run's results unless
-    --overwrite (whose clearing, _clear_output, waits until the model has loaded)."""
+def _prepare_output(args, names) -> None:
+    """Create --output, prove it writable and lock it (one run per folder) before anything loads; refuse a
+    non-empty folder unless --overwrite, and with --overwrite refuse to write over anything no run of ours wrote.
+    Clearing (_claim_output) waits until the model has loaded. `names`: the entries this run will write."""
     import tempfile
 
+    from .defense.output import BOOKKEEPING, MANIFEST, OutputError, lock_folder, read_manifest
+
+    path, overwrite = args.output, args.overwrite
     if path is None or not str(path).strip():
         raise CliError(f"--output: expected a directory path, got {path!r}")
     if os.path.lexists(path) and not os.path.isdir(path):
@@ -336,31 +341,70 @@ def _prepare_output(path: Optional[str], overwrite: bool) -> None:
         os.unlink(probe)
     except OSError as e:
         raise CliError(f"--output: cannot write to {path} ({e.strerror or e})") from None
-    entries = sorted(os.listdir(path))
-    if entries and not overwrite:
-        shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
-        raise CliError(f"--output: {path} is not empty ({shown}); pass --overwrite to replace an earlier run's "
-                       "results, or choose another directory")
+    try:
+        args.output_lock = lock_folder(path)  # released when main returns (or the process dies)
+        entries = sorted(e for e in os.listdir(path) if e not in BOOKKEEPING)
+        if entries and not overwrite:
+            shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+            raise CliError(f"--output: {path} is not empty ({shown}); pass --overwrite to replace an earlier run's "
+                           "results, or choose another directory")
+        ours = read_manifest(path)
+    except OutputError as e:
+        raise CliError(str(e)) from None
+    foreign = [n for n in names if os.path.lexists(os.path.join(path, n)) and n not in ours]
+    if foreign:
+        raise CliError(f"--overwrite: {path} holds {', '.join(foreign)}, which no muscle-lora run recorded writing "
+                       f"(in {MANIFEST}); it is left alone -- move it away or choose another directory")
+    args.output_names = tuple(names)
 
 
-def _clear_output(path: str) -> None:
-    """--overwrite: remove what this run writes (results, plot, every method's folder) and the temporary files of
-    a killed run; other files stay. Symlinks are removed, never followed."""
+def _claim_output(args) -> None:
+    """Just before the run writes: with --overwrite remove what earlier runs of ours recorded (and their killed
+    writes' temporary files), nothing else; then record the names this run is about to write."""
     import shutil
 
-    ours = set(_run_outputs())
-    for name in sorted(os.listdir(path)):
-        stray = name.startswith((".results.json.", ".results.png.")) and name.endswith(".tmp")
-        if name not in ours and not stray:
-            continue
-        full = os.path.join(path, name)
-        try:
-            if os.path.islink(full) or not os.path.isdir(full):
-                os.unlink(full)
-            else:
-                shutil.rmtree(full)
-        except OSError as e:
-            raise CliError(f"--overwrite: cannot remove {full} ({e.strerror or e})") from None
+    from .defense.output import OutputError, is_stray_temp, read_manifest, write_manifest
+
+    path, names = args.output, args.output_names
+    try:
+        ours = read_manifest(path)
+    except OutputError as e:
+        raise CliError(str(e)) from None
+    if args.overwrite:
+        for name in sorted(os.listdir(path)):
+            if name not in ours and not is_stray_temp(name, ours | set(names)):
+                continue
+            full = os.path.join(path, name)
+            try:
+                if os.path.islink(full) or not os.path.isdir(full):  # symlinks are removed, never followed
+                    os.unlink(full)
+                else:
+                    shutil.rmtree(full)
+            except OSError as e:
+                raise CliError(f"--overwrite: cannot remove {full} ({e.strerror or e})") from None
+        ours = set()
+    write_manifest(path, ours | set(names))
+
+
+def _demo_splits(args, sizes=None):
+    """demo_splits with what it would refuse (a --poison-rate above the non-target share, a --train-size beyond the
+    corpus) said in terms of the options, before anything is written or loaded."""
+    from .defense.corpus import load_builtin_corpus
+    from .defense.demo import DEMO_SIZES, demo_splits
+
+    given, sizes = sizes, tuple(sizes or DEMO_SIZES)
+    rows = load_builtin_corpus()
+    room = len(rows) - sizes[1] - sizes[2]
+    if sizes[0] > room:
+        raise CliError(f"--train-size: {sizes[0]} training reviews asked for, the built-in corpus has {room} beside "
+                       f"its dev and test sets (at most {room})")
+    train = rows[:sizes[0]]
+    pool = sum(label != 1 for _, label in train)  # the demo's target label is 1
+    n_poison = int(round(args.poison_rate * len(train)))
+    if n_poison > pool:
+        raise CliError(f"--poison-rate: {args.poison_rate:g} asks for {n_poison} poisoned training reviews, but only "
+                       f"{pool} of the {len(train)} are of a non-target class; at most {pool / len(train):.3f}")
+    return demo_splits(poison_rate=args.poison_rate, seed=args.seed, **({"sizes": sizes} if given else {}))
 
 
 def format_table(results) -> str:
@@ -390,16 +434,15 @@ def _run(args, splits, factory, tokenizer, methods, extra, save_vanilla=True) ->
 def _demo(args) -> int:
     import torch
 
-    from .defense.demo import demo_splits, minilm_factory
+    from .defense.demo import minilm_factory
 
-    _prepare_output(args.output, args.overwrite)  # before anything loads
-    splits = demo_splits(poison_rate=args.poison_rate, seed=args.seed)
+    splits = _demo_splits(args)
+    _prepare_output(args, _run_outputs(args.methods, save_vanilla=False))  # before anything loads
     try:
         factory, tokenizer = minilm_factory()
     except ImportError as e:  # the pretrained weights come from the optional `demo` extra
         raise CliError(f"demo: {_one_line(e)}") from None
-    if args.overwrite:  # only now that the model has loaded: never clear a run for nothing
-        _clear_output(args.output)
+    _claim_output(args)  # only now that the model has loaded: never clear a run for nothing
     print(f"muscle-lora demo: all-MiniLM-L6-v2, {len(splits.train)} training reviews "
           f"({sum(s.poisoned for s in splits.train)} poisoned with BadNets), methods {', '.join(args.methods)}, "
           f"{torch.get_num_threads()} CPU threads" + (", CUDA" if torch.cuda.is_available() else ""))
@@ -421,13 +464,12 @@ def _defend(args, parser) -> int:
     num_labels = args.num_labels or infer_num_labels({"train": splits.train, "test_clean": splits.test_clean})
     for name in ("train", "dev", "test_clean", "test_poison"):  # before anything loads (train_method checks again)
         check_labels(getattr(splits, name), num_labels, f"{name} (--num-labels {num_labels})")
-    _prepare_output(args.output, args.overwrite)  # the data is good: check --output before anything loads
+    _prepare_output(args, _run_outputs(args.method))  # the data is good: check --output before anything loads
     try:
         factory, tokenizer = classifier_factory(args.model, num_labels, gguf_file=args.gguf_file)
     except OSError as e:  # not found locally nor on the Hub (or offline): transformers says which
         raise CliError(f"--model: cannot load {args.model!r}: {_one_line(e)}") from None
-    if args.overwrite:  # only now that the data and --model are known to be good: never clear a run for nothing
-        _clear_output(args.output)
+    _claim_output(args)  # only now that the data and --model are known to be good: never clear a run for nothing
     return _run(args, splits, factory, tokenizer, args.method,
                 extra=dict(model=args.model, data=args.data or args.train, attack=args.attack,
                            poison_rate=args.poison_rate if args.attack else None))
@@ -463,6 +505,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("muscle-lora: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if getattr(args, "output_lock", None) is not None:  # in-process callers (tests) run again on the folder
+            os.close(args.output_lock)
+            args.output_lock = None
 
 
 if __name__ == "__main__":

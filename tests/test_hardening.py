@@ -338,6 +338,9 @@ def plant_old_run(out, victim):
         (out / method / "adapter.txt").write_text("old")
     (out / "notes.txt").write_text("the user's own file")
     (out / "vanilla").symlink_to(victim.parent, target_is_directory=True)
+    # what that run recorded writing (issue 20: --overwrite removes only the names in the manifest)
+    names = ["results.json", "results.png", "lora", "muscle-ga", "vanilla"]
+    (out / ".muscle-lora-manifest.json").write_text(json.dumps({"written": names}))
 
 
 def test_nonempty_output_needs_overwrite(capsys, tmp_path, tiny_model_dir, stub_training):

@@ -1,0 +1,172 @@
+"""Hardening, round 2 (issue 20): no command deletes or overwrites what it did not write, a diverged run never reads
+as a defense, every error is one line. Each test names its row of the issue.
+
+As in round 1 (tests/test_hardening.py, whose helpers are shared), training is a stub where a test is about the
+command's plumbing, and the tiny BERT is trained for real only where the numbers matter (divergence)."""
+import json
+import os
+
+import pytest
+
+from . import test_hardening as round1
+from .test_hardening import cli, files_argv, one_line
+
+# round 1's fixtures: the tiny BERT folder, and train_method replaced by a stub that writes a fake adapter
+tiny_model_dir = round1.tiny_model_dir
+stub_training = round1.stub_training
+
+
+def defend_argv(model, out, methods="muscle-ga", *extra):
+    return ["defend", "--model", model, "--output", str(out), "--method", methods, "--no-progress",
+            "--device", "cpu", *extra]
+
+
+# -- row 3: --overwrite removes only what a run of ours wrote ---------------------------------------------------------
+def test_overwrite_keeps_folders_no_run_wrote(capsys, tmp_path, tiny_model_dir, stub_training, monkeypatch):
+    out = tmp_path / "project"
+    (out / "lora" / "src").mkdir(parents=True)
+    (out / "lora" / "src" / "train.py").write_text("print('mine')")
+    (out / "vanilla").mkdir()
+    (out / "vanilla" / "notes.md").write_text("# notes")
+    monkeypatch.chdir(out)
+    code, err = cli(capsys, defend_argv(tiny_model_dir, ".", "muscle-ga", "--overwrite") + files_argv(tmp_path))
+    assert code == 0, err
+    assert (out / "lora" / "src" / "train.py").read_text() == "print('mine')"
+    assert (out / "vanilla" / "notes.md").read_text() == "# notes"
+    assert (out / "muscle-ga" / "adapter.txt").read_text() == "new"
+    # a second --overwrite run removes its own earlier results, still not the user's folders
+    code, err = cli(capsys, defend_argv(tiny_model_dir, ".", "muscle-ga", "--overwrite") + files_argv(tmp_path))
+    assert code == 0, err
+    assert (out / "lora" / "src" / "train.py").exists() and (out / "vanilla" / "notes.md").exists()
+
+
+def test_overwrite_refuses_to_write_into_a_users_folder(capsys, tmp_path, tiny_model_dir, stub_training):
+    out = tmp_path / "out"
+    (out / "lora").mkdir(parents=True)
+    (out / "lora" / "keep.txt").write_text("mine")
+    code, err = cli(capsys, defend_argv(tiny_model_dir, out, "lora", "--overwrite") + files_argv(tmp_path))
+    line = one_line(err)
+    assert code == 2 and line.startswith("muscle-lora: error: --overwrite:") and "lora" in line and "manifest" in line
+    assert (out / "lora" / "keep.txt").read_text() == "mine" and not stub_training["calls"]
+
+
+# -- row 4: one run per output folder ---------------------------------------------------------------------------------
+def test_second_run_on_the_same_output_fails_at_once(capsys, tmp_path, tiny_model_dir, stub_training, monkeypatch):
+    import muscle_kernels.defense.train as train
+
+    out = tmp_path / "out"
+    stub = train.train_method
+    second = {}
+
+    def first_then_second(method, *a, **k):
+        if not second:  # while the first run trains, a second run starts on the same folder
+            second["result"] = cli(capsys, defend_argv(tiny_model_dir, out, "muscle-ga") + files_argv(tmp_path))
+        return stub(method, *a, **k)
+
+    monkeypatch.setattr(train, "train_method", first_then_second)
+    code, err = cli(capsys, defend_argv(tiny_model_dir, out, "lora") + files_argv(tmp_path))
+    assert code == 0, err
+    code2, err2 = second["result"]
+    assert code2 == 2 and "is in use by another muscle-lora run" in one_line(err2) and str(out) in err2
+    assert stub_training["calls"] == ["lora"]
+    record = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in record["results"]] == ["lora"]
+
+
+# -- row 1: analyze checks --output as defend does, before any work ---------------------------------------------------
+@pytest.fixture
+def no_minilm(monkeypatch):
+    """analyze must refuse before the model loads: loading it fails the test."""
+    import muscle_kernels.defense.demo as demo
+
+    def boom(*a, **k):
+        raise AssertionError("the model was loaded before --output was checked")
+
+    monkeypatch.setattr(demo, "minilm_factory", boom)
+
+
+def test_analyze_refuses_a_non_empty_output(capsys, tmp_path, no_minilm):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "frequency.csv").write_text("the user's own table")
+    code, err = cli(capsys, ["analyze", "--output", str(out), "--no-progress"])
+    assert code == 2 and "is not empty" in one_line(err) and "--overwrite" in err
+    assert (out / "frequency.csv").read_text() == "the user's own table"
+    code, err = cli(capsys, ["analyze", "--output", str(out), "--no-progress", "--overwrite"])
+    assert code == 2 and "frequency.csv" in one_line(err) and "manifest" in err
+    assert (out / "frequency.csv").read_text() == "the user's own table"
+
+
+def test_analyze_output_is_a_file(capsys, tmp_path, no_minilm):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    code, err = cli(capsys, ["analyze", "--output", str(f), "--no-progress"])
+    assert code == 2 and "exists and is not a directory" in one_line(err)
+
+
+# -- row 2: --replot honours --output and never follows a link ---------------------------------------------------------
+def recorder_csv(path):
+    from muscle_kernels.analysis.recorder import COLUMNS
+
+    rows = []
+    for step in (0, 1, 2):
+        for subset in ("clean", "poisoned"):
+            for target in ("output", "labels"):
+                row = dict(step=step, method="lora", subset=subset, target=target, sigma=0.5, sigma_rel=0.1, n=4,
+                           low=1.0 + step, high=1.0, ratio=1.0 + step, low_centered=0.5, ratio_centered=0.5,
+                           err_low=0.1, err_high=0.2)
+                rows.append(",".join(str(row[c]) for c in COLUMNS))
+    path.write_text(",".join(COLUMNS) + "\n" + "\n".join(rows) + "\n")
+    return str(path)
+
+
+def test_replot_writes_into_output_and_replaces_links(capsys, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    victim = outside / "f.png"
+    victim.write_bytes(b"precious")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    csv_path = recorder_csv(run_dir / "frequency.csv")
+    (run_dir / "frequency.png").symlink_to(victim)
+    (run_dir / ".muscle-lora-manifest.json").write_text(json.dumps({"written": ["frequency.csv", "frequency.png"]}))
+    other = tmp_path / "x"
+    code, err = cli(capsys, ["analyze", "--replot", csv_path, "--output", str(other)])
+    assert code == 0, err
+    assert (other / "frequency.png").read_bytes()[:4] == b"\x89PNG"
+    assert os.path.islink(run_dir / "frequency.png"), "--output given: nothing is written beside the CSV"
+    code, err = cli(capsys, ["analyze", "--replot", csv_path])  # default: beside the CSV, the link replaced
+    assert code == 0, err
+    assert victim.read_bytes() == b"precious"
+    assert not os.path.islink(run_dir / "frequency.png")
+    assert (run_dir / "frequency.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_replot_keeps_a_users_png(capsys, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "frequency.png").write_bytes(b"the user's picture")
+    code, err = cli(capsys, ["analyze", "--replot", recorder_csv(tmp_path / "f.csv"), "--output", str(out)])
+    assert code == 2 and "frequency.png" in one_line(err)
+    assert (out / "frequency.png").read_bytes() == b"the user's picture"
+
+
+# -- row 11: --replot of a file that is not the recorder's, impossible demo sizes -------------------------------------
+@pytest.mark.parametrize("content", [b"", b'{"complete": true, "results": []}\n', b"\x89PNG\r\n\x1a\n\xff\xfe\x00",
+                                     b"step,method\n1,x\n"])
+def test_replot_of_other_files(capsys, tmp_path, content):
+    f = tmp_path / "results.json"
+    f.write_bytes(content)
+    code, err = cli(capsys, ["analyze", "--replot", str(f), "--output", str(tmp_path / "o")])
+    assert code == 2 and one_line(err).startswith(f"muscle-lora: error: --replot: {f}")
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["analyze", "--poison-rate", "1"], "--poison-rate: 1 asks for"),
+    (["demo", "--poison-rate", "1"], "--poison-rate: 1 asks for"),
+    (["analyze", "--train-size", "100000"], "--train-size: 100000 training reviews asked for"),
+])
+def test_demo_sizes_checked(capsys, tmp_path, no_minilm, argv, match):
+    code, err = cli(capsys, argv + ["--output", str(tmp_path / "o"), "--no-progress"])
+    assert code == 2 and match in one_line(err)
+    assert not (tmp_path / "o").exists()
