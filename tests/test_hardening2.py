@@ -170,3 +170,57 @@ def test_demo_sizes_checked(capsys, tmp_path, no_minilm, argv, match):
     code, err = cli(capsys, argv + ["--output", str(tmp_path / "o"), "--no-progress"])
     assert code == 2 and match in one_line(err)
     assert not (tmp_path / "o").exists()
+
+
+# -- row 5: links replaced, not followed; no content of a file that is not data in an error ---------------------------
+def tiny_bert(hidden=32):
+    import transformers
+
+    config = transformers.BertConfig(vocab_size=30, hidden_size=hidden, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=32)
+    return transformers.BertForSequenceClassification(config)
+
+
+def test_save_adapter_replaces_planted_links(tmp_path):
+    from muscle_kernels import apply_muscle_lora, load_adapter, save_adapter
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    victim = outside / "victim.json"
+    victim.write_text("precious")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "muscle_lora_config.json").symlink_to("../outside/victim.json")
+    (adapter / "muscle_lora_adapter.safetensors").symlink_to("../outside/victim.json")
+    save_adapter(apply_muscle_lora(tiny_bert()), adapter)
+    assert victim.read_text() == "precious"
+    assert not any(os.path.islink(adapter / n) for n in os.listdir(adapter))
+    load_adapter(tiny_bert(), adapter)  # whole files
+
+
+PASSWD = "root:x:0:0:root:/root:/bin/bash\ndaemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin\n"
+
+
+def test_data_folder_refuses_a_linked_training_file(capsys, tmp_path):
+    secret = tmp_path / "passwd"
+    secret.write_text(PASSWD)
+    d = tmp_path / "paper"
+    d.mkdir()
+    rows = ",0,1,2\n" + "".join(f"{i},good film {i},{i % 2},0\n" for i in range(12))
+    for name in ("dev-clean.csv", "test-clean.csv", "test-poison.csv"):
+        (d / name).write_text(rows)
+    (d / "train-poison.csv").symlink_to(secret)
+    code, err = cli(capsys, ["defend", "--model", "m", "--data", str(d), "--output", str(tmp_path / "o")])
+    line = one_line(err)
+    assert code == 2 and "train-poison.csv" in line and "symbolic link" in line and "/bin/bash" not in line and "root:x" not in line
+
+
+def test_errors_quote_no_content_of_a_non_data_file(capsys, tmp_path):
+    secret = tmp_path / "passwd.csv"
+    secret.write_text(PASSWD)
+    good = tmp_path / "good.csv"
+    good.write_text("text,label\na,0\nb,1\n")
+    code, err = cli(capsys, ["defend", "--model", "m", "--train", str(secret), "--test-clean", str(good),
+                             "--dev", str(good), "--test-poison", str(good)])
+    line = one_line(err)
+    assert code == 2 and "passwd.csv, row 1: missing column(s)" in line and "/bin/bash" not in line and "root:x" not in line

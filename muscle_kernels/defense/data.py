@@ -136,6 +136,9 @@ def _first_non_utf8(path: str):
 def _need_columns(path: str, header: Sequence[str], columns: Sequence[str]):
     missing = [c for c in columns if c not in header]
     if missing:
+        if len(header) < 2:  # not a table at all (e.g. /etc/passwd): say so without quoting the file's content
+            raise DataError(f"{path}, row 1: missing column(s) {missing} (the first line is not a header of "
+                            f"named columns; is this a data file?)")
         raise DataError(f"{path}, row 1: missing column(s) {missing} (the header has {list(header)})")
 
 

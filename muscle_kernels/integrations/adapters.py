@@ -57,18 +57,22 @@ def adapter_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
 
 def save_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     """Write the adapter of `model` (after apply_muscle_lora) to the directory `path` (created if needed)."""
-    from safetensors.torch import save_file
-
     config = _config_of(model, "save_adapter")
     tensors = adapter_state_dict(model)
     os.makedirs(path, exist_ok=True)
+    from safetensors.torch import save
+
+    from .._atomic import replace_atomically
+
     # clone(): safetensors refuses tensors that share storage (tied weights), and the files must not alias the model.
-    save_file({k: v.detach().to("cpu").clone().contiguous() for k, v in tensors.items()},
-              os.path.join(path, WEIGHTS_FILE), metadata={"format": "pt"})
+    data = save({k: v.detach().to("cpu").clone().contiguous() for k, v in tensors.items()}, metadata={"format": "pt"})
     meta = {"format_version": _FORMAT_VERSION, "model_class": type(model).__name__,
             "model_type": getattr(getattr(model, "config", None), "model_type", None), "config": config.to_dict()}
-    with open(os.path.join(path, CONFIG_FILE), "w") as f:
-        json.dump(meta, f, indent=2, sort_keys=True)
+    text = json.dumps(meta, indent=2, sort_keys=True)
+    # Atomically, each file: a symlink planted at either name is replaced, never written through, and a reader never
+    # sees half a file.
+    replace_atomically(os.path.join(path, WEIGHTS_FILE), lambda f: f.write(data))
+    replace_atomically(os.path.join(path, CONFIG_FILE), lambda f: f.write(text.encode("utf-8")))
 
 
 def load_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
