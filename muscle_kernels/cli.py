@@ -408,11 +408,24 @@ def _demo_splits(args, sizes=None):
 
 
 def format_table(results) -> str:
-    lines = [f"{'method':<10} {'CACC':>7} {'ASR':>7} {'best ep':>7} {'train s':>8} {'step s':>7}"]
+    lines = [f"{'method':<10} {'CACC':>8} {'ASR':>8} {'best ep':>7} {'train s':>8} {'step s':>7}"]
     for r in results:
-        lines.append(f"{r['method']:<10} {100 * r['cacc']:>6.2f}% {100 * r['asr']:>6.2f}% {r['best_epoch']:>7d} "
+        if r.get("diverged"):  # its CACC / ASR were not measured: a broken model's numbers are no defense
+            lines.append(f"{r['method']:<10} {'diverged':>8} {'diverged':>8} {'-':>7} "
+                         f"{r['train_seconds']:>8.1f} {r['step_seconds']:>7.3f}  ({r.get('diverged_reason', '')})")
+            continue
+        lines.append(f"{r['method']:<10} {100 * r['cacc']:>7.2f}% {100 * r['asr']:>7.2f}% {r['best_epoch']:>7d} "
                      f"{r['train_seconds']:>8.1f} {r['step_seconds']:>7.3f}")
     return "\n".join(lines)
+
+
+def _all_diverged(results) -> int:
+    """Exit code 1 and one line on stderr when every method diverged (nothing was measured), else 0."""
+    if results and all(r.get("diverged") for r in results):
+        print("muscle-lora: error: every method diverged, so no CACC / ASR was measured (results.json marks them); "
+              "lower --lr (or --vanilla-lr), or check --freq-band", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _run(args, splits, factory, tokenizer, methods, extra, save_vanilla=True) -> int:
@@ -428,7 +441,7 @@ def _run(args, splits, factory, tokenizer, methods, extra, save_vanilla=True) ->
     print(f"\n{len(methods)} method(s) in {time.perf_counter() - start:.0f} s; results in "
           f"{os.path.join(args.output, 'results.json')}, "
           + (f"plot in {plot}" if os.path.isfile(plot) else "no plot (matplotlib is not installed)"))
-    return 0
+    return _all_diverged(results)
 
 
 def _demo(args) -> int:

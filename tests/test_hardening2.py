@@ -224,3 +224,40 @@ def test_errors_quote_no_content_of_a_non_data_file(capsys, tmp_path):
                              "--dev", str(good), "--test-poison", str(good)])
     line = one_line(err)
     assert code == 2 and "passwd.csv, row 1: missing column(s)" in line and "/bin/bash" not in line and "root:x" not in line
+
+
+# -- row 13: a diverged run is marked, not measured, and fails the command when every method diverged ---------------
+def test_diverged_runs_are_marked(capsys, tmp_path, tiny_model_dir):
+    from .test_hardening import two_class_rows
+
+    out = tmp_path / "out"
+    argv = ["defend", "--model", tiny_model_dir, "--output", str(out), "--method", "lora,muscle-ga", "--lr", "1e30",
+            "--epochs", "1", "--batch-size", "8", "--max-length", "16", "--no-progress", "--device", "cpu"]
+    code, err = cli(capsys, argv + files_argv(tmp_path, two_class_rows(32)))
+    # (stderr also holds transformers' loading bars and logging: the error is the last line)
+    assert code == 1 and err.strip().splitlines()[-1].startswith("muscle-lora: error: every method diverged")
+    record = json.loads((out / "results.json").read_text())
+    assert record["complete"] is True
+    for r in record["results"]:
+        assert r["diverged"] is True and r["cacc"] is None and r["asr"] is None, r
+        assert "step" in r["diverged_reason"]
+    assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_diverged_row_in_the_table():
+    from muscle_kernels.cli import format_table
+
+    rows = [dict(method="lora", cacc=0.9, asr=0.1, best_epoch=1, train_seconds=1.0, step_seconds=0.1),
+            dict(method="muscle-ga", diverged=True, diverged_reason="loss nan at step 2", cacc=float("nan"),
+                 asr=float("nan"), best_epoch=None, train_seconds=1.0, step_seconds=0.1)]
+    lines = format_table(rows).splitlines()
+    assert "90.00%" in lines[1]
+    assert lines[2].split()[:3] == ["muscle-ga", "diverged", "diverged"] and "%" not in lines[2]
+
+
+def test_divergence_rule():
+    from muscle_kernels.defense.train import _divergence
+
+    assert _divergence(0.7, 0.69, 5) is None and _divergence(9.0, 0.69, 5) is None
+    assert "nan" in _divergence(float("nan"), 0.69, 3) and "inf" in _divergence(float("inf"), 0.69, 3)
+    assert "more than 10 x its start" in _divergence(11.0, 0.69, 7)

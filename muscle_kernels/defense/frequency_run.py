@@ -202,11 +202,16 @@ def run(args) -> int:
     train_s = sum(r["train_seconds"] for r in results)
     print()
     for r in results:
+        if r.get("diverged"):  # nothing measured: never print a broken model's numbers as a defense's
+            print(f"{r['method']:<10} diverged ({r.get('diverged_reason', '')})  train {r['train_seconds']:.0f} s")
+            continue
         print(f"{r['method']:<10} CACC {100 * r['cacc']:6.2f}%  ASR {100 * r['asr']:6.2f}%  "
               f"train {r['train_seconds']:.0f} s")
     print(f"\nrecording: {recorder.records} records in {recorder.seconds:.1f} s = "
           f"{100 * recorder.seconds / max(train_s, 1e-9):.1f}% of the {train_s:.0f} s of training steps; "
           f"total {time.perf_counter() - start:.0f} s")
     print(f"rows in {csv_path}, plot in {png}")
-    return 0
+    from ..cli import _all_diverged
+
+    return _all_diverged(results)
 

@@ -312,6 +312,7 @@ def train_method(method: str, model_factory: Callable[[], nn.Module], tokenizer,
     history, step_times = [], []
     best = dict(acc=-1.0, epoch=-1, state=None)
     train_seconds = 0.0
+    diverged, first_loss = None, None
     if on_step is not None:
         on_step(0, model, method=method)
     for epoch in range(settings.epochs):
@@ -339,6 +340,13 @@ def train_method(method: str, model_factory: Callable[[], nn.Module], tokenizer,
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
             if on_step is not None:
                 on_step(len(step_times), model, method=method)
+            first_loss = losses[0] if first_loss is None else first_loss
+            diverged = _divergence(losses[-1], first_loss, len(step_times))
+            if diverged:  # every further step and the evaluations would be of a broken model
+                break
+        if diverged:
+            log(f"  {method} diverged: {diverged}")
+            return _diverged_record(method, diverged, history, step_times, lr, params, device, settings)
         dev_acc = evaluate(model, tokenizer, splits.dev, settings, device, desc="dev", progress=progress)
         dev_asr = evaluate(model, tokenizer, splits.dev_poison, settings, device, poisoned=True, desc="dev-poison",
                            progress=progress) if splits.dev_poison else float("nan")
@@ -370,6 +378,28 @@ def train_method(method: str, model_factory: Callable[[], nn.Module], tokenizer,
         result["saved_to"] = _save(model, method, output_dir)
     model.to("cpu")
     return result
+
+
+# A step's loss this many times its start (at least 1) marks a diverged run, as does a non-finite loss: the numbers
+# measured on such a model would be those of a broken classifier, not of a defense.
+DIVERGENCE_FACTOR = 10.0
+
+
+def _divergence(loss: float, first: float, step: int) -> Optional[str]:
+    """Why the run diverged at `step` (a loss of nan/inf, or far above its start), or None."""
+    if not math.isfinite(loss):
+        return f"loss {loss} at step {step}"
+    if math.isfinite(first) and loss > DIVERGENCE_FACTOR * max(first, 1.0):
+        return f"loss {loss:.4g} at step {step}, more than {DIVERGENCE_FACTOR:g} x its start {first:.4g}"
+    return None
+
+
+def _diverged_record(method, reason, history, step_times, lr, params, device, settings) -> dict:
+    """The record of a run stopped by divergence: marked, CACC/ASR not measured (NaN; null in results.json)."""
+    return dict(method=method, diverged=True, diverged_reason=reason, cacc=float("nan"), asr=float("nan"),
+                best_epoch=None, train_seconds=sum(step_times), step_seconds=statistics.median(step_times),
+                steps=len(step_times), lr=lr, trainable_parameters=sum(p.numel() for p in params),
+                device=str(device), history=history, settings=settings.to_dict())
 
 
 def _save(model, method: str, output_dir: str) -> str:
