@@ -261,3 +261,29 @@ def test_divergence_rule():
     assert _divergence(0.7, 0.69, 5) is None and _divergence(9.0, 0.69, 5) is None
     assert "nan" in _divergence(float("nan"), 0.69, 3) and "inf" in _divergence(float("inf"), 0.69, 3)
     assert "more than 10 x its start" in _divergence(11.0, 0.69, 7)
+
+
+# -- row 14: scales that overflow float32 are refused ----------------------------------------------------------------
+@pytest.mark.parametrize("kw, name", [(dict(freq_band=(1e300,)), "freq_band"), (dict(alpha=1e300), "alpha"),
+                                      (dict(freq_band=(1, 1e38), alpha=8.0), "freq_band")])
+def test_layer_scales_must_be_finite(kw, name):
+    from muscle_kernels import MuScleLoRALinear
+
+    with pytest.raises(ValueError, match=rf"^{name}: expected values whose scales k \* alpha / inner_rank stay "
+                                         "finite in float32"):
+        MuScleLoRALinear(8, 4, **kw)
+
+
+def test_config_scales_must_be_finite():
+    from muscle_kernels import MuScleLoRAConfig
+
+    with pytest.raises(ValueError, match="^mslr_alpha: expected values whose scales"):
+        MuScleLoRAConfig(mslr_targets=["classifier"], mslr_alpha=1e300)
+    with pytest.raises(ValueError, match="^lora_alpha: expected values whose scales"):
+        MuScleLoRAConfig(lora_targets=["query"], lora_alpha=1e300)
+
+
+@pytest.mark.parametrize("flag", [["--freq-band", "1e308"], ["--freq-band", "1,1e38"]])
+def test_cli_freq_band_overflow(capsys, flag):
+    code, err = cli(capsys, ["defend", "--model", "m", "--train", "t.csv"] + flag)
+    assert code == 2 and "freq_band: expected values whose scales" in one_line(err)

@@ -102,6 +102,12 @@ class Settings:
             self.freq_band = list(AdapterSpec.check("freq_band", self.freq_band))
         if self.mslr_alpha is not None:
             self.mslr_alpha = AdapterSpec.check("alpha", self.mslr_alpha, name="mslr_alpha")
+        # the scales these give (with the recipe's inner rank 1 and mslr_alpha where not set) must stay finite
+        from ..integrations.config import MuScleLoRAConfig
+
+        mslr_alpha = self.mslr_alpha or MuScleLoRAConfig.__dataclass_fields__["mslr_alpha"].default
+        AdapterSpec.check_scales(self.freq_band or (1,), 1, mslr_alpha, alpha_name="mslr_alpha")
+        AdapterSpec.check_scales((1,), self.lora_rank, self.lora_alpha, alpha_name="lora_alpha")
 
     def gate(self) -> GateConfig:
         """The alignment gate of this run (before GateConfig.for_epochs fits it to the number of epochs)."""
