@@ -7,6 +7,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from . import test_hardening as round1
 from .test_hardening import cli, files_argv, one_line
@@ -287,3 +288,90 @@ def test_config_scales_must_be_finite():
 def test_cli_freq_band_overflow(capsys, flag):
     code, err = cli(capsys, ["defend", "--model", "m", "--train", "t.csv"] + flag)
     assert code == 2 and "freq_band: expected values whose scales" in one_line(err)
+
+
+# -- rows 15, 16, 21: load_adapter checks everything before it touches the model, and names the file -----------------
+def saved_adapter(tmp_path, hidden=32):
+    from muscle_kernels import apply_muscle_lora, save_adapter
+
+    torch.manual_seed(0)
+    path = tmp_path / f"adapter{hidden}"
+    save_adapter(apply_muscle_lora(tiny_bert(hidden)), path)
+    return path
+
+
+def untouched(model, before):
+    from muscle_kernels.integrations.apply import adapter_layers
+
+    return (not hasattr(model, "muscle_lora_config") and not adapter_layers(model)
+            and sum(p.requires_grad for p in model.parameters()) == before)
+
+
+def test_failed_load_leaves_the_model_as_it_was(tmp_path):
+    from muscle_kernels import load_adapter
+
+    path = saved_adapter(tmp_path, hidden=48)
+    model = tiny_bert(32)
+    before = sum(p.requires_grad for p in model.parameters())
+    with pytest.raises(ValueError, match=r"does not fit the model: .*shape mismatch: .*saved \(4, 48\), model "
+                                         r"\(4, 32\)"):
+        load_adapter(model, path)
+    assert untouched(model, before)
+
+
+def tamper(path, key, change):
+    from safetensors.torch import load_file, save_file
+
+    f = path / "muscle_lora_adapter.safetensors"
+    tensors = load_file(f)
+    tensors[key] = change(tensors[key])
+    save_file(tensors, f)
+
+
+@pytest.mark.parametrize("key, change, match", [
+    ("classifier.lora_R", lambda t: t.to(torch.int64), r"not floating point: classifier.lora_R \(int64\)"),
+    ("classifier.lora_L", lambda t: t > 0, r"not floating point: classifier.lora_L \(bool\)"),
+    ("classifier.scales", lambda t: t * 1000, r"scales that differ from the ones its config gives .*classifier"),
+    ("classifier.scales", lambda t: t * float("nan"), r"NaN or infinite values in \['classifier.scales'\]"),
+    ("classifier.lora_L", lambda t: t * float("inf"), r"NaN or infinite values in \['classifier.lora_L'\]"),
+])
+def test_adapter_dtypes_values_and_scales(tmp_path, key, change, match):
+    from muscle_kernels import apply_muscle_lora, load_adapter
+
+    path = saved_adapter(tmp_path)
+    tamper(path, key, change)
+    model = tiny_bert()
+    before = sum(p.requires_grad for p in model.parameters())
+    with pytest.raises(ValueError, match=match):
+        load_adapter(model, path)
+    assert untouched(model, before)
+    with pytest.raises(ValueError, match=match):  # a model that has its adapters already: the same checks
+        load_adapter(apply_muscle_lora(tiny_bert()), path)
+
+
+@pytest.mark.parametrize("text, match", [
+    ("[1, 2]", r"expected a JSON object with format_version, model_class and a \"config\" object, got list"),
+    ('{"format_version": 1, "model_class": "BertForSequenceClassification"}',
+     r"expected a JSON object .* got no \"config\" object"),
+    ("{not json", r"not valid JSON \(Expecting property name"),
+    ('{"format_version": 1, "model_class": "BertForSequenceClassification", "config": {"bogus": 1}}',
+     r"its \"config\" is not a MuScleLoRAConfig \(MuScleLoRAConfig: unknown field"),
+])
+def test_adapter_config_file_errors_name_the_file(tmp_path, text, match):
+    from muscle_kernels import load_adapter
+
+    path = saved_adapter(tmp_path)
+    (path / "muscle_lora_config.json").write_text(text)
+    with pytest.raises(ValueError, match=r"load_adapter: .*muscle_lora_config.json: " + match):
+        load_adapter(tiny_bert(), path)
+
+
+def test_corrupt_weights_file_is_named(tmp_path):
+    from muscle_kernels import load_adapter
+
+    path = saved_adapter(tmp_path)
+    f = path / "muscle_lora_adapter.safetensors"
+    f.write_bytes(f.read_bytes()[:40])
+    with pytest.raises(ValueError, match=r"load_adapter: .*muscle_lora_adapter.safetensors: not a readable "
+                                         r"safetensors file"):
+        load_adapter(tiny_bert(), path)
