@@ -40,6 +40,11 @@ def _number(convert, ok, expected: str):
 _positive_int = _number(int, lambda v: v >= 1, "a positive integer")
 _positive_float = _number(float, lambda v: 0 < v < float("inf"), "a positive number")  # NaN fails both compares
 _fraction = _number(float, lambda v: 0.0 <= v <= 1.0, "a fraction in [0, 1]")
+# the weights are float32: a learning rate float32 cannot hold overflows on the first step (1e308 -> inf)
+_learning_rate = _number(float, lambda v: 0 < v < 3.4028234663852886e38, "a positive number below 3.4e38 (float32's "
+                         "largest)")
+# torch.manual_seed takes 64-bit seeds, and the attacks draw with seed + 1 and seed + 2
+_seed = _number(int, lambda v: 0 <= v <= 2**62, "an integer in [0, 2**62]")
 
 
 def _band(text: str) -> List[float]:
@@ -71,8 +76,8 @@ def _add_training_options(p: argparse.ArgumentParser, defaults: dict) -> None:
 
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=_positive_int, default=defaults["epochs"])
-    g.add_argument("--lr", type=_positive_float, default=defaults["lr"], help="learning rate of the adapter methods")
-    g.add_argument("--vanilla-lr", type=_positive_float, default=defaults["vanilla_lr"],
+    g.add_argument("--lr", type=_learning_rate, default=defaults["lr"], help="learning rate of the adapter methods")
+    g.add_argument("--vanilla-lr", type=_learning_rate, default=defaults["vanilla_lr"],
                    help="learning rate of full fine-tuning")
     g.add_argument("--batch-size", type=_positive_int, default=defaults["batch_size"])
     g.add_argument("--max-length", type=_positive_int, default=defaults["max_length"], help="tokens per sample")
@@ -87,7 +92,7 @@ def _add_training_options(p: argparse.ArgumentParser, defaults: dict) -> None:
     g.add_argument("--recipe", choices=RECIPES, default="default",
                    help="default: this package's measured defaults; paper: the paper's BERT recipe (96 reference "
                         "samples, gate min_ref_loss 0.4, the recipe's frequency band); options given explicitly win")
-    g.add_argument("--seed", type=int, default=defaults["seed"])
+    g.add_argument("--seed", type=_seed, default=defaults["seed"])
     g.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     g.add_argument("--output", default=None, help="directory for results.json, results.png and the adapters")
     g.add_argument("--overwrite", action="store_true",
@@ -150,7 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     atk.add_argument("--clean-label", action="store_true", help="poison target-class samples, keep their labels")
     d.add_argument("--method", type=_methods, default=["muscle-ga"],
                    help="vanilla, lora, muscle, muscle-ga, a comma-separated list, or all (default muscle-ga)")
-    d.add_argument("--num-labels", type=_positive_int, default=None, help="default: the largest label + 1")
+    d.add_argument("--num-labels", type=_positive_int, default=None,
+                   help="default: the largest label + 1 (at most 1000 either way)")
+    d.add_argument("--new-head", action="store_true",
+                   help="the checkpoint's classification head has another number of classes: train a fresh one")
     d.add_argument("--gguf-file", default=None,
                    help="a GGUF file inside --model's folder (decoder LLMs shipped quantized; needs the gguf "
                         "package); --model path/to/file.gguf works too")
@@ -466,20 +474,25 @@ def _demo(args) -> int:
 
 
 def _defend(args, parser) -> int:
-    from .defense.data import check_labels, infer_num_labels
-    from .defense.models import classifier_factory
+    from .defense.data import MAX_INFERRED_LABELS, check_labels, infer_num_labels
+    from .defense.models import check_model, classifier_factory
 
     splits = _load_splits(args, parser)
     if args.model is None:
         from .defense.demo import minilm_path
 
         args.model = minilm_path()
+    if args.num_labels is not None and args.num_labels > MAX_INFERRED_LABELS:  # a head of that size exhausts memory
+        raise CliError(f"--num-labels: {args.num_labels} classes asked for, at most {MAX_INFERRED_LABELS} (the same cap "
+                       "as for the labels read from the data)")
     num_labels = args.num_labels or infer_num_labels({"train": splits.train, "test_clean": splits.test_clean})
     for name in ("train", "dev", "test_clean", "test_poison"):  # before anything loads (train_method checks again)
         check_labels(getattr(splits, name), num_labels, f"{name} (--num-labels {num_labels})")
+    check_model(args.model, num_labels, gguf_file=args.gguf_file, new_head=args.new_head)  # before --output is made
     _prepare_output(args, _run_outputs(args.method))  # the data is good: check --output before anything loads
     try:
-        factory, tokenizer = classifier_factory(args.model, num_labels, gguf_file=args.gguf_file)
+        factory, tokenizer = classifier_factory(args.model, num_labels, gguf_file=args.gguf_file,
+                                                new_head=args.new_head)
     except OSError as e:  # not found locally nor on the Hub (or offline): transformers says which
         raise CliError(f"--model: cannot load {args.model!r}: {_one_line(e)}") from None
     _claim_output(args)  # only now that the data and --model are known to be good: never clear a run for nothing
@@ -497,6 +510,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         info()
         return 0
     from .defense.data import DataError
+    from .defense.models import ModelError
 
     try:  # settings that argparse's types cannot check alone (e.g. a negative --min-ref-loss)
         args.settings = _settings(args, parser)
@@ -512,7 +526,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
             return frequency_run.run(args)
         return _defend(args, parser)
-    except (CliError, DataError, FileNotFoundError) as e:  # expected: bad input, one line; anything else: traceback
+    except (CliError, DataError, FileNotFoundError, ModelError) as e:  # expected: bad input, one line; anything else: traceback
         print(f"muscle-lora: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -182,7 +182,8 @@ def test_argument_errors_are_one_line(capsys, argv):
 def test_missing_model(capsys, tmp_path):
     code, err = cli(capsys, ["defend", "--model", str(tmp_path / "no-model"), "--output", str(tmp_path / "o")]
                     + files_argv(tmp_path))
-    assert code == 2 and one_line(err).startswith(f"muscle-lora: error: --model: cannot load '{tmp_path}/no-model'")
+    # issue 20 row 24: a missing folder is said so (not "Repo id must use alphanumeric chars")
+    assert code == 2 and one_line(err) == f"muscle-lora: error: --model: {tmp_path}/no-model: no such file or folder"
 
 
 def test_unexpected_errors_keep_their_traceback(tmp_path, monkeypatch, tiny_model_dir):
@@ -374,7 +375,7 @@ def test_overwrite_never_clears_for_a_failed_start(capsys, tmp_path):
     plant_old_run(out, victim)
     code, err = cli(capsys, ["defend", "--model", str(tmp_path / "no-model"), "--output", str(out), "--overwrite"]
                     + files_argv(tmp_path))
-    assert code == 2 and "--model: cannot load" in one_line(err)
+    assert code == 2 and "no-model: no such file or folder" in one_line(err)
     assert (out / "results.json").read_text() == '{"old": true}' and (out / "lora" / "adapter.txt").exists()
 
 

@@ -375,3 +375,118 @@ def test_corrupt_weights_file_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"load_adapter: .*muscle_lora_adapter.safetensors: not a readable "
                                          r"safetensors file"):
         load_adapter(tiny_bert(), path)
+
+
+# -- rows 6, 7, 24: --model problems are one line, before the output folder is made ----------------------------------
+def test_checkpoint_head_of_another_size(capsys, tmp_path, tiny_model_dir, stub_training):
+    rows = [(f"good film {i}", i % 3) for i in range(12)]
+    out = tmp_path / "out"
+    code, err = cli(capsys, defend_argv(tiny_model_dir, out, "lora") + files_argv(tmp_path, rows))
+    line = one_line(err)
+    assert code == 2 and "the data has 3 classes" in line and "has 2" in line and "--new-head" in line
+    assert not out.exists(), "checked before the output folder is made"
+    code, err = cli(capsys, defend_argv(tiny_model_dir, out, "lora", "--new-head") + files_argv(tmp_path, rows))
+    assert code == 0, err
+
+
+def test_new_head_loads_a_fresh_head(tiny_model_dir):
+    from muscle_kernels.defense.models import classifier_factory
+
+    factory, _ = classifier_factory(tiny_model_dir, 3, new_head=True)
+    assert factory().config.num_labels == 3
+
+
+def gguf_like(tmp_path, name, content):
+    f = tmp_path / name
+    f.write_bytes(content)
+    return str(f)
+
+
+@pytest.mark.parametrize("kind, match", [
+    ("adapter", "has no config.json, so it is not a model folder (it is an adapter folder"),
+    ("text.gguf", "is not a GGUF file"),
+    ("truncated.gguf", "is a truncated GGUF file"),
+    ("missing", "no such file or folder"),
+])
+def test_model_errors_before_output(capsys, tmp_path, kind, match):
+    if kind == "adapter":
+        model = str(saved_adapter(tmp_path))
+    elif kind == "text.gguf":
+        model = gguf_like(tmp_path, "x.gguf", b"hello\n")
+    elif kind == "truncated.gguf":
+        model = gguf_like(tmp_path, "t.gguf", b"GGUF\x03\x00")
+    else:
+        model = "/nope/model"
+    out = tmp_path / "out"
+    code, err = cli(capsys, defend_argv(model, out, "lora") + files_argv(tmp_path))
+    line = one_line(err)
+    assert code == 2 and line.startswith("muscle-lora: error: --model: ") and match in line
+    assert "Repo id" not in line and not out.exists()
+
+
+def test_pickled_weights_refused_in_one_line(capsys, tmp_path, tiny_model_dir):
+    import pickle
+    import shutil
+
+    model = tmp_path / "pickled"
+    shutil.copytree(tiny_model_dir, model)
+    os.remove(model / "model.safetensors")
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("the pickle ran",))
+
+    with open(model / "pytorch_model.bin", "wb") as f:
+        pickle.dump({"bert.embeddings.word_embeddings.weight": Payload()}, f)
+    code, err = cli(capsys, defend_argv(str(model), tmp_path / "out", "lora") + files_argv(tmp_path))
+    assert code == 2 and "the pickle ran" not in capsys.readouterr().out
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("muscle-lora: error: --model: ") and "weights_only=True" in last
+    assert "weights_only=False" not in last and "Traceback" not in err
+
+
+# -- rows 8, 9, 10, 12: sizes and inputs checked when parsed or read ---------------------------------------------------
+def test_num_labels_capped(capsys, tmp_path):
+    code, err = cli(capsys, ["defend", "--model", "m", "--num-labels", "100000000", "--output", str(tmp_path / "o")]
+                    + files_argv(tmp_path))
+    assert code == 2 and "--num-labels: 100000000 classes asked for, at most 1000" in one_line(err)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("kind", ["dir", "txt"])
+def test_train_not_a_data_file(capsys, tmp_path, kind):
+    if kind == "dir":
+        bad = tmp_path / "folder"
+        bad.mkdir()
+        match = "is a directory, not a data file"
+    else:
+        bad = tmp_path / "data.txt"
+        bad.write_text("text,label\na,1\n")
+        match = "cannot tell the format from the extension '.txt'"
+    good = files_argv(tmp_path)
+    code, err = cli(capsys, ["defend", "--model", "m", "--train", str(bad)] + good[2:])
+    assert code == 2 and f"{bad}: {match}" in one_line(err)
+
+
+@pytest.mark.parametrize("flag, value, match", [
+    ("--lr", "1e308", "--lr: expected a positive number below 3.4e38"),
+    ("--vanilla-lr", "1e39", "--vanilla-lr: expected a positive number below 3.4e38"),
+    ("--seed", "99999999999999999999999", r"--seed: expected an integer in [0, 2**62]"),
+    ("--seed", "-1", r"--seed: expected an integer in [0, 2**62]"),
+])
+def test_overflowing_numbers_checked_when_parsed(capsys, flag, value, match):
+    code, err = cli(capsys, ["defend", "--model", "m", flag, value])
+    assert code == 2 and match in one_line(err)
+
+
+@pytest.mark.parametrize("line, match", [
+    ('{"text": "a", "label": ' + "7" * 5000 + "}", "row 2: a number of more than 4300 digits"),
+    ('{"text": "a", "label": ' + "[" * 100_000 + "]" * 100_000 + "}", "row 2: not valid JSON"),
+])
+def test_jsonl_limits(tmp_path, line, match):
+    from muscle_kernels.defense.data import DataError, load_file
+
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"text": "fine", "label": 1}\n' + line + "\n")
+    with pytest.raises(DataError, match=match):
+        load_file(str(f))

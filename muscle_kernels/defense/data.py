@@ -13,6 +13,7 @@ import contextlib
 import csv
 import json
 import os
+import sys
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence
 
@@ -195,10 +196,12 @@ def load_table(path: str, *, text_column: str = "text", label_column: str = "lab
 
 
 def _format_of(path: str) -> str:
+    if os.path.isdir(path):
+        raise DataError(f"{path}: is a directory, not a data file (a paper-format folder is given with --data)")
     ext = os.path.splitext(path)[1].lower()
     formats = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}
     if ext not in formats:
-        raise ValueError(f"{path}: cannot tell the format from the extension {ext!r}; "
+        raise DataError(f"{path}: cannot tell the format from the extension {ext!r}; "
                          f"use .csv, .tsv or .jsonl, or pass format=")
     return formats[ext]
 
@@ -216,6 +219,10 @@ def _load_jsonl(path, text_column, label_column, poison_column, label_map) -> Li
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+            except ValueError:  # an integer of more digits than int() converts (sys.get_int_max_str_digits)
+                raise DataError(f"{where}: a number of more than {sys.get_int_max_str_digits()} digits") from None
+            except RecursionError:
+                raise DataError(f"{where}: not valid JSON (nested too deeply)") from None
             if not isinstance(obj, dict):
                 raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
             for col in [text_column, label_column] + ([poison_column] if poison_column else []):
