@@ -277,6 +277,11 @@ def _check_device(name: str) -> None:
 def _check_source_flags(args) -> None:
     """Flags that the chosen data source would ignore are errors, not silently dropped."""
     if args.data:
+        for option, name, default in (("--text-column", "text_column", "text"),
+                                      ("--label-column", "label_column", "label")):
+            if getattr(args, name) != default:  # the paper's files have fixed columns (0, 1, 2)
+                raise CliError(f"{option}: --data DIR reads the paper's files, whose columns are fixed (text, label, "
+                               f"poison flag); {option} applies to --train / --dev / --test-clean files")
         if args.dev:
             raise CliError("--dev: --data DIR uses the folder's dev-clean.csv; give either --data or the files "
                            "(--train, --dev, --test-clean, ...)")
@@ -501,6 +506,16 @@ def _defend(args, parser) -> int:
                            poison_rate=args.poison_rate if args.attack else None))
 
 
+def _out_of_memory(e: BaseException) -> bool:
+    """The allocator's failures: MemoryError, torch.OutOfMemoryError (CUDA) and the CPU allocator's RuntimeError."""
+    import torch
+
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(e)
+    return "can't allocate memory" in text or "CUDA out of memory" in text
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -532,6 +547,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("muscle-lora: interrupted", file=sys.stderr)
         return 130
+    except (MemoryError, RuntimeError) as e:
+        if not _out_of_memory(e):
+            raise  # a bug, not the machine's limit: keep the traceback
+        print(f"muscle-lora: error: out of memory on {args.device} with --batch-size {args.batch_size} and "
+              f"--max-length {args.max_length}; lower them (results.json keeps the methods that finished)",
+              file=sys.stderr)
+        return 1
     finally:
         if getattr(args, "output_lock", None) is not None:  # in-process callers (tests) run again on the folder
             os.close(args.output_lock)

@@ -9,6 +9,8 @@ import os
 import pytest
 import torch
 
+from muscle_kernels.cli import main
+
 from . import test_hardening as round1
 from .test_hardening import cli, files_argv, one_line
 
@@ -490,3 +492,70 @@ def test_jsonl_limits(tmp_path, line, match):
     f.write_text('{"text": "fine", "label": 1}\n' + line + "\n")
     with pytest.raises(DataError, match=match):
         load_file(str(f))
+
+
+# -- row 17, 22: CSV columns, fields and labels; an unclosed quote is reported where it opens -------------------------
+@pytest.mark.parametrize("body, match", [
+    ("text,label,label\na,1,0\n", r"row 1: the header names the column\(s\) \['label'\] more than once"),
+    ("text,label\na,1\nb,0,extra\n", r"row 3: 3 fields, the header has 2"),
+    ("text,label\na,1_0\n", r"row 2: unknown label '1_0' \(expected an integer class id in ASCII digits\)"),
+    ("text,label\na,\u0661\n", r"row 2: unknown label '\u0661'"),
+    ('text,label\n"good film,1\n' + "bad,0\n" * 64 + "ok,1\n",
+     r"row 2: a quoted field opened here is not closed \(it runs to row 67\)"),
+])
+def test_csv_rows_refused(tmp_path, body, match):
+    from muscle_kernels.defense.data import DataError, load_file
+
+    f = tmp_path / "d.csv"
+    f.write_text(body, encoding="utf-8")
+    with pytest.raises(DataError, match=match):
+        load_file(str(f))
+
+
+@pytest.mark.parametrize("text, kind", [('["a", "b"]', "list"), ("12", "int"), ('{"x": 1}', "dict")])
+def test_jsonl_text_must_be_a_string(tmp_path, text, kind):
+    from muscle_kernels.defense.data import DataError, load_file
+
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"text": "fine", "label": 1}\n{"text": ' + text + ', "label": 0}\n')
+    with pytest.raises(DataError, match=rf"row 2: the text is a {kind}, expected a string"):
+        load_file(str(f))
+
+
+# -- row 23: --data with column options ------------------------------------------------------------------------------
+@pytest.mark.parametrize("flag", [["--text-column", "x"], ["--label-column", "y"]])
+def test_data_with_column_options(capsys, tmp_path, flag):
+    from .test_hardening import paper_dir
+
+    code, err = cli(capsys, ["defend", "--model", "m", "--data", paper_dir(tmp_path)] + flag)
+    assert code == 2 and one_line(err).startswith(f"muscle-lora: error: {flag[0]}: --data DIR reads the paper's")
+
+
+# -- row 20: out of memory is one line naming the batch size and the length ------------------------------------------
+@pytest.mark.parametrize("error", [MemoryError(), RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. "
+                                                                "DefaultCPUAllocator: can't allocate memory: you "
+                                                                "tried to allocate 8000000000 bytes."),
+                                   torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")])
+def test_out_of_memory_is_one_line(capsys, tmp_path, tiny_model_dir, monkeypatch, error):
+    import muscle_kernels.defense.train as train
+
+    def oom(*a, **k):
+        raise error
+
+    monkeypatch.setattr(train, "train_method", oom)
+    code, err = cli(capsys, defend_argv(tiny_model_dir, tmp_path / "o", "lora", "--batch-size", "512",
+                                        "--max-length", "512") + files_argv(tmp_path))
+    last = err.strip().splitlines()[-1]
+    assert code == 1 and last.startswith("muscle-lora: error: out of memory") and "Traceback" not in err
+    assert "--batch-size 512" in last and "--max-length 512" in last
+
+
+def test_other_runtime_errors_keep_their_traceback(tmp_path, tiny_model_dir, monkeypatch):
+    import muscle_kernels.defense.train as train
+
+    def bug(*a, **k):
+        raise RuntimeError("shape mismatch in a bug")
+
+    monkeypatch.setattr(train, "train_method", bug)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(defend_argv(tiny_model_dir, tmp_path / "o", "lora") + files_argv(tmp_path))

@@ -55,6 +55,10 @@ def _parse_label(value, where: str, label_map: Optional[Mapping]) -> int:
         label = value
     else:
         text = str(value).strip()
+        # int() and float() also read "1_0" as 10 and other scripts' digits ("\u0661" as 1): a class id is written
+        # in ASCII digits only
+        if not text.isascii() or "_" in text:
+            raise DataError(f"{where}: unknown label {value!r} (expected an integer class id in ASCII digits)")
         try:
             label = int(text)
         except ValueError:
@@ -81,6 +85,8 @@ def _parse_flag(value, where: str) -> bool:
 
 
 def _make(text, label, flag, where, label_map) -> Sample:
+    if text is not None and not isinstance(text, str):  # a JSON list or number is not a text (str() would make one)
+        raise DataError(f"{where}: the text is a {type(text).__name__}, expected a string")
     if text is None or not str(text).strip():
         raise DataError(f"{where}: empty text")
     poisoned = _parse_flag(flag, where) if flag is not None else False
@@ -96,16 +102,33 @@ def _read_rows(path: str, delimiter: str):
         header = reader.fieldnames
         if not header:
             raise DataError(f"{path}: the file is empty (expected a header row and data rows)")
-        rows = []
+        dup = sorted({c for c in header if header.count(c) > 1})
+        if dup:  # DictReader would silently keep the last one
+            raise DataError(f"{path}, row 1: the header names the column(s) {dup} more than once")
+        rows, end = [], 1
         try:
             for row in reader:
-                rows.append((reader.line_num, row))
+                start, end = end + 1, reader.line_num
+                _check_fields(path, header, row, start, end)
+                rows.append((end, row))
         except csv.Error as e:
             raise DataError(f"{path}, row {reader.line_num}: malformed {('TSV' if delimiter == chr(9) else 'CSV')} "
                             f"({e})") from None
     if not rows:
         raise DataError(f"{path}: the file has a header but no data rows")
     return header, rows
+
+
+def _check_fields(path, header, row, start: int, end: int) -> None:
+    """A row with fields beyond the header's is refused (DictReader would drop them); a row that runs over several
+    lines and still lacks fields is an unclosed quote, reported where the quote opened, not where the file ends."""
+    short = any(v is None for v in row.values())
+    if end > start and (short or None in row) and any("\n" in v for v in row.values() if isinstance(v, str)):
+        raise DataError(f"{path}, row {start}: a quoted field opened here is not closed (it runs to row {end}); "
+                        "check the quotes of this row")
+    if None in row:
+        raise DataError(f"{path}, row {end}: {len(header) + len(row[None])} fields, the header has {len(header)} "
+                        "(quote fields that contain the delimiter)")
 
 
 @contextlib.contextmanager
