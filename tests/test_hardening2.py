@@ -559,3 +559,60 @@ def test_other_runtime_errors_keep_their_traceback(tmp_path, tiny_model_dir, mon
     monkeypatch.setattr(train, "train_method", bug)
     with pytest.raises(RuntimeError, match="a bug"):
         main(defend_argv(tiny_model_dir, tmp_path / "o", "lora") + files_argv(tmp_path))
+
+
+# -- row 18: aliasing and inference tensors: one rule on both backends ------------------------------------------------
+def alias_cases():
+    g = torch.randn(6)
+    big = torch.randn(10)
+    return {
+        "same tensor as grad and ref": ([g], [g], "grads\\[0\\] and ref_grads\\[0\\] share memory|ref_grads\\[0\\] "
+                                                  "and grads\\[0\\] share memory"),
+        "one grad twice": ([g, g], [torch.randn(6), torch.randn(6)], "grads\\[0\\] and grads\\[1\\] share memory"),
+        "overlapping views": ([big[:6], big[4:]], [torch.randn(6), torch.randn(6)], "share memory"),
+        "grad inside a ref's span": ([torch.randn(4), big[5:9]], [big[0:4], big[2:6]], "share memory"),
+    }
+
+
+@pytest.mark.parametrize("backend", ["foreach", "extension"])
+@pytest.mark.parametrize("case", list(alias_cases()))
+def test_aliasing_refused_on_every_backend(backend, case):
+    from muscle_kernels.ops.grad_align.function import align_gradients_, grad_align_apply_
+
+    grads, refs, match = alias_cases()[case]
+    before = [g.clone() for g in grads]
+    with pytest.raises(ValueError, match=match):
+        align_gradients_(grads, refs, backend=backend)
+    with pytest.raises(ValueError, match="share memory"):
+        grad_align_apply_(grads, refs, torch.ones(len(grads)), backend=backend)
+    assert all(torch.equal(a, b) for a, b in zip(grads, before)), "nothing written"
+
+
+def test_refs_may_share_memory():
+    from muscle_kernels.ops.grad_align.function import align_gradients_
+
+    r = torch.randn(6)
+    g1, g2 = torch.randn(6), torch.randn(6)
+    want = [g1.clone(), g2.clone()]
+    align_gradients_(want, [r.clone(), r.clone()], backend="foreach")
+    align_gradients_([g1, g2], [r, r], backend="foreach")
+    torch.testing.assert_close([g1, g2], want)
+
+
+@pytest.mark.parametrize("backend", ["foreach", "extension"])
+def test_inference_tensors_one_rule(backend):
+    from muscle_kernels.ops.grad_align.function import align_gradients_
+
+    with torch.inference_mode():
+        g, r = torch.randn(8), torch.randn(8)
+    with pytest.raises(ValueError, match=r"grads\[0\] is an inference tensor"):
+        align_gradients_([g], [r], backend=backend)
+
+
+def test_inference_tensors_inside_inference_mode():
+    from muscle_kernels.ops.grad_align.function import align_gradients_
+
+    with torch.inference_mode():
+        g, r = torch.randn(8), torch.randn(8)
+        align_gradients_([g], [r], backend="foreach")
+        torch.testing.assert_close(g, (g @ r) / (r @ r) * r)
