@@ -175,11 +175,15 @@ _SETTING_OPTIONS = ("epochs", "lr", "vanilla_lr", "batch_size", "max_length", "r
                     "ref_select", "min_ref_loss", "freq_band", "seed", "device")
 
 
+def _subparser(parser, command: str) -> argparse.ArgumentParser:
+    return parser._subparsers._group_actions[0].choices[command]
+
+
 def _settings(args, parser):
     """Settings from the options; a --recipe's values replace the defaults of the options not given explicitly."""
     from .defense.train import Settings, recipe_settings
 
-    sub = parser._subparsers._group_actions[0].choices[args.command]
+    sub = _subparser(parser, args.command)
     kw = {name: getattr(args, name) for name in _SETTING_OPTIONS}
     for name, value in recipe_settings(args.recipe).items():
         if name not in kw or kw[name] == sub.get_default(name):
@@ -527,10 +531,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .defense.data import DataError
     from .defense.models import ModelError
 
+    sub = _subparser(parser, args.command)  # errors point at the subcommand's --help
     try:  # settings that argparse's types cannot check alone (e.g. a negative --min-ref-loss)
         args.settings = _settings(args, parser)
     except ValueError as e:
-        parser.error(str(e))
+        sub.error(str(e))
 
     try:
         _check_device(args.device)
@@ -540,7 +545,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             from .defense import frequency_run
 
             return frequency_run.run(args)
-        return _defend(args, parser)
+        return _defend(args, sub)
     except (CliError, DataError, FileNotFoundError, ModelError) as e:  # expected: bad input, one line; anything else: traceback
         print(f"muscle-lora: error: {_one_line(e)}", file=sys.stderr)
         return 2

@@ -616,3 +616,44 @@ def test_inference_tensors_inside_inference_mode():
         g, r = torch.randn(8), torch.randn(8)
         align_gradients_([g], [r], backend="foreach")
         torch.testing.assert_close(g, (g @ r) / (r @ r) * r)
+
+
+# -- row 24: file modes, info, for_model on an adapted model, the subcommand's --help --------------------------------
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_adapter_files_follow_the_umask(tmp_path, umask, mode):
+    from muscle_kernels import apply_muscle_lora, save_adapter
+
+    old = os.umask(umask)
+    try:
+        save_adapter(apply_muscle_lora(tiny_bert()), tmp_path / "a")
+    finally:
+        os.umask(old)
+    for name in ("muscle_lora_config.json", "muscle_lora_adapter.safetensors"):
+        assert oct((tmp_path / "a" / name).stat().st_mode & 0o777) == oct(mode), name
+
+
+def test_info_reports_a_bad_backend_switch(monkeypatch):
+    from muscle_kernels.info import report_lines
+
+    monkeypatch.setenv("MUSCLE_KERNELS_GRAD_ALIGN_BACKEND", "bogus")
+    text = "\n".join(report_lines())
+    assert "forced" not in text
+    assert "grad_align: configuration error: MUSCLE_KERNELS_GRAD_ALIGN_BACKEND: expected one of" in text
+
+
+def test_for_model_on_an_adapted_model():
+    from muscle_kernels import MuScleLoRAConfig, apply_muscle_lora
+
+    model = apply_muscle_lora(tiny_bert())
+    with pytest.raises(ValueError, match="already has MuScleLoRA adapters"):
+        MuScleLoRAConfig.for_model(model)
+
+
+@pytest.mark.parametrize("argv, command", [
+    (["defend", "--model", "m", "--min-ref-loss", "-1"], "defend"),
+    (["demo", "--min-ref-loss", "-1"], "demo"),
+    (["defend", "--model", "m", "--train", "t.csv"], "defend"),
+])
+def test_error_hints_name_the_subcommand(capsys, argv, command):
+    code, err = cli(capsys, argv)
+    assert code == 2 and one_line(err).endswith(f"(see muscle-lora {command} --help)")

@@ -221,6 +221,10 @@ def _recipe(model, has_lora_targets: bool = False) -> dict:
     from torch import nn
 
     config = _model_config(model)
+    if getattr(model, "muscle_lora_config", None) is not None:  # apply.CONFIG_ATTR (apply imports this module)
+        raise ValueError(f"MuScleLoRAConfig.for_model: this {type(model).__name__} already has MuScleLoRA adapters "
+                         "(apply_muscle_lora was called on it); its config is model.muscle_lora_config -- call "
+                         "for_model on the plain model")
     model_type = getattr(config, "model_type", None) or type(model).__name__
     lora_targets = _lora_targets_for(model_type)
     classifier = getattr(model, "classifier", None)
