@@ -424,6 +424,21 @@ def _demo_splits(args, sizes=None):
     return demo_splits(poison_rate=args.poison_rate, seed=args.seed, **({"sizes": sizes} if given else {}))
 
 
+def _settle_output(args) -> None:
+    """At the end of a run (finished, failed or interrupted), still holding the lock: drop from the manifest the
+    names this run claimed but never wrote (a diverged method's folder, say), so that a folder the user creates
+    under such a name later is never taken for ours."""
+    from .defense.output import OutputError, read_manifest, write_manifest
+
+    try:
+        ours = read_manifest(args.output)
+        kept = {n for n in ours if os.path.lexists(os.path.join(args.output, n))}
+        if kept != ours:
+            write_manifest(args.output, kept)
+    except (OutputError, OSError):
+        pass  # the run's own outcome (or error) is what gets reported; the entry stays, as before this run
+
+
 def format_table(results) -> str:
     lines = [f"{'method':<10} {'CACC':>8} {'ASR':>8} {'best ep':>7} {'train s':>8} {'step s':>7}"]
     for r in results:
@@ -561,6 +576,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
     finally:
         if getattr(args, "output_lock", None) is not None:  # in-process callers (tests) run again on the folder
+            _settle_output(args)
             os.close(args.output_lock)
             args.output_lock = None
 

@@ -657,3 +657,33 @@ def test_for_model_on_an_adapted_model():
 def test_error_hints_name_the_subcommand(capsys, argv, command):
     code, err = cli(capsys, argv)
     assert code == 2 and one_line(err).endswith(f"(see muscle-lora {command} --help)")
+
+
+def test_manifest_lists_only_what_was_written(capsys, tmp_path, tiny_model_dir, stub_training, monkeypatch):
+    """A method that wrote nothing (it diverged) is not left in the manifest: a folder the user makes under its name
+    afterwards is not taken for ours by a later --overwrite."""
+    import muscle_kernels.defense.train as train
+
+    stub = train.train_method
+
+    def lora_diverges(method, *a, **k):
+        if method == "lora":
+            return dict(stub_record_diverged(method), settings=a[3].to_dict())
+        return stub(method, *a, **k)
+
+    monkeypatch.setattr(train, "train_method", lora_diverges)
+    out = tmp_path / "out"
+    code, err = cli(capsys, defend_argv(tiny_model_dir, out, "lora,muscle") + files_argv(tmp_path))
+    assert code == 0, err
+    written = json.loads((out / ".muscle-lora-manifest.json").read_text())["written"]
+    assert "lora" not in written and "muscle" in written and "results.json" in written
+    (out / "lora").mkdir()
+    (out / "lora" / "mine.txt").write_text("mine")
+    code, err = cli(capsys, defend_argv(tiny_model_dir, out, "muscle", "--overwrite") + files_argv(tmp_path))
+    assert code == 0, err
+    assert (out / "lora" / "mine.txt").read_text() == "mine"
+
+
+def stub_record_diverged(method):
+    return dict(method=method, diverged=True, diverged_reason="loss nan at step 1", cacc=float("nan"),
+                asr=float("nan"), best_epoch=None, train_seconds=0.1, step_seconds=0.1, steps=1, history=[])

@@ -179,7 +179,8 @@ def run(args) -> int:
     splits = _demo_splits(args, (args.train_size, DEMO_SIZES[1], DEMO_SIZES[2]))
     # defend's checks, before anything loads: locked, a non-empty folder refused unless --overwrite, and --overwrite
     # removes only what runs of ours wrote
-    _prepare_output(args, _run_outputs(args.methods, save_vanilla=False, extra=("frequency.csv", "frequency.png")))
+    # (save_models=False below: no method folders)
+    _prepare_output(args, _run_outputs((), extra=("frequency.csv", "frequency.png")))
     try:
         factory, tokenizer = minilm_factory()
     except ImportError as e:  # the pretrained weights come from the optional `demo` extra
