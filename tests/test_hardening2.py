@@ -687,3 +687,53 @@ def test_manifest_lists_only_what_was_written(capsys, tmp_path, tiny_model_dir, 
 def stub_record_diverged(method):
     return dict(method=method, diverged=True, diverged_reason="loss nan at step 1", cacc=float("nan"),
                 asr=float("nan"), best_epoch=None, train_seconds=0.1, step_seconds=0.1, steps=1, history=[])
+
+
+# -- row 24: a stopped JIT build stops its compilers too ---------------------------------------------------------------
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited (its parent may not reap it)
+    except FileNotFoundError:
+        return False
+
+
+def test_interrupted_build_command_stops_its_children(tmp_path):
+    import subprocess
+    import time
+
+    from muscle_kernels.ops.grad_align.extension import _run_in_own_group
+
+    pidfile = tmp_path / "child.pid"
+    # sh stands for ninja, the background sleep for a compiler it started
+    with pytest.raises(subprocess.TimeoutExpired):
+        _run_in_own_group(["sh", "-c", f"sleep 60 & echo $! > {pidfile}; wait"], timeout=2)
+    child = int(pidfile.read_text())
+    for _ in range(50):
+        if not alive(child):
+            break
+        time.sleep(0.1)
+    assert not alive(child), "the build's child process outlived the interrupted build"
+
+
+def test_jit_build_runs_ninja_in_its_own_group(tmp_path, monkeypatch):
+    from torch.utils import cpp_extension
+
+    from muscle_kernels.ops.grad_align import extension
+
+    seen = {}
+
+    def fake_load(**kw):
+        seen["run"] = cpp_extension.subprocess.run
+        seen["check_output"] = cpp_extension.subprocess.check_output
+        out = tmp_path / "lib.so"
+        out.write_bytes(b"")
+        return str(out)
+
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    extension._compile("cpu", extension.source_dir(), tmp_path / "target.so", False)
+    import subprocess
+
+    assert seen["run"] is extension._run_in_own_group
+    assert seen["check_output"] is subprocess.check_output
+    assert cpp_extension.subprocess is subprocess, "restored after the build"
