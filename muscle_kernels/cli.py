@@ -507,8 +507,8 @@ def _defend(args, parser) -> int:
 
         args.model = minilm_path()
     if args.num_labels is not None and args.num_labels > MAX_INFERRED_LABELS:  # a head of that size exhausts memory
-        raise CliError(f"--num-labels: {args.num_labels} classes asked for, at most {MAX_INFERRED_LABELS} (the same cap "
-                       "as for the labels read from the data)")
+        raise CliError(f"--num-labels: {args.num_labels} classes asked for, at most {MAX_INFERRED_LABELS} (the same "
+                       "cap as for the labels read from the data)")
     num_labels = args.num_labels or infer_num_labels({"train": splits.train, "test_clean": splits.test_clean})
     for name in ("train", "dev", "test_clean", "test_poison"):  # before anything loads (train_method checks again)
         check_labels(getattr(splits, name), num_labels, f"{name} (--num-labels {num_labels})")
@@ -561,7 +561,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
             return frequency_run.run(args)
         return _defend(args, sub)
-    except (CliError, DataError, FileNotFoundError, ModelError) as e:  # expected: bad input, one line; anything else: traceback
+    except (CliError, DataError, FileNotFoundError, ModelError) as e:  # bad input: one line; anything else: traceback
         print(f"muscle-lora: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
