@@ -4,6 +4,7 @@ as a defense, every error is one line. Each test names its row of the issue.
 As in round 1 (tests/test_hardening.py, whose helpers are shared), training is a stub where a test is about the
 command's plumbing, and the tiny BERT is trained for real only where the numbers matter (divergence)."""
 import json
+import math
 import os
 
 import pytest
@@ -770,3 +771,33 @@ def test_extension_dot_as_accurate_as_the_fallback(dtype):
         # the stats are fp32: one rounding (6e-8) is the floor of both
         assert errors["extension"] <= max(errors["foreach"], 1.2e-7), (seed, errors)
     assert worst["extension"] <= 1.2e-7, worst
+
+
+def test_non_finite_weights_after_the_last_step_mark_a_divergence(tmp_path):
+    """The last update can break the weights after the last loss was computed (finite): still diverged."""
+    from muscle_kernels.align.step import AlignClipStep
+    from muscle_kernels.defense.data import Sample
+    from muscle_kernels.defense.train import Settings, Splits, train_method
+
+    from .tiny_models import tiny_factory, tiny_tokenizer
+
+    texts = [f"good film {i}" if i % 2 else f"bad plot {i}" for i in range(16)]
+    samples = [Sample(t, i % 2) for i, t in enumerate(texts)]
+    tokenizer, vocab = tiny_tokenizer(tmp_path, texts)
+    real_call = AlignClipStep.__call__
+
+    def poison_after(self, model, epoch):
+        done = real_call(self, model, epoch)
+        with torch.no_grad():
+            next(p for p in model.parameters() if p.requires_grad).fill_(float("nan"))
+        return done
+
+    import unittest.mock
+
+    with unittest.mock.patch.object(AlignClipStep, "__call__", poison_after):
+        record = train_method("lora", tiny_factory(vocab), tokenizer,
+                              Splits(train=samples, dev=samples, test_clean=samples, test_poison=samples[1::2]),
+                              Settings(epochs=1, batch_size=16, max_length=8, device="cpu"), progress=False,
+                              log=lambda *_: None)
+    assert record["diverged"] is True and record["diverged_reason"] == "non-finite weights after step 1"
+    assert math.isnan(record["cacc"]) and math.isnan(record["asr"])

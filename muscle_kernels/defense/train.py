@@ -350,6 +350,8 @@ def train_method(method: str, model_factory: Callable[[], nn.Module], tokenizer,
             diverged = _divergence(losses[-1], first_loss, len(step_times))
             if diverged:  # every further step and the evaluations would be of a broken model
                 break
+        if not diverged and not all(bool(torch.isfinite(p).all()) for p in params):  # the last update broke them
+            diverged = f"non-finite weights after step {len(step_times)}"
         if diverged:
             log(f"  {method} diverged: {diverged}")
             return _diverged_record(method, diverged, history, step_times, lr, params, device, settings)
