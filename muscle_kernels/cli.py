@@ -512,6 +512,8 @@ def _defend(args, parser) -> int:
     num_labels = args.num_labels or infer_num_labels({"train": splits.train, "test_clean": splits.test_clean})
     for name in ("train", "dev", "test_clean", "test_poison"):  # before anything loads (train_method checks again)
         check_labels(getattr(splits, name), num_labels, f"{name} (--num-labels {num_labels})")
+    if str(args.model).startswith("~"):  # a quoted ~ reaches us unexpanded; transformers would take it for a repo id
+        args.model = os.path.expanduser(args.model)
     check_model(args.model, num_labels, gguf_file=args.gguf_file, new_head=args.new_head)  # before --output is made
     _prepare_output(args, _run_outputs(args.method))  # the data is good: check --output before anything loads
     try:
