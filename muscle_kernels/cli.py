@@ -584,4 +584,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m muscle_kernels.cli`: run the package's muscle_kernels.cli, not this __main__ copy of it, so that
+    # the errors raised by modules importing muscle_kernels.cli (frequency_run) are the classes main() catches
+    from muscle_kernels.cli import main as _main
+
+    sys.exit(_main())

@@ -801,3 +801,19 @@ def test_non_finite_weights_after_the_last_step_mark_a_divergence(tmp_path):
                               log=lambda *_: None)
     assert record["diverged"] is True and record["diverged_reason"] == "non-finite weights after step 1"
     assert math.isnan(record["cacc"]) and math.isnan(record["asr"])
+
+
+def test_python_dash_m_reports_analyze_errors_in_one_line(tmp_path):
+    """`python -m muscle_kernels.cli`: the module runs as __main__; analyze's errors must still be caught."""
+    import subprocess
+    import sys
+
+    from .test_hardening import ROOT
+
+    f = tmp_path / "afile"
+    f.write_text("x")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    p = subprocess.run([sys.executable, "-m", "muscle_kernels.cli", "analyze", "--output", str(f), "--no-progress"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert one_line(p.stderr) == f"muscle-lora: error: --output: {f} exists and is not a directory"
