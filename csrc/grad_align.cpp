@@ -14,7 +14,8 @@
 // out with torch::stable::parallel_for, so a list of many small LoRA tensors and a list of a few huge embeddings both
 // keep every core busy. Each item does the three reductions in one pass with explicit SIMD vectors (GCC/Clang vector
 // extensions; a scalar accumulator would be a serial dependency chain that the compiler may not reorder without
-// -ffast-math), flushed into double every kFlush elements so no fp32 partial sum adds more than kFlush / 16 terms.
+// -ffast-math), flushed into double every kFlush elements so no fp32 partial sum adds more than kFlush / 16 terms;
+// the dot <g, r>, which can cancel, is accumulated in double (see reduce_range).
 // Items are summed per tensor in a fixed order: results do not depend on the thread count. fp64 tensors accumulate
 // in double throughout.
 //
@@ -148,30 +149,53 @@ inline typename VecOf<acc_t>::type load_vec(const scalar_t* p) {
 
 // acc_t: float for 16/32-bit inputs (partial vectors flushed to double every kFlush elements), double for fp64.
 // Two independent vectors per sum hide the FMA latency.
+//
+// <g, r> is the sum that can cancel (g nearly orthogonal to r): an fp32 partial sum then loses digits that no later
+// double flush recovers, and the result was less accurate than the fallback's (fp32 products summed in fp64; issue
+// 20). So for 16/32-bit inputs the dot is accumulated in double vectors from products formed in double, which are
+// exact (24 + 24 significant bits fit in 53): at least as accurate as the fallback. The norms add positive terms
+// only (no cancellation) and stay in fp32 vectors; fp64 inputs accumulate everything in double as before.
 template <typename scalar_t, typename acc_t>
 void reduce_range(const scalar_t* __restrict__ g, const scalar_t* __restrict__ r, int64_t n, double out[3]) {
   using V = typename VecOf<acc_t>::type;
   constexpr int N = VecOf<acc_t>::N;
   constexpr int STEP = 2 * N;
+  constexpr bool kDoubleDot = std::is_same<acc_t, float>::value;
+  constexpr int ND = VecOf<double>::N;
+  static_assert(!kDoubleDot || STEP == 4 * ND, "the double dot covers one STEP with four vectors");
   double s0 = 0.0, s1 = 0.0, s2 = 0.0;
   int64_t i = 0;
   const int64_t n_vec = n - n % STEP;
   while (i < n_vec) {
     V gr0 = {}, gr1 = {}, gg0 = {}, gg1 = {}, rr0 = {}, rr1 = {};
+    vd4 d0 = {}, d1 = {}, d2 = {}, d3 = {};
     const int64_t stop = std::min(n_vec, i + kFlush);
     for (; i < stop; i += STEP) {
       const V a0 = load_vec<acc_t>(g + i), a1 = load_vec<acc_t>(g + i + N);
       const V b0 = load_vec<acc_t>(r + i), b1 = load_vec<acc_t>(r + i + N);
-      gr0 += a0 * b0;
-      gr1 += a1 * b1;
+      if constexpr (kDoubleDot) {
+        d0 += load_vec<double>(g + i) * load_vec<double>(r + i);
+        d1 += load_vec<double>(g + i + ND) * load_vec<double>(r + i + ND);
+        d2 += load_vec<double>(g + i + 2 * ND) * load_vec<double>(r + i + 2 * ND);
+        d3 += load_vec<double>(g + i + 3 * ND) * load_vec<double>(r + i + 3 * ND);
+      } else {
+        gr0 += a0 * b0;
+        gr1 += a1 * b1;
+      }
       gg0 += a0 * a0;
       gg1 += a1 * a1;
       rr0 += b0 * b0;
       rr1 += b1 * b1;
     }
-    const V gr = gr0 + gr1, gg = gg0 + gg1, rr = rr0 + rr1;
+    if constexpr (kDoubleDot) {
+      const vd4 d = (d0 + d1) + (d2 + d3);
+      for (int k = 0; k < ND; ++k) s0 += d[k];
+    } else {
+      const V gr = gr0 + gr1;
+      for (int k = 0; k < N; ++k) s0 += gr[k];
+    }
+    const V gg = gg0 + gg1, rr = rr0 + rr1;
     for (int k = 0; k < N; ++k) {
-      s0 += gr[k];
       s1 += gg[k];
       s2 += rr[k];
     }

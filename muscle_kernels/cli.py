@@ -9,8 +9,9 @@
 
 Both print a table (CACC, ASR, time per method) and write results.json, results.png and the adapters to --output.
 results.json is {"complete": bool, "results": [...]}, rewritten atomically after each method ("complete" turns true
-at the end); a non-empty --output is refused unless --overwrite. Bad input is one line on stderr and exit code 2
-(Ctrl-C: 130); an unexpected error keeps its traceback.
+at the end); a non-empty --output is refused unless --overwrite, which removes only what earlier runs recorded
+writing (.muscle-lora-manifest.json), and a folder is used by one run at a time (.muscle-lora.lock). Bad input
+is one line on stderr and exit code 2 (Ctrl-C: 130); an unexpected error keeps its traceback.
 """
 from __future__ import annotations
 
@@ -40,6 +41,11 @@ def _number(convert, ok, expected: str):
 _positive_int = _number(int, lambda v: v >= 1, "a positive integer")
 _positive_float = _number(float, lambda v: 0 < v < float("inf"), "a positive number")  # NaN fails both compares
 _fraction = _number(float, lambda v: 0.0 <= v <= 1.0, "a fraction in [0, 1]")
+# the weights are float32: a learning rate float32 cannot hold overflows on the first step (1e308 -> inf)
+_learning_rate = _number(float, lambda v: 0 < v < 3.4028234663852886e38, "a positive number below 3.4e38 (float32's "
+                         "largest)")
+# torch.manual_seed takes 64-bit seeds, and the attacks draw with seed + 1 and seed + 2
+_seed = _number(int, lambda v: 0 <= v <= 2**62, "an integer in [0, 2**62]")
 
 
 def _band(text: str) -> List[float]:
@@ -71,8 +77,8 @@ def _add_training_options(p: argparse.ArgumentParser, defaults: dict) -> None:
 
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=_positive_int, default=defaults["epochs"])
-    g.add_argument("--lr", type=_positive_float, default=defaults["lr"], help="learning rate of the adapter methods")
-    g.add_argument("--vanilla-lr", type=_positive_float, default=defaults["vanilla_lr"],
+    g.add_argument("--lr", type=_learning_rate, default=defaults["lr"], help="learning rate of the adapter methods")
+    g.add_argument("--vanilla-lr", type=_learning_rate, default=defaults["vanilla_lr"],
                    help="learning rate of full fine-tuning")
     g.add_argument("--batch-size", type=_positive_int, default=defaults["batch_size"])
     g.add_argument("--max-length", type=_positive_int, default=defaults["max_length"], help="tokens per sample")
@@ -87,11 +93,12 @@ def _add_training_options(p: argparse.ArgumentParser, defaults: dict) -> None:
     g.add_argument("--recipe", choices=RECIPES, default="default",
                    help="default: this package's measured defaults; paper: the paper's BERT recipe (96 reference "
                         "samples, gate min_ref_loss 0.4, the recipe's frequency band); options given explicitly win")
-    g.add_argument("--seed", type=int, default=defaults["seed"])
+    g.add_argument("--seed", type=_seed, default=defaults["seed"])
     g.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     g.add_argument("--output", default=None, help="directory for results.json, results.png and the adapters")
     g.add_argument("--overwrite", action="store_true",
-                   help="replace the results of an earlier run in --output (else a non-empty --output is refused)")
+                   help="replace the results of an earlier run in --output (else a non-empty --output is refused); "
+                        "only what runs of muscle-lora recorded writing there is removed")
     g.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
 
 
@@ -150,7 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--method", type=_methods, default=None,
                    help="vanilla, lora, refonly, muscle, muscle-ga, muscle-screen, a comma-separated list, or all "
                         "(default muscle-screen; with --recipe paper, muscle-ga, the paper's method)")
-    d.add_argument("--num-labels", type=_positive_int, default=None, help="default: the largest label + 1")
+    d.add_argument("--num-labels", type=_positive_int, default=None,
+                   help="default: the largest label + 1 (at most 1000 either way)")
+    d.add_argument("--new-head", action="store_true",
+                   help="the checkpoint's classification head has another number of classes: train a fresh one")
     d.add_argument("--gguf-file", default=None,
                    help="a GGUF file inside --model's folder (decoder LLMs shipped quantized; needs the gguf "
                         "package); --model path/to/file.gguf works too")
@@ -167,11 +177,15 @@ _SETTING_OPTIONS = ("epochs", "lr", "vanilla_lr", "batch_size", "max_length", "r
                     "ref_select", "min_ref_loss", "freq_band", "seed", "device")
 
 
+def _subparser(parser, command: str) -> argparse.ArgumentParser:
+    return parser._subparsers._group_actions[0].choices[command]
+
+
 def _settings(args, parser):
     """Settings from the options; a --recipe's values replace the defaults of the options not given explicitly."""
     from .defense.train import Settings, recipe_settings
 
-    sub = parser._subparsers._group_actions[0].choices[args.command]
+    sub = _subparser(parser, args.command)
     kw = {name: getattr(args, name) for name in _SETTING_OPTIONS}
     for name, value in recipe_settings(args.recipe).items():
         if name not in kw or kw[name] == sub.get_default(name):
@@ -269,6 +283,11 @@ def _check_device(name: str) -> None:
 def _check_source_flags(args) -> None:
     """Flags that the chosen data source would ignore are errors, not silently dropped."""
     if args.data:
+        for option, name, default in (("--text-column", "text_column", "text"),
+                                      ("--label-column", "label_column", "label")):
+            if getattr(args, name) != default:  # the paper's files have fixed columns (0, 1, 2)
+                raise CliError(f"{option}: --data DIR reads the paper's files, whose columns are fixed (text, label, "
+                               f"poison flag); {option} applies to --train / --dev / --test-clean files")
         if args.dev:
             raise CliError("--dev: --data DIR uses the folder's dev-clean.csv; give either --data or the files "
                            "(--train, --dev, --test-clean, ...)")
@@ -315,18 +334,22 @@ def _check_attack(args, *, train, test_clean, dev) -> None:
                            f"measure the attack (labels: {sorted(have)})")
 
 
-# what a run writes into --output (and --overwrite clears): the record, the plot, one folder per method
-def _run_outputs():
-    from .defense.train import METHODS
+# what a run writes into --output: the record, the plot, one folder per method whose model is saved
+def _run_outputs(methods, *, save_vanilla: bool = True, extra=()) -> tuple:
+    folders = tuple(m for m in methods if save_vanilla or m != "vanilla")
+    screened = ("suspects.csv",) if "muscle-screen" in methods else ()  # every training row's suspicion
+    return ("results.json", "results.png") + screened + folders + tuple(extra)
 
-    return ("results.json", "results.png", "suspects.csv") + tuple(METHODS)
 
-
-def _prepare_output(path: Optional[str], overwrite: bool) -> None:
-    """Create --output and prove it writable before anything loads; refuse an earlier run's results unless
-    --overwrite (whose clearing, _clear_output, waits until the model has loaded)."""
+def _prepare_output(args, names) -> None:
+    """Create --output, prove it writable and lock it (one run per folder) before anything loads; refuse a
+    non-empty folder unless --overwrite, and with --overwrite refuse to write over anything no run of ours wrote.
+    Clearing (_claim_output) waits until the model has loaded. `names`: the entries this run will write."""
     import tempfile
 
+    from .defense.output import BOOKKEEPING, MANIFEST, OutputError, lock_folder, read_manifest
+
+    path, overwrite = args.output, args.overwrite
     if path is None or not str(path).strip():
         raise CliError(f"--output: expected a directory path, got {path!r}")
     if os.path.lexists(path) and not os.path.isdir(path):
@@ -338,39 +361,106 @@ def _prepare_output(path: Optional[str], overwrite: bool) -> None:
         os.unlink(probe)
     except OSError as e:
         raise CliError(f"--output: cannot write to {path} ({e.strerror or e})") from None
-    entries = sorted(os.listdir(path))
-    if entries and not overwrite:
-        shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
-        raise CliError(f"--output: {path} is not empty ({shown}); pass --overwrite to replace an earlier run's "
-                       "results, or choose another directory")
+    try:
+        args.output_lock = lock_folder(path)  # released when main returns (or the process dies)
+        entries = sorted(e for e in os.listdir(path) if e not in BOOKKEEPING)
+        if entries and not overwrite:
+            shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+            raise CliError(f"--output: {path} is not empty ({shown}); pass --overwrite to replace an earlier run's "
+                           "results, or choose another directory")
+        ours = read_manifest(path)
+    except OutputError as e:
+        raise CliError(str(e)) from None
+    foreign = [n for n in names if os.path.lexists(os.path.join(path, n)) and n not in ours]
+    if foreign:
+        raise CliError(f"--overwrite: {path} holds {', '.join(foreign)}, which no muscle-lora run recorded writing "
+                       f"(in {MANIFEST}); it is left alone -- move it away or choose another directory")
+    args.output_names = tuple(names)
 
 
-def _clear_output(path: str) -> None:
-    """--overwrite: remove what this run writes (results, plot, every method's folder) and the temporary files of
-    a killed run; other files stay. Symlinks are removed, never followed."""
+def _claim_output(args) -> None:
+    """Just before the run writes: with --overwrite remove what earlier runs of ours recorded (and their killed
+    writes' temporary files), nothing else; then record the names this run is about to write."""
     import shutil
 
-    ours = set(_run_outputs())
-    for name in sorted(os.listdir(path)):
-        stray = name.startswith((".results.json.", ".results.png.", ".suspects.csv.")) and name.endswith(".tmp")
-        if name not in ours and not stray:
-            continue
-        full = os.path.join(path, name)
-        try:
-            if os.path.islink(full) or not os.path.isdir(full):
-                os.unlink(full)
-            else:
-                shutil.rmtree(full)
-        except OSError as e:
-            raise CliError(f"--overwrite: cannot remove {full} ({e.strerror or e})") from None
+    from .defense.output import OutputError, is_stray_temp, read_manifest, write_manifest
+
+    path, names = args.output, args.output_names
+    try:
+        ours = read_manifest(path)
+    except OutputError as e:
+        raise CliError(str(e)) from None
+    if args.overwrite:
+        for name in sorted(os.listdir(path)):
+            if name not in ours and not is_stray_temp(name, ours | set(names)):
+                continue
+            full = os.path.join(path, name)
+            try:
+                if os.path.islink(full) or not os.path.isdir(full):  # symlinks are removed, never followed
+                    os.unlink(full)
+                else:
+                    shutil.rmtree(full)
+            except OSError as e:
+                raise CliError(f"--overwrite: cannot remove {full} ({e.strerror or e})") from None
+        ours = set()
+    write_manifest(path, ours | set(names))
+
+
+def _demo_splits(args, sizes=None):
+    """demo_splits with what it would refuse (a --poison-rate above the non-target share, a --train-size beyond the
+    corpus) said in terms of the options, before anything is written or loaded."""
+    from .defense.corpus import load_builtin_corpus
+    from .defense.demo import DEMO_SIZES, demo_splits
+
+    given, sizes = sizes, tuple(sizes or DEMO_SIZES)
+    rows = load_builtin_corpus()
+    room = len(rows) - sizes[1] - sizes[2]
+    if sizes[0] > room:
+        raise CliError(f"--train-size: {sizes[0]} training reviews asked for, the built-in corpus has {room} beside "
+                       f"its dev and test sets (at most {room})")
+    train = rows[:sizes[0]]
+    pool = sum(label != 1 for _, label in train)  # the demo's target label is 1
+    n_poison = int(round(args.poison_rate * len(train)))
+    if n_poison > pool:
+        raise CliError(f"--poison-rate: {args.poison_rate:g} asks for {n_poison} poisoned training reviews, but only "
+                       f"{pool} of the {len(train)} are of a non-target class; at most {pool / len(train):.3f}")
+    return demo_splits(poison_rate=args.poison_rate, seed=args.seed, **({"sizes": sizes} if given else {}))
+
+
+def _settle_output(args) -> None:
+    """At the end of a run (finished, failed or interrupted), still holding the lock: drop from the manifest the
+    names this run claimed but never wrote (a diverged method's folder, say), so that a folder the user creates
+    under such a name later is never taken for ours."""
+    from .defense.output import OutputError, read_manifest, write_manifest
+
+    try:
+        ours = read_manifest(args.output)
+        kept = {n for n in ours if os.path.lexists(os.path.join(args.output, n))}
+        if kept != ours:
+            write_manifest(args.output, kept)
+    except (OutputError, OSError):
+        pass  # the run's own outcome (or error) is what gets reported; the entry stays, as before this run
 
 
 def format_table(results) -> str:
-    lines = [f"{'method':<10} {'CACC':>7} {'ASR':>7} {'best ep':>7} {'train s':>8} {'step s':>7}"]
+    lines = [f"{'method':<10} {'CACC':>8} {'ASR':>8} {'best ep':>7} {'train s':>8} {'step s':>7}"]
     for r in results:
-        lines.append(f"{r['method']:<10} {100 * r['cacc']:>6.2f}% {100 * r['asr']:>6.2f}% {r['best_epoch']:>7d} "
+        if r.get("diverged"):  # its CACC / ASR were not measured: a broken model's numbers are no defense
+            lines.append(f"{r['method']:<10} {'diverged':>8} {'diverged':>8} {'-':>7} "
+                         f"{r['train_seconds']:>8.1f} {r['step_seconds']:>7.3f}  ({r.get('diverged_reason', '')})")
+            continue
+        lines.append(f"{r['method']:<10} {100 * r['cacc']:>7.2f}% {100 * r['asr']:>7.2f}% {r['best_epoch']:>7d} "
                      f"{r['train_seconds']:>8.1f} {r['step_seconds']:>7.3f}")
     return "\n".join(lines)
+
+
+def _all_diverged(results) -> int:
+    """Exit code 1 and one line on stderr when every method diverged (nothing was measured), else 0."""
+    if results and all(r.get("diverged") for r in results):
+        print("muscle-lora: error: every method diverged, so no CACC / ASR was measured (results.json marks them); "
+              "lower --lr (or --vanilla-lr), or check --freq-band", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _run(args, splits, factory, tokenizer, methods, extra, save_vanilla=True) -> int:
@@ -386,22 +476,21 @@ def _run(args, splits, factory, tokenizer, methods, extra, save_vanilla=True) ->
     print(f"\n{len(methods)} method(s) in {time.perf_counter() - start:.0f} s; results in "
           f"{os.path.join(args.output, 'results.json')}, "
           + (f"plot in {plot}" if os.path.isfile(plot) else "no plot (matplotlib is not installed)"))
-    return 0
+    return _all_diverged(results)
 
 
 def _demo(args) -> int:
     import torch
 
-    from .defense.demo import demo_splits, minilm_factory
+    from .defense.demo import minilm_factory
 
-    _prepare_output(args.output, args.overwrite)  # before anything loads
-    splits = demo_splits(poison_rate=args.poison_rate, seed=args.seed)
+    splits = _demo_splits(args)
+    _prepare_output(args, _run_outputs(args.methods, save_vanilla=False))  # before anything loads
     try:
         factory, tokenizer = minilm_factory()
     except ImportError as e:  # the pretrained weights come from the optional `demo` extra
         raise CliError(f"demo: {_one_line(e)}") from None
-    if args.overwrite:  # only now that the model has loaded: never clear a run for nothing
-        _clear_output(args.output)
+    _claim_output(args)  # only now that the model has loaded: never clear a run for nothing
     print(f"muscle-lora demo: all-MiniLM-L6-v2, {len(splits.train)} training reviews "
           f"({sum(s.poisoned for s in splits.train)} poisoned with BadNets), methods {', '.join(args.methods)}, "
           f"{torch.get_num_threads()} CPU threads" + (", CUDA" if torch.cuda.is_available() else ""))
@@ -412,29 +501,46 @@ def _demo(args) -> int:
 
 
 def _defend(args, parser) -> int:
-    from .defense.data import check_labels, infer_num_labels
-    from .defense.models import classifier_factory
+    from .defense.data import MAX_INFERRED_LABELS, check_labels, infer_num_labels
+    from .defense.models import check_model, classifier_factory
+
     from .defense.train import default_method
 
     splits = _load_splits(args, parser)
+    args.method = args.method or [default_method(args.recipe)]
     if args.model is None:
         from .defense.demo import minilm_path
 
         args.model = minilm_path()
+    if args.num_labels is not None and args.num_labels > MAX_INFERRED_LABELS:  # a head of that size exhausts memory
+        raise CliError(f"--num-labels: {args.num_labels} classes asked for, at most {MAX_INFERRED_LABELS} (the same "
+                       "cap as for the labels read from the data)")
     num_labels = args.num_labels or infer_num_labels({"train": splits.train, "test_clean": splits.test_clean})
     for name in ("train", "dev", "test_clean", "test_poison"):  # before anything loads (train_method checks again)
         check_labels(getattr(splits, name), num_labels, f"{name} (--num-labels {num_labels})")
-    _prepare_output(args.output, args.overwrite)  # the data is good: check --output before anything loads
+    if str(args.model).startswith("~"):  # a quoted ~ reaches us unexpanded; transformers would take it for a repo id
+        args.model = os.path.expanduser(args.model)
+    check_model(args.model, num_labels, gguf_file=args.gguf_file, new_head=args.new_head)  # before --output is made
+    _prepare_output(args, _run_outputs(args.method))  # the data is good: check --output before anything loads
     try:
-        factory, tokenizer = classifier_factory(args.model, num_labels, gguf_file=args.gguf_file)
+        factory, tokenizer = classifier_factory(args.model, num_labels, gguf_file=args.gguf_file,
+                                                new_head=args.new_head)
     except OSError as e:  # not found locally nor on the Hub (or offline): transformers says which
         raise CliError(f"--model: cannot load {args.model!r}: {_one_line(e)}") from None
-    if args.overwrite:  # only now that the data and --model are known to be good: never clear a run for nothing
-        _clear_output(args.output)
-    methods = args.method or [default_method(args.recipe)]
-    return _run(args, splits, factory, tokenizer, methods,
+    _claim_output(args)  # only now that the data and --model are known to be good: never clear a run for nothing
+    return _run(args, splits, factory, tokenizer, args.method,
                 extra=dict(model=args.model, data=args.data or args.train, attack=args.attack,
                            poison_rate=args.poison_rate if args.attack else None))
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """The allocator's failures: MemoryError, torch.OutOfMemoryError (CUDA) and the CPU allocator's RuntimeError."""
+    import torch
+
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(e)
+    return "can't allocate memory" in text or "CUDA out of memory" in text
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -446,11 +552,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         info()
         return 0
     from .defense.data import DataError
+    from .defense.models import ModelError
 
+    sub = _subparser(parser, args.command)  # errors point at the subcommand's --help
     try:  # settings that argparse's types cannot check alone (e.g. a negative --min-ref-loss)
         args.settings = _settings(args, parser)
     except ValueError as e:
-        parser.error(str(e))
+        sub.error(str(e))
 
     try:
         _check_device(args.device)
@@ -460,14 +568,30 @@ def main(argv: Optional[List[str]] = None) -> int:
             from .defense import frequency_run
 
             return frequency_run.run(args)
-        return _defend(args, parser)
-    except (CliError, DataError, FileNotFoundError) as e:  # expected: bad input, one line; anything else: traceback
+        return _defend(args, sub)
+    except (CliError, DataError, FileNotFoundError, ModelError) as e:  # bad input: one line; anything else: traceback
         print(f"muscle-lora: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("muscle-lora: interrupted", file=sys.stderr)
         return 130
+    except (MemoryError, RuntimeError) as e:
+        if not _out_of_memory(e):
+            raise  # a bug, not the machine's limit: keep the traceback
+        print(f"muscle-lora: error: out of memory on {args.device} with --batch-size {args.batch_size} and "
+              f"--max-length {args.max_length}; lower them (results.json keeps the methods that finished)",
+              file=sys.stderr)
+        return 1
+    finally:
+        if getattr(args, "output_lock", None) is not None:  # in-process callers (tests) run again on the folder
+            _settle_output(args)
+            os.close(args.output_lock)
+            args.output_lock = None
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m muscle_kernels.cli`: run the package's muscle_kernels.cli, not this __main__ copy of it, so that
+    # the errors raised by modules importing muscle_kernels.cli (frequency_run) are the classes main() catches
+    from muscle_kernels.cli import main as _main
+
+    sys.exit(_main())

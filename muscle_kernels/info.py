@@ -23,7 +23,13 @@ def _grad_align_lines(devices: List[str]) -> List[str]:
         state = extension.probe()
     except ValueError as exc:  # a bad environment switch
         return [f"  grad_align: configuration error: {exc}"]
-    forced = os.environ.get("MUSCLE_KERNELS_GRAD_ALIGN_BACKEND", "").strip()
+    from ._env import forced_choice
+    from .ops.grad_align.function import BACKENDS
+
+    try:  # the op's own parser: a value it would refuse is shown as the error it gives, not as "(forced)"
+        forced = forced_choice("MUSCLE_KERNELS_GRAD_ALIGN_BACKEND", BACKENDS)
+    except ValueError as exc:
+        return [f"  grad_align: configuration error: {exc}"]
     if state.origin == "":
         lines.append(f"  grad_align extension: not built yet; the first call JIT-builds it into {state.cache or extension.cache_dir()}"
                      " (or falls back to torch._foreach without a compiler)")
@@ -35,7 +41,7 @@ def _grad_align_lines(devices: List[str]) -> List[str]:
         if "cuda" not in state.kernels:
             lines.append(f"  grad_align extension: no CUDA kernels: {state.cuda_reason}")
     for device in devices:
-        if forced and forced != "auto":
+        if forced:
             backend, why = forced, "forced by MUSCLE_KERNELS_GRAD_ALIGN_BACKEND"
         elif device in state.kernels:
             backend, why = "extension", f"compiled kernel ({state.origins.get(device, state.origin)})"

@@ -17,9 +17,9 @@ def run_error(capsys, argv):
 @pytest.mark.parametrize("argv, match", [
     ([], "the following arguments are required"),
     (["train"], "invalid choice: 'train'"),
-    (["demo", "--methods", "lora,peft"], "expected a comma-separated list of vanilla, lora, muscle, muscle-ga"),
+    (["demo", "--methods", "lora,peft"], "expected a comma-separated list of vanilla, lora, refonly, muscle, muscle-ga, muscle-screen"),
     (["demo", "--epochs", "0"], "--epochs: expected a positive integer, got '0'"),
-    (["demo", "--lr", "fast"], "--lr: expected a positive number, got 'fast'"),
+    (["demo", "--lr", "fast"], r"--lr: expected a positive number below 3.4e38 \(float32's largest\), got 'fast'"),
     (["demo", "--poison-rate", "1.5"], r"--poison-rate: expected a fraction in \[0, 1\], got '1.5'"),
     (["demo", "--freq-band", "1,x"], "--freq-band: expected comma-separated numbers such as 1,2,3,4, got '1,x'"),
     (["demo", "--freq-band", "1,0"], r"--freq-band: expected a non-empty sequence of positive numbers .*, got '1,0'"),

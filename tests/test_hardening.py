@@ -182,7 +182,8 @@ def test_argument_errors_are_one_line(capsys, argv):
 def test_missing_model(capsys, tmp_path):
     code, err = cli(capsys, ["defend", "--model", str(tmp_path / "no-model"), "--output", str(tmp_path / "o")]
                     + files_argv(tmp_path))
-    assert code == 2 and one_line(err).startswith(f"muscle-lora: error: --model: cannot load '{tmp_path}/no-model'")
+    # issue 20 row 24: a missing folder is said so (not "Repo id must use alphanumeric chars")
+    assert code == 2 and one_line(err) == f"muscle-lora: error: --model: {tmp_path}/no-model: no such file or folder"
 
 
 def test_unexpected_errors_keep_their_traceback(tmp_path, monkeypatch, tiny_model_dir):
@@ -338,6 +339,9 @@ def plant_old_run(out, victim):
         (out / method / "adapter.txt").write_text("old")
     (out / "notes.txt").write_text("the user's own file")
     (out / "vanilla").symlink_to(victim.parent, target_is_directory=True)
+    # what that run recorded writing (issue 20: --overwrite removes only the names in the manifest)
+    names = ["results.json", "results.png", "lora", "muscle-ga", "vanilla"]
+    (out / ".muscle-lora-manifest.json").write_text(json.dumps({"written": names}))
 
 
 def test_nonempty_output_needs_overwrite(capsys, tmp_path, tiny_model_dir, stub_training):
@@ -371,7 +375,7 @@ def test_overwrite_never_clears_for_a_failed_start(capsys, tmp_path):
     plant_old_run(out, victim)
     code, err = cli(capsys, ["defend", "--model", str(tmp_path / "no-model"), "--output", str(out), "--overwrite"]
                     + files_argv(tmp_path))
-    assert code == 2 and "--model: cannot load" in one_line(err)
+    assert code == 2 and "no-model: no such file or folder" in one_line(err)
     assert (out / "results.json").read_text() == '{"old": true}' and (out / "lora" / "adapter.txt").exists()
 
 

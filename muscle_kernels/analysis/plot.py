@@ -86,6 +86,10 @@ def plot_frequency(rows: List[dict], path: str, *, sigma_rel: Optional[float] = 
     fig.suptitle(f"Frequency analysis of the outputs ({width})", fontsize=10)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    from .._atomic import replace_atomically
+
+    try:  # atomically: a planted symlink at `path` is replaced, its target left alone; never half a PNG
+        replace_atomically(path, lambda f: fig.savefig(f, dpi=120, format="png"))
+    finally:
+        plt.close(fig)
     return path

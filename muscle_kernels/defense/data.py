@@ -13,6 +13,7 @@ import contextlib
 import csv
 import json
 import os
+import sys
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence
 
@@ -54,6 +55,10 @@ def _parse_label(value, where: str, label_map: Optional[Mapping]) -> int:
         label = value
     else:
         text = str(value).strip()
+        # int() and float() also read "1_0" as 10 and other scripts' digits ("\u0661" as 1): a class id is written
+        # in ASCII digits only
+        if not text.isascii() or "_" in text:
+            raise DataError(f"{where}: unknown label {value!r} (expected an integer class id in ASCII digits)")
         try:
             label = int(text)
         except ValueError:
@@ -80,6 +85,8 @@ def _parse_flag(value, where: str) -> bool:
 
 
 def _make(text, label, flag, where, label_map) -> Sample:
+    if text is not None and not isinstance(text, str):  # a JSON list or number is not a text (str() would make one)
+        raise DataError(f"{where}: the text is a {type(text).__name__}, expected a string")
     if text is None or not str(text).strip():
         raise DataError(f"{where}: empty text")
     poisoned = _parse_flag(flag, where) if flag is not None else False
@@ -95,16 +102,33 @@ def _read_rows(path: str, delimiter: str):
         header = reader.fieldnames
         if not header:
             raise DataError(f"{path}: the file is empty (expected a header row and data rows)")
-        rows = []
+        dup = sorted({c for c in header if header.count(c) > 1})
+        if dup:  # DictReader would silently keep the last one
+            raise DataError(f"{path}, row 1: the header names the column(s) {dup} more than once")
+        rows, end = [], 1
         try:
             for row in reader:
-                rows.append((reader.line_num, row))
+                start, end = end + 1, reader.line_num
+                _check_fields(path, header, row, start, end)
+                rows.append((end, row))
         except csv.Error as e:
             raise DataError(f"{path}, row {reader.line_num}: malformed {('TSV' if delimiter == chr(9) else 'CSV')} "
                             f"({e})") from None
     if not rows:
         raise DataError(f"{path}: the file has a header but no data rows")
     return header, rows
+
+
+def _check_fields(path, header, row, start: int, end: int) -> None:
+    """A row with fields beyond the header's is refused (DictReader would drop them); a row that runs over several
+    lines and still lacks fields is an unclosed quote, reported where the quote opened, not where the file ends."""
+    short = any(v is None for v in row.values())
+    if end > start and (short or None in row) and any("\n" in v for v in row.values() if isinstance(v, str)):
+        raise DataError(f"{path}, row {start}: a quoted field opened here is not closed (it runs to row {end}); "
+                        "check the quotes of this row")
+    if None in row:
+        raise DataError(f"{path}, row {end}: {len(header) + len(row[None])} fields, the header has {len(header)} "
+                        "(quote fields that contain the delimiter)")
 
 
 @contextlib.contextmanager
@@ -136,6 +160,9 @@ def _first_non_utf8(path: str):
 def _need_columns(path: str, header: Sequence[str], columns: Sequence[str]):
     missing = [c for c in columns if c not in header]
     if missing:
+        if len(header) < 2:  # not a table at all (e.g. /etc/passwd): say so without quoting the file's content
+            raise DataError(f"{path}, row 1: missing column(s) {missing} (the first line is not a header of "
+                            f"named columns; is this a data file?)")
         raise DataError(f"{path}, row 1: missing column(s) {missing} (the header has {list(header)})")
 
 
@@ -192,10 +219,12 @@ def load_table(path: str, *, text_column: str = "text", label_column: str = "lab
 
 
 def _format_of(path: str) -> str:
+    if os.path.isdir(path):
+        raise DataError(f"{path}: is a directory, not a data file (a paper-format folder is given with --data)")
     ext = os.path.splitext(path)[1].lower()
     formats = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}
     if ext not in formats:
-        raise ValueError(f"{path}: cannot tell the format from the extension {ext!r}; "
+        raise DataError(f"{path}: cannot tell the format from the extension {ext!r}; "
                          f"use .csv, .tsv or .jsonl, or pass format=")
     return formats[ext]
 
@@ -213,6 +242,10 @@ def _load_jsonl(path, text_column, label_column, poison_column, label_map) -> Li
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+            except ValueError:  # an integer of more digits than int() converts (sys.get_int_max_str_digits)
+                raise DataError(f"{where}: a number of more than {sys.get_int_max_str_digits()} digits") from None
+            except RecursionError:
+                raise DataError(f"{where}: not valid JSON (nested too deeply)") from None
             if not isinstance(obj, dict):
                 raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
             for col in [text_column, label_column] + ([poison_column] if poison_column else []):

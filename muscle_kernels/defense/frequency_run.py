@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import sys
 from typing import Dict, List
 
 from ..analysis.recorder import (
@@ -99,37 +98,97 @@ def add_parser(subparsers, *, training_options, methods_type, positive_int, frac
     p.add_argument("--replot", metavar="CSV", default=None,
                    help="only redraw the picture from an existing frequency.csv (no training)")
     training_options(p, {**Settings().to_dict(), **DEMO_SETTINGS})
-    p.set_defaults(output="muscle-lora-analyze")
+    p.set_defaults(output=None)  # run(): muscle-lora-analyze; --replot: the CSV's folder
     return p
 
 
-def run(args) -> int:
+def _replot(args) -> int:
+    """--replot CSV: redraw frequency.png from a recorder file into --output (default: the CSV's folder), under
+    a run's rules: the folder locked, a frequency.png that no run of ours wrote refused, a link replaced."""
     from ..analysis.plot import plot_frequency
+    from ..cli import CliError, _prepare_output
+    from .output import read_manifest, write_manifest
+
+    rows = _read_recorder_file(args.replot)
+    try:
+        _check_sigma(rows, args.sigma)
+    except ValueError as e:
+        raise CliError(f"--sigma: {e}") from None
+    if args.output is None:
+        args.output = os.path.dirname(os.path.abspath(args.replot))
+    # the folder may hold the CSV and a run's other files: only frequency.png is written, and only over our own
+    keep, args.overwrite = args.overwrite, True
+    try:
+        _prepare_output(args, ("frequency.png",))
+    finally:
+        args.overwrite = keep
+    write_manifest(args.output, read_manifest(args.output) | {"frequency.png"})
+    png = plot_frequency(rows, os.path.join(args.output, "frequency.png"), sigma_rel=args.sigma)
+    print(f"plot in {png}")
+    return 0
+
+
+def _check_sigma(rows, sigma) -> None:
+    import math
+
+    if sigma is None:
+        return
+    widths = sorted({r["sigma_rel"] if not math.isnan(r["sigma_rel"]) else r["sigma"] for r in rows})
+    if not any(math.isclose(sigma, w, rel_tol=1e-9) for w in widths):
+        raise ValueError(f"{sigma:g} was not recorded (recorded: {', '.join(f'{w:g}' for w in widths)})")
+
+
+def _read_recorder_file(path: str) -> list:
+    """The rows of --replot's CSV, or one line naming the file (never its content: it may be any file)."""
+    import csv
+
+    from ..cli import CliError
+
+    if not os.path.isfile(path):
+        raise CliError(f"--replot: {path}: no such file")
+    try:
+        rows = read_rows(path)
+    except UnicodeDecodeError:
+        raise CliError(f"--replot: {path} is not a frequency.csv written by muscle-lora analyze (not UTF-8 text)") \
+            from None
+    except (ValueError, csv.Error, OSError, RecursionError) as e:
+        reason = getattr(e, "strerror", None) or "not the recorder's columns"
+        raise CliError(f"--replot: {path} is not a frequency.csv written by muscle-lora analyze ({reason})") \
+            from None
+    if not rows:
+        raise CliError(f"--replot: {path} has no rows (an empty frequency.csv?)")
+    return rows
+
+
+def run(args) -> int:
+    from ..cli import CliError, _claim_output, _demo_splits, _prepare_output, _run_outputs
 
     if args.replot:
-        png = os.path.join(os.path.dirname(os.path.abspath(args.replot)), "frequency.png")
-        plot_frequency(read_rows(args.replot), png, sigma_rel=args.sigma)
-        print(f"plot in {png}")
-        return 0
+        return _replot(args)
+    if args.output is None:
+        args.output = "muscle-lora-analyze"
     if args.sigma is not None and not any(abs(args.sigma - s) <= 1e-9 * s for s in args.sigmas):
-        print(f"muscle-lora analyze: error: --sigma: {args.sigma} is not one of --sigmas {args.sigmas}",
-              file=sys.stderr)
-        return 2
+        raise CliError(f"--sigma: {args.sigma} is not one of --sigmas {args.sigmas}")
     import time
 
-    from .demo import DEMO_SIZES, demo_splits, minilm_factory
+    from ..analysis.plot import plot_frequency
+    from .demo import DEMO_SIZES, minilm_factory
     from .train import run_methods
 
     settings = args.settings
-    splits = demo_splits(poison_rate=args.poison_rate, seed=args.seed,
-                         sizes=(args.train_size, DEMO_SIZES[1], DEMO_SIZES[2]))
-    factory, tokenizer = minilm_factory()
+    splits = _demo_splits(args, (args.train_size, DEMO_SIZES[1], DEMO_SIZES[2]))
+    # defend's checks, before anything loads: locked, a non-empty folder refused unless --overwrite, and --overwrite
+    # removes only what runs of ours wrote
+    # (save_models=False below: no method folders)
+    _prepare_output(args, _run_outputs((), extra=("frequency.csv", "frequency.png")))
+    try:
+        factory, tokenizer = minilm_factory()
+    except ImportError as e:  # the pretrained weights come from the optional `demo` extra
+        raise CliError(f"analyze: {' '.join(str(e).split())}") from None
     probes = probe_sets(splits, tokenizer, size=args.probe_size, seed=args.seed, max_length=settings.max_length,
                         batch_size=settings.eval_batch_size)
-    os.makedirs(args.output, exist_ok=True)
+    _claim_output(args)  # clears what earlier runs of ours wrote (frequency.csv included: rows would mix)
     csv_path = os.path.join(args.output, "frequency.csv")
-    if os.path.exists(csv_path):  # a fresh run: rows of an older one would mix into the picture
-        os.remove(csv_path)
     recorder = FrequencyRecorder(csv_path, probes, every=args.every, sigmas_rel=args.sigmas, backend=args.backend)
     print(f"muscle-lora analyze: {len(splits.train)} training reviews "
           f"({sum(s.poisoned for s in splits.train)} poisoned), methods {', '.join(args.methods)}, probe sets "
@@ -144,11 +203,16 @@ def run(args) -> int:
     train_s = sum(r["train_seconds"] for r in results)
     print()
     for r in results:
+        if r.get("diverged"):  # nothing measured: never print a broken model's numbers as a defense's
+            print(f"{r['method']:<10} diverged ({r.get('diverged_reason', '')})  train {r['train_seconds']:.0f} s")
+            continue
         print(f"{r['method']:<10} CACC {100 * r['cacc']:6.2f}%  ASR {100 * r['asr']:6.2f}%  "
               f"train {r['train_seconds']:.0f} s")
     print(f"\nrecording: {recorder.records} records in {recorder.seconds:.1f} s = "
           f"{100 * recorder.seconds / max(train_s, 1e-9):.1f}% of the {train_s:.0f} s of training steps; "
           f"total {time.perf_counter() - start:.0f} s")
     print(f"rows in {csv_path}, plot in {png}")
-    return 0
+    from ..cli import _all_diverged
+
+    return _all_diverged(results)
 

@@ -106,11 +106,21 @@ def check_training_set(train: Sequence[Sample], path: str, *, force: bool = Fals
                         "learn from one class (--force to train on it anyway)")
 
 
+def _no_link(path: str) -> None:
+    """The files of a --data folder are found by name, not chosen by the user: a symbolic link among them could point
+    anywhere (a planted `train-poison.csv -> /etc/passwd`), so it is refused, not followed."""
+    if os.path.islink(path):
+        raise DataError(f"{path}: is a symbolic link; a paper-format folder must hold its files (copy the file in, "
+                        "or give it with --train / --test-clean ...)")
+
+
 def load_paper_folder(directory: str, *, setting: Optional[str] = None, rate: Optional[float] = None,
                       force: bool = False) -> Dict[str, List[Sample]]:
     """The splits of a paper-format folder: train (the mixed set), dev, test_clean, test_poison and, when present,
     dev_poison; `source` in the result names the training file."""
     train_path, eval_dir = resolve_training_set(directory, setting=setting, rate=rate)
+    for path in [train_path] + [os.path.join(eval_dir, name) for name in EVAL_FILES.values()]:
+        _no_link(path)
     out: Dict[str, list] = {"train": load_paper_csv(train_path)}
     check_training_set(out["train"], train_path, force=force)
     for split, name in EVAL_FILES.items():

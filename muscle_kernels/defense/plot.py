@@ -24,14 +24,19 @@ def plot_results(results: List[dict], path: str) -> str:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     xs = range(len(methods))
     width = 0.38
-    cacc = [100 * r["cacc"] for r in results]
-    asr = [100 * r["asr"] for r in results]
+    # a diverged run has no CACC / ASR: no bar, and "diverged" written where the bars would be
+    cacc = [0.0 if r.get("diverged") else 100 * r["cacc"] for r in results]
+    asr = [0.0 if r.get("diverged") else 100 * r["asr"] for r in results]
     b1 = ax1.bar([x - width / 2 for x in xs], cacc, width, label="CACC (clean accuracy)", color="#4878d0")
     b2 = ax1.bar([x + width / 2 for x in xs], asr, width, label="ASR (attack success)", color="#d65f5f")
     for bars in (b1, b2):
-        for bar in bars:
-            ax1.annotate(f"{bar.get_height():.1f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                         ha="center", va="bottom", fontsize=8)
+        for bar, r in zip(bars, results):
+            if not r.get("diverged"):
+                ax1.annotate(f"{bar.get_height():.1f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                             ha="center", va="bottom", fontsize=8)
+    for x, r in zip(xs, results):
+        if r.get("diverged"):
+            ax1.annotate("diverged", (x, 2), ha="center", va="bottom", fontsize=8, rotation=90, color="grey")
     ax1.set_xticks(list(xs), methods)
     ax1.set_ylim(0, 110)
     ax1.set_ylabel("% on the test sets (best dev epoch)")

@@ -123,6 +123,12 @@ class Settings:
             self.freq_band = list(AdapterSpec.check("freq_band", self.freq_band))
         if self.mslr_alpha is not None:
             self.mslr_alpha = AdapterSpec.check("alpha", self.mslr_alpha, name="mslr_alpha")
+        # the scales these give (with the recipe's inner rank 1 and mslr_alpha where not set) must stay finite
+        from ..integrations.config import MuScleLoRAConfig
+
+        mslr_alpha = self.mslr_alpha or MuScleLoRAConfig.__dataclass_fields__["mslr_alpha"].default
+        AdapterSpec.check_scales(self.freq_band or (1,), 1, mslr_alpha, alpha_name="mslr_alpha")
+        AdapterSpec.check_scales((1,), self.lora_rank, self.lora_alpha, alpha_name="lora_alpha")
 
     def gate(self) -> GateConfig:
         """The alignment gate of this run (before GateConfig.for_epochs fits it to the number of epochs)."""
@@ -331,6 +337,7 @@ def _fit(model, tokenizer, rows: Sequence[Sample], settings: Settings, device, *
     if on_step is not None:
         on_step(0, model, method=method)
     step = 0
+    first_loss = None
     bar = tqdm(total=total_steps, desc=method, leave=False, disable=not progress)
     losses, branches = [], []
     while step < total_steps:
@@ -354,6 +361,15 @@ def _fit(model, tokenizer, rows: Sequence[Sample], settings: Settings, device, *
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
             if on_step is not None:
                 on_step(step, model, method=method)
+            first_loss = losses[0] if first_loss is None else first_loss
+            diverged = _divergence(losses[-1], first_loss, step)
+            if diverged is None and step == ends[len(history)] and not all(
+                    bool(torch.isfinite(p).all()) for p in params):  # the last update broke them
+                diverged = f"non-finite weights after step {step}"
+            if diverged:  # every further step and the evaluations would be of a broken model
+                bar.close()
+                log(f"  {method} diverged: {diverged}")
+                return dict(diverged=diverged, history=history, step_times=step_times, params=params)
             if step == ends[len(history)]:
                 record = _checkpoint(model, tokenizer, splits, settings, device, len(history) + 1, losses, branches,
                                      progress)
@@ -373,7 +389,7 @@ def _fit(model, tokenizer, rows: Sequence[Sample], settings: Settings, device, *
         named = dict(model.named_parameters())
         for n, v in best["state"].items():
             named[n].copy_(v)
-    return dict(history=history, best=best, step_times=step_times, trainable=sum(p.numel() for p in params))
+    return dict(diverged=None, history=history, best=best, step_times=step_times, params=params)
 
 
 def _checkpoint(model, tokenizer, splits, settings, device, index, losses, branches, progress) -> dict:
@@ -391,7 +407,8 @@ def _checkpoint(model, tokenizer, splits, settings, device, index, losses, branc
 def _screen(model_factory, tokenizer, splits: Splits, settings: Settings, device, *, progress: bool,
             log: Callable[[str], None]):
     """muscle-screen's first stage: a LoRA fitted to the reference set alone, then every training row scored
-    against the reference set (defense/screen.py). Returns (Screen, optimizer steps, seconds)."""
+    against the reference set (defense/screen.py). Returns (Screen or None when the probe diverged, the probe's _fit
+    record, seconds)."""
     from .screen import screen_rows, token_scores
 
     t0 = time.perf_counter()
@@ -405,6 +422,8 @@ def _screen(model_factory, tokenizer, splits: Splits, settings: Settings, device
     fitted = _fit(probe, tokenizer, splits.ref, settings, device, method="screen", total_steps=steps, checkpoints=1,
                   splits=dataclasses.replace(splits, dev_poison=[]), lr=settings.lr, progress=progress,
                   log=log)
+    if fitted["diverged"]:
+        return None, fitted, time.perf_counter() - t0
     surprise_train = label_surprise_scores(probe, tokenizer, splits.train, settings, device)
     surprise_calib = label_surprise_scores(probe, tokenizer, calib, settings, device)
     probe.to("cpu")
@@ -413,7 +432,7 @@ def _screen(model_factory, tokenizer, splits: Splits, settings: Settings, device
                          quantile=settings.screen_quantile)
     log(f"  screen: {sum(screen.flagged)} of {len(screen.flagged)} training rows flagged "
         f"(threshold {screen.threshold:.2f}, the {settings.screen_quantile:.0%} point of {len(calib)} clean dev rows)")
-    return screen, len(fitted["step_times"]), time.perf_counter() - t0
+    return screen, fitted, time.perf_counter() - t0
 
 
 def train_method(method: str, model_factory: Callable[[], nn.Module], tokenizer, splits: Splits,
@@ -443,8 +462,12 @@ def train_method(method: str, model_factory: Callable[[], nn.Module], tokenizer,
     total_steps, checkpoints = epoch_steps * settings.epochs, settings.epochs
     screen_seconds = 0.0
     if method == "muscle-screen":
-        screen, screen_steps, screen_seconds = _screen(model_factory, tokenizer, splits, settings, device,
-                                                       progress=progress, log=log)
+        screen, probe, screen_seconds = _screen(model_factory, tokenizer, splits, settings, device,
+                                                progress=progress, log=log)
+        if screen is None:
+            return _diverged_record(method, "screen: " + probe["diverged"], [], probe["step_times"],
+                                    settings.lr, probe["params"], device, settings)
+        screen_steps = len(probe["step_times"])
         rows = [splits.train[i] for i in screen.kept] + list(splits.ref)
         total_steps = _steps_per_epoch(len(rows), settings) * settings.epochs
         extra = dict(screen=dict(screen.summary(), steps=screen_steps, seconds=screen_seconds),
@@ -474,20 +497,45 @@ def train_method(method: str, model_factory: Callable[[], nn.Module], tokenizer,
     fitted = _fit(model, tokenizer, rows, settings, device, method=method, total_steps=total_steps,
                   checkpoints=checkpoints, splits=splits, lr=lr, aligner_factory=aligner_factory, progress=progress,
                   log=log, on_step=on_step)
+    step_times = fitted["step_times"]
+    if fitted["diverged"]:
+        return _diverged_record(method, fitted["diverged"], fitted["history"], step_times, lr, fitted["params"],
+                                device, settings)
     target = splits.test_poison[0].label if splits.test_poison else None
     cacc = evaluate(model, tokenizer, splits.test_clean, settings, device, desc="test-clean", progress=progress)
     asr = evaluate(model, tokenizer, splits.test_poison, settings, device, poisoned=True, target_label=target,
                    desc="test-poison", progress=progress)
-    step_times = fitted["step_times"]
     result = dict(method=method, cacc=cacc, asr=asr, best_epoch=fitted["best"]["epoch"],
                   train_seconds=sum(step_times) + screen_seconds, step_seconds=statistics.median(step_times),
                   steps=len(step_times) + extra.get("screen", {}).get("steps", 0), train_rows=len(rows),
-                  lr=lr, trainable_parameters=fitted["trainable"], device=str(device), num_labels=num_labels,
+                  lr=lr, trainable_parameters=sum(p.numel() for p in fitted["params"]), device=str(device), num_labels=num_labels,
                   history=fitted["history"], settings=settings.to_dict(), **extra)
     if output_dir is not None:
         result["saved_to"] = _save(model, method, output_dir)
     model.to("cpu")
     return result
+
+
+# A step's loss this many times its start (at least 1) marks a diverged run, as does a non-finite loss: the numbers
+# measured on such a model would be those of a broken classifier, not of a defense.
+DIVERGENCE_FACTOR = 10.0
+
+
+def _divergence(loss: float, first: float, step: int) -> Optional[str]:
+    """Why the run diverged at `step` (a loss of nan/inf, or far above its start), or None."""
+    if not math.isfinite(loss):
+        return f"loss {loss} at step {step}"
+    if math.isfinite(first) and loss > DIVERGENCE_FACTOR * max(first, 1.0):
+        return f"loss {loss:.4g} at step {step}, more than {DIVERGENCE_FACTOR:g} x its start {first:.4g}"
+    return None
+
+
+def _diverged_record(method, reason, history, step_times, lr, params, device, settings) -> dict:
+    """The record of a run stopped by divergence: marked, CACC/ASR not measured (NaN; null in results.json)."""
+    return dict(method=method, diverged=True, diverged_reason=reason, cacc=float("nan"), asr=float("nan"),
+                best_epoch=None, train_seconds=sum(step_times), step_seconds=statistics.median(step_times),
+                steps=len(step_times), lr=lr, trainable_parameters=sum(p.numel() for p in params),
+                device=str(device), history=history, settings=settings.to_dict())
 
 
 def _save(model, method: str, output_dir: str) -> str:

@@ -124,6 +124,9 @@ class MuScleLoRAConfig:
         self.freq_band = list(check("freq_band", self.freq_band))
         self.inner_rank = check("inner_rank", self.inner_rank)
         self.mslr_alpha = check("alpha", self.mslr_alpha, name="mslr_alpha")
+        # the fields together: their scales must stay finite (each one alone can be fine)
+        AdapterSpec.check_scales(self.freq_band, self.inner_rank, self.mslr_alpha, alpha_name="mslr_alpha")
+        AdapterSpec.check_scales((1,), self.lora_rank, self.lora_alpha, alpha_name="lora_alpha")
         self.dropout = check("dropout", self.dropout)
         self.init = check("init", self.init)
         self.score_head_dropout = probability("score_head_dropout", self.score_head_dropout)
@@ -218,6 +221,10 @@ def _recipe(model, has_lora_targets: bool = False) -> dict:
     from torch import nn
 
     config = _model_config(model)
+    if getattr(model, "muscle_lora_config", None) is not None:  # apply.CONFIG_ATTR (apply imports this module)
+        raise ValueError(f"MuScleLoRAConfig.for_model: this {type(model).__name__} already has MuScleLoRA adapters "
+                         "(apply_muscle_lora was called on it); its config is model.muscle_lora_config -- call "
+                         "for_model on the plain model")
     model_type = getattr(config, "model_type", None) or type(model).__name__
     lora_targets = _lora_targets_for(model_type)
     classifier = getattr(model, "classifier", None)

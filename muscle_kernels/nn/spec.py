@@ -9,11 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Tuple
 
-from .._spec import Spec, integer, one_of, positive_number, probability, scales
+from .._spec import Spec, SpecError, integer, one_of, positive_number, probability, scales
 
 __all__ = ["AdapterSpec", "INIT_MODES"]
 
 INIT_MODES = ("lora", "seed")
+# The scales k * alpha / r live in a float32 buffer: above this they are inf, and so is every output of the layer.
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,21 @@ class AdapterSpec(Spec):
 
     CHECKS = dict(freq_band=scales, inner_rank=integer(1), alpha=positive_number, dropout=probability,
                   init=one_of(INIT_MODES))
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.check_scales(self.freq_band, self.inner_rank, self.alpha)
+
+    @staticmethod
+    def check_scales(freq_band, inner_rank, alpha, *, band_name: str = "freq_band", alpha_name: str = "alpha"):
+        """Each field may be fine alone and their scales k * alpha / inner_rank still overflow float32 (a band of
+        1e300, or alpha 1e300): refuse that, naming alpha when alpha / inner_rank alone overflows, else the band."""
+        per_k = alpha / inner_rank
+        if max(freq_band) * per_k < FLOAT32_MAX:
+            return
+        name, value = (alpha_name, alpha) if per_k >= FLOAT32_MAX else (band_name, freq_band)
+        raise SpecError(name, f"values whose scales k * alpha / inner_rank stay finite in float32 (largest band "
+                              f"{max(freq_band):g}, alpha {alpha:g}, inner_rank {inner_rank})", value)
 
     @classmethod
     def lora(cls, rank: int, alpha: float, dropout: float = 0.0) -> "AdapterSpec":

@@ -240,6 +240,74 @@ def build_lock(path: Path, timeout: float):
         os.close(fd)  # drops the lock
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the process that started it dies (even by SIGKILL); Linux only."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _run_in_own_group(*popenargs, input=None, capture_output=False, timeout=None, check=False, **kwargs):
+    """subprocess.run for the JIT build's ninja, in a session of its own and stopped as a whole.
+
+    subprocess.run kills only its direct child when it is interrupted (Ctrl-C, a timeout, an exception): ninja dies
+    and the compilers it started keep running. Here ninja gets SIGTERM instead, on which it stops its compile jobs
+    (each in a process group it signals) and exits; its process group is killed if it has not within 10 s. And
+    ninja gets SIGTERM too when this process dies, even by SIGKILL (PR_SET_PDEATHSIG)."""
+    import signal
+    import subprocess
+
+    if capture_output:
+        kwargs["stdout"] = kwargs["stderr"] = subprocess.PIPE
+    kwargs["start_new_session"] = True  # its own process group (pgid = its pid), out of reach of our terminal's ^C
+    if sys.platform.startswith("linux") and "preexec_fn" not in kwargs:
+        kwargs["preexec_fn"] = _die_with_parent
+    with subprocess.Popen(*popenargs, **kwargs) as process:
+        try:
+            stdout, stderr = process.communicate(input, timeout=timeout)
+        except BaseException:
+            _stop_group(process, signal)
+            raise
+        code = process.poll()
+    if check and code:
+        raise subprocess.CalledProcessError(code, process.args, output=stdout, stderr=stderr)
+    return subprocess.CompletedProcess(process.args, code, stdout, stderr)
+
+
+def _stop_group(process, signal) -> None:
+    import subprocess
+
+    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, None)):
+        try:
+            os.killpg(process.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            process.wait(timeout=wait)
+            # ninja has exited; what is left in its group (a child that ignored SIGTERM) goes too
+            os.killpg(process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            return
+        except subprocess.TimeoutExpired:
+            continue
+        return
+
+
+class _GroupedSubprocess:
+    """The `subprocess` module as cpp_extension sees it during our build: the same, but `run` is _run_in_own_group."""
+
+    run = staticmethod(_run_in_own_group)
+
+    def __getattr__(self, name):
+        import subprocess
+
+        return getattr(subprocess, name)
+
+
 def _compile(flavour: str, src: Path, target: Path, verbose: bool) -> None:
     """Compile `flavour` into a fresh temporary folder next to `target`, then rename the library into place."""
     from torch.utils import cpp_extension
@@ -247,8 +315,9 @@ def _compile(flavour: str, src: Path, target: Path, verbose: bool) -> None:
     flags = _flags(flavour)
     cuda = flavour == "cuda"
     work = Path(tempfile.mkdtemp(prefix=target.stem + ".build-", dir=target.parent))
-    saved_home = cpp_extension.CUDA_HOME
+    saved_home, saved_subprocess = cpp_extension.CUDA_HOME, cpp_extension.subprocess
     try:
+        cpp_extension.subprocess = _GroupedSubprocess()  # ninja runs in its own group, stopped as a whole
         if cuda:
             cpp_extension.CUDA_HOME = cuda_home()  # read by cpp_extension at build time (see cuda_home)
         with _env(TORCH_CUDA_ARCH_LIST=flags["archs"][0] if cuda else None):
@@ -265,7 +334,7 @@ def _compile(flavour: str, src: Path, target: Path, verbose: bool) -> None:
             )  # also loads the library into this process
         os.replace(built, target)
     finally:
-        cpp_extension.CUDA_HOME = saved_home
+        cpp_extension.CUDA_HOME, cpp_extension.subprocess = saved_home, saved_subprocess
         shutil.rmtree(work, ignore_errors=True)
 
 

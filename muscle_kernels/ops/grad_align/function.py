@@ -75,14 +75,52 @@ def _check_lists(grads, refs, name_g: str = "grads", name_r: str = "refs") -> Tu
     return grads, refs
 
 
-def _check_writable(grads: List[torch.Tensor], name: str) -> None:
-    """The in-place stages write grads: a tensor that requires grad (a parameter itself, say) is refused on every
-    backend, instead of being overwritten behind autograd's back by the kernels (the fallback would raise)."""
+def _check_writable(grads: List[torch.Tensor], name: str, refs: List[torch.Tensor], name_r: str = "refs") -> None:
+    """The in-place stages write grads, so one rule holds on every backend (they used to differ):
+    - a tensor that requires grad (a parameter itself, say) is refused, instead of being overwritten behind
+      autograd's back by the kernels (the fallback would raise);
+    - an inference tensor (made under torch.inference_mode()) is refused outside inference mode, as torch refuses
+      any in-place update of one (the kernels would write it anyway);
+    - a gradient whose memory overlaps another gradient or any reference (the same tensor passed twice, or views
+      of one) is refused: the result would depend on the order the backend reads and writes in."""
+    inference_ok = torch.is_inference_mode_enabled()
     for i, g in enumerate(grads):
         if g.requires_grad:
             what = "a leaf tensor, e.g. a parameter" if g.is_leaf else "part of an autograd graph"
             raise ValueError(f"{name}[{i}] requires grad ({what}); {name} is written in place: pass the gradients "
                              "(p.grad), or detach() them")
+        if g.is_inference() and not inference_ok:
+            raise ValueError(f"{name}[{i}] is an inference tensor (made under torch.inference_mode()); {name} is "
+                             "written in place, which torch allows only inside inference mode: call there, or "
+                             "clone() it")
+    _check_no_overlap(grads, name, refs, name_r)
+
+
+def _check_no_overlap(grads, name, refs, name_r) -> None:
+    spans = []  # (storage, first byte, end byte, label, is a gradient)
+    for label, tensors, is_grad in ((name, grads, True), (name_r, refs, False)):
+        for i, t in enumerate(tensors):
+            if t.numel() == 0:
+                continue
+            size = t.element_size()
+            first = t.storage_offset() * size
+            last = first + size * (1 + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())))
+            spans.append((t.untyped_storage().data_ptr(), first, last, f"{label}[{i}]", is_grad))
+    spans.sort(key=lambda s: (s[0], s[1]))
+    # one sweep per storage: a span overlaps an earlier one when it starts before the furthest end seen so far
+    # (of any tensor, for a gradient; of a gradient, for a reference: references may share memory among themselves)
+    storage, reach_any, reach_grad = None, (-1, ""), (-1, "")
+    for ptr, first, last, label, is_grad in spans:
+        if ptr != storage:
+            storage, reach_any, reach_grad = ptr, (-1, ""), (-1, "")
+        other = reach_any if is_grad else reach_grad
+        if first < other[0]:
+            raise ValueError(f"{other[1]} and {label} share memory; {name} is written in place, so no gradient may "
+                             "alias another gradient or a reference (pass separate tensors, e.g. clone() one)")
+        if last > reach_any[0]:
+            reach_any = (last, label)
+        if is_grad and last > reach_grad[0]:
+            reach_grad = (last, label)
 
 
 def resolve_backend(backend: str, device: torch.device, op: str = "grad_align_fused") -> str:
@@ -138,7 +176,7 @@ def align_gradients_(grads: Sequence[torch.Tensor], ref_grads: Sequence[torch.Te
         unchanged because g or r was zero.
     """
     grads, refs = _check_lists(grads, ref_grads, "grads", "ref_grads")
-    _check_writable(grads, "grads")
+    _check_writable(grads, "grads", refs, "ref_grads")
     raw_ratio = float(raw_ratio)
     if not 0.0 <= raw_ratio <= 1.0:
         raise ValueError(f"raw_ratio: expected a number in [0, 1], got {raw_ratio}")
@@ -179,7 +217,7 @@ def grad_align_apply_(grads: Sequence[torch.Tensor], refs: Sequence[torch.Tensor
         raw_ratio: only used with [n] coeffs; must be 0 with [n, 2] coeffs (the ratio is already inside).
     """
     grads, refs = _check_lists(grads, refs)
-    _check_writable(grads, "grads")
+    _check_writable(grads, "grads", refs)
     if not isinstance(coeffs, torch.Tensor):
         raise TypeError(f"coeffs: expected a tensor, got {type(coeffs).__name__}")
     n = len(grads)
