@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from muscle_kernels.defense.screen import Screen, robust_z, screen_rows, token_scores, write_suspects
+from muscle_kernels.defense.screen import Screen, robust_z, screen_rows, tail_scores, token_scores, write_suspects
 
 WORDS = [f"w{i}" for i in range(400)]
 
@@ -55,6 +55,22 @@ def test_robust_z_and_a_constant_calibration():
     assert flat[0] == 0.0 and flat[1] > 1e5, "a constant calibration keeps z finite and ordered"
 
 
+def test_tail_scores_put_any_shape_on_one_scale():
+    calib = [float(i) for i in range(1, 100)]  # 99 clean values 1..99
+    got = tail_scores([0.0, 50.0, 99.0, 150.0, 1e6], calib)
+    assert got[0] == pytest.approx(0.0, abs=1e-5), "below every clean row: tail probability 1"
+    assert got[1] == pytest.approx(-__import__("math").log10(51 / 100), abs=1e-5)
+    assert got[2] == pytest.approx(-__import__("math").log10(2 / 100), abs=1e-5)
+    assert got[3] == pytest.approx(2.0, abs=1e-4) and got[4] > got[3], "beyond every clean row: ordered, not tied"
+    # a loss-like part (most values near 0, a long tail) lands on the same scale as a statistic
+    loss = [10 ** -(i % 7) for i in range(99)]
+    assert max(tail_scores([5.0], loss)) == pytest.approx(2.0, abs=1e-4)
+    loo = tail_scores(calib, calib, leave_one_out=True)
+    assert loo[-1] == pytest.approx(-__import__("math").log10(1 / 99), abs=1e-5), "the largest row, left out"
+    with pytest.raises(ValueError, match="leave-one-out needs at least two"):
+        tail_scores([1.0], [1.0], leave_one_out=True)
+
+
 def test_threshold_is_calibrated_on_clean_rows():
     """Clean training rows drawn like the calibration rows are flagged at about 1 - quantile; shifted rows always."""
     rng = random.Random(2)
@@ -84,6 +100,7 @@ def test_write_suspects(tmp_path):
     (lambda: token_scores([], ["a"]), "needs training rows and reference rows"),
     (lambda: token_scores(["a"], []), "needs training rows and reference rows"),
     (lambda: robust_z([1.0], []), "calibration rows are empty"),
+    (lambda: tail_scores([1.0], []), "calibration rows are empty"),
     (lambda: screen_rows({"a": [1.0]}, {"b": [1.0]}), "parts differ"),
     (lambda: screen_rows({"a": [1.0]}, {"a": [1.0]}, quantile=1.0), r"quantile: expected a number in \(0, 1\)"),
 ])

@@ -14,9 +14,10 @@ known to be clean (the reference set the user already gives MuScleLoRA):
   trigger that leaves no lexical trace is caught here.
 
 Each score is put on one scale by calibrating it on clean rows the scorer never saw (the dev rows held out for
-picking the best epoch): its robust z, (s - median) / (1.4826 * MAD), over those rows. A row's suspicion is the
-larger of its two z values; it is flagged when that exceeds the `quantile` of the same value over the calibration rows,
-so about 1 - quantile of the clean training rows are flagged with the poisoned ones, whatever the poison rate.
+picking the best epoch): -log10 of its empirical tail probability among those rows (`tail_scores`). A row's
+suspicion is the larger of its two tail scores; it is flagged when that exceeds the `quantile` of the same value over
+the calibration rows, so about 1 - quantile of the clean training rows are flagged with the poisoned ones, whatever
+the poison rate.
 Nothing here reads a poison flag.
 """
 from __future__ import annotations
@@ -27,7 +28,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Dict, List, Sequence
 
-__all__ = ["Screen", "token_scores", "robust_z", "screen_rows", "write_suspects"]
+__all__ = ["Screen", "token_scores", "robust_z", "tail_scores", "screen_rows", "write_suspects"]
 
 _TOKEN = re.compile(r"\w+")
 
@@ -88,6 +89,27 @@ def robust_z(values: Sequence[float], calibration: Sequence[float]) -> List[floa
     return [(v - med) / spread for v in values]
 
 
+def tail_scores(values: Sequence[float], calibration: Sequence[float], *, leave_one_out: bool = False) -> List[float]:
+    """-log10 of each value's empirical tail probability among the clean calibration rows, (1 + #{c >= v}) / (1 + n):
+    one scale for scores of any shape (a loss, a test statistic), so that parts can be compared. Values beyond every
+    calibration row all get -log10(1 / (1 + n)); a robust z, scaled far below the gap between two tail levels, keeps
+    their order. `leave_one_out`: `values` are the calibration rows themselves, each left out of its own count."""
+    import bisect
+
+    if not calibration:
+        raise ValueError("tail_scores: the calibration rows are empty")
+    c = sorted(calibration)
+    n = len(c) - (1 if leave_one_out else 0)
+    if n < 1:
+        raise ValueError("tail_scores: leave-one-out needs at least two calibration rows")
+    z = robust_z(values, calibration)
+    out = []
+    for v, zv in zip(values, z):
+        at_or_above = len(c) - bisect.bisect_left(c, v) - (1 if leave_one_out else 0)
+        out.append(-math.log10((1 + at_or_above) / (1 + n)) + 1e-7 * max(-100.0, min(100.0, zv)))
+    return out
+
+
 def _quantile(xs: Sequence[float], q: float) -> float:
     s = sorted(xs)
     pos = q * (len(s) - 1)
@@ -115,25 +137,26 @@ class Screen:
 
 
 def screen_rows(parts_train: Dict[str, Sequence[float]], parts_calib: Dict[str, Sequence[float]], *,
-                quantile: float = 0.95) -> Screen:
+                quantile: float = 0.9) -> Screen:
     """Combine raw scores (name -> per-row values, larger = more suspicious) of the training rows and of clean
-    calibration rows into a Screen: each part's robust z on the calibration rows, the row's maximum over parts, and
-    the threshold at `quantile` of the calibration rows' maxima."""
+    calibration rows into a Screen: each part's tail score against the calibration rows (`tail_scores`), a row's
+    suspicion the largest over parts, and the threshold at `quantile` of the calibration rows' own suspicions
+    (each left out of its own tail count)."""
     if not parts_train or set(parts_train) != set(parts_calib):
         raise ValueError(f"screen_rows: the training and calibration parts differ: {sorted(parts_train)} and "
                          f"{sorted(parts_calib)}")
     if not 0.0 < quantile < 1.0:
         raise ValueError(f"quantile: expected a number in (0, 1), got {quantile!r}")
-    z_train, z_calib = {}, {}
+    t_train, t_calib = {}, {}
     for name in parts_train:
         calib = list(parts_calib[name])
-        z_train[name] = robust_z(parts_train[name], calib)
-        z_calib[name] = robust_z(calib, calib)
-    n = len(next(iter(z_train.values())))
-    scores = [max(z[i] for z in z_train.values()) for i in range(n)]
-    calib_max = [max(z[i] for z in z_calib.values()) for i in range(len(next(iter(z_calib.values()))))]
+        t_train[name] = tail_scores(parts_train[name], calib)
+        t_calib[name] = tail_scores(calib, calib, leave_one_out=True)
+    n = len(next(iter(t_train.values())))
+    scores = [max(t[i] for t in t_train.values()) for i in range(n)]
+    calib_max = [max(t[i] for t in t_calib.values()) for i in range(len(next(iter(t_calib.values()))))]
     threshold = _quantile(calib_max, quantile)
-    return Screen(scores=scores, flagged=[s > threshold for s in scores], threshold=threshold, parts=z_train)
+    return Screen(scores=scores, flagged=[s > threshold for s in scores], threshold=threshold, parts=t_train)
 
 
 def write_suspects(path: str, screen: Screen) -> str:

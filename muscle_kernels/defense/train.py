@@ -93,7 +93,7 @@ class Settings:
     freq_band: Optional[List[float]] = None
     mslr_alpha: Optional[float] = None
     screen_epochs: int = 10
-    screen_quantile: float = 0.95
+    screen_quantile: float = 0.9
     sync_timing: bool = False
     device: str = "auto"
 
