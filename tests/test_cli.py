@@ -104,6 +104,14 @@ def test_defend_end_to_end(tmp_path, capsys):
     assert os.path.isfile(out / "muscle-screen" / "muscle_lora_adapter.safetensors")
 
 
+def test_demo_shows_the_attack_the_baseline_and_the_defense():
+    from muscle_kernels.defense.demo import DEMO_METHODS
+    from muscle_kernels.defense.train import default_method
+
+    assert build_parser().parse_args(["demo"]).methods == list(DEMO_METHODS)
+    assert {"lora", "refonly", default_method("default")} <= set(DEMO_METHODS)
+
+
 def test_demo_splits():
     from muscle_kernels.defense.demo import DEMO_SIZES, demo_splits
 

@@ -20,7 +20,7 @@ __all__ = ["DEMO_SETTINGS", "DEMO_METHODS", "DEMO_SIZES", "demo_splits", "minilm
 # The demo runs with `muscle-lora defend`'s defaults (Settings, GateConfig and MuScleLoRAConfig.for_model, chosen on
 # real data: docs/defense.md); nothing here overrides them. A measured reason to depart from them would go here.
 DEMO_SETTINGS: dict = {}
-DEMO_METHODS = ("lora", "muscle-ga", "vanilla")
+DEMO_METHODS = ("lora", "refonly", "muscle-screen")  # the attack, the trivial baseline, the defense
 # train / dev / test sizes taken from the corpus (in this order, after its seeded shuffle)
 DEMO_SIZES = (2400, 800, 800)
 
