@@ -55,7 +55,7 @@ def screen_one(attack_dir, seed, args, parts):
         torch.manual_seed(seed)
         probe = _prepare(factory(), "lora", settings)
         ref_steps = _steps_per_epoch(len(splits.ref), settings)
-        steps = max(ref_steps, min(settings.screen_epochs * ref_steps, _steps_per_epoch(len(splits.train), settings)))
+        steps = settings.screen_epochs * ref_steps  # as train._screen
         _fit(probe, tokenizer, splits.ref, settings, torch.device("cpu"), method="screen", total_steps=steps,
              checkpoints=1, splits=splits, lr=settings.lr, progress=False, log=lambda s: None)
         raw_train["label"] = label_surprise_scores(probe, tokenizer, splits.train, settings, "cpu")

@@ -65,7 +65,7 @@ class Settings:
     freq_band / mslr_alpha: override the recipe's multi-scale head (None: MuScleLoRAConfig.for_model's choice);
         checked like AdapterSpec's freq_band and alpha, as lora_rank and lora_alpha are.
     screen_epochs / screen_quantile: muscle-screen's screen (defense/screen.py): the reference-set LoRA trains for
-        this many passes over the reference set (at most one training epoch's steps), and a training row is dropped
+        this many passes over the reference set, and a training row is dropped
         when its suspicion exceeds this quantile of the clean dev rows' suspicion.
     sync_timing: on CUDA, synchronise around each step so that step_seconds is the step's own time (serialises
         the GPU; off by default).
@@ -418,7 +418,7 @@ def _screen(model_factory, tokenizer, splits: Splits, settings: Settings, device
     probe = _prepare(model_factory(), "lora", settings).to(device)
     probe.train()
     ref_steps = _steps_per_epoch(len(splits.ref), settings)
-    steps = max(ref_steps, min(settings.screen_epochs * ref_steps, _steps_per_epoch(len(splits.train), settings)))
+    steps = settings.screen_epochs * ref_steps  # not cut to the training set's size: a small set needs a good probe
     fitted = _fit(probe, tokenizer, splits.ref, settings, device, method="screen", total_steps=steps, checkpoints=1,
                   splits=dataclasses.replace(splits, dev_poison=[]), lr=settings.lr, progress=progress,
                   log=log)
