@@ -194,8 +194,12 @@ def main(argv=None):
                              x_floor=round(ms / res["floor"], 3), speedup_vs_paper=round(res["paper"] / ms, 2),
                              eff_GBps=round(gbps, 1)))
 
+    if ext is not None:
+        ext_text = ", ".join(f"{k} from the {v}" for k, v in ext.origins.items())
+    else:
+        ext_text = f"not available ({extension.extension_info('none')['reason']})"
     print(f"\ndevice(s): {', '.join(device_name(d) for d in devices)}; torch {torch.__version__}; "
-          f"extension: {', '.join(f'{k} from the {v}' for k, v in ext.origins.items()) if ext else 'not available (' + extension.status()['reason'] + ')'}")
+          f"extension: {ext_text}")
     header = f"{'list':<18}{'tensors':>8}{'numel':>12}  {'provider':<8}{'ms':>10}{'x floor':>9}{'vs paper':>10}{'GB/s':>8}"
     print(header)
     print("-" * len(header))

@@ -7,11 +7,22 @@ Core (imported eagerly, light): the layer and its functional op. Everything that
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 
 from .nn import AdapterSpec, MuScleLoRALinear
 from .ops.lowrank_linear import available_backends, muscle_lora_linear
 
-__version__ = "0.1.0"
+
+def _version() -> str:
+    # pyproject.toml holds the one version; an install records it in the package's metadata. A source tree put on
+    # sys.path without installing it has no metadata: "0+unknown" says so rather than repeat a number that drifts.
+    try:
+        return importlib.metadata.version("muscle_kernels")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+__version__ = _version()
 
 # public name -> module that defines it (imported lazily)
 _LAZY = {

@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     print(f"cache:   {extension.cache_dir()}")
     info = extension.load_extension(cuda=cuda, verbose=args.verbose)
     if info is None:
-        print(f"build FAILED: {extension.status()['reason']}", file=sys.stderr)
+        print(f"build FAILED: {extension.extension_info('none')['reason']}", file=sys.stderr)
         return 1
     for flavour, path in info.libraries.items():
         how = "built now" if flavour in info.built else f"from the {info.origins[flavour]}"

@@ -20,7 +20,7 @@ def _grad_align_lines(devices: List[str]) -> List[str]:
 
     lines = []
     try:
-        state = extension.probe()
+        state = extension.ExtensionInfo(**extension.extension_info("cached"))  # loads what exists, builds nothing
     except ValueError as exc:  # a bad environment switch
         return [f"  grad_align: configuration error: {exc}"]
     from ._env import forced_choice

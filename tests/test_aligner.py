@@ -203,6 +203,28 @@ def test_autocast_context_is_used():
     assert seen == [True]
 
 
+def test_reference_batches_and_loss_on():
+    # The public pieces the FSDP2 path (distributed.py) uses: the step's batches, and the checked loss under autocast.
+    model = tiny_model()
+    refs = make_batches(2, seed=3)
+    seen = []
+
+    def per_sample_loss(model, batch):  # not a scalar: refused
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return F.cross_entropy(model(batch[0]), batch[1], reduction="none")
+
+    aligner = GradientAligner(list(model.parameters()), refs, per_sample_loss, epochs=2,
+                              autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    drawn = [aligner.reference_batches() for _ in range(3)]  # one batch per step, cycled
+    assert [id(b) for (b,) in drawn] == [id(refs[0]), id(refs[1]), id(refs[0])]
+    with pytest.raises(TypeError, match=r"loss_fn: must return a scalar \(0-dim\) tensor, got Tensor\(5,\)"):
+        aligner.loss_on(model, refs[0])
+    assert seen == [True]
+    every = GradientAligner(list(model.parameters()), refs, loss_fn, epochs=2, one_batch=False)
+    assert [id(b) for b in every.reference_batches()] == [id(b) for b in refs]
+    assert every.loss_on(model, refs[0]).dim() == 0
+
+
 def test_constructor_errors():
     model = tiny_model()
     params = list(model.parameters())

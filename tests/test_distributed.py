@@ -17,6 +17,9 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
                                 reason="torch.distributed with gloo is not available")
 
 CFGS = tuple(W.CONFIGS)
+# The tests that read the two spawned ranks' results are the slow lane (spawning them takes most of a minute on a
+# 2-core CPU); the single-process checks below them stay in the fast lane.
+two_ranks = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +64,7 @@ def test_configs_cover_every_branch(single):
     assert seen == {"replace", "blend", "raw"}, seen
 
 
+@two_ranks
 @pytest.mark.parametrize("cfg", CFGS)
 def test_ddp_ranks_identical_and_equal_to_one_process(ddp_runs, single, cfg):
     for a, b in zip(ddp_runs[0][cfg]["params"], ddp_runs[1][cfg]["params"]):
@@ -68,6 +72,7 @@ def test_ddp_ranks_identical_and_equal_to_one_process(ddp_runs, single, cfg):
     _check_against_single(ddp_runs, single, cfg, tol=1e-5)
 
 
+@two_ranks
 @pytest.mark.parametrize("variant", sorted(W.DDP_VARIANTS))
 def test_ddp_variants_equal_to_one_process(ddp_runs, single, variant):
     # static_graph counts the reducer's hooks and find_unused_parameters walks the graph: neither may see the
@@ -76,6 +81,7 @@ def test_ddp_variants_equal_to_one_process(ddp_runs, single, variant):
     _check_against_single([{"replace": run[key]} for run in ddp_runs], single, "replace", tol=1e-5)
 
 
+@two_ranks
 @pytest.mark.parametrize("cfg", CFGS + tuple(f"replace/{v}" for v in sorted(W.DDP_VARIANTS)))
 def test_ddp_one_allreduce_and_no_reducer_traffic(ddp_runs, cfg):
     for rank, run in enumerate(ddp_runs):
@@ -89,6 +95,7 @@ def test_ddp_one_allreduce_and_no_reducer_traffic(ddp_runs, cfg):
             assert calls == want, f"rank {rank} step {step}: {calls} != {want}"
 
 
+@two_ranks
 @pytest.mark.parametrize("cfg", CFGS)
 def test_fsdp2_equal_to_one_process(fsdp_runs, single, cfg):
     for a, b in zip(fsdp_runs[0][cfg]["params"], fsdp_runs[1][cfg]["params"]):
@@ -96,6 +103,7 @@ def test_fsdp2_equal_to_one_process(fsdp_runs, single, cfg):
     _check_against_single(fsdp_runs, single, cfg, tol=1e-5)
 
 
+@two_ranks
 @pytest.mark.parametrize("cfg", CFGS)
 def test_fsdp2_alignment_gathers_no_gradient(fsdp_runs, cfg):
     for rank, run in enumerate(fsdp_runs):
@@ -112,6 +120,7 @@ def test_fsdp2_alignment_gathers_no_gradient(fsdp_runs, cfg):
             assert [c for c in calls if c[0] == "allreduce_"] == [("allreduce_", 12 * (r["n_params"] + 1))]
 
 
+@two_ranks
 @pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
 def test_nonfinite_reference_loss_on_one_rank(misc_runs, engine):
     for rank, run in enumerate(misc_runs):
@@ -121,6 +130,7 @@ def test_nonfinite_reference_loss_on_one_rank(misc_runs, engine):
             assert r["unchanged"], f"{engine} rank {rank} step {step}: the training gradient was modified"
 
 
+@two_ranks
 @pytest.mark.parametrize("rho", [0.0, 0.3])
 def test_two_stage_op_on_shards_equals_whole_tensors(misc_runs, rho):
     assert misc_runs[1]["split"][rho]["empty"].count(True) == 2, "rank 1 should hold two empty shards"
@@ -132,6 +142,7 @@ def test_two_stage_op_on_shards_equals_whole_tensors(misc_runs, rho):
             assert err <= tol, f"rank {rank} tensor {i} ({dtype}): shard result off by {err} (relative)"
 
 
+@two_ranks
 def test_bucketed_reference_average(misc_runs):
     results = [run["buckets"] for run in misc_runs]
     inputs = [r["inputs"] for r in results]

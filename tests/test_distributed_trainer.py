@@ -54,6 +54,7 @@ def _require(runs, mode):
         pytest.skip(reason)
 
 
+@pytest.mark.slow  # two ranks under accelerate launch
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
 def test_trainer_logs_ga_stats_once_per_step(runs, mode):
     _require(runs, mode)
@@ -70,6 +71,7 @@ def test_trainer_logs_ga_stats_once_per_step(runs, mode):
             assert all(math.isfinite(entry[k]) for k in GA_KEYS)
 
 
+@pytest.mark.slow  # two ranks under accelerate launch
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
 def test_trainer_ranks_take_the_same_decisions(runs, mode):
     _require(runs, mode)
@@ -79,6 +81,7 @@ def test_trainer_ranks_take_the_same_decisions(runs, mode):
         assert math.isclose(a["ref_grad_norm"], b["ref_grad_norm"], rel_tol=1e-6)
 
 
+@pytest.mark.slow  # two ranks under accelerate launch
 def test_trainer_fsdp2_matches_ddp(runs):
     _require(runs, "fsdp2")
     # same model, data and seed: sharding the gradients must not change what the alignment does

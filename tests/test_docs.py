@@ -11,6 +11,7 @@ pytest.importorskip("mkdocstrings", reason="the docs need the `docs` extra (mkdo
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow  # a whole mkdocs build
 def test_docs_build_strictly(tmp_path):
     site = tmp_path / "site"
     done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)], cwd=ROOT,

@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS = ("env", "bench_linear", "build", "tests", "bench_align", "bench_freq")
 
 
+@pytest.mark.slow  # every step of the GPU script at tiny sizes: minutes on a 2-core CPU
 @pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
                     reason="needs bash and coreutils' timeout")
 def test_gpu_run_dry_run(tmp_path):
@@ -59,6 +60,7 @@ esac
 """
 
 
+@pytest.mark.slow  # waits out a 15 s budget (a hanging stand-in step)
 @pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
                     reason="needs bash and coreutils' timeout")
 def test_gpu_run_a_failing_or_hanging_step_never_stops_the_next(tmp_path):
@@ -160,6 +162,7 @@ def test_hangs():
 """
 
 
+@pytest.mark.slow  # waits out a 20 s budget (a hanging stand-in step)
 @pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
                     reason="needs bash and coreutils' timeout")
 def test_gpu_run_tests_step_stopped_still_lists_failures(tmp_path):

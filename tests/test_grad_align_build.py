@@ -30,6 +30,11 @@ def test_sources_are_found():
         assert (src / name).is_file(), f"{name} missing from {src}"
 
 
+def test_extension_info_names_its_load_modes():
+    with pytest.raises(ValueError, match=r"load: expected one of \('build', 'cached', 'none'\), got 'probe'"):
+        extension.extension_info("probe")
+
+
 def test_cpu_arch_flags(monkeypatch):
     monkeypatch.setenv("MUSCLE_KERNELS_CPU_ARCH", "none")
     assert extension.cpu_arch_flags() == []
@@ -45,7 +50,8 @@ def test_broken_compiler_warns_once_and_falls_back(tmp_path):
         import torch
         import muscle_kernels
         from muscle_kernels.ops.grad_align import extension, paper_align_reference
-        assert extension.status()["origin"] == "", "loaded at import"
+        assert extension.extension_info("none")["origin"] == "", "loaded at import"
+        assert extension.extension_info("cached")["origin"] == "", "nothing cached: undecided, and nothing compiled"
         g = [torch.randn(40, 3), torch.randn(17).bfloat16()]
         r = [torch.randn(40, 3), torch.randn(17).bfloat16()]
         want, _ = paper_align_reference(g, r, 0.1)

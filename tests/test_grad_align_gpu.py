@@ -28,7 +28,7 @@ pytestmark = [
 def cuda_kernels():
     extension.load_extension()
     if not extension.has_kernel("grad_align_fused", "cuda"):
-        pytest.fail(f"a GPU is visible but the extension has no CUDA kernel: {extension.status()}")
+        pytest.fail(f"a GPU is visible but the extension has no CUDA kernel: {extension.extension_info('none')}")
 
 
 def _pair(shape, dtype, gen, device="cuda"):

@@ -93,6 +93,7 @@ def killed_then_concurrent(tmp_path_factory):
     return dict(cache=cache, target=target, left_over=left_over, results=results)
 
 
+@pytest.mark.slow  # JIT builds of the extension (module fixture)
 def test_killed_build_leaves_a_stale_lock_that_does_not_hang(killed_then_concurrent):
     state = killed_then_concurrent
     target = state["target"]
@@ -103,6 +104,7 @@ def test_killed_build_leaves_a_stale_lock_that_does_not_hang(killed_then_concurr
     assert not list(target.parent.glob(target.stem + ".build-*")), "stale build folders are cleaned up"
 
 
+@pytest.mark.slow  # JIT builds of the extension (module fixture)
 def test_concurrent_first_use_builds_once_and_both_load(killed_then_concurrent):
     results = killed_then_concurrent["results"]
     for info in results:
@@ -112,6 +114,7 @@ def test_concurrent_first_use_builds_once_and_both_load(killed_then_concurrent):
     assert len(builders) == 1, f"expected exactly one build, got {[info['built'] for info in results]}"
 
 
+@pytest.mark.slow  # JIT builds of the extension (module fixture)
 def test_complete_build_in_a_read_only_cache_loads_without_the_lock(killed_then_concurrent):
     cache, target = killed_then_concurrent["cache"], killed_then_concurrent["target"]
     target.with_suffix(".lock").unlink()

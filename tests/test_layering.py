@@ -1,8 +1,12 @@
 """The library never imports the application: ops -> nn -> align -> integrations -> defense -> cli, arrows downward.
+And no two modules of the package import each other, directly or through others (an import cycle).
 
-Parsed with ast (every import statement, also those inside functions), not grepped."""
+Parsed with ast (every import statement, also those inside functions and under TYPE_CHECKING), not grepped. The
+checks only read the source tree: the probes of the checkers themselves parse files written under tmp_path, so the
+tests work on a read-only checkout and in parallel workers."""
 import ast
 import pathlib
+from typing import Dict, Iterator, List, Set, Tuple
 
 import pytest
 
@@ -15,28 +19,37 @@ FORBIDDEN = {
     "integrations": {"defense", "cli"},
     "analysis": {"defense", "cli"},
 }
+# Import cycles that are allowed, each with the reason it is harmless: {frozenset of module names: reason}.
+ALLOWED_CYCLES: Dict[frozenset, str] = {}
 
 
-def _imported_layers(path: pathlib.Path):
-    """(line, top-level muscle_kernels subpackage) for every import in the file, relative imports resolved."""
-    rel = path.relative_to(PKG.parent).with_suffix("")
+def _imported_names(path: pathlib.Path, pkg: pathlib.Path = PKG) -> Iterator[Tuple[int, str]]:
+    """(line, absolute dotted name) for every import in the file, relative imports resolved; `from a import b` gives
+    "a.b", whether b is a submodule or a name defined in a (the graph below tells the two apart)."""
+    rel = path.relative_to(pkg.parent).with_suffix("")
     package = list(rel.parts[:-1])  # the package a relative import starts from (also for __init__.py)
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
+            for a in node.names:
+                yield node.lineno, a.name
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package[: len(package) - (node.level - 1)]
                 mod = ".".join(base + ([node.module] if node.module else []))
-                names = [mod] if node.module else [f"{mod}.{a.name}" for a in node.names]
             else:
-                names = [node.module or ""]
-        else:
-            continue
-        for name in names:
-            parts = name.split(".")
-            if parts[0] == "muscle_kernels" and len(parts) > 1:
-                yield node.lineno, parts[1]
+                mod = node.module or ""
+            for a in node.names:
+                yield node.lineno, f"{mod}.{a.name}"
+
+
+def _imported_layers(path: pathlib.Path, pkg: pathlib.Path = PKG) -> Iterator[Tuple[int, str]]:
+    """(line, top-level muscle_kernels subpackage) for every import in the file, relative imports resolved."""
+    seen = set()
+    for line, name in _imported_names(path, pkg):
+        parts = name.split(".")
+        if parts[0] == pkg.name and len(parts) > 1 and (line, parts[1]) not in seen:
+            seen.add((line, parts[1]))
+            yield line, parts[1]
 
 
 def _files(layer):
@@ -53,10 +66,97 @@ def test_no_upward_imports(layer):
 
 def test_the_checker_sees_relative_and_nested_imports(tmp_path):
     # the parser resolves `from ..defense import x` inside a function of muscle_kernels/integrations/foo.py
-    fake = PKG / "integrations" / "_layering_probe.py"
+    pkg = tmp_path / "muscle_kernels"
+    (pkg / "integrations").mkdir(parents=True)
+    fake = pkg / "integrations" / "_layering_probe.py"
     fake.write_text("def f():\n    from ..defense.train import run_methods\n    from . import config\n")
-    try:
-        found = list(_imported_layers(fake))
-    finally:
-        fake.unlink()
+    found = list(_imported_layers(fake, pkg))
     assert (2, "defense") in found and (3, "integrations") in found
+
+
+# -- import cycles ---------------------------------------------------------------------------------------------------
+def _module_name(path: pathlib.Path, pkg: pathlib.Path) -> str:
+    parts = list(path.relative_to(pkg.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph(pkg: pathlib.Path = PKG) -> Dict[str, Dict[str, int]]:
+    """{module: {imported package module: line of the first such import}} over every .py file under `pkg`.
+
+    An imported name resolves to the longest dotted prefix that is a module of the package (`from . import gate`
+    -> the submodule gate; `from .gate import GateConfig` -> gate; `from .. import x` with x not a module -> the
+    parent package's __init__). The parent packages that Python initialises on the way are not edges: an __init__
+    that imports its submodules would otherwise close a cycle with every submodule."""
+    files = {_module_name(f, pkg): f for f in sorted(pkg.rglob("*.py")) if "csrc" not in f.parts}
+    graph: Dict[str, Dict[str, int]] = {}
+    for mod, path in files.items():
+        edges = graph.setdefault(mod, {})
+        for line, name in _imported_names(path, pkg):
+            parts = name.split(".")
+            while parts and ".".join(parts) not in files:
+                parts.pop()
+            target = ".".join(parts)
+            if target and target != mod:
+                edges.setdefault(target, line)
+    return graph
+
+
+def import_cycles(graph: Dict[str, Dict[str, int]]) -> List[List[str]]:
+    """The strongly connected components of more than one module (Tarjan), each sorted: every one holds a cycle."""
+    index: Dict[str, int] = {}
+    low: Dict[str, int] = {}
+    stack: List[str] = []
+    on_stack: Set[str] = set()
+    out: List[List[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, {}):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_cycles():
+    graph = import_graph()
+    assert "muscle_kernels.align.aligner" in graph and graph["muscle_kernels.align.step"], "the graph is empty"
+    bad = []
+    for comp in import_cycles(graph):
+        if frozenset(comp) in ALLOWED_CYCLES:
+            continue
+        edges = [f"  {a} -> {b} (line {graph[a][b]})" for a in comp for b in sorted(graph[a]) if b in comp]
+        bad.append("import cycle among " + ", ".join(comp) + ":\n" + "\n".join(edges))
+    assert not bad, "\n".join(bad) + "\n(break it, or add it to ALLOWED_CYCLES with the reason it is harmless)"
+
+
+def test_the_cycle_checker_sees_function_level_and_relative_imports(tmp_path):
+    pkg = tmp_path / "muscle_kernels"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("from . import a\n")
+    (pkg / "a.py").write_text("from .sub import b\n")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "sub" / "b.py").write_text("def f():\n    from .. import a\n    return a\n")
+    (pkg / "c.py").write_text("import muscle_kernels.a\n")
+    graph = import_graph(pkg)
+    assert graph["muscle_kernels.sub.b"] == {"muscle_kernels.a": 2}
+    assert graph["muscle_kernels.c"] == {"muscle_kernels.a": 1}
+    assert import_cycles(graph) == [["muscle_kernels.a", "muscle_kernels.sub.b"]]

@@ -76,7 +76,9 @@ def test_a_failing_candidate_is_out_of_the_race():
 def test_nothing_is_timed_while_tracing_or_capturing():
     assert autoselect.decide(KEY, _runners([]), FakeTimer(), can_time=False) == "triton"
     assert autoselect.auto_choices() == [], "an untimed default must not be cached"
+    assert autoselect.cached_choice(KEY) is None
     autoselect.decide(KEY, _runners([]), FakeTimer(2.0, 1.0))
+    assert autoselect.cached_choice(KEY) == "cublas"
     assert autoselect.decide(KEY, _runners([]), FakeTimer(), can_time=False) == "cublas", "a decided key is kept"
 
 

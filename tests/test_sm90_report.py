@@ -46,6 +46,7 @@ print(json.dumps({{"rows": rows, "failures": r.failures(rows)}}))
 """
 
 
+@pytest.mark.slow  # compiles a dozen kernels with ptxas: 12 s here with a warm Triton cache, more without
 @needs_ptxas
 def test_sm90_report_subset_passes():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

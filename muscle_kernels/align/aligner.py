@@ -140,8 +140,22 @@ class GradientAligner:
             except StopIteration:
                 raise ValueError("ref_batches: is empty") from None
 
-    def _context(self) -> ContextManager:
-        return self.autocast() if self.autocast is not None else contextlib.nullcontext()
+    def reference_batches(self) -> List[Any]:
+        """The reference batches of one step: the next batch of the cycle (one_batch=True) or all of them. Each
+        call advances the cycle."""
+        batches = [self._next_batch()] if self.one_batch else list(self.ref_batches)
+        if not batches:
+            raise ValueError("ref_batches: is empty")
+        return batches
+
+    def loss_on(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        """loss_fn(model, batch) under the aligner's autocast, checked to be a scalar (0-dim) tensor."""
+        with self.autocast() if self.autocast is not None else contextlib.nullcontext():
+            loss = self.loss_fn(model, batch)
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            raise TypeError("loss_fn: must return a scalar (0-dim) tensor, got "
+                            f"{type(loss).__name__}{'' if not isinstance(loss, torch.Tensor) else tuple(loss.shape)}")
+        return loss
 
     def reference_gradients(self, model: torch.nn.Module, params: List[torch.Tensor]):
         """(loss, [r_t]) on the next reference batch (or the mean over all of them), via torch.autograd.grad so that
@@ -149,23 +163,20 @@ class GradientAligner:
 
         Under DDP the result is the mean over the ranks; under FSDP2 it is this rank's loss and the sharded gradient
         from FSDP's own backward (see distributed.py)."""
+        return self._reference_gradients(model, params, _dist.context(model, params))
+
+    def _reference_gradients(self, model: torch.nn.Module, params: List[torch.Tensor],
+                             ctx: Optional[_dist.DistContext]):
         # -- distributed hook (distributed.py) --
-        ctx = _dist.context(model, params)
         if ctx is not None and ctx.kind == "sharded":
-            return _dist.sharded_reference_gradients(self, model, params)
+            return _dist.sharded_reference_gradients(model, params, self.reference_batches(), self.loss_on)
         model = _dist.unwrap_ddp(model)
         # -- end of the hook --
-        batches = [self._next_batch()] if self.one_batch else list(self.ref_batches)
-        if not batches:
-            raise ValueError("ref_batches: is empty")
+        batches = self.reference_batches()
         total: Optional[List[Optional[torch.Tensor]]] = None
         loss_sum = 0.0
         for batch in batches:
-            with self._context():
-                loss = self.loss_fn(model, batch)
-            if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-                raise TypeError("loss_fn: must return a scalar (0-dim) tensor, got "
-                                f"{type(loss).__name__}{'' if not isinstance(loss, torch.Tensor) else tuple(loss.shape)}")
+            loss = self.loss_on(model, batch)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
             loss_sum += float(loss.detach())
             if total is None:
@@ -185,7 +196,8 @@ class GradientAligner:
         if not params:
             return AlignStep("skipped", None, float("nan"), float("nan"), torch.zeros(0), float("nan"),
                              torch.zeros(0, 3), 0)
-        ref_loss, refs = self.reference_gradients(model, params)
+        ctx = _dist.context(model, params)  # once per step: the reference gradient and the stats both need it
+        ref_loss, refs = self._reference_gradients(model, params, ctx)
         # A parameter the reference loss does not reach has r = 0: the op would keep its g, so leave it out.
         pairs = [(p.grad, r.to(p.grad.dtype)) for p, r in zip(params, refs) if r is not None]
         grads = _dist.local_tensors([g for g, _ in pairs])  # distributed hook: FSDP2 shards are aligned locally
@@ -195,7 +207,7 @@ class GradientAligner:
         else:
             stats = torch.zeros(0, 3)
         # distributed hook: under FSDP2 the stats and the loss are summed over the ranks (one all-reduce)
-        ctx, stats, ref_loss = _dist.global_stats(model, params, stats, ref_loss)
+        stats, ref_loss = _dist.global_stats(ctx, params, stats, ref_loss)
         # Per-tensor cosines for all params with a grad (NaN where the reference loss does not reach the tensor).
         full = torch.full((len(params), 3), float("nan"), dtype=torch.float32, device=stats.device)
         used = torch.tensor([r is not None for r in refs], device=stats.device)

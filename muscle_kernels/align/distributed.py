@@ -33,14 +33,11 @@ from __future__ import annotations
 import math
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from .._env import forced_choice
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .aligner import GradientAligner
 
 __all__ = ["DistContext", "check_engine", "context", "unwrap_ddp", "local_tensors", "average_reference_",
            "sharded_reference_gradients", "all_reduce_stats", "global_stats", "safe_loss", "BUCKET_BYTES"]
@@ -209,16 +206,15 @@ def average_reference_(ctx: DistContext, loss: float, refs: List[Optional[torch.
 
 
 # -- sharded gradients (FSDP2) -------------------------------------------------------------------------------------
-def sharded_reference_gradients(aligner: "GradientAligner", model: torch.nn.Module, params: List[torch.Tensor]
+def sharded_reference_gradients(model: torch.nn.Module, params: List[torch.Tensor], batches: Sequence[Any],
+                                loss_on: Callable[[torch.nn.Module, Any], torch.Tensor]
                                 ) -> Tuple[float, List[Optional[torch.Tensor]]]:
     """(this rank's reference loss, [r_t] sharded like the training gradients) through FSDP2's own backward.
 
-    The training gradients of every parameter of `model` (and of `params`) are set aside during the reference
-    backward and restored after it, so the training `.grad` comes out unchanged. A parameter the loss does not
-    reach gets None (the same on every rank: every rank runs the same graph)."""
-    batches = [aligner._next_batch()] if aligner.one_batch else list(aligner.ref_batches)
-    if not batches:
-        raise ValueError("ref_batches: is empty")
+    `batches` are the step's reference batches and `loss_on(model, batch)` their scalar loss (GradientAligner's
+    reference_batches() and loss_on). The training gradients of every parameter of `model` (and of `params`) are
+    set aside during the reference backward and restored after it, so the training `.grad` comes out unchanged. A
+    parameter the loss does not reach gets None (the same on every rank: every rank runs the same graph)."""
     everyone: Dict[int, torch.Tensor] = {id(p): p for p in model.parameters() if p.requires_grad}
     everyone.update({id(p): p for p in params})
     saved = {k: p.grad for k, p in everyone.items()}
@@ -227,11 +223,7 @@ def sharded_reference_gradients(aligner: "GradientAligner", model: torch.nn.Modu
         for p in everyone.values():
             p.grad = None
         for batch in batches:
-            with aligner._context():
-                loss = aligner.loss_fn(model, batch)
-            if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-                shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else ""
-                raise TypeError(f"loss_fn: must return a scalar (0-dim) tensor, got {type(loss).__name__}{shape}")
+            loss = loss_on(model, batch)
             # Every rank runs this backward, finite loss or not: FSDP's reduce-scatters are collectives.
             loss.backward()
             loss_sum += float(loss.detach())
@@ -270,14 +262,14 @@ def all_reduce_stats(ctx: DistContext, stats: torch.Tensor, loss: float, device:
     return glob.to(home).contiguous(), float(buf[-1, 0]) / ctx.world
 
 
-def global_stats(model: torch.nn.Module, params: Sequence[torch.Tensor], stats: torch.Tensor, loss: float
-                 ) -> Tuple[Optional[DistContext], torch.Tensor, float]:
-    """(context, stats, loss) as the gate must see them: summed over the shards for sharded gradients, as they are
-    otherwise (replicated gradients were already averaged with the reference gradient)."""
-    ctx = context(model, params)
+def global_stats(ctx: Optional[DistContext], params: Sequence[torch.Tensor], stats: torch.Tensor, loss: float
+                 ) -> Tuple[torch.Tensor, float]:
+    """(stats, loss) as the gate must see them under `ctx` (the step's context()): summed over the shards for
+    sharded gradients, as they are otherwise (replicated gradients were already averaged with the reference
+    gradient)."""
     if ctx is not None and ctx.kind == "sharded":
         stats, loss = all_reduce_stats(ctx, stats, loss, params[0].grad._local_tensor.device)
-    return ctx, stats, loss
+    return stats, loss
 
 
 def safe_loss(loss: float) -> bool:

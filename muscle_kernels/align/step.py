@@ -14,6 +14,7 @@ and nothing else, so the package's hand-written loop (defense/train.py) and its 
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, List, Optional
 
@@ -25,6 +26,9 @@ from .gate import GateConfig
 
 __all__ = ["AlignClipStep", "StepRecord", "build_aligner"]
 
+# The gate's field names, from the dataclass itself: a field added to GateConfig is accepted here without a second list.
+_GATE_FIELDS = tuple(f.name for f in dataclasses.fields(GateConfig))
+
 
 def build_aligner(params: Iterable[torch.Tensor], ref_batches, loss_fn: Callable[[torch.nn.Module, Any], Any], *,
                   epochs: int, gate: Optional[GateConfig] = None, **aligner_kwargs) -> GradientAligner:
@@ -32,8 +36,7 @@ def build_aligner(params: Iterable[torch.Tensor], ref_batches, loss_fn: Callable
 
     gate and aligner_kwargs are GradientAligner's (gate fields such as min_ref_loss override `gate`'s). The gate is
     then fitted to the run with GateConfig.for_epochs: a run that ends before the warm-up is over never blends."""
-    gate_fields = ("min_ref_grad_norm", "min_ref_loss", "max_raw_ratio", "warmup_epochs")
-    overrides = {k: aligner_kwargs.pop(k) for k in gate_fields if aligner_kwargs.get(k) is not None}
+    overrides = {k: aligner_kwargs.pop(k) for k in _GATE_FIELDS if aligner_kwargs.get(k) is not None}
     config = (gate or GateConfig()).replace(**overrides).for_epochs(epochs)
     return GradientAligner(params, ref_batches, loss_fn, gate=config, epochs=epochs, **aligner_kwargs)
 

@@ -52,7 +52,7 @@ import torch
 
 from ..._env import DEFAULT_CUDA_ARCHS, TARGET_VERSION_DEFINE, env_flag, env_seconds, find_cuda_home
 
-__all__ = ["load_extension", "extension_info", "status", "probe", "source_dir", "want_cuda", "has_kernel", "cuda_home",
+__all__ = ["load_extension", "extension_info", "source_dir", "want_cuda", "has_kernel", "cuda_home",
            "cuda_arch_list", "cache_dir", "jit_library_path", "packaged_library", "ExtensionInfo", "OPS", "FLAVOURS"]
 
 OPS = ("grad_align_reduce", "grad_align_apply", "grad_align_fused")
@@ -451,7 +451,7 @@ def load_extension(*, cuda: Optional[bool] = None, verbose: Optional[bool] = Non
         if "cuda" not in flavours:
             _info.cuda_reason = _no_cuda_reason()
         for flavour in flavours:
-            if flavour in _info.origins:  # loaded by an earlier call (probe)
+            if flavour in _info.origins:  # loaded by an earlier call (allow_build=False)
                 continue
             if flavour == "cpu" and _dispatcher_has("grad_align_reduce", "CPU"):
                 # Another copy (loaded by hand) already defined the ops; loading a second would clash.
@@ -482,26 +482,24 @@ def load_extension(*, cuda: Optional[bool] = None, verbose: Optional[bool] = Non
         return _info
 
 
-def probe() -> ExtensionInfo:
-    """The state without compiling anything: loads the wheel's or the cache's libraries if they exist."""
-    load_extension(allow_build=False)
-    return _info
+_LOADS = ("build", "cached", "none")
 
 
-def extension_info() -> dict:
-    """Which gradient-alignment kernels this process uses; loads them first (building them if needed, as the first
-    op call would).
+def extension_info(load: str = "build") -> dict:
+    """Which gradient-alignment kernels this process uses: the one accessor of the extension's state.
+
+    load: "build" (default) loads them first, building them if needed, as the first op call would; "cached" loads
+    only what exists (the wheel's or the JIT cache's libraries) and compiles nothing; "none" loads nothing and
+    reports the state as it stands (origin "" before anything loaded them).
 
     Keys: origin ("wheel" | "jit" | "fallback"), reason (why the fallback, else ""), kernels (devices with a compiled
     kernel), origins and libraries (per library "cpu"/"cuda": where it came from, the file), built (libraries this
     process compiled), cuda_reason (why no CUDA kernel), cache (the JIT cache folder), seconds (time to load/build).
     """
-    load_extension()
-    return asdict(_info)
-
-
-def status() -> dict:
-    """extension_info() as it stands, without loading anything (origin "" before the first call)."""
+    if load not in _LOADS:
+        raise ValueError(f"load: expected one of {_LOADS}, got {load!r}")
+    if load != "none":
+        load_extension(allow_build=load == "build")
     return asdict(_info)
 
 

@@ -136,7 +136,8 @@ def resolve_backend(backend: str, device: torch.device, op: str = "grad_align_fu
     if backend == "extension":
         info = extension.load_extension()
         if info is None:
-            raise RuntimeError(f"backend='extension' is not available: {extension.probe().reason or 'not built'}")
+            why = extension.extension_info("none")["reason"] or "not built"
+            raise RuntimeError(f"backend='extension' is not available: {why}")
         if not extension.has_kernel(op, device.type):
             why = f": {info.cuda_reason}" if device.type == "cuda" and info.cuda_reason else ""
             raise RuntimeError(f"backend='extension': the extension has no {device.type} kernel "

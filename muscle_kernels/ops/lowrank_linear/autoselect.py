@@ -35,7 +35,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-__all__ = ["CANDIDATES", "auto_choices", "clear_auto_choices", "choice_key", "decide", "cuda_timer"]
+__all__ = ["CANDIDATES", "auto_choices", "cached_choice", "clear_auto_choices", "choice_key", "decide", "cuda_timer"]
 
 CANDIDATES = ("triton", "cublas")
 # Ties within this fraction go to cuBLAS: the simpler path, with no compile or autotune cost in new processes.
@@ -126,6 +126,11 @@ def decide(key: tuple, runners: Dict[str, Callable[[], object]], timer: Optional
 def _say(text: str) -> None:
     if os.environ.get("MUSCLE_KERNELS_AUTO_VERBOSE", "") not in ("", "0"):
         print(text, file=sys.stderr)
+
+
+def cached_choice(key: tuple) -> Optional[str]:
+    """The choice made for `key` in this process, None while it is undecided (the next `decide` would time it)."""
+    return _CHOICES.get(key)
 
 
 def auto_choices() -> List[dict]:

@@ -170,7 +170,7 @@ def _choose(args: tuple, needs: Tuple[bool, bool, bool], backward: bool) -> str:
     can_time = not (torch.compiler.is_compiling()
                     or (x2.device.type == "cuda" and torch.cuda.is_current_stream_capturing()))
     names = list(autoselect.CANDIDATES)
-    timing = can_time and key not in autoselect._CHOICES
+    timing = can_time and autoselect.cached_choice(key) is None
     # Where the backward reads dy once more for G, the variant that also computes dR in that pass races too.
     if timing and backward and needs[2] and _triton_ops().uses_fused_dy(lora_L.shape[0], args[6], x2.dtype):
         names.append(_FUSED_DY)
@@ -293,18 +293,32 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
-def _backward(ctx, dy2, _dt, _dbits):
-    x2, weight, lora_L, lora_R, scales, t, bits, seed = ctx.saved_tensors
-    need = ctx.needs_input_grad
+def _input_grads(bwd, need, has_bias: bool, dy2, x2, weight, lora_L, lora_R, scales, t, bits, dropout_p, seed):
+    """The gradients of the forward's nine inputs (x2, weight, bias, lora_L, lora_R, scales, dropout_p, seed,
+    backend), None where `need` (ctx.needs_input_grad) says not needed: the one backward body of the custom op and
+    of the eager Function. `bwd` has the signature of the backends' backward (cpu.py's lowrank_linear_bwd_torch)."""
     dy2 = dy2.contiguous()
-    dx, dL, dR = _bwd_op(
-        dy2, x2, weight, lora_L, lora_R, scales, t, bits, ctx.dropout_p, seed, ctx.backend, need[0], need[3], need[4]
-    )
+    dx, dL, dR = bwd(dy2, x2, weight, lora_L, lora_R, scales, t, dropout_p, seed, need[0], need[3], need[4], bits)
     # The base is frozen in MuScleLoRA, but a user who unfreezes it must not get a silently missing gradient.
     dW = dy2.t().mm(x2) if need[1] else None
-    db = dy2.sum(0) if (ctx.has_bias and need[2]) else None
+    db = dy2.sum(0) if (has_bias and need[2]) else None
+    # The custom op returns empty tensors for the gradients not needed (it cannot return None): dropped here.
     return (dx if need[0] else None, dW, db, dL if need[3] else None, dR if need[4] else None,
             None, None, None, None)
+
+
+def _bwd_via_op(backend: str):
+    """_bwd_op with the backends' backward signature, for _input_grads."""
+    def bwd(dy2, x2, weight, lora_L, lora_R, scales, t, dropout_p, seed, needs_dx, needs_dL, needs_dR, bits):
+        return _bwd_op(dy2, x2, weight, lora_L, lora_R, scales, t, bits, dropout_p, seed, backend, needs_dx,
+                       needs_dL, needs_dR)
+    return bwd
+
+
+def _backward(ctx, dy2, _dt, _dbits):
+    x2, weight, lora_L, lora_R, scales, t, bits, seed = ctx.saved_tensors
+    return _input_grads(_bwd_via_op(ctx.backend), ctx.needs_input_grad, ctx.has_bias, dy2, x2, weight, lora_L,
+                        lora_R, scales, t, bits, ctx.dropout_p, seed)
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -325,14 +339,9 @@ class _LowRankLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy2, _dt, _dbits):
         x2, weight, lora_L, lora_R, scales, t, bits = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        dy2 = dy2.contiguous()
         _, bwd = _impl(ctx.backend)
-        dx, dL, dR = bwd(dy2, x2, weight, lora_L, lora_R, scales, t, ctx.dropout_p, ctx.seed, need[0],
-                         need[3], need[4], bits)
-        dW = dy2.t().mm(x2) if need[1] else None
-        db = dy2.sum(0) if (ctx.has_bias and need[2]) else None
-        return dx, dW, db, dL, dR, None, None, None, None
+        return _input_grads(bwd, ctx.needs_input_grad, ctx.has_bias, dy2, x2, weight, lora_L, lora_R, scales, t,
+                            bits, ctx.dropout_p, ctx.seed)
 
 
 # --------------------------------------------------------------------------------------------------------------------
