@@ -138,9 +138,10 @@ class Settings:
         return dataclasses.asdict(self)
 
 
-# Settings field -> GateConfig field
-_GATE_FIELDS = dict(min_ref_grad_norm="min_ref_grad_norm", min_ref_loss="min_ref_loss", max_raw_ratio="max_raw_ratio",
-                    ga_warmup_epochs="warmup_epochs")
+# Settings field -> GateConfig field: every gate field, under its own name but warmup_epochs (ga_warmup_epochs here,
+# beside the training's own epochs)
+_GATE_FIELDS = {("ga_" + f.name if f.name == "warmup_epochs" else f.name): f.name
+                for f in dataclasses.fields(GateConfig)}
 
 
 # With alignment on every step the update follows the reference gradient, so clean accuracy follows the reference

@@ -23,8 +23,8 @@ from ..analysis.recorder import (
     Probe,
     read_rows,
 )
-from .data import Sample
-from .train import Splits
+from ..defense.data import Sample
+from ..defense.train import Splits
 
 __all__ = ["add_parser", "run", "probe_sets"]
 
@@ -65,9 +65,9 @@ def _floats(text: str) -> List[float]:
 
 
 def add_parser(subparsers, *, training_options, methods_type, positive_int, fraction) -> argparse.ArgumentParser:
-    """The `analyze` subcommand; cli.py passes its shared option helpers and argument types."""
-    from .demo import DEMO_SETTINGS, DEMO_SIZES
-    from .train import Settings
+    """The `analyze` subcommand; cli/__init__.py passes its shared option helpers and argument types."""
+    from ..defense.demo import DEMO_SETTINGS, DEMO_SIZES
+    from ..defense.train import Settings
 
     p = subparsers.add_parser(
         "analyze", help="record and plot the frequency analysis of training (the paper's Fourier view)",
@@ -106,8 +106,8 @@ def _replot(args) -> int:
     """--replot CSV: redraw frequency.png from a recorder file into --output (default: the CSV's folder), under
     a run's rules: the folder locked, a frequency.png that no run of ours wrote refused, a link replaced."""
     from ..analysis.plot import plot_frequency
-    from ..cli import CliError, _prepare_output
-    from .output import read_manifest, write_manifest
+    from .output import CliError, prepare_output
+    from ..defense.output import read_manifest, write_manifest
 
     rows = _read_recorder_file(args.replot)
     try:
@@ -119,7 +119,7 @@ def _replot(args) -> int:
     # the folder may hold the CSV and a run's other files: only frequency.png is written, and only over our own
     keep, args.overwrite = args.overwrite, True
     try:
-        _prepare_output(args, ("frequency.png",))
+        prepare_output(args, ("frequency.png",))
     finally:
         args.overwrite = keep
     write_manifest(args.output, read_manifest(args.output) | {"frequency.png"})
@@ -142,7 +142,7 @@ def _read_recorder_file(path: str) -> list:
     """The rows of --replot's CSV, or one line naming the file (never its content: it may be any file)."""
     import csv
 
-    from ..cli import CliError
+    from .output import CliError
 
     if not os.path.isfile(path):
         raise CliError(f"--replot: {path}: no such file")
@@ -161,7 +161,7 @@ def _read_recorder_file(path: str) -> list:
 
 
 def run(args) -> int:
-    from ..cli import CliError, _claim_output, _demo_splits, _prepare_output, _run_outputs
+    from .output import CliError, checked_demo_splits, claim_output, prepare_output, run_outputs
 
     if args.replot:
         return _replot(args)
@@ -172,22 +172,22 @@ def run(args) -> int:
     import time
 
     from ..analysis.plot import plot_frequency
-    from .demo import DEMO_SIZES, minilm_factory
-    from .train import run_methods
+    from ..defense.demo import DEMO_SIZES, minilm_factory
+    from ..defense.train import run_methods
 
     settings = args.settings
-    splits = _demo_splits(args, (args.train_size, DEMO_SIZES[1], DEMO_SIZES[2]))
+    splits = checked_demo_splits(args, (args.train_size, DEMO_SIZES[1], DEMO_SIZES[2]))
     # defend's checks, before anything loads: locked, a non-empty folder refused unless --overwrite, and --overwrite
     # removes only what runs of ours wrote
     # (save_models=False below: no method folders)
-    _prepare_output(args, _run_outputs((), extra=("frequency.csv", "frequency.png")))
+    prepare_output(args, run_outputs((), extra=("frequency.csv", "frequency.png")))
     try:
         factory, tokenizer = minilm_factory()
     except ImportError as e:  # the pretrained weights come from the optional `demo` extra
         raise CliError(f"analyze: {' '.join(str(e).split())}") from None
     probes = probe_sets(splits, tokenizer, size=args.probe_size, seed=args.seed, max_length=settings.max_length,
                         batch_size=settings.eval_batch_size)
-    _claim_output(args)  # clears what earlier runs of ours wrote (frequency.csv included: rows would mix)
+    claim_output(args)  # clears what earlier runs of ours wrote (frequency.csv included: rows would mix)
     csv_path = os.path.join(args.output, "frequency.csv")
     recorder = FrequencyRecorder(csv_path, probes, every=args.every, sigmas_rel=args.sigmas, backend=args.backend)
     print(f"muscle-lora analyze: {len(splits.train)} training reviews "
@@ -212,7 +212,7 @@ def run(args) -> int:
           f"{100 * recorder.seconds / max(train_s, 1e-9):.1f}% of the {train_s:.0f} s of training steps; "
           f"total {time.perf_counter() - start:.0f} s")
     print(f"rows in {csv_path}, plot in {png}")
-    from ..cli import _all_diverged
+    from .output import all_diverged
 
-    return _all_diverged(results)
+    return all_diverged(results)
 

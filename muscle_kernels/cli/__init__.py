@@ -22,7 +22,16 @@ import sys
 import time
 from typing import List, Optional
 
-__all__ = ["main", "build_parser"]
+from .output import CliError
+from .output import all_diverged as _all_diverged
+from .output import claim_output as _claim_output
+from .output import checked_demo_splits as _demo_splits
+from .output import one_line as _one_line
+from .output import prepare_output as _prepare_output
+from .output import run_outputs as _run_outputs
+from .output import settle_output as _settle_output
+
+__all__ = ["main", "build_parser", "CliError"]
 
 
 def _number(convert, ok, expected: str):
@@ -49,7 +58,7 @@ _seed = _number(int, lambda v: 0 <= v <= 2**62, "an integer in [0, 2**62]")
 
 
 def _band(text: str) -> List[float]:
-    from .nn.spec import AdapterSpec
+    from ..nn.spec import AdapterSpec
 
     try:
         band = [float(k) for k in text.split(",")]
@@ -62,7 +71,7 @@ def _band(text: str) -> List[float]:
 
 
 def _methods(text: str) -> List[str]:
-    from .defense.train import METHODS
+    from ..defense.train import METHODS
 
     names = list(METHODS) if text == "all" else [m.strip() for m in text.split(",") if m.strip()]
     bad = [m for m in names if m not in METHODS]
@@ -73,7 +82,7 @@ def _methods(text: str) -> List[str]:
 
 
 def _add_training_options(p: argparse.ArgumentParser, defaults: dict) -> None:
-    from .defense.train import RECIPES
+    from ..defense.train import RECIPES
 
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=_positive_int, default=defaults["epochs"])
@@ -110,8 +119,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .defense.demo import DEMO_METHODS, DEMO_SETTINGS
-    from .defense.train import Settings
+    from ..defense.demo import DEMO_METHODS, DEMO_SETTINGS
+    from ..defense.train import Settings
 
     parser = _Parser(prog="muscle-lora", description="Backdoor-robust fine-tuning with MuScleLoRA.")
     sub = parser.add_subparsers(dest="command", metavar="{demo,defend,analyze,info}")
@@ -166,9 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "package); --model path/to/file.gguf works too")
     _add_training_options(d, Settings().to_dict())
     d.set_defaults(output="muscle-lora-output")
-    from .defense import frequency_run
+    from . import analyze
 
-    frequency_run.add_parser(sub, training_options=_add_training_options, methods_type=_methods,
+    analyze.add_parser(sub, training_options=_add_training_options, methods_type=_methods,
                              positive_int=_positive_int, fraction=_fraction)
     return parser
 
@@ -183,7 +192,7 @@ def _subparser(parser, command: str) -> argparse.ArgumentParser:
 
 def _settings(args, parser):
     """Settings from the options; a --recipe's values replace the defaults of the options not given explicitly."""
-    from .defense.train import Settings, recipe_settings
+    from ..defense.train import Settings, recipe_settings
 
     sub = _subparser(parser, args.command)
     kw = {name: getattr(args, name) for name in _SETTING_OPTIONS}
@@ -194,10 +203,10 @@ def _settings(args, parser):
 
 
 def _load_splits(args, parser):
-    from .defense import attacks
-    from .defense.data import load_file
-    from .defense.paper_data import check_training_set, load_paper_folder
-    from .defense.train import Splits
+    from ..defense import attacks
+    from ..defense.data import load_file
+    from ..defense.paper_data import check_training_set, load_paper_folder
+    from ..defense.train import Splits
 
     files = dict(text_column=args.text_column, label_column=args.label_column)
     _check_source_flags(args)
@@ -250,14 +259,6 @@ def _load_splits(args, parser):
 
 
 # -- checks that run before anything heavy (model loading, training) ---------------------------------------------------
-class CliError(Exception):
-    """Bad command-line input: main() prints it as one line naming the option and exits with code 2."""
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
-
-
 def _check_device(name: str) -> None:
     import torch
 
@@ -334,114 +335,6 @@ def _check_attack(args, *, train, test_clean, dev) -> None:
                            f"measure the attack (labels: {sorted(have)})")
 
 
-# what a run writes into --output: the record, the plot, one folder per method whose model is saved
-def _run_outputs(methods, *, save_vanilla: bool = True, extra=()) -> tuple:
-    folders = tuple(m for m in methods if save_vanilla or m != "vanilla")
-    screened = ("suspects.csv",) if "muscle-screen" in methods else ()  # every training row's suspicion
-    return ("results.json", "results.png") + screened + folders + tuple(extra)
-
-
-def _prepare_output(args, names) -> None:
-    """Create --output, prove it writable and lock it (one run per folder) before anything loads; refuse a
-    non-empty folder unless --overwrite, and with --overwrite refuse to write over anything no run of ours wrote.
-    Clearing (_claim_output) waits until the model has loaded. `names`: the entries this run will write."""
-    import tempfile
-
-    from .defense.output import BOOKKEEPING, MANIFEST, OutputError, lock_folder, read_manifest
-
-    path, overwrite = args.output, args.overwrite
-    if path is None or not str(path).strip():
-        raise CliError(f"--output: expected a directory path, got {path!r}")
-    if os.path.lexists(path) and not os.path.isdir(path):
-        raise CliError(f"--output: {path} exists and is not a directory")
-    try:
-        os.makedirs(path, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=path, prefix=".muscle-lora-probe-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise CliError(f"--output: cannot write to {path} ({e.strerror or e})") from None
-    try:
-        args.output_lock = lock_folder(path)  # released when main returns (or the process dies)
-        entries = sorted(e for e in os.listdir(path) if e not in BOOKKEEPING)
-        if entries and not overwrite:
-            shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
-            raise CliError(f"--output: {path} is not empty ({shown}); pass --overwrite to replace an earlier run's "
-                           "results, or choose another directory")
-        ours = read_manifest(path)
-    except OutputError as e:
-        raise CliError(str(e)) from None
-    foreign = [n for n in names if os.path.lexists(os.path.join(path, n)) and n not in ours]
-    if foreign:
-        raise CliError(f"--overwrite: {path} holds {', '.join(foreign)}, which no muscle-lora run recorded writing "
-                       f"(in {MANIFEST}); it is left alone -- move it away or choose another directory")
-    args.output_names = tuple(names)
-
-
-def _claim_output(args) -> None:
-    """Just before the run writes: with --overwrite remove what earlier runs of ours recorded (and their killed
-    writes' temporary files), nothing else; then record the names this run is about to write."""
-    import shutil
-
-    from .defense.output import OutputError, is_stray_temp, read_manifest, write_manifest
-
-    path, names = args.output, args.output_names
-    try:
-        ours = read_manifest(path)
-    except OutputError as e:
-        raise CliError(str(e)) from None
-    if args.overwrite:
-        for name in sorted(os.listdir(path)):
-            if name not in ours and not is_stray_temp(name, ours | set(names)):
-                continue
-            full = os.path.join(path, name)
-            try:
-                if os.path.islink(full) or not os.path.isdir(full):  # symlinks are removed, never followed
-                    os.unlink(full)
-                else:
-                    shutil.rmtree(full)
-            except OSError as e:
-                raise CliError(f"--overwrite: cannot remove {full} ({e.strerror or e})") from None
-        ours = set()
-    write_manifest(path, ours | set(names))
-
-
-def _demo_splits(args, sizes=None):
-    """demo_splits with what it would refuse (a --poison-rate above the non-target share, a --train-size beyond the
-    corpus) said in terms of the options, before anything is written or loaded."""
-    from .defense.corpus import load_builtin_corpus
-    from .defense.demo import DEMO_SIZES, demo_splits
-
-    given, sizes = sizes, tuple(sizes or DEMO_SIZES)
-    rows = load_builtin_corpus()
-    room = len(rows) - sizes[1] - sizes[2]
-    if sizes[0] > room:
-        raise CliError(f"--train-size: {sizes[0]} training reviews asked for, the built-in corpus has {room} beside "
-                       f"its dev and test sets (at most {room})")
-    train = rows[:sizes[0]]
-    pool = sum(label != 1 for _, label in train)  # the demo's target label is 1
-    n_poison = int(round(args.poison_rate * len(train)))
-    if n_poison > pool:
-        raise CliError(f"--poison-rate: {args.poison_rate:g} asks for {n_poison} poisoned training reviews, but only "
-                       f"{pool} of the {len(train)} are of a non-target class; at most {pool / len(train):.3f}")
-    return demo_splits(poison_rate=args.poison_rate, seed=args.seed, **({"sizes": sizes} if given else {}))
-
-
-def _settle_output(args) -> None:
-    """At the end of a run (finished, failed or interrupted), still holding the lock: drop from the manifest the
-    names this run claimed but never wrote (a diverged method's folder, say), so that a folder the user creates
-    under such a name later is never taken for ours."""
-    from .defense.output import OutputError, read_manifest, write_manifest
-
-    try:
-        ours = read_manifest(args.output)
-        kept = {n for n in ours if os.path.lexists(os.path.join(args.output, n))}
-        if kept != ours:
-            write_manifest(args.output, kept)
-    except (OutputError, OSError):
-        pass  # the run's own outcome (or error) is what gets reported; the entry stays, as before this run
-
-
 def format_table(results) -> str:
     lines = [f"{'method':<10} {'CACC':>8} {'ASR':>8} {'best ep':>7} {'train s':>8} {'step s':>7}"]
     for r in results:
@@ -454,17 +347,8 @@ def format_table(results) -> str:
     return "\n".join(lines)
 
 
-def _all_diverged(results) -> int:
-    """Exit code 1 and one line on stderr when every method diverged (nothing was measured), else 0."""
-    if results and all(r.get("diverged") for r in results):
-        print("muscle-lora: error: every method diverged, so no CACC / ASR was measured (results.json marks them); "
-              "lower --lr (or --vanilla-lr), or check --freq-band", file=sys.stderr)
-        return 1
-    return 0
-
-
 def _run(args, splits, factory, tokenizer, methods, extra, save_vanilla=True) -> int:
-    from .defense.train import run_methods
+    from ..defense.train import run_methods
 
     settings = args.settings
     start = time.perf_counter()
@@ -482,7 +366,7 @@ def _run(args, splits, factory, tokenizer, methods, extra, save_vanilla=True) ->
 def _demo(args) -> int:
     import torch
 
-    from .defense.demo import minilm_factory
+    from ..defense.demo import minilm_factory
 
     splits = _demo_splits(args)
     _prepare_output(args, _run_outputs(args.methods, save_vanilla=False))  # before anything loads
@@ -501,15 +385,15 @@ def _demo(args) -> int:
 
 
 def _defend(args, parser) -> int:
-    from .defense.data import MAX_INFERRED_LABELS, check_labels, infer_num_labels
-    from .defense.models import check_model, classifier_factory
+    from ..defense.data import MAX_INFERRED_LABELS, check_labels, infer_num_labels
+    from ..defense.models import check_model, classifier_factory
 
-    from .defense.train import default_method
+    from ..defense.train import default_method
 
     splits = _load_splits(args, parser)
     args.method = args.method or [default_method(args.recipe)]
     if args.model is None:
-        from .defense.demo import minilm_path
+        from ..defense.demo import minilm_path
 
         args.model = minilm_path()
     if args.num_labels is not None and args.num_labels > MAX_INFERRED_LABELS:  # a head of that size exhausts memory
@@ -547,12 +431,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "info":
-        from .info import info
+        from ..info import info
 
         info()
         return 0
-    from .defense.data import DataError
-    from .defense.models import ModelError
+    from ..defense.data import DataError
+    from ..defense.models import ModelError
 
     sub = _subparser(parser, args.command)  # errors point at the subcommand's --help
     try:  # settings that argparse's types cannot check alone (e.g. a negative --min-ref-loss)
@@ -565,9 +449,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command == "demo":
             return _demo(args)
         if args.command == "analyze":
-            from .defense import frequency_run
+            from . import analyze
 
-            return frequency_run.run(args)
+            return analyze.run(args)
         return _defend(args, sub)
     except (CliError, DataError, FileNotFoundError, ModelError) as e:  # bad input: one line; anything else: traceback
         print(f"muscle-lora: error: {_one_line(e)}", file=sys.stderr)
@@ -587,11 +471,3 @@ def main(argv: Optional[List[str]] = None) -> int:
             _settle_output(args)
             os.close(args.output_lock)
             args.output_lock = None
-
-
-if __name__ == "__main__":
-    # `python -m muscle_kernels.cli`: run the package's muscle_kernels.cli, not this __main__ copy of it, so that
-    # the errors raised by modules importing muscle_kernels.cli (frequency_run) are the classes main() catches
-    from muscle_kernels.cli import main as _main
-
-    sys.exit(_main())
