@@ -194,12 +194,52 @@ def summarise(out: Path):
                      f"{r['cacc_mean']:.1f} ± {r['cacc_std']:.1f} | {r['asr_mean']:.1f} ± {r['asr_std']:.1f} | "
                      f"{r['s_per_run']:.0f} | {r['s_per_step']:.3f} | {r['steps']} | {r['auroc']} | {r['precision']} "
                      f"| {r['recall']} | {r['flagged_clean']} |")
+    lines += [""] + comparison(rows)
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     _plot(rows, out / "defense.png")
     if len({r["train"] for r in rows}) > 1:
         _plot_curve(rows, out / "learning_curve.png")
     print("\n".join(lines))
     return rows
+
+
+def comparison(rows, defense="muscle-screen"):
+    """Per (tag, training size): one row per attack with lora, refonly, clean and the defense side by side (CACC /
+    ASR, mean over seeds), the mean per dataset, and the goals of the defense against refonly and clean: ASR at most
+    clean's + 5 points on a dataset's mean and + 15 on each attack; CACC at least refonly + half of (clean - refonly)
+    on a dataset's mean and never below refonly."""
+    shown = [m for m in ("lora", "refonly", "clean", "muscle-ga", defense) if any(r["method"] == m for r in rows)]
+    out = []
+    for tag, train in sorted({(r["tag"], r["train"]) for r in rows}):
+        cell = {(r["attack"], r["method"]): r for r in rows if r["tag"] == tag and r["train"] == train}
+        attacks = sorted({a for a, _ in cell})
+        out += [f"**{tag}, {train} training rows** (CACC / ASR %, mean over seeds; seeds per cell in brackets)", "",
+                "| attack | " + " | ".join(shown) + " | goals |", "|---|" + "---|" * (len(shown) + 1)]
+        by_dataset = {}
+        for attack in attacks:
+            got = {m: cell[(attack, m)] for m in shown if (attack, m) in cell}
+            text = [f"{got[m]['cacc_mean']:.1f} / {got[m]['asr_mean']:.1f} ({got[m]['seeds']})" if m in got else "-"
+                    for m in shown]
+            goal = ""
+            if all(m in got for m in ("refonly", "clean", defense)):
+                d, ref, clean = got[defense], got["refonly"], got["clean"]
+                ok_asr = d["asr_mean"] <= clean["asr_mean"] + 15
+                ok_cacc = d["cacc_mean"] >= ref["cacc_mean"]
+                goal = ("ASR ok" if ok_asr else "ASR > clean+15") + ", " + ("CACC ok" if ok_cacc else "CACC < refonly")
+                by_dataset.setdefault(attack.split("-")[0], []).append((d, ref, clean))
+            out.append(f"| {attack} | " + " | ".join(text) + f" | {goal} |")
+        if by_dataset:
+            out += ["", f"| dataset | attacks | refonly CACC | clean CACC / ASR | {defense} CACC / ASR | CACC goal "
+                    "| ASR goal |", "|---|---:|---:|---:|---:|---|---|"]
+        for dataset, triples in sorted(by_dataset.items()):
+            d_c, d_a, ref_c, clean_c, clean_a = (statistics.fmean(t[i][k] for t in triples) for i, k in (
+                (0, "cacc_mean"), (0, "asr_mean"), (1, "cacc_mean"), (2, "cacc_mean"), (2, "asr_mean")))
+            want = ref_c + 0.5 * (clean_c - ref_c)
+            out.append(f"| {dataset} | {len(triples)} | {ref_c:.1f} | {clean_c:.1f} / {clean_a:.1f} | {d_c:.1f} / "
+                       f"{d_a:.1f} | {'met' if d_c >= want else 'missed'} (>= {want:.1f}) | "
+                       f"{'met' if d_a <= clean_a + 5 else 'missed'} (<= {clean_a + 5:.1f}) |")
+        out.append("")
+    return out
 
 
 def _pyplot():
@@ -267,7 +307,7 @@ def _plot_curve(rows, path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", required=True)
+    p.add_argument("--data", required=False, help="required unless --summary-only")
     p.add_argument("--attacks", default=None,
                    help="comma-separated attack folder names (badnets) or <dataset>-<attack> names (hsol-badnets), "
                         "run in this order (default: all found)")
@@ -298,6 +338,8 @@ def main(argv=None):
         return 0
     from muscle_kernels.defense.train import recipe_settings
 
+    if not args.data:
+        p.error("--data: required (unless --summary-only)")
     if args.model is None:
         from muscle_kernels.defense.demo import minilm_path
 
