@@ -1,13 +1,15 @@
 // Gradient alignment on CUDA: the same three ops as grad_align.cpp, registered for the CUDA dispatch key.
 //
 //   reduce: multi-tensor launches (multi_tensor_apply.cuh); each block reads one chunk (4K-64K elements) of g and r
-//           once with 16-byte loads, reduces <g,r>, ||g||^2, ||r||^2 in fp32 registers (double for fp64 tensors) and
-//           writes one partial triple to partials[block] -- one slot per block of the call, so the blocks of a tensor
-//           are a contiguous range and the buffer is as big as the number of chunks, not n * max_chunks. No atomics:
-//           the result is deterministic.
-//   finish: one block per tensor sums its range of partials in a fixed order (in double), writes the fp32 stats row
-//           and, for the fused op, the (a, b) coefficients of grad_align_common.h. The ranges travel in the kernel
-//           parameters, kFinishTensors tensors per launch.
+//           once with 16-byte loads, reduces <g,r>, ||g||^2, ||r||^2 in double registers whatever the dtype (the
+//           products of 16/32-bit values are exact in double, so a dot that nearly cancels keeps its digits: issue 20,
+//           row 19) and writes one double partial triple to partials[block] -- one slot per block of the call, so the
+//           blocks of a tensor are a contiguous range and the buffer is as big as the number of chunks, not
+//           n * max_chunks. No atomics: the result is deterministic.
+//   finish: one block per tensor sums its range of double partials in a fixed order (in double), rounds the totals
+//           once into the fp32 stats row and, for the fused op, computes the (a, b) coefficients of
+//           grad_align_common.h from that row (as the CPU kernel and the Python helper do). The ranges travel in the
+//           kernel parameters, kFinishTensors tensors per launch.
 //   apply:  multi-tensor launches again; each block reads its tensor's (a, b) from device memory and writes
 //           g <- a r + b g (g is not read when b == 0; a kept tensor is not touched at all).
 // Everything is enqueued on the current stream; there is no host synchronisation and no copy to the host, so the
@@ -47,6 +49,7 @@ namespace {
 
 constexpr int kThreads = 512;
 
+// The apply stage's arithmetic type: fp32 for 16/32-bit tensors, double for fp64 ones (the update is one rounding).
 template <typename T>
 struct AccType {
   using type = float;
@@ -55,6 +58,16 @@ template <>
 struct AccType<double> {
   using type = double;
 };
+
+// The reduce stage accumulates in double for every dtype: an fp32 running sum of <g, r> loses the digits that
+// survive cancellation (g nearly orthogonal to r), and no later double stage recovers them. A product of two
+// 16/32-bit values is exact in double (at most 24 + 24 significant bits), so each thread's sum rounds only at its
+// additions, like the CPU kernel's dot (grad_align.cpp). The norms ride along in double: they reuse the same
+// converted values, so they cost three DFMAs per element and no extra conversion.
+// Cost, estimated from instruction counts and not yet measured: two float->double conversions (16 per clock per SM
+// on sm_90) and three DFMAs per element. For bf16 at H200 bandwidth that is about 60% of the conversion rate, so
+// H100/H200 should stay memory-bound; a GPU with 1/64-rate fp64 (consumer parts) may become compute-bound here.
+using sum_t = double;
 
 // 16 bytes of T: one vectorised load/store.
 template <typename T>
@@ -99,9 +112,9 @@ __device__ __forceinline__ void block_sum3(acc_t& a, acc_t& b, acc_t& c) {
 }
 
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) reduce_kernel(mta::TensorListMeta<2> meta, float* __restrict__ partials,
+__global__ void __launch_bounds__(kThreads) reduce_kernel(mta::TensorListMeta<2> meta, sum_t* __restrict__ partials,
                                                           int64_t first_block) {
-  using acc_t = typename AccType<scalar_t>::type;
+  using acc_t = sum_t;
   const int slot = meta.block_to_tensor[blockIdx.x];
   const int64_t chunk = meta.block_to_chunk[blockIdx.x];
   const int64_t start = chunk * meta.chunk_size;
@@ -139,10 +152,10 @@ __global__ void __launch_bounds__(kThreads) reduce_kernel(mta::TensorListMeta<2>
   }
   block_sum3(gr, gg, rr);
   if (threadIdx.x == 0) {
-    float* out = partials + (first_block + blockIdx.x) * 3;
-    out[0] = static_cast<float>(gr);
-    out[1] = static_cast<float>(gg);
-    out[2] = static_cast<float>(rr);
+    sum_t* out = partials + (first_block + blockIdx.x) * 3;
+    out[0] = gr;
+    out[1] = gg;
+    out[2] = rr;
   }
 }
 
@@ -157,14 +170,15 @@ struct FinishMeta {
 };
 static_assert(sizeof(FinishMeta) <= 4000, "kernel parameters must stay under 4 KiB");
 
-// One block per tensor. coeffs may be null (reduce only).
-__global__ void __launch_bounds__(kFinishThreads) finish_kernel(const float* __restrict__ partials, FinishMeta meta,
+// One block per tensor: its double partials summed in double, then one rounding to the fp32 stats row. coeffs may
+// be null (reduce only).
+__global__ void __launch_bounds__(kFinishThreads) finish_kernel(const sum_t* __restrict__ partials, FinishMeta meta,
                                                                 float* __restrict__ stats, float* __restrict__ coeffs,
                                                                 double rho) {
   const int64_t t = meta.first + blockIdx.x;
-  const float* p = partials + meta.offset[blockIdx.x] * 3;
+  const sum_t* p = partials + meta.offset[blockIdx.x] * 3;
   const int64_t count = meta.count[blockIdx.x];
-  double gr = 0, gg = 0, rr = 0;
+  sum_t gr = 0, gg = 0, rr = 0;
   for (int64_t c = threadIdx.x; c < count; c += blockDim.x) {
     gr += p[3 * c];
     gg += p[3 * c + 1];
@@ -296,14 +310,15 @@ void reduce_into(const TensorList& grads, const TensorList& refs, Tensor& stats,
       total_blocks += count[e.index];
     }
   }
-  auto partials = torch::stable::new_empty(stats, {std::max<int64_t>(total_blocks, 1), 3});
+  // Double partials (24 bytes per chunk of >= 4K elements: noise next to the data read).
+  auto partials = torch::stable::new_empty(stats, {std::max<int64_t>(total_blocks, 1), 3}, ScalarType::Double);
   const auto stream = current_stream(grads[0]);
-  float* partials_ptr = partials.mutable_data_ptr<float>();
+  sum_t* partials_ptr = partials.mutable_data_ptr<sum_t>();
   int64_t group_base = 0;
   for (const auto& group : groups) {
     with_type(group.dtype, [&](auto tag) {
       using scalar_t = decltype(tag);
-      float* base = partials_ptr + 3 * group_base;
+      sum_t* base = partials_ptr + 3 * group_base;
       mta::multi_tensor_apply<2>(group.entries, group.chunk_size,
                                  [&](const mta::TensorListMeta<2>& meta, int n_blocks, int64_t first_block) {
         reduce_kernel<scalar_t><<<n_blocks, kThreads, 0, stream>>>(meta, base, first_block);
