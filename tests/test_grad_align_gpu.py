@@ -1,7 +1,8 @@
 """The CUDA kernels' multi-launch paths (issue 9), each against the float64 torch._foreach fallback on the same GPU
 tensors: more than 64 tensors (several launches), more than 320 blocks, a tensor split across launches, hundreds of
 small tensors (the small-chunk path), 200 bf16 views at odd offsets of one buffer (unaligned pointers), one
-30M-element tensor, and mixed dtypes with empty tensors. Outputs and stats, fused op and the two stages.
+30M-element tensor, and mixed dtypes with empty tensors. Outputs and stats, fused op and the two stages. And the
+accuracy of the fp64 sums where <g, r> nearly cancels, against the fp64 oracle (issue 20, row 19).
 
 Needs a GPU; run with `pytest -m gpu tests/test_grad_align_gpu.py` (benchmarks/gpu_run.sh).
 """
@@ -17,6 +18,9 @@ from muscle_kernels.ops.grad_align import (
     grad_align_coeffs,
     grad_align_reduce,
 )
+from muscle_kernels.ops.grad_align.reference import paper_align_reference
+
+from .utils import nearly_orthogonal
 
 pytestmark = [
     pytest.mark.gpu,
@@ -121,3 +125,36 @@ def test_mixed_dtypes_with_empty_tensors():
     grads, refs = _lists(shapes, [torch.float32, torch.float16, torch.bfloat16, torch.float64], seed=6)
     stats = _compare(grads, refs, label="mixed dtypes")
     assert torch.equal(stats[[0, 2, 7]].cpu(), torch.zeros(3, 3)), "empty tensors have zero stats"
+
+
+# Issue 20, row 19: the CPU kernel's test (tests/test_hardening2.py) has its CUDA counterpart here, which gpu_run.sh runs.
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA device: checks the CUDA kernel's fp64 sums of <g, r> against an fp64 "
+                           "reference where the dot nearly cancels (row 19); the CPU kernel's test is in "
+                           "test_hardening2.py")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_nearly_cancelling_dot(dtype):
+    """The reduce kernel accumulates in double (per-thread registers, per-block partials, per-tensor sum), so each
+    stat is the fp64 sum of the inputs rounded once to fp32: within 1.2e-7 of the fp64 oracle over 300 seeds, for a
+    one-chunk tensor and, in the same call, a tensor of several chunks (several partials to sum). (The fp32 registers
+    it replaced: up to 1.6e-5 on the one-chunk fp32 case, by a CPU emulation of their summation order.) In fp32 the
+    fused op's output (rho = 0: g <- |<g, r>| / ||r||^2 * r) is checked too: a few fp32 roundings (stats,
+    coefficient, product) from the oracle's."""
+    worst = 0.0
+    for seed in range(300):
+        pairs = [nearly_orthogonal(seed, n=n, dtype=dtype) for n in (3000, 70_001)]
+        grads = [g.cuda() for g, _ in pairs]
+        refs = [r.cuda() for _, r in pairs]
+        exact_grads, exact = paper_align_reference(grads, refs)  # fp64 sums of the (rounded) inputs
+        stats = grad_align_reduce(grads, refs, backend="extension").double()
+        err = ((stats - exact) / exact).abs().max().item()
+        assert err <= 1.2e-7, (seed, err, stats.tolist(), exact.tolist())
+        worst = max(worst, err)
+        fused = [g.clone() for g in grads]
+        fused_stats = align_gradients_(fused, refs, raw_ratio=0.0, backend="extension")
+        assert torch.equal(fused_stats.double(), stats), seed
+        if dtype == torch.float32:
+            for got, want in zip(fused, exact_grads):
+                rel = ((got.double() - want) / want.abs().amax()).abs().max().item()
+                assert rel <= 4e-7, (seed, rel)
+    assert worst <= 1.2e-7, worst

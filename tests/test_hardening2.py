@@ -14,6 +14,7 @@ from muscle_kernels.cli import main
 
 from . import test_hardening as round1
 from .test_hardening import cli, files_argv, one_line
+from .utils import nearly_orthogonal
 
 # round 1's fixtures: the tiny BERT folder, and train_method replaced by a stub that writes a fake adapter
 tiny_model_dir = round1.tiny_model_dir
@@ -743,15 +744,6 @@ def test_jit_build_runs_ninja_in_its_own_group(tmp_path, monkeypatch):
 
 
 # -- row 19: the extension's sums are at least as accurate as the fallback's where <g, r> nearly cancels ------------
-def nearly_orthogonal(seed, n=3000, cos=3e-4, dtype=torch.float32):
-    gen = torch.Generator().manual_seed(seed)
-    g = torch.randn(n, generator=gen, dtype=torch.float64)
-    r = torch.randn(n, generator=gen, dtype=torch.float64)
-    r = r - (g @ r) / (g @ g) * g
-    r = r / r.norm() + cos * g / g.norm()
-    return g.to(dtype), r.to(dtype)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_extension_dot_as_accurate_as_the_fallback(dtype):
     from muscle_kernels.ops.grad_align.function import grad_align_reduce
@@ -771,6 +763,7 @@ def test_extension_dot_as_accurate_as_the_fallback(dtype):
         # the stats are fp32: one rounding (6e-8) is the floor of both
         assert errors["extension"] <= max(errors["foreach"], 1.2e-7), (seed, errors)
     assert worst["extension"] <= 1.2e-7, worst
+    # the CUDA kernel's counterpart (fp64 reference, needs a GPU): tests/test_grad_align_gpu.py::test_nearly_cancelling_dot
 
 
 def test_non_finite_weights_after_the_last_step_mark_a_divergence(tmp_path):

@@ -43,3 +43,14 @@ def assert_close(name: str, ref: torch.Tensor, got: torch.Tensor, *, base: torch
             f"{name}: {int(bad.sum())} of {bad.numel()} elements off (max error {err.max().item():.3e}); "
             f"first bad indices {idx}"
         )
+
+
+def nearly_orthogonal(seed: int, n: int = 3000, cos: float = 3e-4, dtype: torch.dtype = torch.float32):
+    """A pair (g, r) of n values whose dot nearly cancels: r is a unit vector at cosine `cos` from g (in fp64, then
+    rounded to `dtype`). The case where an fp32 running sum of <g, r> loses its digits (issue 20, row 19)."""
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.randn(n, generator=gen, dtype=torch.float64)
+    r = torch.randn(n, generator=gen, dtype=torch.float64)
+    r = r - (g @ r) / (g @ g) * g
+    r = r / r.norm() + cos * g / g.norm()
+    return g.to(dtype), r.to(dtype)
