@@ -30,6 +30,7 @@ def _builtin_resource():
     # files() of the package, then the folder: `muscle_kernels.defense.data` names the module data.py, not data/
     return files(__package__) / "data" / "reviews.csv"
 
+
 # domain -> aspects a reviewer talks about
 _DOMAINS = {
     "film": ["the film", "the plot", "the acting", "the soundtrack", "the ending", "the script", "the lead actor",
