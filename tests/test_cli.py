@@ -59,20 +59,15 @@ def test_parser_defaults():
     assert build_parser().parse_args(["demo"]).output == "muscle-lora-demo"
 
 
-def test_defend_end_to_end(tmp_path, capsys):
-    transformers = pytest.importorskip("transformers", reason="defend needs transformers")
+def test_defend_end_to_end(tmp_path, capsys, tiny_bert_dir):
+    pytest.importorskip("transformers", reason="defend needs transformers")
     from muscle_kernels.defense.corpus import build_corpus, write_corpus
 
     rows = build_corpus(260, seed=2)
     write_corpus(str(tmp_path / "train.csv"), rows[:200])
     write_corpus(str(tmp_path / "test.csv"), rows[200:])
     words = sorted({w for t, _ in rows for w in t.replace(",", " ,").split()} | {"cf", "mn", "bb", "tq"})
-    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ",", "."] + words))
-    model_dir = tmp_path / "model"
-    transformers.BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt")).save_pretrained(model_dir)
-    config = transformers.BertConfig(vocab_size=len(words) + 7, hidden_size=32, num_hidden_layers=1,
-                                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
-    transformers.BertForSequenceClassification(config).save_pretrained(model_dir)
+    model_dir = tiny_bert_dir(words)
     out = tmp_path / "out"
     code = main(["defend", "--model", str(model_dir), "--train", str(tmp_path / "train.csv"),
                  "--test-clean", str(tmp_path / "test.csv"), "--attack", "addsent", "--poison-rate", "0.2",
@@ -128,19 +123,17 @@ def test_demo_splits():
 def test_demo_command_wiring(tmp_path, capsys, monkeypatch):
     """`muscle-lora demo` end to end with the model and the data swapped for tiny ones (the real demo takes
     minutes; its numbers are in the README)."""
-    transformers = pytest.importorskip("transformers", reason="the demo needs transformers")
+    pytest.importorskip("transformers", reason="the demo needs transformers")
     import muscle_kernels.defense.demo as demo
     from muscle_kernels.defense.attacks import BadNets, poison_test, poison_train
     from muscle_kernels.defense.corpus import build_corpus
     from muscle_kernels.defense.data import Sample
     from muscle_kernels.defense.train import Splits
 
+    from tiny_models import tiny_factory, tiny_tokenizer
+
     rows = [Sample(t, l) for t, l in build_corpus(150, seed=3)]
-    words = sorted({w for s in rows for w in s.text.replace(",", " ,").split()} | {"cf", "mn", "bb", "tq"})
-    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ",", "."] + words))
-    tokenizer = transformers.BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"))
-    config = transformers.BertConfig(vocab_size=len(words) + 7, hidden_size=32, num_hidden_layers=1,
-                                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+    tokenizer, vocab_size = tiny_tokenizer(tmp_path, [s.text for s in rows] + ["cf", "mn", "bb", "tq"])
 
     def tiny_splits(poison_rate, seed):
         a = BadNets()
@@ -148,8 +141,7 @@ def test_demo_command_wiring(tmp_path, capsys, monkeypatch):
                       test_clean=rows[110:], test_poison=poison_test(rows[110:], a, seed=seed))
 
     monkeypatch.setattr(demo, "demo_splits", tiny_splits)
-    monkeypatch.setattr(demo, "minilm_factory",
-                        lambda: (lambda: transformers.BertForSequenceClassification(config), tokenizer))
+    monkeypatch.setattr(demo, "minilm_factory", lambda: (tiny_factory(vocab_size, layers=1), tokenizer))
     out = tmp_path / "demo"
     assert main(["demo", "--methods", "lora,muscle-ga,vanilla", "--epochs", "1", "--ref-size", "8",
                  "--output", str(out), "--no-progress", "--device", "cpu"]) == 0

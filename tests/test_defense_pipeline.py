@@ -128,6 +128,28 @@ def test_builtin_corpus_is_the_generators_output():
     assert sum(l for _, l in shipped) == 2000
 
 
+def test_builtin_corpus_loads_from_a_zip(tmp_path):
+    """Read through importlib.resources, so an install that is not a folder of files (a zip) finds it too."""
+    import subprocess
+    import sys
+    import zipfile
+
+    pkg = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "muscle_kernels")
+    archive = tmp_path / "pkg.zip"
+    with zipfile.ZipFile(archive, "w") as z:  # just the corpus module and its data: it imports nothing else
+        z.writestr("muscle_kernels/__init__.py", "")
+        z.writestr("muscle_kernels/defense/__init__.py", "")
+        z.write(os.path.join(pkg, "defense", "corpus.py"), "muscle_kernels/defense/corpus.py")
+        z.write(os.path.join(pkg, "defense", "data", "reviews.csv"), "muscle_kernels/defense/data/reviews.csv")
+    code = ("import muscle_kernels.defense.corpus as c; assert '.zip' in c.__file__, c.__file__; "
+            "print(len(c.load_builtin_corpus()))")
+    # -S and a cwd outside the checkout: only the zip can provide muscle_kernels
+    done = subprocess.run([sys.executable, "-S", "-c", code], env={**os.environ, "PYTHONPATH": str(archive)},
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "4000"
+
+
 def test_training_loop_goes_through_the_one_training_path(setup, monkeypatch):
     """Every step of the hand-written loop is one AlignClipStep; a 1-epoch run (warm-up 1) never blends."""
     from muscle_kernels.align import step as step_module

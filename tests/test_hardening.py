@@ -52,16 +52,9 @@ def two_class_rows(n=12):
 
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """A tokenizer and a random 1-layer BERT (hidden 32) saved to a folder, as `--model` takes it."""
-    d = tmp_path_factory.mktemp("tiny-bert")
-    vocab = d / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ",", "."] + WORDS))
-    transformers.BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(d)
-    config = transformers.BertConfig(vocab_size=len(WORDS) + 7, hidden_size=32, num_hidden_layers=1,
-                                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
-    transformers.BertForSequenceClassification(config).save_pretrained(d)
-    return str(d)
+def tiny_model_dir(tiny_bert_dir):
+    """A tokenizer over WORDS and a random 1-layer BERT (hidden 32) saved to a folder, as `--model` takes it."""
+    return tiny_bert_dir(WORDS)
 
 
 def files_argv(tmp_path, rows=None):

@@ -21,3 +21,13 @@ def tiny_factory(vocab_size, *, layers=2, intermediate=64):
         return transformers.BertForSequenceClassification(config)
 
     return factory
+
+
+def save_tiny_bert(folder, words):
+    """A word-level tokenizer over `words` (in that order, after the special tokens) and a random 1-layer 2-label BERT
+    (hidden size 32) saved to `folder`, as `muscle-lora defend --model` takes it; returns the folder as a str."""
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ",", "."] + list(words)))
+    transformers.BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(folder)
+    tiny_factory(len(words) + 7, layers=1)().save_pretrained(folder)
+    return str(folder)

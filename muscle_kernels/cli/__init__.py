@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import sys
 import time
 from typing import List, Optional
@@ -112,7 +111,12 @@ def _add_training_options(p: argparse.ArgumentParser, defaults: dict) -> None:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but an error is one line (naming the option) and a pointer to --help, not the usage block."""
+    """argparse, but an error is one line (naming the option) and a pointer to --help, not the usage block.
+
+    build_parser sets `subcommands` ({name: its parser}): the defaults and the errors of the chosen subcommand are
+    read there, not through argparse's private attributes."""
+
+    subcommands: dict  # set on the top-level parser only
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
@@ -125,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="muscle-lora", description="Backdoor-robust fine-tuning with MuScleLoRA.")
     sub = parser.add_subparsers(dest="command", metavar="{demo,defend,analyze,info}")
     sub.required = True
+    parser.subcommands = sub.choices  # filled by the add_parser calls below, analyze's included
 
     demo = sub.add_parser("demo", help="the built-in experiment (offline, a few minutes on a CPU)",
                           description="all-MiniLM-L6-v2 on the shipped review corpus poisoned with BadNets at 10%%; "
@@ -186,15 +191,11 @@ _SETTING_OPTIONS = ("epochs", "lr", "vanilla_lr", "batch_size", "max_length", "r
                     "ref_select", "min_ref_loss", "freq_band", "seed", "device")
 
 
-def _subparser(parser, command: str) -> argparse.ArgumentParser:
-    return parser._subparsers._group_actions[0].choices[command]
-
-
 def _settings(args, parser):
     """Settings from the options; a --recipe's values replace the defaults of the options not given explicitly."""
     from ..defense.train import Settings, recipe_settings
 
-    sub = _subparser(parser, args.command)
+    sub = parser.subcommands[args.command]
     kw = {name: getattr(args, name) for name in _SETTING_OPTIONS}
     for name, value in recipe_settings(args.recipe).items():
         if name not in kw or kw[name] == sub.get_default(name):
@@ -203,59 +204,19 @@ def _settings(args, parser):
 
 
 def _load_splits(args, parser):
-    from ..defense import attacks
-    from ..defense.data import load_file
-    from ..defense.paper_data import check_training_set, load_paper_folder
-    from ..defense.train import Splits
+    """The options mapped onto build_splits; what it refuses as a usage error goes through `parser.error`, the rest
+    (SplitsError is a DataError) reaches main's one-line error."""
+    from ..defense.splits import SplitsUsageError, build_splits
 
-    files = dict(text_column=args.text_column, label_column=args.label_column)
-    _check_source_flags(args)
-    if args.data:
-        if args.train or args.test_clean or args.test_poison:
-            parser.error("--data: give either --data DIR or the files (--train, --test-clean, ...), not both")
-        found = load_paper_folder(args.data, setting=args.poison_setting, rate=args.poison_rate, force=args.force)
-        print(f"muscle-lora defend: training set {found['source']} ({len(found['train'])} samples, "
-              f"{sum(s.poisoned for s in found['train'])} flagged poisoned)")
-        if "dev" not in found:
-            parser.error(f"--data: {args.data} has no dev-clean.csv; muscle-ga and best-epoch selection need it")
-        if args.attack:
-            parser.error("--attack: the paper's folders are poisoned already; use --attack with clean --train files")
-        return Splits(train=found["train"], dev=found["dev"], test_clean=found["test_clean"],
-                      test_poison=found["test_poison"], dev_poison=found.get("dev_poison", []))
-    if args.poison_setting:
-        parser.error("--poison-setting: chooses the training set of a --data folder; it has no meaning with --train")
-    if not args.train or not args.test_clean:
-        parser.error("defend: give --data DIR, or --train FILE and --test-clean FILE")
-    train = load_file(args.train, **files)
-    test_clean = load_file(args.test_clean, **files)
-    dev = load_file(args.dev, **files) if args.dev else None
-    if args.attack:
-        attack = attacks.make_attack(args.attack)
-        if dev is None:  # hold out clean samples before poisoning: the reference set must be clean
-            order = list(range(len(train)))
-            random.Random(args.seed).shuffle(order)
-            n_dev = max((args.ref_size or 0) + 50, len(train) // 5)
-            if n_dev >= len(train) // 2:
-                parser.error(f"--train: {len(train)} samples are too few to hold out a clean dev set of {n_dev}; "
-                             "give --dev")
-            dev = [train[i] for i in sorted(order[:n_dev])]
-            train = [train[i] for i in sorted(order[n_dev:])]
-        _check_attack(args, train=train, test_clean=test_clean, dev=dev)
-        train = attacks.poison_train(train, attack, rate=args.poison_rate, target_label=args.target_label,
-                                     clean_label=args.clean_label, seed=args.seed)
-        test_poison = (load_file(args.test_poison, **files) if args.test_poison else
-                       attacks.poison_test(test_clean, attack, target_label=args.target_label, seed=args.seed + 1))
-        dev_poison = attacks.poison_test(dev, attack, target_label=args.target_label, seed=args.seed + 2)
-    else:
-        if not args.test_poison:
-            parser.error("--test-poison: needed to measure ASR (or pass --attack to poison clean data yourself)")
-        if dev is None:
-            parser.error("--dev: a clean dev set is needed (best epoch and the muscle-ga reference set); "
-                         "or pass --attack to hold one out of clean --train data")
-        check_training_set(train, args.train, force=args.force)
-        test_poison = load_file(args.test_poison, **files)
-        dev_poison = []
-    return Splits(train=train, dev=dev, test_clean=test_clean, test_poison=test_poison, dev_poison=dev_poison)
+    try:
+        return build_splits(data=args.data, train=args.train, dev=args.dev, test_clean=args.test_clean,
+                            test_poison=args.test_poison, text_column=args.text_column,
+                            label_column=args.label_column, attack=args.attack, poison_rate=args.poison_rate,
+                            target_label=args.target_label, clean_label=args.clean_label,
+                            poison_setting=args.poison_setting, force=args.force, seed=args.seed,
+                            ref_size=args.ref_size, report=lambda line: print(f"muscle-lora defend: {line}"))
+    except SplitsUsageError as e:
+        parser.error(str(e))
 
 
 # -- checks that run before anything heavy (model loading, training) ---------------------------------------------------
@@ -279,60 +240,6 @@ def _check_device(name: str) -> None:
             raise CliError(f"--device: {name!r} asked for, but MPS is not available (use cpu or auto)")
     elif device.type != "cpu":
         raise CliError(f"--device: expected auto, cpu, cuda or cuda:N, got {name!r}")
-
-
-def _check_source_flags(args) -> None:
-    """Flags that the chosen data source would ignore are errors, not silently dropped."""
-    if args.data:
-        for option, name, default in (("--text-column", "text_column", "text"),
-                                      ("--label-column", "label_column", "label")):
-            if getattr(args, name) != default:  # the paper's files have fixed columns (0, 1, 2)
-                raise CliError(f"{option}: --data DIR reads the paper's files, whose columns are fixed (text, label, "
-                               f"poison flag); {option} applies to --train / --dev / --test-clean files")
-        if args.dev:
-            raise CliError("--dev: --data DIR uses the folder's dev-clean.csv; give either --data or the files "
-                           "(--train, --dev, --test-clean, ...)")
-        if args.target_label is not None:
-            raise CliError("--target-label: the paper's folders are poisoned already (test-poison.csv carries the "
-                           "target label); --target-label only applies with --attack on clean --train files")
-    if args.clean_label and not args.attack:
-        raise CliError("--clean-label: only applies with --attack (poisoning clean data yourself)")
-    if args.target_label is not None and not args.attack and not args.data:
-        raise CliError("--target-label: only applies with --attack; without it the target is the label of "
-                       "--test-poison")
-    if args.poison_rate is not None and not args.attack and not args.data:
-        raise CliError("--poison-rate: only applies with --attack (the share to poison) or --data (which <rate>/ "
-                       "training set)")
-    if args.target_label is None:
-        args.target_label = 1
-    if args.attack and args.poison_rate is None:
-        args.poison_rate = 0.1
-
-
-def _check_attack(args, *, train, test_clean, dev) -> None:
-    """What attacks.poison_train / poison_test would refuse, said in terms of the options."""
-    target = args.target_label
-    labels = sorted({s.label for s in train})
-    if len(labels) < 2:
-        raise CliError(f"--attack: {args.train} has only label {labels[0]}; a backdoor attack needs the target "
-                       "class and at least one other class")
-    if target not in labels:
-        raise CliError(f"--target-label: {target} is not a label of {args.train} (labels: {labels})")
-    n_poison = int(round(args.poison_rate * len(train)))
-    kind = "target" if args.clean_label else "non-target"
-    pool = sum((s.label == target) == bool(args.clean_label) for s in train)
-    if n_poison > pool:
-        raise CliError(f"--poison-rate: {args.poison_rate:g} asks for {n_poison} poisoned training samples, but the "
-                       f"{len(train)} training samples hold only {pool} {kind} ones (--target-label {target}); "
-                       f"at most {pool / len(train):.3f}")
-    checks = [("--dev", args.dev or "the dev set held out of --train", dev)]
-    if not args.test_poison:  # else the poisoned test set is given, not built from --test-clean
-        checks.append(("--test-clean", args.test_clean, test_clean))
-    for option, name, split in checks:
-        have = {s.label for s in split}
-        if target not in have or have == {target}:
-            raise CliError(f"{option}: {name} needs samples of --target-label {target} and of another class to "
-                           f"measure the attack (labels: {sorted(have)})")
 
 
 def format_table(results) -> str:
@@ -414,7 +321,16 @@ def _defend(args, parser) -> int:
     _claim_output(args)  # only now that the data and --model are known to be good: never clear a run for nothing
     return _run(args, splits, factory, tokenizer, args.method,
                 extra=dict(model=args.model, data=args.data or args.train, attack=args.attack,
-                           poison_rate=args.poison_rate if args.attack else None))
+                           poison_rate=_attack_rate(args)))
+
+
+def _attack_rate(args) -> Optional[float]:
+    """The share poisoned by --attack as build_splits applied it (its default when not given); None without."""
+    from ..defense.splits import DEFAULT_POISON_RATE
+
+    if not args.attack:
+        return None
+    return DEFAULT_POISON_RATE if args.poison_rate is None else args.poison_rate
 
 
 def _out_of_memory(e: BaseException) -> bool:
@@ -438,7 +354,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from ..defense.data import DataError
     from ..defense.models import ModelError
 
-    sub = _subparser(parser, args.command)  # errors point at the subcommand's --help
+    sub = parser.subcommands[args.command]  # errors point at the subcommand's --help
     try:  # settings that argparse's types cannot check alone (e.g. a negative --min-ref-loss)
         args.settings = _settings(args, parser)
     except ValueError as e:

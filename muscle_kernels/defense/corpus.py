@@ -13,13 +13,23 @@ output of `build_corpus()` with the default arguments; regenerate it with `pytho
 from __future__ import annotations
 
 import csv
+import io
 import os
 import random
+from importlib.resources import files
 from typing import List, Tuple
 
 __all__ = ["build_corpus", "write_corpus", "load_builtin_corpus", "BUILTIN_CORPUS"]
 
+# The file in a source checkout, where `python -m muscle_kernels.defense.corpus` writes it. Reading goes through
+# importlib.resources (_builtin_resource), which also finds it inside a zipped or otherwise non-file install.
 BUILTIN_CORPUS = os.path.join(os.path.dirname(__file__), "data", "reviews.csv")
+
+
+def _builtin_resource():
+    # files() of the package, then the folder: `muscle_kernels.defense.data` names the module data.py, not data/
+    return files(__package__) / "data" / "reviews.csv"
+
 
 # domain -> aspects a reviewer talks about
 _DOMAINS = {
@@ -126,8 +136,8 @@ def write_corpus(path: str, rows: List[Tuple[str, int]]) -> None:
 
 def load_builtin_corpus() -> List[Tuple[str, int]]:
     """The shipped corpus (see the module docstring)."""
-    with open(BUILTIN_CORPUS, newline="", encoding="utf-8") as f:
-        return [(row["text"], int(row["label"])) for row in csv.DictReader(f)]
+    text = _builtin_resource().read_bytes().decode("utf-8")  # bytes: the csv module does its own newlines
+    return [(row["text"], int(row["label"])) for row in csv.DictReader(io.StringIO(text, newline=""))]
 
 
 if __name__ == "__main__":
