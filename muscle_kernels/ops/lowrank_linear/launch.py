@@ -11,7 +11,8 @@ The seed is an int or a one-element integer tensor on the inputs' device (what f
 torch's generator: CUDA-graph safe, see _seed_args); both give the same mask for the same value below 2^31.
 
 Inputs arrive 2-D and contiguous (function.py flattens and copies at most once); x, weight, bias, L and R share one
-dtype among fp32 / fp16 / bf16, scales is any float [n*r]. Launch plan (kernels in triton_fwd.py / triton_bwd.py):
+dtype among fp32 / fp16 / bf16, scales is any float [n*r]. Launch plan (kernels in kernels.py, their
+configs in configs.py):
 
     forward   small n*r, no dropout:  fused GEMM, T accumulated in its K loop               (1 launch)
               otherwise:               shrink T = drop(x) L^T, then fused GEMM loading T     (2 launches)
@@ -26,23 +27,22 @@ guard for the inputs' device, so tensors on `cuda:1` launch on `cuda:1` whatever
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Optional
 
 import torch
 import triton
 
-from .triton_bwd import _reduce_m_kernel
-from .triton_fwd import _dropout_bits_kernel, _fused_lowrank_mm_kernel, _shrink_kernel
+from .configs import (
+    FUSE_T_MAX_R, FUSED_DY_MAX_R, INTERPRET, T_CHUNK, bits_config, block_r, fused_dy_max_r, precision, reduce_config,
+    shrink_config,
+)
+from .kernels import _dropout_bits_kernel, _reduce_m_kernel, _shrink_kernel, fused_even, fused_tuned
 
 __all__ = [
     "lowrank_linear_fwd_triton", "lowrank_linear_bwd_triton", "lowrank_linear_bwd_triton_fused_dy", "uses_fused_dy",
-    "dropout_mask_triton", "unpack_bits",
-    "fused_configs", "shrink_config", "reduce_config", "block_r", "force_configs", "tf32_allowed", "FUSE_T_MAX_R",
-    "T_CHUNK",
+    "dropout_mask_triton", "unpack_bits", "force_configs",
 ]
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Tests set this to fill every output with NaN before the launch, so that a tile a kernel forgot to write fails.
@@ -54,133 +54,6 @@ _FORCE_SPLIT: Optional[int] = None
 # "shrink": (BLOCK_M, BLOCK_K, warps, stages), "reduce": (BLOCK_M, BLOCK_N, BLOCK_R, warps, stages)}; a missing key
 # keeps the default. It bypasses the autotuner (whose cache would otherwise keep the first config it picked).
 _FORCE_CONFIG: dict = {}
-
-# Largest padded n*r accumulated inside the GEMM's K loop (T_MODE 0). Above it the separate shrink is cheaper:
-# the in-loop product costs BLOCK_R / BLOCK_N of the GEMM's MMA work, the shrink about one extra read of x.
-FUSE_T_MAX_R = 32
-# Chunk of n*r per tl.dot when the GEMM loads a precomputed T (T_MODE 1): 64 spills at 128x256 on sm_90.
-T_CHUNK = 32
-# Widest padded n*r for which the backward may compute dR in the G pass (fused_dy): a [BLOCK_K, n*r] fp32 partial per
-# step, and (M / BLOCK_M) * out * n*r atomic adds in all. fp32 without TF32 (FMA dots, operands in registers) spilled
-# at 64 on sm_90 (benchmarks/sm90_report.py).
-FUSED_DY_MAX_R = 64
-FUSED_DY_MAX_R_IEEE = 16
-
-
-def fused_dy_max_r(precision: str) -> int:
-    return FUSED_DY_MAX_R_IEEE if precision == "ieee" else FUSED_DY_MAX_R
-H100_SMEM = 227 * 1024
-# (BLOCK_M, BLOCK_W, warps) of the dropout-mask kernel: 2048 words (65536 mask bits) per program.
-BITS_CONFIG = (64, 32, 4)
-
-
-def block_r(nr: int) -> int:
-    """n*r padded to a power of two >= 16 (tl.dot's smallest tile side)."""
-    return max(16, triton.next_power_of_2(int(nr)))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Configurations. Hopper first (wgmma wants BLOCK_M >= 64 per warp group; 128x256 with 2 warp groups is the
-# classic H100 tile), the smaller ones keep Ampere (164 KiB shared) and short M busy. BLOCK_K * element size is
-# 128 bytes (one swizzled shared-memory row): 64 for fp16/bf16, 32 for fp32.
-# ----------------------------------------------------------------------------------------------------------------
-_FUSED_SHAPES = [
-    # BLOCK_M, BLOCK_N, warps, stages. The same tiles serve the dropout epilogue, which only reads the packed mask.
-    (128, 256, 8, 4),  # the deeper pipeline where shared memory allows (autotune keeps whichever is faster)
-    (128, 256, 8, 3),
-    (128, 128, 8, 4),  # 128x128 with 4 warps spilled 184 bytes in the T-loaded prologue at sm_90
-    (64, 128, 4, 4),
-    (128, 64, 4, 4),
-    (64, 64, 4, 4),
-]
-# fp32 without TF32 runs on FMA units, whose operands live in registers: only the smaller tiles fit without spills.
-_FUSED_SHAPES_IEEE = [
-    (64, 64, 4, 3),
-    (128, 64, 8, 3),
-    (64, 128, 8, 3),
-]
-def _fused_smem(bm, bn, bk, br, stages, elt):
-    # One pipeline stage holds an A, a B and (T accumulated in the loop only) a P tile.
-    return stages * (bm * bk + bk * bn + bk * br) * elt
-
-
-def fused_configs(elt_size: int, precision: str = "tf32", br: int = FUSE_T_MAX_R, smem_limit: int = H100_SMEM):
-    """The shipped configs of the fused GEMM for an element size (bytes) and tl.dot precision, fitted to shared
-    memory. br: the P tile's width in the K loop (0 when T is loaded, T_MODE 1)."""
-    bk = 128 // elt_size
-    out = []
-    shapes = _FUSED_SHAPES_IEEE if elt_size == 4 and precision == "ieee" else _FUSED_SHAPES
-    for bm, bn, w, st in shapes:
-        while st > 2 and _fused_smem(bm, bn, bk, br, st, elt_size) > smem_limit:
-            st -= 1
-        if _fused_smem(bm, bn, bk, br, st, elt_size) <= smem_limit:
-            out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                                     num_warps=w, num_stages=st))
-    return out
-
-
-_INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2},
-                                    num_warps=4, num_stages=1)
-
-
-def _all_fused_configs():
-    if _INTERPRET:
-        # The interpreter cannot benchmark several configs (and would take minutes): one small config.
-        return [_INTERPRETER_CONFIG]
-    seen, out = set(), []
-    for elt, prec in ((2, "tf32"), (4, "tf32"), (4, "ieee")):
-        for c in fused_configs(elt, prec):
-            key = (tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages)
-            if key not in seen:
-                seen.add(key)
-                out.append(c)
-    return out
-
-
-def _prune_fused(configs, named_args, **kwargs):
-    if _INTERPRET:
-        return configs
-    elt = named_args["a_ptr"].element_size()
-    br = kwargs["BLOCK_R"] if kwargs["T_MODE"] == 0 else 0
-    keep = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
-            for c in fused_configs(elt, kwargs["PRECISION"], br)}
-    return [c for c in configs
-            if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) in keep]
-
-
-# Autotuned per (M bucket, N, K, n*r, mode, B's layout, dtypes): a new token count within a power-of-two bucket
-# reuses the tuned config instead of re-tuning.
-# EVEN_K (K a multiple of BLOCK_K, as in every LLM layer) drops the K masks from the main loop's loads.
-_fused_even = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(_fused_lowrank_mm_kernel)
-_fused_tuned = triton.autotune(
-    configs=_all_fused_configs(),
-    key=["m_bucket", "N", "K", "NR", "T_MODE", "OUT_DROP", "stride_bk", "PRECISION"],
-    prune_configs_by={"early_config_prune": _prune_fused},
-)(_fused_even)
-
-
-def shrink_config(br: int, elt_size: int, interpret: Optional[bool] = None):
-    """(BLOCK_M, BLOCK_K, warps, stages) of the shrink kernel: memory-bound, so enough stages to stream x.
-    interpret=False gives the shipped (GPU) config even under the interpreter (for the config-sweep tests)."""
-    if _INTERPRET if interpret is None else interpret:
-        return 32, 32, 4, 1
-    bk = 128 // elt_size
-    if br <= 64:
-        return 64, bk, 4, 4
-    return 64, bk, 8, 3
-
-
-def reduce_config(br: int, elt_size: int, precision: str = "tf32", interpret: Optional[bool] = None):
-    """(BLOCK_M, BLOCK_N, BLOCK_R, warps, stages) of the M-reduction kernel; BLOCK_R < br splits NR over the grid."""
-    if _INTERPRET if interpret is None else interpret:
-        return 32, 32, min(br, 64), 4, 1
-    bm = 128 // elt_size
-    if elt_size == 4 and precision == "ieee":
-        # FMA dot: a [64, 256] fp32 accumulator made ptxas spill 20 KB, [64, 64] with 4 warps 1.1 KB; 8 warps do not.
-        return bm, 64, min(br, 64), 8, 3
-    if br <= 64:
-        return bm, 128, br, 4, 4
-    return bm, 64, br, 8, 3
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -212,33 +85,6 @@ def _device_guard(device: torch.device):
     return contextlib.nullcontext()
 
 
-def tf32_allowed() -> bool:
-    """Whether torch allows TF32 for fp32 matmuls, read through the new API where it exists.
-
-    `torch.backends.cuda.matmul.fp32_precision` is "tf32" / "ieee" once set (directly or through the global
-    `torch.backends.fp32_precision`), "none" while unset; reading the legacy `allow_tf32` after the new API was used
-    raises on recent torch, so it is only consulted when the new one says nothing.
-    """
-    matmul = torch.backends.cuda.matmul
-    prec = getattr(matmul, "fp32_precision", None)
-    if prec == "tf32":
-        return True
-    if prec == "ieee":
-        return False
-    try:
-        return bool(matmul.allow_tf32)
-    except RuntimeError:  # a mix of the two APIs: torch itself refuses to say; IEEE is the safe answer
-        return False
-
-
-def _precision(dtype: torch.dtype) -> str:
-    if _INTERPRET:
-        return "ieee"
-    if dtype == torch.float32 and not tf32_allowed():
-        return "ieee"
-    return "tf32"  # ignored by tl.dot for fp16/bf16 operands
-
-
 def _m_bucket(m: int) -> int:
     return min(16384, max(16, triton.next_power_of_2(m)))
 
@@ -261,7 +107,7 @@ def _splits(tiles: int, length: int, block: int, device: torch.device) -> int:
 
 
 def _fuse_t(nr: int, dropout_p: float) -> bool:
-    # Dropout needs T_MODE 1 (see triton_fwd.py); a wider in-loop T would need configs the sm_90 report has not seen.
+    # Dropout needs T_MODE 1 (see kernels.py); a wider in-loop T would need configs the sm_90 report has not seen.
     if dropout_p > 0.0 or block_r(nr) > FUSE_T_MAX_R:
         return False
     return True if _FORCE_FUSE_T is None else _FORCE_FUSE_T
@@ -286,13 +132,13 @@ def _seed_args(seed, device):
 
 
 def _dropout_bits(m: int, k: int, p: float, seed, device) -> torch.Tensor:
-    """The packed keep-mask [m, cdiv(k, 32)] int32 of an [m, k] input (triton_fwd.py: `_dropout_bits_kernel`);
+    """The packed keep-mask [m, cdiv(k, 32)] int32 of an [m, k] input (kernels.py: `_dropout_bits_kernel`);
     seed: an int or a one-element integer tensor (read on the device, see `_seed_args`)."""
     w = triton.cdiv(k, 32)
     bits = _alloc((m, w), torch.int32, device) if not _FILL_NAN else torch.full((m, w), -1, dtype=torch.int32,
                                                                                     device=device)
     if m and w:
-        bm, bw, warps = (32, 16, 4) if _INTERPRET else BITS_CONFIG
+        bm, bw, warps = bits_config()
         seed_i, seed_ptr, from_ptr = _seed_args(seed, device)
         _dropout_bits_kernel[(triton.cdiv(m, bm), triton.cdiv(w, bw))](
             bits, m, w, bits.stride(0), seed_i, seed_ptr, float(p), SEED_FROM_PTR=from_ptr,
@@ -337,8 +183,8 @@ def _launch_shrink(a, p, t, rows_stride_p, k_stride_p, dropout_p, bits, fused_dr
         a.stride(0), a.stride(1), rows_stride_p, k_stride_p, t.stride(0), t.stride(1), bits.stride(0),
         ts.stride(0), ts.stride(-1), dr.stride(0), dr.stride(-1),
         HAS_DROP=dropout_p > 0.0, ATOMIC=split > 1, EVEN_K=k % bk == 0, FUSED_DR=fused_dr is not None,
-        BLOCK_R=br, UPCAST=_INTERPRET,
-        PRECISION=_precision(a.dtype), BLOCK_M=bm, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+        BLOCK_R=br, UPCAST=INTERPRET,
+        PRECISION=precision(a.dtype), BLOCK_M=bm, BLOCK_K=bk, num_warps=warps, num_stages=stages,
     )
 
 
@@ -347,7 +193,7 @@ def _launch_reduce(a, g, s, c, c_strides, dropout_p, bits):
     m, n = a.shape
     nr = g.shape[1]
     br = block_r(nr)
-    prec = _precision(a.dtype)
+    prec = precision(a.dtype)
     bm, bn, br, warps, stages = _FORCE_CONFIG.get("reduce") or reduce_config(br, a.element_size(), prec)
     br = min(br, block_r(nr))
     n_tiles = triton.cdiv(n, bn) * triton.cdiv(nr, br)
@@ -360,7 +206,7 @@ def _launch_reduce(a, g, s, c, c_strides, dropout_p, bits):
     _reduce_m_kernel[(triton.cdiv(n, bn), split, triton.cdiv(nr, br))](
         a, g, s, c, bits, m, n, nr, m_per_split, 1.0 / (1.0 - dropout_p),
         a.stride(0), a.stride(1), g.stride(0), g.stride(1), c_strides[0], c_strides[1], bits.stride(0),
-        HAS_DROP=dropout_p > 0.0, ATOMIC=split > 1, BLOCK_R=br, UPCAST=_INTERPRET,
+        HAS_DROP=dropout_p > 0.0, ATOMIC=split > 1, BLOCK_R=br, UPCAST=INTERPRET,
         PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
     )
 
@@ -380,13 +226,13 @@ def _launch_fused(a, b_strides, b, p, p_strides, q, q_strides, s, bias, t, c, n,
             a.stride(0), a.stride(1), b_strides[0], b_strides[1], p_strides[0], p_strides[1],
             q_strides[0], q_strides[1], t.stride(0), t.stride(1), c.stride(0), c.stride(1), bits.stride(0))
     meta = dict(HAS_BIAS=bias is not None, T_MODE=t_mode, STORE_T=store_t, OUT_DROP=out_drop,
-                BLOCK_R=br, UPCAST=_INTERPRET, PRECISION=_precision(a.dtype))
+                BLOCK_R=br, UPCAST=INTERPRET, PRECISION=precision(a.dtype))
     forced = _FORCE_CONFIG.get("fused")
     if forced is not None:
-        _fused_even[grid(forced.kwargs)](*args, **meta, **forced.kwargs, num_warps=forced.num_warps,
-                                         num_stages=forced.num_stages)
+        fused_even[grid(forced.kwargs)](*args, **meta, **forced.kwargs, num_warps=forced.num_warps,
+                                        num_stages=forced.num_stages)
     else:
-        _fused_tuned[grid](*args, **meta)
+        fused_tuned[grid](*args, **meta)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -446,7 +292,7 @@ def lowrank_linear_bwd_triton_fused_dy(dy2, x2, weight, lora_L, lora_R, scales, 
 def uses_fused_dy(nr: int, dropout_p: float, dtype: torch.dtype) -> bool:
     """Whether fused_dy changes anything for this n*r, dropout and dtype (G has its own pass over dy, n*r fits)."""
     # The limit is a register budget of compiled kernels; the interpreter runs every width (for the tests).
-    limit = FUSED_DY_MAX_R if _INTERPRET else fused_dy_max_r(_precision(dtype))
+    limit = FUSED_DY_MAX_R if INTERPRET else fused_dy_max_r(precision(dtype))
     return not _fuse_t(nr, dropout_p) and block_r(nr) <= limit
 
 
