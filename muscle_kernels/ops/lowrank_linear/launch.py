@@ -27,7 +27,7 @@ guard for the inputs' device, so tensors on `cuda:1` launch on `cuda:1` whatever
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -40,10 +40,11 @@ from .kernels import _dropout_bits_kernel, _reduce_m_kernel, _shrink_kernel, fus
 
 __all__ = [
     "lowrank_linear_fwd_triton", "lowrank_linear_bwd_triton", "lowrank_linear_bwd_triton_fused_dy", "uses_fused_dy",
-    "dropout_mask_triton", "unpack_bits", "force_configs",
+    "dropout_mask_triton", "unpack_bits", "force_configs", "Mat", "Dropout", "FusedOperands", "FusedMode", "FusedDR",
 ]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
 
 # Tests set this to fill every output with NaN before the launch, so that a tile a kernel forgot to write fails.
 _FILL_NAN = False
@@ -54,6 +55,61 @@ _FORCE_SPLIT: Optional[int] = None
 # "shrink": (BLOCK_M, BLOCK_K, warps, stages), "reduce": (BLOCK_M, BLOCK_N, BLOCK_R, warps, stages)}; a missing key
 # keeps the default. It bypasses the autotuner (whose cache would otherwise keep the first config it picked).
 _FORCE_CONFIG: dict = {}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Operands of the launches.
+# ----------------------------------------------------------------------------------------------------------------
+class Mat(NamedTuple):
+    """A matrix operand read through strides: element (i, j) at data[i * strides[0] + j * strides[1]], so that a
+    transposed view (W read as W^T, R as R^T) costs no copy."""
+    data: torch.Tensor
+    strides: Tuple[int, int]
+
+    @classmethod
+    def of(cls, t: torch.Tensor) -> "Mat":
+        return cls(t, (t.stride(0), t.stride(1)))
+
+    @classmethod
+    def transposed(cls, t: torch.Tensor) -> "Mat":
+        return cls(t, (t.stride(1), t.stride(0)))
+
+
+class Dropout(NamedTuple):
+    """The dropout of one launch: its probability (the 1 / (1 - p) factor) and the packed keep-mask it reads
+    (None where the launch masks nothing)."""
+    p: float
+    bits: Optional[torch.Tensor]
+
+
+NO_DROPOUT = Dropout(0.0, None)
+
+
+class FusedOperands(NamedTuple):
+    """The fused GEMM's C [M, N] = A B + ((A P^T) * s) Q^T (+ bias) (kernels.py: `_fused_lowrank_mm_kernel`)."""
+    a: torch.Tensor  # [M, K]: x (forward) or dy (backward dx)
+    b: Mat  # [K, N]: W^T or W
+    p: Mat  # [NR, K]: L or R^T
+    q: Mat  # [N, NR]: R or L^T
+    s: torch.Tensor  # [NR] fp32 scales
+    bias: Optional[torch.Tensor]  # [N], forward only
+    t: torch.Tensor  # [M, NR] fp32 A P^T (T or G): loaded in T_MODE 1, stored with STORE_T, else a stand-in
+    c: torch.Tensor  # [M, N]: y or dx
+
+
+class FusedMode(NamedTuple):
+    """How the fused GEMM gets A P^T: accumulated in its K loop (t_mode 0, stored when store_t) or loaded (1);
+    out_drop: the loaded part is masked by dropout (backward dx)."""
+    t_mode: int
+    store_t: bool
+    out_drop: bool
+
+
+class FusedDR(NamedTuple):
+    """The backward G shrink's extra output, dr += dy^T (ts * s) in the same pass over dy (`_shrink_kernel`)."""
+    ts: torch.Tensor  # [M, NR] fp32: the forward's T
+    s: torch.Tensor  # [NR] fp32 scales
+    dr: torch.Tensor  # [out, NR] fp32, zeroed
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -161,9 +217,12 @@ def _check_dtypes(x2, **others):
             raise TypeError(f"{name}: expected dtype {x2.dtype} (the dtype of x), got {t.dtype}")
 
 
-def _launch_shrink(a, p, t, rows_stride_p, k_stride_p, dropout_p, bits, fused_dr=None):
-    """t[M, NR] (fp32) = drop(a) @ P^T where P[r, k] = p[r * rows_stride_p + k * k_stride_p]; drop from `bits`.
-    fused_dr = (ts [M, NR] fp32, s, dr [K, NR] fp32 zeroed): also dr += a^T (ts * s) in the same pass."""
+# ----------------------------------------------------------------------------------------------------------------
+# One launcher per kernel: configs, grid, strides.
+# ----------------------------------------------------------------------------------------------------------------
+def _launch_shrink(a, p: Mat, t, drop: Dropout, fused_dr: Optional[FusedDR] = None):
+    """t[M, NR] (fp32) = drop(a) @ P^T, P [NR, K]; the mask from drop.bits.
+    fused_dr: also dr += a^T (ts * s) in the same pass (see `FusedDR`)."""
     m, k = a.shape
     nr = t.shape[1]
     br = block_r(nr)
@@ -176,20 +235,20 @@ def _launch_shrink(a, p, t, rows_stride_p, k_stride_p, dropout_p, bits, fused_dr
         t.zero_()
     if k == 0:
         return
-    bits = _no_bits(a.device) if bits is None else bits
+    bits = _no_bits(a.device) if drop.bits is None else drop.bits
     ts, s, dr = fused_dr if fused_dr is not None else (t, t, t)  # unused without FUSED_DR
     _shrink_kernel[(m_tiles, split)](
-        a, p, t, bits, ts, s, dr, m, k, nr, k_per_split, 1.0 / (1.0 - dropout_p),
-        a.stride(0), a.stride(1), rows_stride_p, k_stride_p, t.stride(0), t.stride(1), bits.stride(0),
+        a, p.data, t, bits, ts, s, dr, m, k, nr, k_per_split, 1.0 / (1.0 - drop.p),
+        a.stride(0), a.stride(1), p.strides[0], p.strides[1], t.stride(0), t.stride(1), bits.stride(0),
         ts.stride(0), ts.stride(-1), dr.stride(0), dr.stride(-1),
-        HAS_DROP=dropout_p > 0.0, ATOMIC=split > 1, EVEN_K=k % bk == 0, FUSED_DR=fused_dr is not None,
+        HAS_DROP=drop.p > 0.0, ATOMIC=split > 1, EVEN_K=k % bk == 0, FUSED_DR=fused_dr is not None,
         BLOCK_R=br, UPCAST=INTERPRET,
         PRECISION=precision(a.dtype), BLOCK_M=bm, BLOCK_K=bk, num_warps=warps, num_stages=stages,
     )
 
 
-def _launch_reduce(a, g, s, c, c_strides, dropout_p, bits):
-    """c[N, NR] (fp32, strides c_strides) = drop(a)^T (g * s), a: [M, N], g: [M, NR] fp32; drop from `bits`."""
+def _launch_reduce(a, g, s, c: Mat, drop: Dropout):
+    """c[N, NR] (fp32) = drop(a)^T (g * s), a: [M, N], g: [M, NR] fp32; the mask from drop.bits."""
     m, n = a.shape
     nr = g.shape[1]
     br = block_r(nr)
@@ -201,31 +260,32 @@ def _launch_reduce(a, g, s, c, c_strides, dropout_p, bits):
     m_per_split = triton.cdiv(triton.cdiv(m, split), bm) * bm
     split = triton.cdiv(m, m_per_split)
     if split > 1:
-        c.zero_()
-    bits = _no_bits(a.device) if bits is None else bits
+        c.data.zero_()
+    bits = _no_bits(a.device) if drop.bits is None else drop.bits
     _reduce_m_kernel[(triton.cdiv(n, bn), split, triton.cdiv(nr, br))](
-        a, g, s, c, bits, m, n, nr, m_per_split, 1.0 / (1.0 - dropout_p),
-        a.stride(0), a.stride(1), g.stride(0), g.stride(1), c_strides[0], c_strides[1], bits.stride(0),
-        HAS_DROP=dropout_p > 0.0, ATOMIC=split > 1, BLOCK_R=br, UPCAST=INTERPRET,
+        a, g, s, c.data, bits, m, n, nr, m_per_split, 1.0 / (1.0 - drop.p),
+        a.stride(0), a.stride(1), g.stride(0), g.stride(1), c.strides[0], c.strides[1], bits.stride(0),
+        HAS_DROP=drop.p > 0.0, ATOMIC=split > 1, BLOCK_R=br, UPCAST=INTERPRET,
         PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
     )
 
 
-def _launch_fused(a, b_strides, b, p, p_strides, q, q_strides, s, bias, t, c, n, t_mode, store_t, out_drop,
-                  dropout_p, bits):
+def _launch_fused(ops: FusedOperands, mode: FusedMode, drop: Dropout):
+    a, c = ops.a, ops.c
     m, k = a.shape
-    nr = s.shape[0]
-    br = block_r(nr) if t_mode == 0 else min(T_CHUNK, block_r(nr))
+    n = c.shape[1]
+    nr = ops.s.shape[0]
+    br = block_r(nr) if mode.t_mode == 0 else min(T_CHUNK, block_r(nr))
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-    bits = _no_bits(a.device) if bits is None else bits
-    args = (a, b, p, q, s, bias if bias is not None else s, t, c, bits,
-            m, n, k, nr, _m_bucket(m), 1.0 / (1.0 - dropout_p),
-            a.stride(0), a.stride(1), b_strides[0], b_strides[1], p_strides[0], p_strides[1],
-            q_strides[0], q_strides[1], t.stride(0), t.stride(1), c.stride(0), c.stride(1), bits.stride(0))
-    meta = dict(HAS_BIAS=bias is not None, T_MODE=t_mode, STORE_T=store_t, OUT_DROP=out_drop,
+    bits = _no_bits(a.device) if drop.bits is None else drop.bits
+    args = (a, ops.b.data, ops.p.data, ops.q.data, ops.s, ops.bias if ops.bias is not None else ops.s, ops.t, c, bits,
+            m, n, k, nr, _m_bucket(m), 1.0 / (1.0 - drop.p),
+            a.stride(0), a.stride(1), *ops.b.strides, *ops.p.strides, *ops.q.strides,
+            ops.t.stride(0), ops.t.stride(1), c.stride(0), c.stride(1), bits.stride(0))
+    meta = dict(HAS_BIAS=ops.bias is not None, T_MODE=mode.t_mode, STORE_T=mode.store_t, OUT_DROP=mode.out_drop,
                 BLOCK_R=br, UPCAST=INTERPRET, PRECISION=precision(a.dtype))
     forced = _FORCE_CONFIG.get("fused")
     if forced is not None:
@@ -259,12 +319,10 @@ def _fwd(x2, weight, bias, lora_L, lora_R, scales, dropout_p, seed):
     s = scales.to(device=x2.device, dtype=torch.float32).contiguous()
     fuse = _fuse_t(nr, p)
     if not fuse:
-        # P[r, k] = L[r, k]
-        _launch_shrink(x2, lora_L, t, lora_L.stride(0), lora_L.stride(1), p, bits if p > 0.0 else None)
-    # B[k, n] = W[n, k]; Q[n, r] = R[n, r]
-    _launch_fused(x2, (weight.stride(1), weight.stride(0)), weight, lora_L, (lora_L.stride(0), lora_L.stride(1)),
-                  lora_R, (lora_R.stride(0), lora_R.stride(1)), s, bias, t, y, n,
-                  t_mode=0 if fuse else 1, store_t=fuse, out_drop=False, dropout_p=p, bits=None)
+        _launch_shrink(x2, Mat.of(lora_L), t, Dropout(p, bits if p > 0.0 else None))
+    # The GEMM's B [in, out] is W^T, P [n*r, in] is L, Q [out, n*r] is R; the mask is applied by the shrink.
+    _launch_fused(FusedOperands(x2, Mat.transposed(weight), Mat.of(lora_L), Mat.of(lora_R), s, bias, t, y),
+                  FusedMode(t_mode=0 if fuse else 1, store_t=fuse, out_drop=False), Dropout(p, None))
     return y, t, bits
 
 
@@ -319,7 +377,7 @@ def _bwd(dy2, x2, weight, lora_L, lora_R, scales, t, dropout_p, seed, needs_dx, 
     dx = dL = dR = None
     g = None
     # P[r, k'] = R^T[r, k'] = R[k', r] (the K of this GEMM runs over out)
-    r_as_p = (lora_R.stride(1), lora_R.stride(0))
+    r_as_p = Mat.transposed(lora_R)
     fuse = _fuse_t(nr, p)  # dropout needs the masked low-rank part first (T_MODE 1)
     # dR from the pass that reads dy for G, when there is such a pass (G is not accumulated in the dx GEMM).
     shrink_g = (needs_dx and not fuse) or (needs_dL and not needs_dx)
@@ -327,29 +385,32 @@ def _bwd(dy2, x2, weight, lora_L, lora_R, scales, t, dropout_p, seed, needs_dx, 
     if fused_dy and needs_dR and shrink_g and uses_fused_dy(nr, p, x2.dtype) \
             and not torch.are_deterministic_algorithms_enabled():
         dr32 = torch.zeros((n, nr), dtype=torch.float32, device=dev)
-        fused_dr = (t.to(torch.float32).contiguous(), s, dr32)  # T is fp32 already: no copy
+        fused_dr = FusedDR(t.to(torch.float32).contiguous(), s, dr32)  # T is fp32 already: no copy
     if needs_dx:
         dx = _alloc((m, k), x2.dtype, dev)
         if needs_dL or not fuse:
             g = _alloc((m, nr), torch.float32, dev)
         if not fuse:
-            _launch_shrink(dy2, lora_R, g, r_as_p[0], r_as_p[1], 0.0, None, fused_dr)
-        # B[k', n'] = W[k', n'] (k' over out, n' over in); Q[n', r] = L[r, n']
-        _launch_fused(dy2, (weight.stride(0), weight.stride(1)), weight, lora_R, r_as_p,
-                      lora_L, (lora_L.stride(1), lora_L.stride(0)), s, None, g if g is not None else s[None, :], dx, k,
-                      t_mode=0 if fuse else 1, store_t=fuse and needs_dL, out_drop=p > 0.0, dropout_p=p, bits=bits)
+            _launch_shrink(dy2, r_as_p, g, NO_DROPOUT, fused_dr)
+        # B[k', n'] = W[k', n'] (k' over out, n' over in); Q[n', r] = L[r, n']. Without a G to store (fused, no dL)
+        # the scales stand in for T's pointer, never read.
+        _launch_fused(FusedOperands(dy2, Mat.of(weight), r_as_p, Mat.transposed(lora_L), s, None,
+                                    g if g is not None else s[None, :], dx),
+                      FusedMode(t_mode=0 if fuse else 1, store_t=fuse and needs_dL, out_drop=p > 0.0),
+                      Dropout(p, bits))
     elif needs_dL:
         g = _alloc((m, nr), torch.float32, dev)
-        _launch_shrink(dy2, lora_R, g, r_as_p[0], r_as_p[1], 0.0, None, fused_dr)
+        _launch_shrink(dy2, r_as_p, g, NO_DROPOUT, fused_dr)
     if needs_dL:
         dl32 = _alloc((nr, k), torch.float32, dev)
-        _launch_reduce(x2, g, s, dl32, (dl32.stride(1), dl32.stride(0)), p, bits)
+        # dL^T [in, n*r] written through dL's transposed strides
+        _launch_reduce(x2, g, s, Mat.transposed(dl32), Dropout(p, bits))
         dL = dl32.to(lora_L.dtype)
     if needs_dR:
         if fused_dr is None:
             t32 = t.to(torch.float32).contiguous()
             dr32 = _alloc((n, nr), torch.float32, dev)
-            _launch_reduce(dy2, t32, s, dr32, (dr32.stride(0), dr32.stride(1)), 0.0, None)
+            _launch_reduce(dy2, t32, s, Mat.of(dr32), NO_DROPOUT)
         dR = dr32.to(lora_R.dtype)
     return dx, dL, dR
 
