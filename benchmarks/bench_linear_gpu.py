@@ -145,12 +145,9 @@ def check_case(layer, x, p, seed=1234):
         f32 = [None if v is None else v.float() for v in (x2, w, b, lo, ro)]
         ref = _reference(*f32, s.float(), dy.float(), mask, p)
         base = _reference(x2, w, b, lo, ro, s, dy, mask, p)  # plain PyTorch in bf16: the error budget
-        old, launch._FORCE_FUSE_T = launch._FORCE_FUSE_T, fuse
-        try:
+        with launch.force_configs(fuse_t=fuse):
             y, t, bits = fwd(x2, w, b, lo, ro, s, p, seed)
             dx, dl, dr = bwd(dy, x2, w, lo, ro, s, t, p, seed, True, True, True, bits)
-        finally:
-            launch._FORCE_FUSE_T = old
         for key, got in (("y", y), ("dx", dx), ("dL", dl), ("dR", dr)):
             try:
                 assert_close(f"{name} {key}", ref[key], got, base=base[key].float(),
@@ -176,11 +173,8 @@ def _fn(layer, params, x, dy, mode):
 def measure(layer, params, x, dy, mode, cuda_graph, force_fuse=None, rep=100):
     from muscle_kernels.ops.lowrank_linear import launch
 
-    old, launch._FORCE_FUSE_T = launch._FORCE_FUSE_T, force_fuse
-    try:
+    with launch.force_configs(fuse_t=force_fuse):
         return _measure(layer, params, x, dy, mode, cuda_graph, rep)
-    finally:
-        launch._FORCE_FUSE_T = old
 
 
 def _measure(layer, params, x, dy, mode, cuda_graph, rep):

@@ -30,8 +30,9 @@ _EPS = {torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7}
 
 
 @pytest.fixture(autouse=True)
-def _nan_outputs(monkeypatch):
-    monkeypatch.setattr(launch, "_FILL_NAN", True)  # an unwritten tile fails the comparison
+def _nan_outputs():
+    with launch.force_configs(fill_nan=True):  # an unwritten tile fails the comparison
+        yield
 
 
 def _cases(dtypes):
@@ -92,3 +93,16 @@ def _check_config(shape, dtype, cfg, nr, p):
     for name, r, bs, got in zip(("y", "dx", "dL", "dR"), ref, base, (y, dx, dl, dr)):
         assert got.dtype == dtype, f"{name}: dtype {got.dtype}"
         assert_close(f"{name} [{_tag(cfg)}]", r, got, base=bs.float(), atol=2 * _EPS[dtype] * r.abs().max().item())
+
+
+def test_force_configs_nests_and_restores():
+    """An argument left None keeps the enclosing block's override; leaving a block restores what was in force."""
+    cfg = configs.fused_configs(2, "tf32")[0]
+    with launch.force_configs(fused=cfg, split=3):  # inside the autouse fill_nan block
+        with launch.force_configs(fuse_t=False, split=1) as inner:
+            assert (inner.fill_nan, inner.fused, inner.fuse_t, inner.split) == (True, cfg, False, 1)
+        assert launch._forced() == launch.Overrides(fill_nan=True, fused=cfg, split=3)
+    assert launch._forced() == launch.Overrides(fill_nan=True)
+    with pytest.raises(RuntimeError), launch.force_configs(split=2):
+        raise RuntimeError("a failing launch")
+    assert launch._forced().split is None, "an exception must not leave an override behind"

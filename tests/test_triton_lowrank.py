@@ -1,9 +1,11 @@
 """The Triton kernels of the multi-scale low-rank linear op against the fp64 reference.
 
 Without a GPU they run under TRITON_INTERPRET=1 (set by conftest.py) on small shapes; with one, on CUDA tensors.
-Every output buffer is NaN-filled before the launch (launch._FILL_NAN) so an unwritten tile fails.
+Every output buffer is NaN-filled before the launch (launch.force_configs(fill_nan=True)) so an unwritten tile fails.
 """
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 import pytest
@@ -36,15 +38,16 @@ _GPU_TEST_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "
 
 
 @pytest.fixture(autouse=True)
-def _nan_outputs(monkeypatch):
-    monkeypatch.setattr(launch, "_FILL_NAN", True)
-    monkeypatch.setattr(launch, "_FORCE_FUSE_T", None)
-    monkeypatch.setattr(launch, "_FORCE_SPLIT", None)
-    if ON_GPU:
-        with launch.force_configs(fused=_GPU_TEST_CONFIG):
-            yield
-    else:
+def _nan_outputs():
+    with launch.force_configs(fill_nan=True, fused=_GPU_TEST_CONFIG if ON_GPU else None):
         yield
+
+
+@pytest.fixture
+def forced():
+    """forced(**overrides): launch.force_configs for the rest of the test, inside _nan_outputs' block."""
+    with contextlib.ExitStack() as stack:
+        yield lambda **overrides: stack.enter_context(launch.force_configs(**overrides))
 
 
 def _problem(m, k, n, nr, bias, seed=0):
@@ -133,9 +136,8 @@ def test_launchers_match_reference(dtype, m, k, n, nr, bias):
 
 @pytest.mark.parametrize("fuse,split", [(True, 1), (False, 3)], ids=["T-in-loop", "shrink+split-reductions"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_both_launch_modes(monkeypatch, fuse, split, dtype):
-    monkeypatch.setattr(launch, "_FORCE_FUSE_T", fuse)
-    monkeypatch.setattr(launch, "_FORCE_SPLIT", split)
+def test_both_launch_modes(forced, fuse, split, dtype):
+    forced(fuse_t=fuse, split=split)
     _check_all(dtype, *_problem(130, 130, 72, 16, True, seed=1))
 
 
@@ -148,8 +150,8 @@ def test_large_rank(nr):
 # K = 96 is a multiple of BLOCK_K (the EVEN_K variant); fp32 at K = 96 runs in test_k_a_multiple_of_block_k.
 @pytest.mark.parametrize("dtype,k", [(torch.float32, 72), (torch.float16, 72), (torch.bfloat16, 72),
                                      (torch.bfloat16, 96)], ids=["fp32-k72", "fp16-k72", "bf16-k72", "bf16-k96"])
-def test_dropout_matches_reference_with_the_kernel_mask(monkeypatch, dtype, k, split):
-    monkeypatch.setattr(launch, "_FORCE_SPLIT", split)
+def test_dropout_matches_reference_with_the_kernel_mask(forced, dtype, k, split):
+    forced(split=split)
     x, w, b, lo, ro, s, dy = _problem(130, k, 48, 16, True, seed=3)
     # fp16/bf16 have no same-dtype PyTorch baseline with this mask: compare with dtype tolerances instead.
     mask = launch.dropout_mask_triton(x.shape, 0.25, 99, DEVICE).cpu()
@@ -254,8 +256,8 @@ def test_empty_batch():
 @pytest.mark.parametrize("needs", [(True, True, True), (False, True, True), (True, False, True)],
                          ids=["all", "dL+dR", "dx+dR"])
 @pytest.mark.parametrize("nr,p", [(40, 0.0), (64, 0.0), (16, 0.2)], ids=["nr40", "nr64", "dropout"])
-def test_fused_dy_computes_dr_in_the_g_pass(monkeypatch, nr, p, needs, split):
-    monkeypatch.setattr(launch, "_FORCE_SPLIT", split)
+def test_fused_dy_computes_dr_in_the_g_pass(monkeypatch, forced, nr, p, needs, split):
+    forced(split=split)
     assert launch.uses_fused_dy(nr, p, torch.bfloat16) and launch.uses_fused_dy(nr, p, torch.float32)
     calls = []
     real = launch._launch_reduce

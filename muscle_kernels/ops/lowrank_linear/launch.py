@@ -23,10 +23,14 @@ configs in configs.py):
 fp32 inputs use TF32 in tl.dot only when torch allows TF32 for matmuls (`torch.backends.cuda.matmul.fp32_precision`,
 or the legacy `allow_tf32` where the new API is unset or missing), IEEE otherwise. Every launch runs under a device
 guard for the inputs' device, so tensors on `cuda:1` launch on `cuda:1` whatever the current device is.
+
+Tests force configs, launch modes, split counts and NaN-filled outputs through `force_configs` (one
+`Overrides` object, restored when the block ends).
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -40,21 +44,55 @@ from .kernels import _dropout_bits_kernel, _reduce_m_kernel, _shrink_kernel, fus
 
 __all__ = [
     "lowrank_linear_fwd_triton", "lowrank_linear_bwd_triton", "lowrank_linear_bwd_triton_fused_dy", "uses_fused_dy",
-    "dropout_mask_triton", "unpack_bits", "force_configs", "Mat", "Dropout", "FusedOperands", "FusedMode", "FusedDR",
+    "dropout_mask_triton", "unpack_bits", "force_configs", "Overrides", "Mat", "Dropout", "FusedOperands",
+    "FusedMode", "FusedDR",
 ]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-# Tests set this to fill every output with NaN before the launch, so that a tile a kernel forgot to write fails.
-_FILL_NAN = False
-# Tests set these to exercise both launch modes and the split (atomic) reductions on small shapes.
-_FORCE_FUSE_T: Optional[bool] = None
-_FORCE_SPLIT: Optional[int] = None
-# Tests set this to run one given config instead of autotuning (see force_configs): {"fused": triton.Config,
-# "shrink": (BLOCK_M, BLOCK_K, warps, stages), "reduce": (BLOCK_M, BLOCK_N, BLOCK_R, warps, stages)}; a missing key
-# keeps the default. It bypasses the autotuner (whose cache would otherwise keep the first config it picked).
-_FORCE_CONFIG: dict = {}
+# ----------------------------------------------------------------------------------------------------------------
+# Test overrides.
+# ----------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Overrides:
+    """What a test (or the benchmark) may force on the launchers; the defaults force nothing.
+
+    fill_nan: fill every output with NaN (the packed mask with all bits set) before the launch, so that a tile a
+        kernel forgot to write fails.
+    fuse_t: T_MODE 0 (True) or 1 (False) where the plan allows both (no dropout, padded n*r <= FUSE_T_MAX_R), to
+        exercise both launch modes on small shapes.
+    split: how many slices the split (atomic) reductions take, instead of enough to fill the GPU.
+    fused: a triton.Config for the fused GEMM, run instead of autotuning (whose cache would otherwise keep the first
+        config it picked); shrink: (BLOCK_M, BLOCK_K, warps, stages); reduce: (BLOCK_M, BLOCK_N, BLOCK_R, warps,
+        stages) (configs.py).
+    """
+    fill_nan: bool = False
+    fuse_t: Optional[bool] = None
+    split: Optional[int] = None
+    fused: Optional[triton.Config] = None
+    shrink: Optional[tuple] = None
+    reduce: Optional[tuple] = None
+
+
+# The innermost force_configs block's overrides last; only force_configs pushes and pops.
+_OVERRIDES = [Overrides()]
+
+
+def _forced() -> Overrides:
+    return _OVERRIDES[-1]
+
+
+@contextlib.contextmanager
+def force_configs(fused=None, shrink=None, reduce=None, *, fuse_t=None, split=None, fill_nan=None):
+    """Run every launch inside the block with these overrides (see `Overrides`); an argument left None keeps the
+    enclosing block's value (outside any block: the default, nothing forced). Yields the overrides in force."""
+    given = dict(fused=fused, shrink=shrink, reduce=reduce, fuse_t=fuse_t, split=split, fill_nan=fill_nan)
+    _OVERRIDES.append(dataclasses.replace(_forced(), **{k: v for k, v in given.items() if v is not None}))
+    try:
+        yield _forced()
+    finally:
+        _OVERRIDES.pop()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -116,22 +154,10 @@ class FusedDR(NamedTuple):
 # Helpers.
 # ----------------------------------------------------------------------------------------------------------------
 def _alloc(shape, dtype, device):
-    if _FILL_NAN:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    if _forced().fill_nan:
+        # Integers have no NaN: all bits set instead (a mask word the kernel forgot to write keeps all 32 elements).
+        return torch.full(shape, float("nan") if dtype.is_floating_point else -1, dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
-
-
-@contextlib.contextmanager
-def force_configs(fused=None, shrink=None, reduce=None):
-    """Run every launch inside the block with the given configs (None: the default for that kernel)."""
-    old = dict(_FORCE_CONFIG)
-    _FORCE_CONFIG.clear()
-    _FORCE_CONFIG.update({k: v for k, v in (("fused", fused), ("shrink", shrink), ("reduce", reduce)) if v})
-    try:
-        yield
-    finally:
-        _FORCE_CONFIG.clear()
-        _FORCE_CONFIG.update(old)
 
 
 def _device_guard(device: torch.device):
@@ -153,8 +179,9 @@ def _num_sms(device: torch.device) -> int:
 
 def _splits(tiles: int, length: int, block: int, device: torch.device) -> int:
     """How many slices of a reduction of `length` so that tiles * slices fills the GPU about twice."""
-    if _FORCE_SPLIT is not None:
-        return max(1, min(_FORCE_SPLIT, triton.cdiv(length, block)))
+    forced = _forced().split
+    if forced is not None:
+        return max(1, min(forced, triton.cdiv(length, block)))
     if torch.are_deterministic_algorithms_enabled():
         return 1
     want = triton.cdiv(2 * _num_sms(device), max(tiles, 1))
@@ -166,7 +193,8 @@ def _fuse_t(nr: int, dropout_p: float) -> bool:
     # Dropout needs T_MODE 1 (see kernels.py); a wider in-loop T would need configs the sm_90 report has not seen.
     if dropout_p > 0.0 or block_r(nr) > FUSE_T_MAX_R:
         return False
-    return True if _FORCE_FUSE_T is None else _FORCE_FUSE_T
+    forced = _forced().fuse_t
+    return True if forced is None else forced
 
 
 def _no_bits(device):
@@ -191,8 +219,7 @@ def _dropout_bits(m: int, k: int, p: float, seed, device) -> torch.Tensor:
     """The packed keep-mask [m, cdiv(k, 32)] int32 of an [m, k] input (kernels.py: `_dropout_bits_kernel`);
     seed: an int or a one-element integer tensor (read on the device, see `_seed_args`)."""
     w = triton.cdiv(k, 32)
-    bits = _alloc((m, w), torch.int32, device) if not _FILL_NAN else torch.full((m, w), -1, dtype=torch.int32,
-                                                                                    device=device)
+    bits = _alloc((m, w), torch.int32, device)
     if m and w:
         bm, bw, warps = bits_config()
         seed_i, seed_ptr, from_ptr = _seed_args(seed, device)
@@ -226,7 +253,7 @@ def _launch_shrink(a, p: Mat, t, drop: Dropout, fused_dr: Optional[FusedDR] = No
     m, k = a.shape
     nr = t.shape[1]
     br = block_r(nr)
-    bm, bk, warps, stages = _FORCE_CONFIG.get("shrink") or shrink_config(br, a.element_size())
+    bm, bk, warps, stages = _forced().shrink or shrink_config(br, a.element_size())
     m_tiles = triton.cdiv(m, bm)
     split = _splits(m_tiles, k, bk, a.device)
     k_per_split = triton.cdiv(triton.cdiv(k, split), bk) * bk
@@ -253,7 +280,7 @@ def _launch_reduce(a, g, s, c: Mat, drop: Dropout):
     nr = g.shape[1]
     br = block_r(nr)
     prec = precision(a.dtype)
-    bm, bn, br, warps, stages = _FORCE_CONFIG.get("reduce") or reduce_config(br, a.element_size(), prec)
+    bm, bn, br, warps, stages = _forced().reduce or reduce_config(br, a.element_size(), prec)
     br = min(br, block_r(nr))
     n_tiles = triton.cdiv(n, bn) * triton.cdiv(nr, br)
     split = _splits(n_tiles, m, bm, a.device)
@@ -287,7 +314,7 @@ def _launch_fused(ops: FusedOperands, mode: FusedMode, drop: Dropout):
             ops.t.stride(0), ops.t.stride(1), c.stride(0), c.stride(1), bits.stride(0))
     meta = dict(HAS_BIAS=ops.bias is not None, T_MODE=mode.t_mode, STORE_T=mode.store_t, OUT_DROP=mode.out_drop,
                 BLOCK_R=br, UPCAST=INTERPRET, PRECISION=precision(a.dtype))
-    forced = _FORCE_CONFIG.get("fused")
+    forced = _forced().fused
     if forced is not None:
         fused_even[grid(forced.kwargs)](*args, **meta, **forced.kwargs, num_warps=forced.num_warps,
                                         num_stages=forced.num_stages)
