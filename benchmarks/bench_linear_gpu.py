@@ -120,7 +120,7 @@ def check_case(layer, x, p, seed=1234):
     """Check each fast path's y, dx, dL, dR on the layer's own tensors; returns a list of failure messages."""
     from tests.utils import assert_close
 
-    from muscle_kernels.ops.lowrank_linear import cpu, triton_ops
+    from muscle_kernels.ops.lowrank_linear import configs, cpu, launch
 
     w, b, lo, ro, s = layer.weight.detach(), layer.bias, layer.lora_L.detach(), layer.lora_R.detach(), layer.scales
     b = None if b is None else b.detach()
@@ -129,30 +129,25 @@ def check_case(layer, x, p, seed=1234):
     gen = torch.Generator(device=dev).manual_seed(seed)
     dy = torch.randn(x2.shape[0], w.shape[0], device=dev, generator=gen).to(dtype)
     masks = {"torch": lambda: cpu.dropout_mask_torch(x2.shape, p, seed, dev),
-             "triton": lambda: triton_ops.dropout_mask_triton(x2.shape, p, seed, dev)}
+             "triton": lambda: launch.dropout_mask_triton(x2.shape, p, seed, dev)}
     paths = [("cublas", cpu.lowrank_linear_fwd_torch, cpu.lowrank_linear_bwd_torch, "torch", None),
-             ("triton", triton_ops.lowrank_linear_fwd_triton, triton_ops.lowrank_linear_bwd_triton, "triton", None),
-             ("shrink", triton_ops.lowrank_linear_fwd_triton, triton_ops.lowrank_linear_bwd_triton, "triton", False),
+             ("triton", launch.lowrank_linear_fwd_triton, launch.lowrank_linear_bwd_triton, "triton", None),
+             ("shrink", launch.lowrank_linear_fwd_triton, launch.lowrank_linear_bwd_triton, "triton", False),
              # dR in the backward's G pass (auto's third candidate; its time is in the printed auto choices)
-             ("triton-fdy", triton_ops.lowrank_linear_fwd_triton, triton_ops.lowrank_linear_bwd_triton_fused_dy,
+             ("triton-fdy", launch.lowrank_linear_fwd_triton, launch.lowrank_linear_bwd_triton_fused_dy,
               "triton", None)]
     bad = []
     eps = {torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7, torch.float32: 2 ** -20}[dtype]
-    from muscle_kernels.ops.lowrank_linear.triton_ops import tf32_allowed
-
-    if tf32_allowed():
+    if configs.tf32_allowed():
         print("warning: TF32 is on for fp32 matmuls: the fp32 reference is only TF32-accurate", file=sys.stderr)
     for name, fwd, bwd, mask_kind, fuse in paths:
         mask = masks[mask_kind]() if p > 0 else None
         f32 = [None if v is None else v.float() for v in (x2, w, b, lo, ro)]
         ref = _reference(*f32, s.float(), dy.float(), mask, p)
         base = _reference(x2, w, b, lo, ro, s, dy, mask, p)  # plain PyTorch in bf16: the error budget
-        old, triton_ops._FORCE_FUSE_T = triton_ops._FORCE_FUSE_T, fuse
-        try:
+        with launch.force_configs(fuse_t=fuse):
             y, t, bits = fwd(x2, w, b, lo, ro, s, p, seed)
             dx, dl, dr = bwd(dy, x2, w, lo, ro, s, t, p, seed, True, True, True, bits)
-        finally:
-            triton_ops._FORCE_FUSE_T = old
         for key, got in (("y", y), ("dx", dx), ("dL", dl), ("dR", dr)):
             try:
                 assert_close(f"{name} {key}", ref[key], got, base=base[key].float(),
@@ -176,13 +171,10 @@ def _fn(layer, params, x, dy, mode):
 
 
 def measure(layer, params, x, dy, mode, cuda_graph, force_fuse=None, rep=100):
-    from muscle_kernels.ops.lowrank_linear import triton_ops
+    from muscle_kernels.ops.lowrank_linear import launch
 
-    old, triton_ops._FORCE_FUSE_T = triton_ops._FORCE_FUSE_T, force_fuse
-    try:
+    with launch.force_configs(fuse_t=force_fuse):
         return _measure(layer, params, x, dy, mode, cuda_graph, rep)
-    finally:
-        triton_ops._FORCE_FUSE_T = old
 
 
 def _measure(layer, params, x, dy, mode, cuda_graph, rep):
@@ -286,9 +278,9 @@ def run(case_list, out_csv: Path, cuda_graph: bool, device, budget_s=None, rep=1
 def mask_cost(tokens, in_f, p, device, rep):
     """One line: the time of the dropout-mask kernel alone (the forward's one Philox pass), to tell it apart from the
     rest of dropout's cost."""
-    from muscle_kernels.ops.lowrank_linear import triton_ops
+    from muscle_kernels.ops.lowrank_linear import launch
 
-    fn = lambda: triton_ops._dropout_bits(tokens, in_f, p, 1234, device)  # noqa: E731
+    fn = lambda: launch._dropout_bits(tokens, in_f, p, 1234, device)  # noqa: E731
     fn()
     if device.type != "cuda":
         return f"mask {tokens}x{in_f}: (dry run, not timed)"
@@ -312,9 +304,9 @@ def print_auto_choices(shown: set):
 def print_autotune_choices():
     """The tile autotune kept per key of the fused GEMM: shows whether a candidate (e.g. 128x256 with 4 stages) ever
     wins. Keys are (m_bucket, N, K, NR, T_MODE, OUT_DROP, stride_bk, PRECISION, dtypes...)."""
-    from muscle_kernels.ops.lowrank_linear import triton_ops
+    from muscle_kernels.ops.lowrank_linear import kernels
 
-    cache = getattr(getattr(triton_ops, "_fused_tuned", None), "cache", None) or {}
+    cache = getattr(getattr(kernels, "fused_tuned", None), "cache", None) or {}
     for key, cfg in cache.items():
         kw = cfg.kwargs
         print(f"autotune {key[:8]} -> {kw.get('BLOCK_M')}x{kw.get('BLOCK_N')}x{kw.get('BLOCK_K')} "

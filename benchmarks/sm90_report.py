@@ -45,7 +45,7 @@ def _precision(dtype: str) -> str:
 
 def _jobs(subset: bool):
     """Every (kernel, variant, dtype, constexprs, unit strides, warps, stages) that the launchers can ship."""
-    from muscle_kernels.ops.lowrank_linear import triton_ops as ops
+    from muscle_kernels.ops.lowrank_linear import configs
 
     jobs = []
     for dtype in DTYPES:
@@ -55,39 +55,39 @@ def _jobs(subset: bool):
         dx_unit = ("stride_ak", "stride_bn", "stride_pr", "stride_qn", "stride_tr", "stride_cn")
         variants = [
             ("fwd T-in-loop", fwd_unit, dict(HAS_BIAS=True, T_MODE=0, STORE_T=True, OUT_DROP=False,
-                                             BLOCK_R=ops.FUSE_T_MAX_R)),
+                                             BLOCK_R=configs.FUSE_T_MAX_R)),
             ("fwd T-loaded", fwd_unit, dict(HAS_BIAS=True, T_MODE=1, STORE_T=False, OUT_DROP=False,
-                                            BLOCK_R=ops.T_CHUNK)),
+                                            BLOCK_R=configs.T_CHUNK)),
             ("dx G-in-loop", dx_unit, dict(HAS_BIAS=False, T_MODE=0, STORE_T=True, OUT_DROP=False,
-                                           BLOCK_R=ops.FUSE_T_MAX_R)),
+                                           BLOCK_R=configs.FUSE_T_MAX_R)),
             ("dx G-loaded+drop", dx_unit, dict(HAS_BIAS=False, T_MODE=1, STORE_T=False, OUT_DROP=True,
-                                               BLOCK_R=ops.T_CHUNK)),
+                                               BLOCK_R=configs.T_CHUNK)),
         ]
         for name, unit, ce in variants:
-            cfgs = ops.fused_configs(elt, prec, ce["BLOCK_R"] if ce["T_MODE"] == 0 else 0)
+            cfgs = configs.fused_configs(elt, prec, ce["BLOCK_R"] if ce["T_MODE"] == 0 else 0)
             for c in cfgs[:1] if subset else cfgs:
                 # EVEN_K: LLM layers' K is a multiple of BLOCK_K (the masked loop compiles to the same tiles).
                 meta = dict(ce, UPCAST=False, PRECISION=prec, EVEN_K=True, **c.kwargs)
                 jobs.append(("fused", name, dtype, meta, unit, c.num_warps, c.num_stages))
         brs = (256,) if subset else (16, 64, 256)
         for br in brs:
-            bm, bk, w, st = ops.shrink_config(br, elt)
+            bm, bk, w, st = configs.shrink_config(br, elt)
             meta = dict(HAS_DROP=True, ATOMIC=True, EVEN_K=True, FUSED_DR=False, BLOCK_R=br, UPCAST=False,
                         PRECISION=prec, BLOCK_M=bm, BLOCK_K=bk)
             jobs.append(("shrink", "drop+split", dtype, meta, ("stride_ak", "stride_tr"), w, st))
             # The backward G pass with dR fused in (auto's "triton-fdy"); the subset takes its widest n*r.
-            fdy_br = ops.fused_dy_max_r(prec)
+            fdy_br = configs.fused_dy_max_r(prec)
             if br <= fdy_br or subset:
-                bm, bk, w, st = ops.shrink_config(min(br, fdy_br), elt)
+                bm, bk, w, st = configs.shrink_config(min(br, fdy_br), elt)
                 meta = dict(meta, HAS_DROP=False, FUSED_DR=True, BLOCK_R=min(br, fdy_br), BLOCK_M=bm, BLOCK_K=bk)
                 jobs.append(("shrink", "G+dR fused", dtype, meta,
                              ("stride_ak", "stride_pr", "stride_tr", "stride_tsr", "stride_drr"), w, st))
-            bm, bn, bc, w, st = ops.reduce_config(br, elt, prec)
+            bm, bn, bc, w, st = configs.reduce_config(br, elt, prec)
             meta = dict(HAS_DROP=False, ATOMIC=True, BLOCK_R=bc, UPCAST=False, PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn)
             jobs.append(("reduce", "dR split", dtype, meta, ("stride_an", "stride_gr", "stride_cr"), w, st))
             meta = dict(meta, HAS_DROP=True)
             jobs.append(("reduce", "dL drop+split", dtype, meta, ("stride_an", "stride_gr", "stride_cn"), w, st))
-    bm, bw, w = ops.BITS_CONFIG
+    bm, bw, w = configs.BITS_CONFIG
     jobs.append(("bits", "dropout mask", "bf16", dict(SEED_FROM_PTR=False, BLOCK_M=bm, BLOCK_W=bw), (), w, 1))
     # The seed read from a device tensor (function.py's graph-safe draw)
     jobs.append(("bits", "dropout mask, seed on device", "bf16", dict(SEED_FROM_PTR=True, BLOCK_M=bm, BLOCK_W=bw), (),
@@ -96,10 +96,10 @@ def _jobs(subset: bool):
 
 
 def _kernel(name):
-    from muscle_kernels.ops.lowrank_linear import triton_bwd, triton_fwd
+    from muscle_kernels.ops.lowrank_linear import kernels
 
-    return {"fused": triton_fwd._fused_lowrank_mm_kernel, "shrink": triton_fwd._shrink_kernel,
-            "reduce": triton_bwd._reduce_m_kernel, "bits": triton_fwd._dropout_bits_kernel}[name]
+    return {"fused": kernels._fused_lowrank_mm_kernel, "shrink": kernels._shrink_kernel,
+            "reduce": kernels._reduce_m_kernel, "bits": kernels._dropout_bits_kernel}[name]
 
 
 def _ptxas():

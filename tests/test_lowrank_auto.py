@@ -155,16 +155,16 @@ def test_fused_dy_races_where_the_backward_has_a_g_pass(monkeypatch, nr, p, race
     if p > 0:
         torch.manual_seed(3)
         seed = int(torch.randint(0, 2**31 - 1, (1,), device=x.device).item())  # the Triton path's draw
-        mask = triton_ops_module().dropout_mask_triton(x.shape, p, seed, x.device)
+        mask = triton_launch().dropout_mask_triton(x.shape, p, seed, x.device)
     ref = _reference(x.detach(), w, b, lo.detach(), ro.detach(), s, dy, mask, p)
     for name, got in (("y", y), ("dx", x.grad), ("dL", lo.grad), ("dR", ro.grad)):
         assert_close(name, ref[name], got)
 
 
-def triton_ops_module():
-    from muscle_kernels.ops.lowrank_linear import triton_ops
+def triton_launch():
+    from muscle_kernels.ops.lowrank_linear import launch
 
-    return triton_ops
+    return launch
 
 
 # ------------------------------------------------------------------------------------------------------------------

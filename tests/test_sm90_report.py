@@ -97,8 +97,8 @@ SPECIALISATION = """
 import json, torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.runtime.jit import create_function_from_signature
-from muscle_kernels.ops.lowrank_linear import triton_fwd
-k = triton_fwd._dropout_bits_kernel
+from muscle_kernels.ops.lowrank_linear import kernels
+k = kernels._dropout_bits_kernel
 i = k.arg_names.index("seed")
 # The binder Triton builds for launches: its specialisation list is (part of) the compile-cache key.
 binder = create_function_from_signature(k.signature, k.params, triton.compiler.make_backend(GPUTarget("cuda", 90, 32)))

@@ -5,7 +5,7 @@ Autotune picks the big tiles (128x256, 128x128) at LLM shapes, so each of them m
   64 (T from the shrink kernel), and the dropout-epilogue configs with p = 0.1 (shipped shrink/reduce configs too);
 - without a GPU, under the Triton interpreter: the same configs at tiny odd sizes (M = 130, K = 80, N = 264, so every
   tile has a ragged edge and the K loop a remainder), bf16, so the big-tile code paths are checked for logic in CI.
-Each config is forced through `triton_ops.force_configs`, which bypasses the autotuner.
+Each config is forced through `launch.force_configs`, which bypasses the autotuner.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ if "triton" not in available_backends(DEVICE):
     pytest.skip("the triton backend is not usable here (no Triton, or no CUDA and no interpreter)",
                 allow_module_level=True)
 
-from muscle_kernels.ops.lowrank_linear import triton_ops  # noqa: E402
+from muscle_kernels.ops.lowrank_linear import configs, launch  # noqa: E402
 
 ON_GPU = DEVICE.type == "cuda"
 GPU_SHAPE = (4113, 4096, 4096)  # M, K (in), N (out)
@@ -30,15 +30,16 @@ _EPS = {torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7}
 
 
 @pytest.fixture(autouse=True)
-def _nan_outputs(monkeypatch):
-    monkeypatch.setattr(triton_ops, "_FILL_NAN", True)  # an unwritten tile fails the comparison
+def _nan_outputs():
+    with launch.force_configs(fill_nan=True):  # an unwritten tile fails the comparison
+        yield
 
 
 def _cases(dtypes):
     out = []
     for dtype in dtypes:
         name = str(dtype).replace("torch.", "")
-        for i, cfg in enumerate(triton_ops.fused_configs(2, "tf32")):
+        for i, cfg in enumerate(configs.fused_configs(2, "tf32")):
             for nr in (16, 64):
                 out.append(pytest.param(dtype, cfg, nr, 0.0, id=f"{name}-{i}-{_tag(cfg)}-nr{nr}"))
             # The dropout epilogue (dx) with the mask saved by the forward.
@@ -77,18 +78,31 @@ def _check_config(shape, dtype, cfg, nr, p):
     x, w, b = rnd(M, K), rnd(N, K, scale=K ** -0.5), rnd(N)
     lo, ro, dy = rnd(nr, K, scale=K ** -0.5), rnd(N, nr, scale=nr ** -0.5), rnd(M, N)
     s = torch.rand(nr, device=DEVICE, generator=gen) * 2 + 0.25
-    br = triton_ops.block_r(nr)
-    shrink = triton_ops.shrink_config(br, 2, interpret=False)
-    reduce = triton_ops.reduce_config(br, 2, "tf32", interpret=False)
+    br = configs.block_r(nr)
+    shrink = configs.shrink_config(br, 2, interpret=False)
+    reduce = configs.reduce_config(br, 2, "tf32", interpret=False)
     seed = 4321
-    with triton_ops.force_configs(fused=cfg, shrink=shrink, reduce=reduce):
-        y, t, bits = triton_ops.lowrank_linear_fwd_triton(x, w, b, lo, ro, s, p, seed)
-        dx, dl, dr = triton_ops.lowrank_linear_bwd_triton(dy, x, w, lo, ro, s, t, p, seed, True, True, True,
-                                                          bits=bits)
-    mask = triton_ops.dropout_mask_triton(x.shape, p, seed, DEVICE) if p > 0 else None
+    with launch.force_configs(fused=cfg, shrink=shrink, reduce=reduce):
+        y, t, bits = launch.lowrank_linear_fwd_triton(x, w, b, lo, ro, s, p, seed)
+        dx, dl, dr = launch.lowrank_linear_bwd_triton(dy, x, w, lo, ro, s, t, p, seed, True, True, True,
+                                                      bits=bits)
+    mask = launch.dropout_mask_triton(x.shape, p, seed, DEVICE) if p > 0 else None
     f32 = [v.float() for v in (x, w, b, lo, ro, dy)]
     ref = _reference(*f32[:5], s, f32[5], mask, p)
     base = _reference(x, w, b, lo, ro, s, dy, mask, p)  # plain PyTorch in the same dtype: the error budget
     for name, r, bs, got in zip(("y", "dx", "dL", "dR"), ref, base, (y, dx, dl, dr)):
         assert got.dtype == dtype, f"{name}: dtype {got.dtype}"
         assert_close(f"{name} [{_tag(cfg)}]", r, got, base=bs.float(), atol=2 * _EPS[dtype] * r.abs().max().item())
+
+
+def test_force_configs_nests_and_restores():
+    """An argument left None keeps the enclosing block's override; leaving a block restores what was in force."""
+    cfg = configs.fused_configs(2, "tf32")[0]
+    with launch.force_configs(fused=cfg, split=3):  # inside the autouse fill_nan block
+        with launch.force_configs(fuse_t=False, split=1) as inner:
+            assert (inner.fill_nan, inner.fused, inner.fuse_t, inner.split) == (True, cfg, False, 1)
+        assert launch._forced() == launch.Overrides(fill_nan=True, fused=cfg, split=3)
+    assert launch._forced() == launch.Overrides(fill_nan=True)
+    with pytest.raises(RuntimeError), launch.force_configs(split=2):
+        raise RuntimeError("a failing launch")
+    assert launch._forced().split is None, "an exception must not leave an override behind"

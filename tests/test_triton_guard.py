@@ -14,7 +14,7 @@ if "triton" not in available_backends(DEVICE):
     pytest.skip("the triton backend is not usable here (no Triton, or no CUDA and no interpreter)",
                 allow_module_level=True)
 
-from muscle_kernels.ops.lowrank_linear import muscle_lora_linear, triton_ops  # noqa: E402
+from muscle_kernels.ops.lowrank_linear import configs, launch, muscle_lora_linear  # noqa: E402
 
 
 def _problem(device, m=9, k=24, n=20, nr=4, dtype=torch.float32):
@@ -34,10 +34,10 @@ def test_guard_uses_torch_cuda_device_for_cuda_tensors(monkeypatch):
         yield
 
     monkeypatch.setattr(torch.cuda, "device", fake_device)
-    with triton_ops._device_guard(torch.device("cuda", 1)):
+    with launch._device_guard(torch.device("cuda", 1)):
         pass
     assert entered == [torch.device("cuda", 1)], f"guard entered {entered}, expected cuda:1"
-    with triton_ops._device_guard(torch.device("cpu")):
+    with launch._device_guard(torch.device("cpu")):
         pass
     assert len(entered) == 1, "a CPU tensor must not touch torch.cuda.device"
 
@@ -45,7 +45,7 @@ def test_guard_uses_torch_cuda_device_for_cuda_tensors(monkeypatch):
 def test_guard_is_taken_from_the_tensors_device(monkeypatch):
     """Every public launcher launches inside a guard built from its input's device (recorded by a fake guard)."""
     seen, inside = [], {"depth": 0}
-    real_guard = triton_ops._device_guard
+    real_guard = launch._device_guard
 
     @contextlib.contextmanager
     def recording_guard(dev):
@@ -56,19 +56,19 @@ def test_guard_is_taken_from_the_tensors_device(monkeypatch):
         inside["depth"] -= 1
 
     launched_outside = []
-    real_fused = triton_ops._launch_fused
+    real_fused = launch._launch_fused
 
     def checked_launch(*args, **kwargs):
         if inside["depth"] == 0:
             launched_outside.append("fused")
         return real_fused(*args, **kwargs)
 
-    monkeypatch.setattr(triton_ops, "_device_guard", recording_guard)
-    monkeypatch.setattr(triton_ops, "_launch_fused", checked_launch)
+    monkeypatch.setattr(launch, "_device_guard", recording_guard)
+    monkeypatch.setattr(launch, "_launch_fused", checked_launch)
     x, w, b, lo, ro, s, dy = _problem(DEVICE)
-    y, t, _ = triton_ops.lowrank_linear_fwd_triton(x, w, b, lo, ro, s, 0.0, 0)
-    triton_ops.lowrank_linear_bwd_triton(dy, x, w, lo, ro, s, t, 0.0, 0, True, True, True)
-    triton_ops.dropout_mask_triton((4, 8), 0.5, 1, DEVICE)
+    y, t, _ = launch.lowrank_linear_fwd_triton(x, w, b, lo, ro, s, 0.0, 0)
+    launch.lowrank_linear_bwd_triton(dy, x, w, lo, ro, s, t, 0.0, 0, True, True, True)
+    launch.dropout_mask_triton((4, 8), 0.5, 1, DEVICE)
     assert seen == [x.device] * 3, f"guards entered for {seen}, expected x's device three times"
     assert not launched_outside, "a kernel was launched outside the device guard"
 
@@ -85,7 +85,7 @@ def test_tf32_read_through_the_new_api(monkeypatch, new_api, legacy, expected):
     if new_api is not None:
         fake.fp32_precision = new_api
     monkeypatch.setattr(torch.backends.cuda, "matmul", fake)
-    assert triton_ops.tf32_allowed() is expected
+    assert configs.tf32_allowed() is expected
 
 
 def test_tf32_mixed_apis_do_not_raise(monkeypatch):
@@ -97,7 +97,7 @@ def test_tf32_mixed_apis_do_not_raise(monkeypatch):
             raise RuntimeError("you have used mix of the legacy and new APIs")
 
     monkeypatch.setattr(torch.backends.cuda, "matmul", Refusing())
-    assert triton_ops.tf32_allowed() is False
+    assert configs.tf32_allowed() is False
 
 
 @pytest.mark.gpu

@@ -1,9 +1,11 @@
 """The Triton kernels of the multi-scale low-rank linear op against the fp64 reference.
 
 Without a GPU they run under TRITON_INTERPRET=1 (set by conftest.py) on small shapes; with one, on CUDA tensors.
-Every output buffer is NaN-filled before the launch (triton_ops._FILL_NAN) so an unwritten tile fails.
+Every output buffer is NaN-filled before the launch (launch.force_configs(fill_nan=True)) so an unwritten tile fails.
 """
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 import pytest
@@ -20,7 +22,9 @@ if "triton" not in available_backends(DEVICE):
     pytest.skip("the triton backend is not usable here (no Triton, or no CUDA and no interpreter)",
                 allow_module_level=True)
 
-from muscle_kernels.ops.lowrank_linear import triton_ops  # noqa: E402
+import triton  # noqa: E402
+
+from muscle_kernels.ops.lowrank_linear import configs, launch  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ON_GPU = DEVICE.type == "cuda"
@@ -29,20 +33,21 @@ ON_GPU = DEVICE.type == "cuda"
 # On a GPU every tiny shape below would be a new specialisation x 5 autotune configs: one moderate config instead
 # (valid for every dtype) keeps the file to a few dozen compiles. The shipped configs are checked one by one at LLM
 # shapes in test_triton_configs.py, the autotuned launch in test_triton_registration.py and the benchmark.
-_GPU_TEST_CONFIG = triton_ops.triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8},
-                                           num_warps=4, num_stages=3)
+_GPU_TEST_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8},
+                                 num_warps=4, num_stages=3)
 
 
 @pytest.fixture(autouse=True)
-def _nan_outputs(monkeypatch):
-    monkeypatch.setattr(triton_ops, "_FILL_NAN", True)
-    monkeypatch.setattr(triton_ops, "_FORCE_FUSE_T", None)
-    monkeypatch.setattr(triton_ops, "_FORCE_SPLIT", None)
-    if ON_GPU:
-        with triton_ops.force_configs(fused=_GPU_TEST_CONFIG):
-            yield
-    else:
+def _nan_outputs():
+    with launch.force_configs(fill_nan=True, fused=_GPU_TEST_CONFIG if ON_GPU else None):
         yield
+
+
+@pytest.fixture
+def forced():
+    """forced(**overrides): launch.force_configs for the rest of the test, inside _nan_outputs' block."""
+    with contextlib.ExitStack() as stack:
+        yield lambda **overrides: stack.enter_context(launch.force_configs(**overrides))
 
 
 def _problem(m, k, n, nr, bias, seed=0):
@@ -71,14 +76,14 @@ def _cast(dtype, *tensors):
 
 def _check_all(dtype, x, w, b, lo, ro, s, dy, p=0.0, seed=0, needs=(True, True, True), scales_dtype=torch.float32,
                fused_dy=False):
-    mask = triton_ops.dropout_mask_triton(x.shape, p, seed, DEVICE).cpu() if p > 0 else None
+    mask = launch.dropout_mask_triton(x.shape, p, seed, DEVICE).cpu() if p > 0 else None
     ref_y, ref_dx, ref_dl, ref_dr = _reference(x, w, b, lo, ro, s, dy, mask, p)
     xc, wc, bc, lc, rc, dyc = _cast(dtype, x, w, b, lo, ro, dy)
     sc = s.to(device=DEVICE, dtype=scales_dtype)
-    y, t, bits = triton_ops.lowrank_linear_fwd_triton(xc, wc, bc, lc, rc, sc, p, seed)
+    y, t, bits = launch.lowrank_linear_fwd_triton(xc, wc, bc, lc, rc, sc, p, seed)
     assert y.dtype == dtype and t.dtype == torch.float32
-    dx, dl, dr = triton_ops.lowrank_linear_bwd_triton(dyc, xc, wc, lc, rc, sc, t, p, seed, *needs, bits=bits,
-                                                      fused_dy=fused_dy)
+    dx, dl, dr = launch.lowrank_linear_bwd_triton(dyc, xc, wc, lc, rc, sc, t, p, seed, *needs, bits=bits,
+                                                  fused_dy=fused_dy)
 
     # Plain PyTorch in the same dtype (the torch path) sets the error budget for fp16/bf16.
     base = None
@@ -131,9 +136,8 @@ def test_launchers_match_reference(dtype, m, k, n, nr, bias):
 
 @pytest.mark.parametrize("fuse,split", [(True, 1), (False, 3)], ids=["T-in-loop", "shrink+split-reductions"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_both_launch_modes(monkeypatch, fuse, split, dtype):
-    monkeypatch.setattr(triton_ops, "_FORCE_FUSE_T", fuse)
-    monkeypatch.setattr(triton_ops, "_FORCE_SPLIT", split)
+def test_both_launch_modes(forced, fuse, split, dtype):
+    forced(fuse_t=fuse, split=split)
     _check_all(dtype, *_problem(130, 130, 72, 16, True, seed=1))
 
 
@@ -146,26 +150,26 @@ def test_large_rank(nr):
 # K = 96 is a multiple of BLOCK_K (the EVEN_K variant); fp32 at K = 96 runs in test_k_a_multiple_of_block_k.
 @pytest.mark.parametrize("dtype,k", [(torch.float32, 72), (torch.float16, 72), (torch.bfloat16, 72),
                                      (torch.bfloat16, 96)], ids=["fp32-k72", "fp16-k72", "bf16-k72", "bf16-k96"])
-def test_dropout_matches_reference_with_the_kernel_mask(monkeypatch, dtype, k, split):
-    monkeypatch.setattr(triton_ops, "_FORCE_SPLIT", split)
+def test_dropout_matches_reference_with_the_kernel_mask(forced, dtype, k, split):
+    forced(split=split)
     x, w, b, lo, ro, s, dy = _problem(130, k, 48, 16, True, seed=3)
     # fp16/bf16 have no same-dtype PyTorch baseline with this mask: compare with dtype tolerances instead.
-    mask = triton_ops.dropout_mask_triton(x.shape, 0.25, 99, DEVICE).cpu()
+    mask = launch.dropout_mask_triton(x.shape, 0.25, 99, DEVICE).cpu()
     ref_y, ref_dx, ref_dl, ref_dr = _reference(x, w, b, lo, ro, s, dy, mask, 0.25)
     xc, wc, bc, lc, rc, dyc = _cast(dtype, x, w, b, lo, ro, dy)
     sc = s.float().to(DEVICE)
-    y, t, bits = triton_ops.lowrank_linear_fwd_triton(xc, wc, bc, lc, rc, sc, 0.25, 99)
+    y, t, bits = launch.lowrank_linear_fwd_triton(xc, wc, bc, lc, rc, sc, 0.25, 99)
     assert bits.dtype == torch.int32 and bits.shape == (130, 3), "bits: expected the packed mask [M, cdiv(in, 32)]"
-    assert torch.equal(triton_ops.unpack_bits(bits, k).cpu(), mask), "bits: the forward saved another mask"
-    dx, dl, dr = triton_ops.lowrank_linear_bwd_triton(dyc, xc, wc, lc, rc, sc, t, 0.25, 99, True, True, True,
-                                                      bits=bits)
+    assert torch.equal(launch.unpack_bits(bits, k).cpu(), mask), "bits: the forward saved another mask"
+    dx, dl, dr = launch.lowrank_linear_bwd_triton(dyc, xc, wc, lc, rc, sc, t, 0.25, 99, True, True, True,
+                                                  bits=bits)
     for name, ref, got in (("y", ref_y, y), ("dx", ref_dx, dx), ("dL", ref_dl, dl), ("dR", ref_dr, dr)):
         if dtype == torch.float32:
             assert_close(name, ref, got.cpu())
         else:
             assert_close(name, ref, got.cpu(), atol=4 * _atol(dtype, ref))
     # Without the saved mask, backward regenerates the same one from the seed.
-    again = triton_ops.lowrank_linear_bwd_triton(dyc, xc, wc, lc, rc, sc, t, 0.25, 99, True, True, True)
+    again = launch.lowrank_linear_bwd_triton(dyc, xc, wc, lc, rc, sc, t, 0.25, 99, True, True, True)
     for name, a, b in zip(("dx", "dL", "dR"), (dx, dl, dr), again):
         assert torch.equal(a, b), f"{name}: backward with a regenerated mask differs from the saved one"
 
@@ -193,15 +197,15 @@ def _philox_keep(seed, m, k, p):
 
 @pytest.mark.parametrize("shape", [(5, 32), (37, 72), (3, 100)], ids=str)
 def test_dropout_mask_follows_its_definition(shape):
-    got = triton_ops.dropout_mask_triton(shape, 0.3, 123456789, DEVICE).cpu()
+    got = launch.dropout_mask_triton(shape, 0.3, 123456789, DEVICE).cpu()
     assert torch.equal(got, _philox_keep(123456789, *shape, 0.3)), "mask: differs from uniform(philox(...)) >= p"
 
 
 def test_dropout_mask_is_a_dropout_mask():
     shape = (64, 96)
-    a = triton_ops.dropout_mask_triton(shape, 0.3, 5, DEVICE)
-    b = triton_ops.dropout_mask_triton(shape, 0.3, 5, DEVICE)
-    c = triton_ops.dropout_mask_triton(shape, 0.3, 6, DEVICE)
+    a = launch.dropout_mask_triton(shape, 0.3, 5, DEVICE)
+    b = launch.dropout_mask_triton(shape, 0.3, 5, DEVICE)
+    c = launch.dropout_mask_triton(shape, 0.3, 6, DEVICE)
     assert a.dtype == torch.bool and a.shape == shape
     assert torch.equal(a, b), "mask: not a pure function of the seed"
     assert not torch.equal(a, c), "mask: a different seed gave the same mask"
@@ -212,7 +216,7 @@ def test_dropout_mask_is_a_dropout_mask():
     # The four outputs of one Philox call are four different columns, not copies.
     assert not torch.equal(a[:, 0::4], a[:, 1::4]), "mask: columns 4j and 4j+1 are equal"
     # Leading dimensions flatten into rows, exactly as the op flattens x.
-    assert torch.equal(triton_ops.dropout_mask_triton((4, 16, 96), 0.3, 5, DEVICE).reshape(shape), a)
+    assert torch.equal(launch.dropout_mask_triton((4, 16, 96), 0.3, 5, DEVICE).reshape(shape), a)
 
 
 @pytest.mark.parametrize("needs", [(True, False, False), (False, True, False), (False, False, True),
@@ -227,8 +231,8 @@ def test_partial_gradients(needs, p):
 def test_k_a_multiple_of_block_k(nr, p):
     # K = 96 takes the EVEN_K specialisation (no K masks) of the fused GEMM and the shrink; the other tests' K do not.
     if not ON_GPU:
-        assert 96 % triton_ops._INTERPRETER_CONFIG.kwargs["BLOCK_K"] == 0
-        assert 96 % triton_ops.shrink_config(triton_ops.block_r(nr), 4)[1] == 0
+        assert 96 % configs.INTERPRETER_CONFIG.kwargs["BLOCK_K"] == 0
+        assert 96 % configs.shrink_config(configs.block_r(nr), 4)[1] == 0
     _check_all(torch.float32, *_problem(37, 96, 72, nr, True, seed=12), p=p, seed=5)
     if p == 0.0:  # bf16 under dropout, with K = 96 too: test_dropout_matches_reference_with_the_kernel_mask
         _check_all(torch.bfloat16, *_problem(37, 96, 72, nr, True, seed=13))
@@ -240,9 +244,9 @@ def test_scales_of_any_float_dtype():
 
 def test_empty_batch():
     x, w, b, lo, ro, s, dy = _cast(torch.float32, *_problem(1, 48, 72, 4, True))
-    y, t, _ = triton_ops.lowrank_linear_fwd_triton(x[:0], w, b, lo, ro, s, 0.0, 0)
+    y, t, _ = launch.lowrank_linear_fwd_triton(x[:0], w, b, lo, ro, s, 0.0, 0)
     assert y.shape == (0, 72) and t.shape == (0, 4)
-    dx, dl, dr = triton_ops.lowrank_linear_bwd_triton(dy[:0], x[:0], w, lo, ro, s, t, 0.0, 0, True, True, True)
+    dx, dl, dr = launch.lowrank_linear_bwd_triton(dy[:0], x[:0], w, lo, ro, s, t, 0.0, 0, True, True, True)
     assert dx.shape == (0, 48)
     assert torch.equal(dl, torch.zeros_like(lo)), "dL: expected zeros for an empty batch"
     assert torch.equal(dr, torch.zeros_like(ro)), "dR: expected zeros for an empty batch"
@@ -252,12 +256,12 @@ def test_empty_batch():
 @pytest.mark.parametrize("needs", [(True, True, True), (False, True, True), (True, False, True)],
                          ids=["all", "dL+dR", "dx+dR"])
 @pytest.mark.parametrize("nr,p", [(40, 0.0), (64, 0.0), (16, 0.2)], ids=["nr40", "nr64", "dropout"])
-def test_fused_dy_computes_dr_in_the_g_pass(monkeypatch, nr, p, needs, split):
-    monkeypatch.setattr(triton_ops, "_FORCE_SPLIT", split)
-    assert triton_ops.uses_fused_dy(nr, p, torch.bfloat16) and triton_ops.uses_fused_dy(nr, p, torch.float32)
+def test_fused_dy_computes_dr_in_the_g_pass(monkeypatch, forced, nr, p, needs, split):
+    forced(split=split)
+    assert launch.uses_fused_dy(nr, p, torch.bfloat16) and launch.uses_fused_dy(nr, p, torch.float32)
     calls = []
-    real = triton_ops._launch_reduce
-    monkeypatch.setattr(triton_ops, "_launch_reduce", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    real = launch._launch_reduce
+    monkeypatch.setattr(launch, "_launch_reduce", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
     _check_all(torch.float32, *_problem(37, 48, 72, nr, True, seed=14), p=p, seed=3, needs=needs, fused_dy=True)
     # dR came from the G pass: the only reduction left is dL's over x ([37, 48]), none over dy ([37, 72]).
     assert (37, 72) not in calls, "fused_dy: dR was still reduced in a pass of its own"
@@ -267,13 +271,13 @@ def test_fused_dy_computes_dr_in_the_g_pass(monkeypatch, nr, p, needs, split):
 
 def test_fused_dy_is_off_in_deterministic_mode(monkeypatch):
     x, w, b, lo, ro, s, dy = _cast(torch.float32, *_problem(37, 48, 72, 64, True, seed=16))
-    y, t, _ = triton_ops.lowrank_linear_fwd_triton(x, w, b, lo, ro, s, 0.0, 0)
+    y, t, _ = launch.lowrank_linear_fwd_triton(x, w, b, lo, ro, s, 0.0, 0)
     monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
-    plain = triton_ops.lowrank_linear_bwd_triton(dy, x, w, lo, ro, s, t, 0.0, 0, True, True, True)
+    plain = launch.lowrank_linear_bwd_triton(dy, x, w, lo, ro, s, t, 0.0, 0, True, True, True)
     calls = []
-    real = triton_ops._launch_reduce
-    monkeypatch.setattr(triton_ops, "_launch_reduce", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
-    fused = triton_ops.lowrank_linear_bwd_triton(dy, x, w, lo, ro, s, t, 0.0, 0, True, True, True, fused_dy=True)
+    real = launch._launch_reduce
+    monkeypatch.setattr(launch, "_launch_reduce", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    fused = launch.lowrank_linear_bwd_triton(dy, x, w, lo, ro, s, t, 0.0, 0, True, True, True, fused_dy=True)
     assert (37, 72) in calls, "deterministic mode: dR must come from its own (atomics-free) reduction over dy"
     for name, a, c in zip(("dx", "dL", "dR"), plain, fused):
         assert torch.equal(a, c), f"{name}: deterministic mode must run the atomics-free reduction"
@@ -281,26 +285,26 @@ def test_fused_dy_is_off_in_deterministic_mode(monkeypatch):
 
 def test_a_mask_of_the_wrong_shape_is_refused():
     x, w, b, lo, ro, s, dy = _cast(torch.float32, *_problem(37, 72, 48, 16, True, seed=9))
-    y, t, bits = triton_ops.lowrank_linear_fwd_triton(x, w, b, lo, ro, s, 0.3, 4)
+    y, t, bits = launch.lowrank_linear_fwd_triton(x, w, b, lo, ro, s, 0.3, 4)
     with pytest.raises(ValueError, match="bits:"):
-        triton_ops.lowrank_linear_bwd_triton(dy, x, w, lo, ro, s, t, 0.3, 4, True, True, True, bits=bits[:-1])
+        launch.lowrank_linear_bwd_triton(dy, x, w, lo, ro, s, t, 0.3, 4, True, True, True, bits=bits[:-1])
     with pytest.raises(ValueError, match="bits:"):
-        triton_ops.lowrank_linear_bwd_triton(dy, x, w, lo, ro, s, t, 0.3, 4, True, True, True, bits=bits.float())
+        launch.lowrank_linear_bwd_triton(dy, x, w, lo, ro, s, t, 0.3, 4, True, True, True, bits=bits.float())
     with pytest.raises(ValueError, match="bits:"):  # a column-strided view
         wide = torch.zeros(bits.shape[0], 2 * bits.shape[1], dtype=torch.int32, device=bits.device)
-        triton_ops.lowrank_linear_bwd_triton(dy, x, w, lo, ro, s, t, 0.3, 4, True, True, True, bits=wide[:, ::2])
+        launch.lowrank_linear_bwd_triton(dy, x, w, lo, ro, s, t, 0.3, 4, True, True, True, bits=wide[:, ::2])
     if ON_GPU:
         with pytest.raises(ValueError, match="bits:"):
-            triton_ops.lowrank_linear_bwd_triton(dy, x, w, lo, ro, s, t, 0.3, 4, True, True, True, bits=bits.cpu())
+            launch.lowrank_linear_bwd_triton(dy, x, w, lo, ro, s, t, 0.3, 4, True, True, True, bits=bits.cpu())
 
 
 def test_bad_dtypes_name_the_argument():
     x, w, b, lo, ro, s, dy = _problem(4, 48, 72, 4, True)
     with pytest.raises(TypeError, match="x:"):
-        triton_ops.lowrank_linear_fwd_triton(*_cast(torch.float64, x, w, b, lo, ro), s, 0.0, 0)
+        launch.lowrank_linear_fwd_triton(*_cast(torch.float64, x, w, b, lo, ro), s, 0.0, 0)
     x32, w32, b32, l32, r32 = _cast(torch.float32, x, w, b, lo, ro)
     with pytest.raises(TypeError, match="lora_R:"):
-        triton_ops.lowrank_linear_fwd_triton(x32, w32, b32, l32, r32.half(), s.float(), 0.0, 0)
+        launch.lowrank_linear_fwd_triton(x32, w32, b32, l32, r32.half(), s.float(), 0.0, 0)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -327,7 +331,7 @@ def test_op_dropout_seed_is_replayed_in_backward():
     x, w, b, lo, ro, s, dy = _problem(37, 48, 72, 16, True, seed=7)
     torch.manual_seed(1234)
     seed = int(torch.randint(0, 2**31 - 1, (1,), device=DEVICE).item())  # its first draw, on the inputs' device
-    mask = triton_ops.dropout_mask_triton(x.shape, 0.3, seed, DEVICE).cpu()
+    mask = launch.dropout_mask_triton(x.shape, 0.3, seed, DEVICE).cpu()
     ref_y, ref_dx, ref_dl, ref_dr = _reference(x, w, b, lo, ro, s, dy, mask, 0.3)
     xc, wc, bc, lc, rc = _cast(torch.float32, x, w, b, lo, ro)
     for v in (xc, lc, rc):
@@ -377,7 +381,7 @@ def test_dropout_seed_comes_from_the_generator_state():
     # and the mask is the one of the seed that generator state draws on the inputs' device
     torch.manual_seed(31)
     seed = int(torch.randint(0, 2**31 - 1, (1,), device=DEVICE).item())
-    mask = triton_ops.dropout_mask_triton(x.shape, 0.5, seed, DEVICE)
+    mask = launch.dropout_mask_triton(x.shape, 0.5, seed, DEVICE)
     want = lowrank_linear_reference(x, w, None, lo, ro, s, mask, 0.5) - torch.nn.functional.linear(x, w)
     assert_close("adapter part", want, first)
 
@@ -387,14 +391,14 @@ def test_a_seed_tensor_gives_the_mask_of_its_value(seed):
     """The kernel reads a tensor seed on the device (no host sync: CUDA-graph safe); the mask is the one of the same
     value passed as an int, so dropout_mask_triton (and the tests) can name it."""
     shape = (37, 70)
-    by_int = triton_ops.dropout_mask_triton(shape, 0.3, seed, DEVICE)
-    by_tensor = triton_ops.dropout_mask_triton(shape, 0.3, torch.tensor([seed], device=DEVICE), DEVICE)
+    by_int = launch.dropout_mask_triton(shape, 0.3, seed, DEVICE)
+    by_tensor = launch.dropout_mask_triton(shape, 0.3, torch.tensor([seed], device=DEVICE), DEVICE)
     assert torch.equal(by_int, by_tensor)
     assert 0 < int(by_int.sum()) < by_int.numel()
     if seed:
-        assert not torch.equal(by_int, triton_ops.dropout_mask_triton(shape, 0.3, seed - 1, DEVICE))
+        assert not torch.equal(by_int, launch.dropout_mask_triton(shape, 0.3, seed - 1, DEVICE))
     with pytest.raises(ValueError, match="seed: expected one integer"):
-        triton_ops.dropout_mask_triton(shape, 0.3, torch.tensor([1.5], device=DEVICE), DEVICE)
+        launch.dropout_mask_triton(shape, 0.3, torch.tensor([1.5], device=DEVICE), DEVICE)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="CUDA-graph capture needs a CUDA device")

@@ -16,7 +16,7 @@ from .utils import DEVICE, assert_close
 if "triton" not in available_backends(DEVICE):
     pytest.skip("Triton backend not usable here (no CUDA and no TRITON_INTERPRET=1)", allow_module_level=True)
 
-from muscle_kernels.ops.lowrank_linear import triton_ops  # noqa: E402
+from muscle_kernels.ops.lowrank_linear import launch  # noqa: E402
 
 
 def test_opcheck_triton_ops():
@@ -98,7 +98,7 @@ def test_compiled_triton_layer_with_dropout_uses_one_mask():
     y = compiled(x)
     torch.manual_seed(77)
     seed = int(torch.randint(0, 2**31 - 1, (1,), device=DEVICE).item())  # the Triton path draws on x's device
-    mask = triton_ops.dropout_mask_triton(x.shape, 0.3, seed, DEVICE)
+    mask = launch.dropout_mask_triton(x.shape, 0.3, seed, DEVICE)
     assert 0.5 < mask.float().mean().item() < 0.9
     dy = torch.randn_like(y)
     got = torch.autograd.grad(y, [x, layer.lora_L, layer.lora_R], dy)

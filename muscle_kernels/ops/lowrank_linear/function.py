@@ -8,8 +8,8 @@ Backends:
   same way, no [M, out] temporary besides y. The path for CPU tensors.
 - "cublas": the same composed GEMMs under the name they have on CUDA tensors, where each is one cuBLAS call (the
   pattern Unsloth ships); on CPU tensors it is exactly "torch".
-- "triton": the fused kernels (triton_ops.py); for CUDA tensors (and for CPU tensors under TRITON_INTERPRET=1, which
-  is how the kernels are tested without a GPU).
+- "triton": the fused kernels (kernels.py, launched by launch.py); for CUDA tensors (and for CPU tensors under
+  TRITON_INTERPRET=1, which is how the kernels are tested without a GPU).
 - "auto": on CUDA tensors with Triton usable, the faster of "triton" and "cublas", timed on first use per problem
   class and cached per process (autoselect.py; `auto_choices()` shows the decisions); "cublas" on CUDA without
   Triton; "torch" elsewhere. The environment variable MUSCLE_KERNELS_BACKEND forces what "auto" runs (e.g.
@@ -42,8 +42,8 @@ BACKENDS = ("auto", "reference", "torch", "cublas", "triton")
 _ENV_BACKEND = "MUSCLE_KERNELS_BACKEND"
 
 
-# The Triton module, imported once on first use: a module global rather than functools.lru_cache, because dynamo
-# traces through lru_cache wrappers with a warning when a compiled model resolves its backend.
+# The Triton launchers (launch.py), imported once on first use: a module global rather than functools.lru_cache,
+# because dynamo traces through lru_cache wrappers with a warning when a compiled model resolves its backend.
 _TRITON = {"module": None, "tried": False, "error": None}
 
 
@@ -51,10 +51,10 @@ _TRITON = {"module": None, "tried": False, "error": None}
 def _triton_loaded() -> bool:
     # Dynamo cannot trace an import: when the first call that needs Triton is inside torch.compile, this runs eagerly
     # at trace time and its answer is a constant of the graph (it cannot change later in the process anyway).
-    return lazy_import(_TRITON, ".triton_ops", __package__) is not None
+    return lazy_import(_TRITON, ".launch", __package__) is not None
 
 
-def _triton_ops():
+def _triton_launch():
     """The Triton launchers, imported once on first use; None when Triton is missing or broken (one clear reason is
     kept)."""
     return _TRITON["module"] if _triton_loaded() else None
@@ -65,7 +65,7 @@ def _interpreting() -> bool:
 
 
 def _triton_usable(device: torch.device) -> bool:
-    if _triton_ops() is None:
+    if _triton_launch() is None:
         return False
     return device.type == "cuda" or _interpreting()
 
@@ -150,10 +150,10 @@ def _impl(backend: str):
     """(forward, backward) implementations of a concrete backend ("torch" and "cublas" share the composed GEMMs;
     "triton-fdy", which only "auto" picks, is "triton" with dR computed in the backward's pass over dy for G)."""
     if backend == "triton":
-        ops = _triton_ops()
+        ops = _triton_launch()
         return ops.lowrank_linear_fwd_triton, ops.lowrank_linear_bwd_triton
     if backend == _FUSED_DY:
-        ops = _triton_ops()
+        ops = _triton_launch()
         return ops.lowrank_linear_fwd_triton, ops.lowrank_linear_bwd_triton_fused_dy
     return lowrank_linear_fwd_torch, lowrank_linear_bwd_torch
 
@@ -172,7 +172,7 @@ def _choose(args: tuple, needs: Tuple[bool, bool, bool], backward: bool) -> str:
     names = list(autoselect.CANDIDATES)
     timing = can_time and autoselect.cached_choice(key) is None
     # Where the backward reads dy once more for G, the variant that also computes dR in that pass races too.
-    if timing and backward and needs[2] and _triton_ops().uses_fused_dy(lora_L.shape[0], args[6], x2.dtype):
+    if timing and backward and needs[2] and _triton_launch().uses_fused_dy(lora_L.shape[0], args[6], x2.dtype):
         names.append(_FUSED_DY)
     if timing:
         runners = autoselect.runners_for({name: _impl(name) for name in names}, args, backward, needs)

@@ -1,4 +1,8 @@
-"""Triton kernels of the multi-scale low-rank linear op: the fused GEMM (forward y, backward dx) and the shrink.
+"""Every Triton kernel of the multi-scale low-rank linear op, and the heuristics and autotuner on them.
+
+Launched by launch.py, with the tile tables of configs.py. Four kernels: the fused GEMM (forward y, backward dx), the
+shrink (forward T, backward G, optionally dR in the same pass), the M-reduction (backward dR, dL) and the dropout-mask
+kernel.
 
 Design (docs/layer.md, M = all leading dims flattened, R = n*r padded to BLOCK_R, a power of two >= 16 for tl.dot):
 
@@ -12,6 +16,13 @@ Design (docs/layer.md, M = all leading dims flattened, R = n*r padded to BLOCK_R
   the GEMM, i.e. 2-6% on an H100); the tile loads it and seeds its accumulator with ``(T * s) Q^T`` before the K loop
   (masked by dropout first in backward, so one [BLOCK_M, BLOCK_N] accumulator is ever live). Used for large R and
   whenever dropout is on, because the in-loop product would have to mask the A tile again in every N tile.
+- `_reduce_m_kernel` computes the adapter gradients, ``C[N, NR] = drop(A)[M, N]^T (B[M, NR] * s)``:
+  dR [out, NR] = dy^T (T * s) (A = dy), and dL^T [in, NR] = drop(x)^T (G * s) (A = x, written through transposed
+  strides into dL [NR, in]). Tiny outputs, a long reduction over M, memory-bound on the read of A. Each program owns
+  BLOCK_N columns and a slice of M; when there are too few column tiles to fill the GPU the M range is split across
+  programs that add into a zeroed fp32 C with atomics (the launcher keeps a single split, and so a deterministic sum,
+  when torch.use_deterministic_algorithms is on). A third grid axis splits NR into BLOCK_R chunks where one chunk
+  would not fit in registers (fp32 without TF32).
 - Dropout keeps element (m, c) of x iff ``uniform(philox(seed, (c // 4, m, 0, 0))[c % 4]) >= p``: a pure function of
   the seed and the coordinates, whatever the tiling, with one Philox call for four adjacent columns.
   `_dropout_bits_kernel` evaluates it once per forward into a packed mask (bit c % 32 of int32 word (m, c // 32),
@@ -25,6 +36,8 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from .configs import all_fused_configs, prune_fused
 
 
 # do_not_specialize: Triton otherwise specialises an int argument equal to 1 (a constant) or divisible by 16 (an
@@ -267,3 +280,60 @@ def _shrink_kernel(
     t = t_ptr + rm.to(tl.int64)[:, None] * stride_tm + rr64[None, :] * stride_tr
     ok = m_ok[:, None] & r_ok[None, :]
     _write_partial(t, acc, ok, ATOMIC)
+
+
+@triton.jit
+def _reduce_m_kernel(
+    a_ptr, g_ptr, s_ptr, c_ptr, bits_ptr,
+    M, N, NR, m_per_split, drop_scale,
+    stride_am, stride_an, stride_gm, stride_gr, stride_cn, stride_cr, stride_bits,
+    HAS_DROP: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_R: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rr = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rm0 = tl.arange(0, BLOCK_M)
+    n_ok = rn < N
+    r_ok = rr < NR
+    rn_safe = (rn % N).to(tl.int64)
+    rr64 = rr.to(tl.int64)
+    s = tl.load(s_ptr + rr, mask=r_ok, other=0.0)
+    m_start = pid_s * m_per_split
+    m_end = tl.minimum(M, m_start + m_per_split)
+    acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        rm = m0 + rm0
+        m_ok = rm < m_end
+        rm64 = rm.to(tl.int64)
+        # A^T tile loaded directly as [BLOCK_N, BLOCK_M]; rows past the slice read as zero.
+        a_t = tl.load(a_ptr + rm64[None, :] * stride_am + rn_safe[:, None] * stride_an, mask=m_ok[None, :], other=0.0)
+        if HAS_DROP:
+            keep = _kept(bits_ptr, stride_bits, rm % M, pid_n * BLOCK_N, tl.cdiv(N, 32), BLOCK_M, BLOCK_N, 0)
+            a_t = tl.where(keep, a_t, 0.0).to(a_t.dtype)
+        g = tl.load(g_ptr + rm64[:, None] * stride_gm + rr64[None, :] * stride_gr, mask=m_ok[:, None] & r_ok[None, :],
+                    other=0.0)
+        if UPCAST:
+            a_t = a_t.to(tl.float32)
+        gs = (g * s[None, :]).to(a_t.dtype)
+        acc = tl.dot(a_t, gs, acc, input_precision=PRECISION)
+    if HAS_DROP:
+        acc = acc * drop_scale
+    c = c_ptr + rn.to(tl.int64)[:, None] * stride_cn + rr64[None, :] * stride_cr
+    ok = n_ok[:, None] & r_ok[None, :]
+    _write_partial(c, acc, ok, ATOMIC)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Heuristics and autotuning of the fused GEMM (the other kernels take their configs from configs.py directly).
+# ----------------------------------------------------------------------------------------------------------------
+# EVEN_K (K a multiple of BLOCK_K, as in every LLM layer) drops the K masks from the main loop's loads.
+fused_even = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(_fused_lowrank_mm_kernel)
+# Autotuned per (M bucket, N, K, n*r, mode, B's layout, dtypes): a new token count within a power-of-two bucket
+# reuses the tuned config instead of re-tuning.
+fused_tuned = triton.autotune(
+    configs=all_fused_configs(),
+    key=["m_bucket", "N", "K", "NR", "T_MODE", "OUT_DROP", "stride_bk", "PRECISION"],
+    prune_configs_by={"early_config_prune": prune_fused},
+)(fused_even)

@@ -11,7 +11,8 @@ The seed is an int or a one-element integer tensor on the inputs' device (what f
 torch's generator: CUDA-graph safe, see _seed_args); both give the same mask for the same value below 2^31.
 
 Inputs arrive 2-D and contiguous (function.py flattens and copies at most once); x, weight, bias, L and R share one
-dtype among fp32 / fp16 / bf16, scales is any float [n*r]. Launch plan (kernels in triton_fwd.py / triton_bwd.py):
+dtype among fp32 / fp16 / bf16, scales is any float [n*r]. Launch plan (kernels in kernels.py, their
+configs in configs.py):
 
     forward   small n*r, no dropout:  fused GEMM, T accumulated in its K loop               (1 launch)
               otherwise:               shrink T = drop(x) L^T, then fused GEMM loading T     (2 launches)
@@ -22,187 +23,141 @@ dtype among fp32 / fp16 / bf16, scales is any float [n*r]. Launch plan (kernels 
 fp32 inputs use TF32 in tl.dot only when torch allows TF32 for matmuls (`torch.backends.cuda.matmul.fp32_precision`,
 or the legacy `allow_tf32` where the new API is unset or missing), IEEE otherwise. Every launch runs under a device
 guard for the inputs' device, so tensors on `cuda:1` launch on `cuda:1` whatever the current device is.
+
+Tests force configs, launch modes, split counts and NaN-filled outputs through `force_configs` (one
+`Overrides` object, restored when the block ends).
 """
 from __future__ import annotations
 
 import contextlib
-import os
-from typing import Optional
+import dataclasses
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
 
-from .triton_bwd import _reduce_m_kernel
-from .triton_fwd import _dropout_bits_kernel, _fused_lowrank_mm_kernel, _shrink_kernel
+from .configs import (
+    FUSE_T_MAX_R, FUSED_DY_MAX_R, INTERPRET, T_CHUNK, bits_config, block_r, fused_dy_max_r, precision, reduce_config,
+    shrink_config,
+)
+from .kernels import _dropout_bits_kernel, _reduce_m_kernel, _shrink_kernel, fused_even, fused_tuned
 
 __all__ = [
     "lowrank_linear_fwd_triton", "lowrank_linear_bwd_triton", "lowrank_linear_bwd_triton_fused_dy", "uses_fused_dy",
-    "dropout_mask_triton", "unpack_bits",
-    "fused_configs", "shrink_config", "reduce_config", "block_r", "force_configs", "tf32_allowed", "FUSE_T_MAX_R",
-    "T_CHUNK",
+    "dropout_mask_triton", "unpack_bits", "force_configs", "Overrides", "Mat", "Dropout", "FusedOperands",
+    "FusedMode", "FusedDR",
 ]
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-# Tests set this to fill every output with NaN before the launch, so that a tile a kernel forgot to write fails.
-_FILL_NAN = False
-# Tests set these to exercise both launch modes and the split (atomic) reductions on small shapes.
-_FORCE_FUSE_T: Optional[bool] = None
-_FORCE_SPLIT: Optional[int] = None
-# Tests set this to run one given config instead of autotuning (see force_configs): {"fused": triton.Config,
-# "shrink": (BLOCK_M, BLOCK_K, warps, stages), "reduce": (BLOCK_M, BLOCK_N, BLOCK_R, warps, stages)}; a missing key
-# keeps the default. It bypasses the autotuner (whose cache would otherwise keep the first config it picked).
-_FORCE_CONFIG: dict = {}
 
-# Largest padded n*r accumulated inside the GEMM's K loop (T_MODE 0). Above it the separate shrink is cheaper:
-# the in-loop product costs BLOCK_R / BLOCK_N of the GEMM's MMA work, the shrink about one extra read of x.
-FUSE_T_MAX_R = 32
-# Chunk of n*r per tl.dot when the GEMM loads a precomputed T (T_MODE 1): 64 spills at 128x256 on sm_90.
-T_CHUNK = 32
-# Widest padded n*r for which the backward may compute dR in the G pass (fused_dy): a [BLOCK_K, n*r] fp32 partial per
-# step, and (M / BLOCK_M) * out * n*r atomic adds in all. fp32 without TF32 (FMA dots, operands in registers) spilled
-# at 64 on sm_90 (benchmarks/sm90_report.py).
-FUSED_DY_MAX_R = 64
-FUSED_DY_MAX_R_IEEE = 16
+# ----------------------------------------------------------------------------------------------------------------
+# Test overrides.
+# ----------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Overrides:
+    """What a test (or the benchmark) may force on the launchers; the defaults force nothing.
 
-
-def fused_dy_max_r(precision: str) -> int:
-    return FUSED_DY_MAX_R_IEEE if precision == "ieee" else FUSED_DY_MAX_R
-H100_SMEM = 227 * 1024
-# (BLOCK_M, BLOCK_W, warps) of the dropout-mask kernel: 2048 words (65536 mask bits) per program.
-BITS_CONFIG = (64, 32, 4)
+    fill_nan: fill every output with NaN (the packed mask with all bits set) before the launch, so that a tile a
+        kernel forgot to write fails.
+    fuse_t: T_MODE 0 (True) or 1 (False) where the plan allows both (no dropout, padded n*r <= FUSE_T_MAX_R), to
+        exercise both launch modes on small shapes.
+    split: how many slices the split (atomic) reductions take, instead of enough to fill the GPU.
+    fused: a triton.Config for the fused GEMM, run instead of autotuning (whose cache would otherwise keep the first
+        config it picked); shrink: (BLOCK_M, BLOCK_K, warps, stages); reduce: (BLOCK_M, BLOCK_N, BLOCK_R, warps,
+        stages) (configs.py).
+    """
+    fill_nan: bool = False
+    fuse_t: Optional[bool] = None
+    split: Optional[int] = None
+    fused: Optional[triton.Config] = None
+    shrink: Optional[tuple] = None
+    reduce: Optional[tuple] = None
 
 
-def block_r(nr: int) -> int:
-    """n*r padded to a power of two >= 16 (tl.dot's smallest tile side)."""
-    return max(16, triton.next_power_of_2(int(nr)))
+# The innermost force_configs block's overrides last; only force_configs pushes and pops.
+_OVERRIDES = [Overrides()]
+
+
+def _forced() -> Overrides:
+    return _OVERRIDES[-1]
+
+
+@contextlib.contextmanager
+def force_configs(fused=None, shrink=None, reduce=None, *, fuse_t=None, split=None, fill_nan=None):
+    """Run every launch inside the block with these overrides (see `Overrides`); an argument left None keeps the
+    enclosing block's value (outside any block: the default, nothing forced). Yields the overrides in force."""
+    given = dict(fused=fused, shrink=shrink, reduce=reduce, fuse_t=fuse_t, split=split, fill_nan=fill_nan)
+    _OVERRIDES.append(dataclasses.replace(_forced(), **{k: v for k, v in given.items() if v is not None}))
+    try:
+        yield _forced()
+    finally:
+        _OVERRIDES.pop()
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Configurations. Hopper first (wgmma wants BLOCK_M >= 64 per warp group; 128x256 with 2 warp groups is the
-# classic H100 tile), the smaller ones keep Ampere (164 KiB shared) and short M busy. BLOCK_K * element size is
-# 128 bytes (one swizzled shared-memory row): 64 for fp16/bf16, 32 for fp32.
+# Operands of the launches.
 # ----------------------------------------------------------------------------------------------------------------
-_FUSED_SHAPES = [
-    # BLOCK_M, BLOCK_N, warps, stages. The same tiles serve the dropout epilogue, which only reads the packed mask.
-    (128, 256, 8, 4),  # the deeper pipeline where shared memory allows (autotune keeps whichever is faster)
-    (128, 256, 8, 3),
-    (128, 128, 8, 4),  # 128x128 with 4 warps spilled 184 bytes in the T-loaded prologue at sm_90
-    (64, 128, 4, 4),
-    (128, 64, 4, 4),
-    (64, 64, 4, 4),
-]
-# fp32 without TF32 runs on FMA units, whose operands live in registers: only the smaller tiles fit without spills.
-_FUSED_SHAPES_IEEE = [
-    (64, 64, 4, 3),
-    (128, 64, 8, 3),
-    (64, 128, 8, 3),
-]
-def _fused_smem(bm, bn, bk, br, stages, elt):
-    # One pipeline stage holds an A, a B and (T accumulated in the loop only) a P tile.
-    return stages * (bm * bk + bk * bn + bk * br) * elt
+class Mat(NamedTuple):
+    """A matrix operand read through strides: element (i, j) at data[i * strides[0] + j * strides[1]], so that a
+    transposed view (W read as W^T, R as R^T) costs no copy."""
+    data: torch.Tensor
+    strides: Tuple[int, int]
+
+    @classmethod
+    def of(cls, t: torch.Tensor) -> "Mat":
+        return cls(t, (t.stride(0), t.stride(1)))
+
+    @classmethod
+    def transposed(cls, t: torch.Tensor) -> "Mat":
+        return cls(t, (t.stride(1), t.stride(0)))
 
 
-def fused_configs(elt_size: int, precision: str = "tf32", br: int = FUSE_T_MAX_R, smem_limit: int = H100_SMEM):
-    """The shipped configs of the fused GEMM for an element size (bytes) and tl.dot precision, fitted to shared
-    memory. br: the P tile's width in the K loop (0 when T is loaded, T_MODE 1)."""
-    bk = 128 // elt_size
-    out = []
-    shapes = _FUSED_SHAPES_IEEE if elt_size == 4 and precision == "ieee" else _FUSED_SHAPES
-    for bm, bn, w, st in shapes:
-        while st > 2 and _fused_smem(bm, bn, bk, br, st, elt_size) > smem_limit:
-            st -= 1
-        if _fused_smem(bm, bn, bk, br, st, elt_size) <= smem_limit:
-            out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                                     num_warps=w, num_stages=st))
-    return out
+class Dropout(NamedTuple):
+    """The dropout of one launch: its probability (the 1 / (1 - p) factor) and the packed keep-mask it reads
+    (None where the launch masks nothing)."""
+    p: float
+    bits: Optional[torch.Tensor]
 
 
-_INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2},
-                                    num_warps=4, num_stages=1)
+NO_DROPOUT = Dropout(0.0, None)
 
 
-def _all_fused_configs():
-    if _INTERPRET:
-        # The interpreter cannot benchmark several configs (and would take minutes): one small config.
-        return [_INTERPRETER_CONFIG]
-    seen, out = set(), []
-    for elt, prec in ((2, "tf32"), (4, "tf32"), (4, "ieee")):
-        for c in fused_configs(elt, prec):
-            key = (tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages)
-            if key not in seen:
-                seen.add(key)
-                out.append(c)
-    return out
+class FusedOperands(NamedTuple):
+    """The fused GEMM's C [M, N] = A B + ((A P^T) * s) Q^T (+ bias) (kernels.py: `_fused_lowrank_mm_kernel`)."""
+    a: torch.Tensor  # [M, K]: x (forward) or dy (backward dx)
+    b: Mat  # [K, N]: W^T or W
+    p: Mat  # [NR, K]: L or R^T
+    q: Mat  # [N, NR]: R or L^T
+    s: torch.Tensor  # [NR] fp32 scales
+    bias: Optional[torch.Tensor]  # [N], forward only
+    t: torch.Tensor  # [M, NR] fp32 A P^T (T or G): loaded in T_MODE 1, stored with STORE_T, else a stand-in
+    c: torch.Tensor  # [M, N]: y or dx
 
 
-def _prune_fused(configs, named_args, **kwargs):
-    if _INTERPRET:
-        return configs
-    elt = named_args["a_ptr"].element_size()
-    br = kwargs["BLOCK_R"] if kwargs["T_MODE"] == 0 else 0
-    keep = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
-            for c in fused_configs(elt, kwargs["PRECISION"], br)}
-    return [c for c in configs
-            if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) in keep]
+class FusedMode(NamedTuple):
+    """How the fused GEMM gets A P^T: accumulated in its K loop (t_mode 0, stored when store_t) or loaded (1);
+    out_drop: the loaded part is masked by dropout (backward dx)."""
+    t_mode: int
+    store_t: bool
+    out_drop: bool
 
 
-# Autotuned per (M bucket, N, K, n*r, mode, B's layout, dtypes): a new token count within a power-of-two bucket
-# reuses the tuned config instead of re-tuning.
-# EVEN_K (K a multiple of BLOCK_K, as in every LLM layer) drops the K masks from the main loop's loads.
-_fused_even = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(_fused_lowrank_mm_kernel)
-_fused_tuned = triton.autotune(
-    configs=_all_fused_configs(),
-    key=["m_bucket", "N", "K", "NR", "T_MODE", "OUT_DROP", "stride_bk", "PRECISION"],
-    prune_configs_by={"early_config_prune": _prune_fused},
-)(_fused_even)
-
-
-def shrink_config(br: int, elt_size: int, interpret: Optional[bool] = None):
-    """(BLOCK_M, BLOCK_K, warps, stages) of the shrink kernel: memory-bound, so enough stages to stream x.
-    interpret=False gives the shipped (GPU) config even under the interpreter (for the config-sweep tests)."""
-    if _INTERPRET if interpret is None else interpret:
-        return 32, 32, 4, 1
-    bk = 128 // elt_size
-    if br <= 64:
-        return 64, bk, 4, 4
-    return 64, bk, 8, 3
-
-
-def reduce_config(br: int, elt_size: int, precision: str = "tf32", interpret: Optional[bool] = None):
-    """(BLOCK_M, BLOCK_N, BLOCK_R, warps, stages) of the M-reduction kernel; BLOCK_R < br splits NR over the grid."""
-    if _INTERPRET if interpret is None else interpret:
-        return 32, 32, min(br, 64), 4, 1
-    bm = 128 // elt_size
-    if elt_size == 4 and precision == "ieee":
-        # FMA dot: a [64, 256] fp32 accumulator made ptxas spill 20 KB, [64, 64] with 4 warps 1.1 KB; 8 warps do not.
-        return bm, 64, min(br, 64), 8, 3
-    if br <= 64:
-        return bm, 128, br, 4, 4
-    return bm, 64, br, 8, 3
+class FusedDR(NamedTuple):
+    """The backward G shrink's extra output, dr += dy^T (ts * s) in the same pass over dy (`_shrink_kernel`)."""
+    ts: torch.Tensor  # [M, NR] fp32: the forward's T
+    s: torch.Tensor  # [NR] fp32 scales
+    dr: torch.Tensor  # [out, NR] fp32, zeroed
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Helpers.
 # ----------------------------------------------------------------------------------------------------------------
 def _alloc(shape, dtype, device):
-    if _FILL_NAN:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    if _forced().fill_nan:
+        # Integers have no NaN: all bits set instead (a mask word the kernel forgot to write keeps all 32 elements).
+        return torch.full(shape, float("nan") if dtype.is_floating_point else -1, dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
-
-
-@contextlib.contextmanager
-def force_configs(fused=None, shrink=None, reduce=None):
-    """Run every launch inside the block with the given configs (None: the default for that kernel)."""
-    old = dict(_FORCE_CONFIG)
-    _FORCE_CONFIG.clear()
-    _FORCE_CONFIG.update({k: v for k, v in (("fused", fused), ("shrink", shrink), ("reduce", reduce)) if v})
-    try:
-        yield
-    finally:
-        _FORCE_CONFIG.clear()
-        _FORCE_CONFIG.update(old)
 
 
 def _device_guard(device: torch.device):
@@ -210,33 +165,6 @@ def _device_guard(device: torch.device):
     if device.type == "cuda":
         return torch.cuda.device(device)
     return contextlib.nullcontext()
-
-
-def tf32_allowed() -> bool:
-    """Whether torch allows TF32 for fp32 matmuls, read through the new API where it exists.
-
-    `torch.backends.cuda.matmul.fp32_precision` is "tf32" / "ieee" once set (directly or through the global
-    `torch.backends.fp32_precision`), "none" while unset; reading the legacy `allow_tf32` after the new API was used
-    raises on recent torch, so it is only consulted when the new one says nothing.
-    """
-    matmul = torch.backends.cuda.matmul
-    prec = getattr(matmul, "fp32_precision", None)
-    if prec == "tf32":
-        return True
-    if prec == "ieee":
-        return False
-    try:
-        return bool(matmul.allow_tf32)
-    except RuntimeError:  # a mix of the two APIs: torch itself refuses to say; IEEE is the safe answer
-        return False
-
-
-def _precision(dtype: torch.dtype) -> str:
-    if _INTERPRET:
-        return "ieee"
-    if dtype == torch.float32 and not tf32_allowed():
-        return "ieee"
-    return "tf32"  # ignored by tl.dot for fp16/bf16 operands
 
 
 def _m_bucket(m: int) -> int:
@@ -251,8 +179,9 @@ def _num_sms(device: torch.device) -> int:
 
 def _splits(tiles: int, length: int, block: int, device: torch.device) -> int:
     """How many slices of a reduction of `length` so that tiles * slices fills the GPU about twice."""
-    if _FORCE_SPLIT is not None:
-        return max(1, min(_FORCE_SPLIT, triton.cdiv(length, block)))
+    forced = _forced().split
+    if forced is not None:
+        return max(1, min(forced, triton.cdiv(length, block)))
     if torch.are_deterministic_algorithms_enabled():
         return 1
     want = triton.cdiv(2 * _num_sms(device), max(tiles, 1))
@@ -261,10 +190,11 @@ def _splits(tiles: int, length: int, block: int, device: torch.device) -> int:
 
 
 def _fuse_t(nr: int, dropout_p: float) -> bool:
-    # Dropout needs T_MODE 1 (see triton_fwd.py); a wider in-loop T would need configs the sm_90 report has not seen.
+    # Dropout needs T_MODE 1 (see kernels.py); a wider in-loop T would need configs the sm_90 report has not seen.
     if dropout_p > 0.0 or block_r(nr) > FUSE_T_MAX_R:
         return False
-    return True if _FORCE_FUSE_T is None else _FORCE_FUSE_T
+    forced = _forced().fuse_t
+    return True if forced is None else forced
 
 
 def _no_bits(device):
@@ -286,13 +216,12 @@ def _seed_args(seed, device):
 
 
 def _dropout_bits(m: int, k: int, p: float, seed, device) -> torch.Tensor:
-    """The packed keep-mask [m, cdiv(k, 32)] int32 of an [m, k] input (triton_fwd.py: `_dropout_bits_kernel`);
+    """The packed keep-mask [m, cdiv(k, 32)] int32 of an [m, k] input (kernels.py: `_dropout_bits_kernel`);
     seed: an int or a one-element integer tensor (read on the device, see `_seed_args`)."""
     w = triton.cdiv(k, 32)
-    bits = _alloc((m, w), torch.int32, device) if not _FILL_NAN else torch.full((m, w), -1, dtype=torch.int32,
-                                                                                    device=device)
+    bits = _alloc((m, w), torch.int32, device)
     if m and w:
-        bm, bw, warps = (32, 16, 4) if _INTERPRET else BITS_CONFIG
+        bm, bw, warps = bits_config()
         seed_i, seed_ptr, from_ptr = _seed_args(seed, device)
         _dropout_bits_kernel[(triton.cdiv(m, bm), triton.cdiv(w, bw))](
             bits, m, w, bits.stride(0), seed_i, seed_ptr, float(p), SEED_FROM_PTR=from_ptr,
@@ -315,13 +244,16 @@ def _check_dtypes(x2, **others):
             raise TypeError(f"{name}: expected dtype {x2.dtype} (the dtype of x), got {t.dtype}")
 
 
-def _launch_shrink(a, p, t, rows_stride_p, k_stride_p, dropout_p, bits, fused_dr=None):
-    """t[M, NR] (fp32) = drop(a) @ P^T where P[r, k] = p[r * rows_stride_p + k * k_stride_p]; drop from `bits`.
-    fused_dr = (ts [M, NR] fp32, s, dr [K, NR] fp32 zeroed): also dr += a^T (ts * s) in the same pass."""
+# ----------------------------------------------------------------------------------------------------------------
+# One launcher per kernel: configs, grid, strides.
+# ----------------------------------------------------------------------------------------------------------------
+def _launch_shrink(a, p: Mat, t, drop: Dropout, fused_dr: Optional[FusedDR] = None):
+    """t[M, NR] (fp32) = drop(a) @ P^T, P [NR, K]; the mask from drop.bits.
+    fused_dr: also dr += a^T (ts * s) in the same pass (see `FusedDR`)."""
     m, k = a.shape
     nr = t.shape[1]
     br = block_r(nr)
-    bm, bk, warps, stages = _FORCE_CONFIG.get("shrink") or shrink_config(br, a.element_size())
+    bm, bk, warps, stages = _forced().shrink or shrink_config(br, a.element_size())
     m_tiles = triton.cdiv(m, bm)
     split = _splits(m_tiles, k, bk, a.device)
     k_per_split = triton.cdiv(triton.cdiv(k, split), bk) * bk
@@ -330,63 +262,64 @@ def _launch_shrink(a, p, t, rows_stride_p, k_stride_p, dropout_p, bits, fused_dr
         t.zero_()
     if k == 0:
         return
-    bits = _no_bits(a.device) if bits is None else bits
+    bits = _no_bits(a.device) if drop.bits is None else drop.bits
     ts, s, dr = fused_dr if fused_dr is not None else (t, t, t)  # unused without FUSED_DR
     _shrink_kernel[(m_tiles, split)](
-        a, p, t, bits, ts, s, dr, m, k, nr, k_per_split, 1.0 / (1.0 - dropout_p),
-        a.stride(0), a.stride(1), rows_stride_p, k_stride_p, t.stride(0), t.stride(1), bits.stride(0),
+        a, p.data, t, bits, ts, s, dr, m, k, nr, k_per_split, 1.0 / (1.0 - drop.p),
+        a.stride(0), a.stride(1), p.strides[0], p.strides[1], t.stride(0), t.stride(1), bits.stride(0),
         ts.stride(0), ts.stride(-1), dr.stride(0), dr.stride(-1),
-        HAS_DROP=dropout_p > 0.0, ATOMIC=split > 1, EVEN_K=k % bk == 0, FUSED_DR=fused_dr is not None,
-        BLOCK_R=br, UPCAST=_INTERPRET,
-        PRECISION=_precision(a.dtype), BLOCK_M=bm, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+        HAS_DROP=drop.p > 0.0, ATOMIC=split > 1, EVEN_K=k % bk == 0, FUSED_DR=fused_dr is not None,
+        BLOCK_R=br, UPCAST=INTERPRET,
+        PRECISION=precision(a.dtype), BLOCK_M=bm, BLOCK_K=bk, num_warps=warps, num_stages=stages,
     )
 
 
-def _launch_reduce(a, g, s, c, c_strides, dropout_p, bits):
-    """c[N, NR] (fp32, strides c_strides) = drop(a)^T (g * s), a: [M, N], g: [M, NR] fp32; drop from `bits`."""
+def _launch_reduce(a, g, s, c: Mat, drop: Dropout):
+    """c[N, NR] (fp32) = drop(a)^T (g * s), a: [M, N], g: [M, NR] fp32; the mask from drop.bits."""
     m, n = a.shape
     nr = g.shape[1]
     br = block_r(nr)
-    prec = _precision(a.dtype)
-    bm, bn, br, warps, stages = _FORCE_CONFIG.get("reduce") or reduce_config(br, a.element_size(), prec)
+    prec = precision(a.dtype)
+    bm, bn, br, warps, stages = _forced().reduce or reduce_config(br, a.element_size(), prec)
     br = min(br, block_r(nr))
     n_tiles = triton.cdiv(n, bn) * triton.cdiv(nr, br)
     split = _splits(n_tiles, m, bm, a.device)
     m_per_split = triton.cdiv(triton.cdiv(m, split), bm) * bm
     split = triton.cdiv(m, m_per_split)
     if split > 1:
-        c.zero_()
-    bits = _no_bits(a.device) if bits is None else bits
+        c.data.zero_()
+    bits = _no_bits(a.device) if drop.bits is None else drop.bits
     _reduce_m_kernel[(triton.cdiv(n, bn), split, triton.cdiv(nr, br))](
-        a, g, s, c, bits, m, n, nr, m_per_split, 1.0 / (1.0 - dropout_p),
-        a.stride(0), a.stride(1), g.stride(0), g.stride(1), c_strides[0], c_strides[1], bits.stride(0),
-        HAS_DROP=dropout_p > 0.0, ATOMIC=split > 1, BLOCK_R=br, UPCAST=_INTERPRET,
+        a, g, s, c.data, bits, m, n, nr, m_per_split, 1.0 / (1.0 - drop.p),
+        a.stride(0), a.stride(1), g.stride(0), g.stride(1), c.strides[0], c.strides[1], bits.stride(0),
+        HAS_DROP=drop.p > 0.0, ATOMIC=split > 1, BLOCK_R=br, UPCAST=INTERPRET,
         PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
     )
 
 
-def _launch_fused(a, b_strides, b, p, p_strides, q, q_strides, s, bias, t, c, n, t_mode, store_t, out_drop,
-                  dropout_p, bits):
+def _launch_fused(ops: FusedOperands, mode: FusedMode, drop: Dropout):
+    a, c = ops.a, ops.c
     m, k = a.shape
-    nr = s.shape[0]
-    br = block_r(nr) if t_mode == 0 else min(T_CHUNK, block_r(nr))
+    n = c.shape[1]
+    nr = ops.s.shape[0]
+    br = block_r(nr) if mode.t_mode == 0 else min(T_CHUNK, block_r(nr))
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-    bits = _no_bits(a.device) if bits is None else bits
-    args = (a, b, p, q, s, bias if bias is not None else s, t, c, bits,
-            m, n, k, nr, _m_bucket(m), 1.0 / (1.0 - dropout_p),
-            a.stride(0), a.stride(1), b_strides[0], b_strides[1], p_strides[0], p_strides[1],
-            q_strides[0], q_strides[1], t.stride(0), t.stride(1), c.stride(0), c.stride(1), bits.stride(0))
-    meta = dict(HAS_BIAS=bias is not None, T_MODE=t_mode, STORE_T=store_t, OUT_DROP=out_drop,
-                BLOCK_R=br, UPCAST=_INTERPRET, PRECISION=_precision(a.dtype))
-    forced = _FORCE_CONFIG.get("fused")
+    bits = _no_bits(a.device) if drop.bits is None else drop.bits
+    args = (a, ops.b.data, ops.p.data, ops.q.data, ops.s, ops.bias if ops.bias is not None else ops.s, ops.t, c, bits,
+            m, n, k, nr, _m_bucket(m), 1.0 / (1.0 - drop.p),
+            a.stride(0), a.stride(1), *ops.b.strides, *ops.p.strides, *ops.q.strides,
+            ops.t.stride(0), ops.t.stride(1), c.stride(0), c.stride(1), bits.stride(0))
+    meta = dict(HAS_BIAS=ops.bias is not None, T_MODE=mode.t_mode, STORE_T=mode.store_t, OUT_DROP=mode.out_drop,
+                BLOCK_R=br, UPCAST=INTERPRET, PRECISION=precision(a.dtype))
+    forced = _forced().fused
     if forced is not None:
-        _fused_even[grid(forced.kwargs)](*args, **meta, **forced.kwargs, num_warps=forced.num_warps,
-                                         num_stages=forced.num_stages)
+        fused_even[grid(forced.kwargs)](*args, **meta, **forced.kwargs, num_warps=forced.num_warps,
+                                        num_stages=forced.num_stages)
     else:
-        _fused_tuned[grid](*args, **meta)
+        fused_tuned[grid](*args, **meta)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -413,12 +346,10 @@ def _fwd(x2, weight, bias, lora_L, lora_R, scales, dropout_p, seed):
     s = scales.to(device=x2.device, dtype=torch.float32).contiguous()
     fuse = _fuse_t(nr, p)
     if not fuse:
-        # P[r, k] = L[r, k]
-        _launch_shrink(x2, lora_L, t, lora_L.stride(0), lora_L.stride(1), p, bits if p > 0.0 else None)
-    # B[k, n] = W[n, k]; Q[n, r] = R[n, r]
-    _launch_fused(x2, (weight.stride(1), weight.stride(0)), weight, lora_L, (lora_L.stride(0), lora_L.stride(1)),
-                  lora_R, (lora_R.stride(0), lora_R.stride(1)), s, bias, t, y, n,
-                  t_mode=0 if fuse else 1, store_t=fuse, out_drop=False, dropout_p=p, bits=None)
+        _launch_shrink(x2, Mat.of(lora_L), t, Dropout(p, bits if p > 0.0 else None))
+    # The GEMM's B [in, out] is W^T, P [n*r, in] is L, Q [out, n*r] is R; the mask is applied by the shrink.
+    _launch_fused(FusedOperands(x2, Mat.transposed(weight), Mat.of(lora_L), Mat.of(lora_R), s, bias, t, y),
+                  FusedMode(t_mode=0 if fuse else 1, store_t=fuse, out_drop=False), Dropout(p, None))
     return y, t, bits
 
 
@@ -446,7 +377,7 @@ def lowrank_linear_bwd_triton_fused_dy(dy2, x2, weight, lora_L, lora_R, scales, 
 def uses_fused_dy(nr: int, dropout_p: float, dtype: torch.dtype) -> bool:
     """Whether fused_dy changes anything for this n*r, dropout and dtype (G has its own pass over dy, n*r fits)."""
     # The limit is a register budget of compiled kernels; the interpreter runs every width (for the tests).
-    limit = FUSED_DY_MAX_R if _INTERPRET else fused_dy_max_r(_precision(dtype))
+    limit = FUSED_DY_MAX_R if INTERPRET else fused_dy_max_r(precision(dtype))
     return not _fuse_t(nr, dropout_p) and block_r(nr) <= limit
 
 
@@ -473,7 +404,7 @@ def _bwd(dy2, x2, weight, lora_L, lora_R, scales, t, dropout_p, seed, needs_dx, 
     dx = dL = dR = None
     g = None
     # P[r, k'] = R^T[r, k'] = R[k', r] (the K of this GEMM runs over out)
-    r_as_p = (lora_R.stride(1), lora_R.stride(0))
+    r_as_p = Mat.transposed(lora_R)
     fuse = _fuse_t(nr, p)  # dropout needs the masked low-rank part first (T_MODE 1)
     # dR from the pass that reads dy for G, when there is such a pass (G is not accumulated in the dx GEMM).
     shrink_g = (needs_dx and not fuse) or (needs_dL and not needs_dx)
@@ -481,29 +412,32 @@ def _bwd(dy2, x2, weight, lora_L, lora_R, scales, t, dropout_p, seed, needs_dx, 
     if fused_dy and needs_dR and shrink_g and uses_fused_dy(nr, p, x2.dtype) \
             and not torch.are_deterministic_algorithms_enabled():
         dr32 = torch.zeros((n, nr), dtype=torch.float32, device=dev)
-        fused_dr = (t.to(torch.float32).contiguous(), s, dr32)  # T is fp32 already: no copy
+        fused_dr = FusedDR(t.to(torch.float32).contiguous(), s, dr32)  # T is fp32 already: no copy
     if needs_dx:
         dx = _alloc((m, k), x2.dtype, dev)
         if needs_dL or not fuse:
             g = _alloc((m, nr), torch.float32, dev)
         if not fuse:
-            _launch_shrink(dy2, lora_R, g, r_as_p[0], r_as_p[1], 0.0, None, fused_dr)
-        # B[k', n'] = W[k', n'] (k' over out, n' over in); Q[n', r] = L[r, n']
-        _launch_fused(dy2, (weight.stride(0), weight.stride(1)), weight, lora_R, r_as_p,
-                      lora_L, (lora_L.stride(1), lora_L.stride(0)), s, None, g if g is not None else s[None, :], dx, k,
-                      t_mode=0 if fuse else 1, store_t=fuse and needs_dL, out_drop=p > 0.0, dropout_p=p, bits=bits)
+            _launch_shrink(dy2, r_as_p, g, NO_DROPOUT, fused_dr)
+        # B[k', n'] = W[k', n'] (k' over out, n' over in); Q[n', r] = L[r, n']. Without a G to store (fused, no dL)
+        # the scales stand in for T's pointer, never read.
+        _launch_fused(FusedOperands(dy2, Mat.of(weight), r_as_p, Mat.transposed(lora_L), s, None,
+                                    g if g is not None else s[None, :], dx),
+                      FusedMode(t_mode=0 if fuse else 1, store_t=fuse and needs_dL, out_drop=p > 0.0),
+                      Dropout(p, bits))
     elif needs_dL:
         g = _alloc((m, nr), torch.float32, dev)
-        _launch_shrink(dy2, lora_R, g, r_as_p[0], r_as_p[1], 0.0, None, fused_dr)
+        _launch_shrink(dy2, r_as_p, g, NO_DROPOUT, fused_dr)
     if needs_dL:
         dl32 = _alloc((nr, k), torch.float32, dev)
-        _launch_reduce(x2, g, s, dl32, (dl32.stride(1), dl32.stride(0)), p, bits)
+        # dL^T [in, n*r] written through dL's transposed strides
+        _launch_reduce(x2, g, s, Mat.transposed(dl32), Dropout(p, bits))
         dL = dl32.to(lora_L.dtype)
     if needs_dR:
         if fused_dr is None:
             t32 = t.to(torch.float32).contiguous()
             dr32 = _alloc((n, nr), torch.float32, dev)
-            _launch_reduce(dy2, t32, s, dr32, (dr32.stride(0), dr32.stride(1)), 0.0, None)
+            _launch_reduce(dy2, t32, s, Mat.of(dr32), NO_DROPOUT)
         dR = dr32.to(lora_R.dtype)
     return dx, dL, dR
 
