@@ -141,16 +141,16 @@ def test_a_held_lock_times_out_into_the_fallback(tmp_path, monkeypatch):
     with open(lock, "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         code = CHILD.replace('backend="extension"', 'backend="auto"')
-        start = time.monotonic()
         proc = subprocess.run([sys.executable, "-W", "always", "-c", code, "5"], cwd=ROOT, capture_output=True,
-                              text=True, timeout=120, env=_env(tmp_path, MUSCLE_KERNELS_BUILD_TIMEOUT="1"))
-        elapsed = time.monotonic() - start
+                              text=True, timeout=300, env=_env(tmp_path, MUSCLE_KERNELS_BUILD_TIMEOUT="1"))
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     (line,) = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     info = json.loads(line[len("RESULT "):])
     assert info["origin"] == "fallback" and "TimeoutError" in info["reason"] and str(lock) in info["reason"], info
     assert proc.stderr.count("torch._foreach fallback") == 1, proc.stderr[-3000:]
-    assert elapsed < 60, f"took {elapsed:.0f} s with a 1 s lock timeout"
+    # The wait itself is the lock timeout the child reports (1 s, not the 1800 s default). The wall clock also counts
+    # the child's imports, over a minute on a loaded 2-core machine: subprocess.run's timeout bounds it, no assert.
+    assert "waited 1 s for the build lock" in info["reason"], info
 
 
 def test_a_typo_in_a_switch_is_an_error(tmp_path):
