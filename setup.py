@@ -17,6 +17,7 @@ Switches at build time: MUSCLE_KERNELS_BINARY=0/1 (1: a failed compile fails the
 leaves the JIT path), MUSCLE_KERNELS_BUILD_CUDA=0/1, TORCH_CUDA_ARCH_LIST, MUSCLE_KERNELS_CPU_ARCH (default: the
 compiler's portable default). Everything else lives in pyproject.toml.
 """
+
 import importlib.util
 import os
 import shutil
@@ -80,25 +81,47 @@ def binary_extensions():
             raise RuntimeError("MUSCLE_KERNELS_BINARY=1 but no C++ compiler was found")
         return [], "no C++ compiler"
     common = ["-O3", ENV.TARGET_VERSION_DEFINE]
-    exts = [cpp_extension.CppExtension(
-        "muscle_kernels._grad_align_cpu", ["csrc/grad_align.cpp"], include_dirs=[str(CSRC)],
-        extra_compile_args={"cxx": [*common, "-Wno-psabi", *_cpu_arch_flags()]}, py_limited_api=True)]
+    exts = [
+        cpp_extension.CppExtension(
+            "muscle_kernels._grad_align_cpu",
+            ["csrc/grad_align.cpp"],
+            include_dirs=[str(CSRC)],
+            extra_compile_args={"cxx": [*common, "-Wno-psabi", *_cpu_arch_flags()]},
+            py_limited_api=True,
+        )
+    ]
     want_cuda = ENV.env_flag("MUSCLE_KERNELS_BUILD_CUDA")
     home = ENV.find_cuda_home([cpp_extension.CUDA_HOME]) if torch.version.cuda else None
     if want_cuda is not False and home is not None:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", ENV.DEFAULT_CUDA_ARCHS)
         cpp_extension.CUDA_HOME = home
-        exts.append(cpp_extension.CUDAExtension(
-            "muscle_kernels._grad_align_cuda", ["csrc/grad_align_cuda.cu"], include_dirs=[str(CSRC)],
-            extra_compile_args={"cxx": [*common, "-DUSE_CUDA"], "nvcc": [*common, "-DUSE_CUDA", "-lineinfo"]},
-            py_limited_api=True))
+        exts.append(
+            cpp_extension.CUDAExtension(
+                "muscle_kernels._grad_align_cuda",
+                ["csrc/grad_align_cuda.cu"],
+                include_dirs=[str(CSRC)],
+                extra_compile_args={"cxx": [*common, "-DUSE_CUDA"], "nvcc": [*common, "-DUSE_CUDA", "-lineinfo"]},
+                py_limited_api=True,
+            )
+        )
         _say(f"CUDA kernels for {os.environ['TORCH_CUDA_ARCH_LIST']} with {home}")
     elif want_cuda:
-        raise RuntimeError(f"MUSCLE_KERNELS_BUILD_CUDA=1 but torch {torch.__version__} is "
-                           f"{'a CUDA build' if torch.version.cuda else 'CPU-only'} and CUDA_HOME={home}")
+        raise RuntimeError(
+            f"MUSCLE_KERNELS_BUILD_CUDA=1 but torch {torch.__version__} is "
+            f"{'a CUDA build' if torch.version.cuda else 'CPU-only'} and CUDA_HOME={home}"
+        )
     else:
-        _say("CPU kernels only (" + ("MUSCLE_KERNELS_BUILD_CUDA=0" if want_cuda is False else
-                                      "torch is CPU-only" if not torch.version.cuda else "no CUDA toolkit") + ")")
+        _say(
+            "CPU kernels only ("
+            + (
+                "MUSCLE_KERNELS_BUILD_CUDA=0"
+                if want_cuda is False
+                else "torch is CPU-only"
+                if not torch.version.cuda
+                else "no CUDA toolkit"
+            )
+            + ")"
+        )
     return exts, ""
 
 
@@ -117,7 +140,9 @@ def build_ext_class():
             except Exception as exc:
                 if strict:
                     raise
-                warnings.warn(f"muscle_kernels: {ext.name} did not compile ({exc}); the wheel will JIT-build it", stacklevel=2)
+                warnings.warn(
+                    f"muscle_kernels: {ext.name} did not compile ({exc}); the wheel will JIT-build it", stacklevel=2
+                )
 
     return build_ext_optional
 

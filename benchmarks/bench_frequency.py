@@ -10,6 +10,7 @@ The dense N x N filter needs N^2 * 4 bytes per sigma in fp32 (1.6 GB at N = 20,0
 printed for comparison, not run. --sm90 compiles the Triton kernel's shipped tile configs for sm_90 (GPUTarget, no
 GPU needed) and reports registers and spills from ptxas.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,7 +33,7 @@ def _child(args) -> dict:
 
     device = torch.device(args.device)
     g = torch.Generator().manual_seed(0)
-    x = (torch.randn(args.n, args.d, generator=g) / args.d ** 0.5).to(device)
+    x = (torch.randn(args.n, args.d, generator=g) / args.d**0.5).to(device)
     f = torch.softmax(torch.randn(args.n, args.c, generator=g), 1).to(device)
     sigmas = [float(s) for s in args.sigmas.split(",")]
     if device.type == "cuda":
@@ -54,8 +55,18 @@ def _child(args) -> dict:
         peak = torch.cuda.max_memory_allocated() - base
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    return dict(backend=args.backend, device=str(device), n=args.n, d=args.d, c=args.c, sigmas=len(sigmas),
-                chunk=args.chunk, seconds=min(times), peak_mib=peak / 2 ** 20, threads=torch.get_num_threads())
+    return dict(
+        backend=args.backend,
+        device=str(device),
+        n=args.n,
+        d=args.d,
+        c=args.c,
+        sigmas=len(sigmas),
+        chunk=args.chunk,
+        seconds=min(times),
+        peak_mib=peak / 2**20,
+        threads=torch.get_num_threads(),
+    )
 
 
 def _sm90():
@@ -91,8 +102,10 @@ def _sm90():
         opts = backend.parse_options({"num_warps": warps, "num_stages": 2})
         ck = triton.compile(triton.compiler.ASTSource(fn, sig, const, attrs), target=target, options=opts.__dict__)
         regs, spills = ptxas_usage(ck.asm["ptx"])
-        print(f"| {n_s} | {dt} | {bm}x{bn}x{bd} | {warps} | {regs} | {spills} | {ck.metadata.shared / 1024:.1f} |",
-              flush=True)
+        print(
+            f"| {n_s} | {dt} | {bm}x{bn}x{bd} | {warps} | {regs} | {spills} | {ck.metadata.shared / 1024:.1f} |",
+            flush=True,
+        )
 
 
 def main(argv=None) -> int:
@@ -117,22 +130,28 @@ def main(argv=None) -> int:
         return 0
     backends = (args.backends or ("torch" if args.device == "cpu" else "torch,triton")).split(",")
     n_s = len(args.sigmas.split(","))
-    print(f"N = {args.n}, d = {args.d}, c = {args.c}, {n_s} sigmas on {args.device}; the dense filter would need "
-          f"{args.n ** 2 * 4 / 1e9:.1f} GB per sigma in fp32 ({n_s * args.n ** 2 * 4 / 1e9:.1f} GB for all)")
+    print(
+        f"N = {args.n}, d = {args.d}, c = {args.c}, {n_s} sigmas on {args.device}; the dense filter would need "
+        f"{args.n**2 * 4 / 1e9:.1f} GB per sigma in fp32 ({n_s * args.n**2 * 4 / 1e9:.1f} GB for all)"
+    )
     print("| backend | device | N | d | sigmas | time s | peak MiB above inputs | threads |")
     print("|---------|--------|---|---|--------|--------|-----------------------|---------|")
     failed = 0
     for backend in backends:
         cmd = [sys.executable, os.path.abspath(__file__), "--backend", backend] + [
-            a for a in (argv if argv is not None else sys.argv[1:])]
+            a for a in (argv if argv is not None else sys.argv[1:])
+        ]
         res = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if res.returncode != 0:
             print(f"| {backend} | failed: {res.stderr.strip().splitlines()[-1] if res.stderr else res.returncode} |")
             failed += 1
             continue
         r = json.loads(res.stdout.strip().splitlines()[-1])
-        print(f"| {r['backend']} | {r['device']} | {r['n']} | {r['d']} | {r['sigmas']} | {r['seconds']:.2f} | "
-              f"{r['peak_mib']:.0f} | {r['threads']} |", flush=True)
+        print(
+            f"| {r['backend']} | {r['device']} | {r['n']} | {r['d']} | {r['sigmas']} | {r['seconds']:.2f} | "
+            f"{r['peak_mib']:.0f} | {r['threads']} |",
+            flush=True,
+        )
         if args.json:
             with open(args.json, "a") as fh:
                 fh.write(json.dumps(r) + "\n")

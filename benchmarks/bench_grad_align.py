@@ -17,6 +17,7 @@ Lists: BERT-base (201 tensors, 109M), a BERT-base LoRA-only list (r=8 on query/v
 a GPU also Llama-7B LoRA (r=16 on all linear layers: 448 tensors, 40M) and full BERT-large (393 tensors, 335M).
 Results: a table on stdout, rows appended to benchmarks/out/grad_align.csv, a plot in benchmarks/out/grad_align.png.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,15 +27,17 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from muscle_kernels.ops.grad_align import align_gradients_  # noqa: E402
-from muscle_kernels.ops.grad_align import extension  # noqa: E402
+from muscle_kernels.ops.grad_align import (
+    align_gradients_,  # noqa: E402
+    extension,  # noqa: E402
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_io import append_rows  # noqa: E402
@@ -43,19 +46,19 @@ OUT = Path(__file__).resolve().parent / "out"
 
 
 # ---- parameter-shape lists ----
-def bert_shapes(hidden: int, layers: int, inter: int, vocab: int = 30522, n_labels: int = 2) -> List[Tuple[int, ...]]:
+def bert_shapes(hidden: int, layers: int, inter: int, vocab: int = 30522, n_labels: int = 2) -> list[tuple[int, ...]]:
     """Every parameter of BertForSequenceClassification, in model order."""
     shapes = [(vocab, hidden), (512, hidden), (2, hidden), (hidden,), (hidden,)]
     for _ in range(layers):
         shapes += [(hidden, hidden), (hidden,)] * 4  # query, key, value, attention output
-        shapes += [(hidden,), (hidden,)]             # attention LayerNorm
+        shapes += [(hidden,), (hidden,)]  # attention LayerNorm
         shapes += [(inter, hidden), (inter,), (hidden, inter), (hidden,)]
-        shapes += [(hidden,), (hidden,)]             # output LayerNorm
+        shapes += [(hidden,), (hidden,)]  # output LayerNorm
     shapes += [(hidden, hidden), (hidden,), (n_labels, hidden), (n_labels,)]  # pooler, classifier
     return shapes
 
 
-def bert_base_lora_shapes() -> List[Tuple[int, ...]]:
+def bert_base_lora_shapes() -> list[tuple[int, ...]]:
     """The paper's BERT-base setting: LoRA r=8 on query and value, MSLR (8 branches of rank 1) on the pooler dense
     and the classifier, classifier bias trainable."""
     shapes = []
@@ -65,7 +68,7 @@ def bert_base_lora_shapes() -> List[Tuple[int, ...]]:
     return shapes
 
 
-def llama7b_lora_shapes(r: int = 16) -> List[Tuple[int, ...]]:
+def llama7b_lora_shapes(r: int = 16) -> list[tuple[int, ...]]:
     shapes = []
     for _ in range(32):
         for out_f, in_f in [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)]:
@@ -73,7 +76,7 @@ def llama7b_lora_shapes(r: int = 16) -> List[Tuple[int, ...]]:
     return shapes
 
 
-LISTS: Dict[str, Callable[[], List[Tuple[int, ...]]]] = {
+LISTS: dict[str, Callable[[], list[tuple[int, ...]]]] = {
     "bert-base": lambda: bert_shapes(768, 12, 3072),
     "bert-base-lora": bert_base_lora_shapes,
     "llama7b-lora-r16": llama7b_lora_shapes,
@@ -82,7 +85,7 @@ LISTS: Dict[str, Callable[[], List[Tuple[int, ...]]]] = {
 
 
 # ---- providers ----
-def paper_align_(grads: List[torch.Tensor], refs: List[torch.Tensor], raw_ratio: float = 0.0) -> None:
+def paper_align_(grads: list[torch.Tensor], refs: list[torch.Tensor], raw_ratio: float = 0.0) -> None:
     """The paper's step, faithfully slow: refs parked on the CPU, per-tensor host syncs, a Python loop."""
     ref_cpu = [r.detach().cpu() for r in refs]
     for g, r_cpu in zip(grads, ref_cpu):
@@ -130,7 +133,7 @@ def run_list(name, device, warmup, reps, paper_reps, providers):
     shapes = LISTS[name]()
     flat_g, flat_r, grads, refs = make_list(shapes, device)
     numel = flat_g.numel()
-    res: Dict[str, float] = {}
+    res: dict[str, float] = {}
     read_sum = bench(lambda: (flat_g.sum(), flat_r.sum()), device, warmup, reps)
     read_dot = bench(lambda: torch.dot(flat_g, flat_r), device, warmup, reps)
     write = bench(lambda: torch.mul(flat_r, 0.5, out=flat_g), device, warmup, reps)
@@ -189,23 +192,40 @@ def main(argv=None):
         n_tensors, numel, res = run_list(name, device, warmup, reps, paper_reps, providers)
         for provider, ms in res.items():
             gbps = 4 * numel * 4 / (ms * 1e-3) / 1e9  # 4 fp32 streams: read g, r; read r, write g
-            rows.append(dict(date=stamp, device=device.type, device_name=device_name(device), torch=torch.__version__,
-                             list=name, n_tensors=n_tensors, numel=numel, provider=provider, ms=round(ms, 3),
-                             x_floor=round(ms / res["floor"], 3), speedup_vs_paper=round(res["paper"] / ms, 2),
-                             eff_GBps=round(gbps, 1)))
+            rows.append(
+                dict(
+                    date=stamp,
+                    device=device.type,
+                    device_name=device_name(device),
+                    torch=torch.__version__,
+                    list=name,
+                    n_tensors=n_tensors,
+                    numel=numel,
+                    provider=provider,
+                    ms=round(ms, 3),
+                    x_floor=round(ms / res["floor"], 3),
+                    speedup_vs_paper=round(res["paper"] / ms, 2),
+                    eff_GBps=round(gbps, 1),
+                )
+            )
 
     if ext is not None:
         ext_text = ", ".join(f"{k} from the {v}" for k, v in ext.origins.items())
     else:
         ext_text = f"not available ({extension.extension_info('none')['reason']})"
-    print(f"\ndevice(s): {', '.join(device_name(d) for d in devices)}; torch {torch.__version__}; "
-          f"extension: {ext_text}")
-    header = f"{'list':<18}{'tensors':>8}{'numel':>12}  {'provider':<8}{'ms':>10}{'x floor':>9}{'vs paper':>10}{'GB/s':>8}"
+    print(
+        f"\ndevice(s): {', '.join(device_name(d) for d in devices)}; torch {torch.__version__}; extension: {ext_text}"
+    )
+    header = (
+        f"{'list':<18}{'tensors':>8}{'numel':>12}  {'provider':<8}{'ms':>10}{'x floor':>9}{'vs paper':>10}{'GB/s':>8}"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['device'] + ':' + r['list']:<18}{r['n_tensors']:>8}{r['numel']:>12}  {r['provider']:<8}"
-              f"{r['ms']:>10.2f}{r['x_floor']:>9.2f}{r['speedup_vs_paper']:>9.1f}x{r['eff_GBps']:>8.1f}")
+        print(
+            f"{r['device'] + ':' + r['list']:<18}{r['n_tensors']:>8}{r['numel']:>12}  {r['provider']:<8}"
+            f"{r['ms']:>10.2f}{r['x_floor']:>9.2f}{r['speedup_vs_paper']:>9.1f}x{r['eff_GBps']:>8.1f}"
+        )
 
     OUT.mkdir(parents=True, exist_ok=True)
     csv_path = OUT / "grad_align.csv"
@@ -224,7 +244,9 @@ def plot(rows, path):
     except ImportError:
         print("matplotlib missing: no plot")
         return
-    groups = sorted({(r["device"], r["list"]) for r in rows}, key=lambda k: [(r["device"], r["list"]) for r in rows].index(k))
+    groups = sorted(
+        {(r["device"], r["list"]) for r in rows}, key=lambda k: [(r["device"], r["list"]) for r in rows].index(k)
+    )
     providers = ["paper", "foreach", "ours", "floor"]
     fig, ax = plt.subplots(figsize=(2.2 + 2.0 * len(groups), 4))
     width = 0.2

@@ -1,12 +1,12 @@
 """Shared by the benchmark scripts: append result rows to a CSV, writing the header only for a new file."""
+
 from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import List
 
 
-def append_rows(rows: List[dict], path: Path) -> Path:
+def append_rows(rows: list[dict], path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists()

@@ -12,6 +12,7 @@ Times are the fastest block of torch.utils.benchmark's blocked_autorange, over i
     python benchmarks/bench_linear_cpu.py              # the default cases (a few minutes on 2 cores)
     python benchmarks/bench_linear_cpu.py --quick      # one small case
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,8 +48,9 @@ QUICK_CASES = [(512, 512, 512, (1,), 16)]
 def make_layers(in_f, out_f, band, rank, dtype=torch.float32):
     torch.manual_seed(0)
     bare = nn.Linear(in_f, out_f, dtype=dtype).requires_grad_(False)
-    ours = MuScleLoRALinear.from_linear(copy.deepcopy(bare), freq_band=band, inner_rank=rank, alpha=2.0 * rank,
-                                        init="seed")
+    ours = MuScleLoRALinear.from_linear(
+        copy.deepcopy(bare), freq_band=band, inner_rank=rank, alpha=2.0 * rank, init="seed"
+    )
     layers = {"bare": bare, "ours": ours, "paper": PaperMultiScaleLinear(ours)}
     try:
         import peft
@@ -80,8 +82,10 @@ def time_layer(layer, x, dy, mode, min_run_time):
 def run(cases, min_run_time, out_csv, rounds=3):
     rows = []
     meta = dict(
-        machine=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
-        date=datetime.date.today().isoformat(), torch=torch.__version__,
+        machine=platform.processor() or platform.machine(),
+        threads=torch.get_num_threads(),
+        date=datetime.date.today().isoformat(),
+        torch=torch.__version__,
     )
     header = f"{'tokens':>6} {'in':>5} {'out':>5} {'n x r':>6} {'mode':>7} | " + " ".join(
         f"{k:>9}" for k in ("bare ms", "peft", "paper", "ours")
@@ -102,12 +106,25 @@ def run(cases, min_run_time, out_csv, rounds=3):
                     times[name] = min(times.get(name, float("inf")), t)
             base = times["bare"]
             ratio = {k: v / base for k, v in times.items()}
-            print(f"{tokens:>6} {in_f:>5} {out_f:>5} {len(band):>2}x{rank:<3} {mode:>7} | {base * 1e3:9.2f} "
-                  + " ".join(f"{ratio[k]:8.3f}x" if k in ratio else f"{'-':>9}" for k in ("peft", "paper", "ours")))
+            print(
+                f"{tokens:>6} {in_f:>5} {out_f:>5} {len(band):>2}x{rank:<3} {mode:>7} | {base * 1e3:9.2f} "
+                + " ".join(f"{ratio[k]:8.3f}x" if k in ratio else f"{'-':>9}" for k in ("peft", "paper", "ours"))
+            )
             for name, t in times.items():
-                rows.append(dict(meta, tokens=tokens, in_features=in_f, out_features=out_f, n_branches=len(band),
-                                 inner_rank=rank, mode=mode, provider=name, ms=round(t * 1e3, 4),
-                                 ratio_to_bare=round(ratio[name], 4)))
+                rows.append(
+                    dict(
+                        meta,
+                        tokens=tokens,
+                        in_features=in_f,
+                        out_features=out_f,
+                        n_branches=len(band),
+                        inner_rank=rank,
+                        mode=mode,
+                        provider=name,
+                        ms=round(t * 1e3, 4),
+                        ratio_to_bare=round(ratio[name], 4),
+                    )
+                )
     append_rows(rows, out_csv)
     return rows
 
@@ -121,8 +138,10 @@ def main(argv=None):
     args = ap.parse_args(argv)
     cases = QUICK_CASES if args.quick else DEFAULT_CASES
     mrt = args.min_run_time or (0.2 if args.quick else 1.0)
-    print(f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}; ratios are to the bare frozen nn.Linear in the same run\n")
+    print(
+        f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}; ratios are to the bare frozen nn.Linear in the same run\n"
+    )
     run(cases, mrt, args.out, rounds=args.rounds)
 
 

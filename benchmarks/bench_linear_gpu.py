@@ -27,6 +27,7 @@ choices are printed (and flushed) as the case ends, and all of them again at the
 --budget-s stops starting new cases once that many seconds have passed (rows are appended to the CSV after every
 case, so a run cut short still leaves its data).
 """
+
 from __future__ import annotations
 
 import os
@@ -77,8 +78,9 @@ def make_layers(in_f, out_f, nr, p, device, dtype):
 
     torch.manual_seed(0)
     bare = nn.Linear(in_f, out_f, device=device, dtype=dtype).requires_grad_(False)
-    ours = MuScleLoRALinear.from_linear(copy.deepcopy(bare), freq_band=(1, 2, 3, 4), inner_rank=nr // 4,
-                                        alpha=2.0 * (nr // 4), dropout=p, init="seed").train()
+    ours = MuScleLoRALinear.from_linear(
+        copy.deepcopy(bare), freq_band=(1, 2, 3, 4), inner_rank=nr // 4, alpha=2.0 * (nr // 4), dropout=p, init="seed"
+    ).train()
     layers = {"bare": (bare, []), "ours": (ours, [ours.lora_L, ours.lora_R])}
     if p == 0.0:  # the paper's layer has no adapter dropout
         paper = PaperMultiScaleLinear(ours)
@@ -118,9 +120,8 @@ def _reference(x, w, b, lo, ro, s, dy, mask, p):
 
 def check_case(layer, x, p, seed=1234):
     """Check each fast path's y, dx, dL, dR on the layer's own tensors; returns a list of failure messages."""
-    from tests.utils import assert_close
-
     from muscle_kernels.ops.lowrank_linear import configs, cpu, launch
+    from tests.utils import assert_close
 
     w, b, lo, ro, s = layer.weight.detach(), layer.bias, layer.lora_L.detach(), layer.lora_R.detach(), layer.scales
     b = None if b is None else b.detach()
@@ -128,16 +129,19 @@ def check_case(layer, x, p, seed=1234):
     dtype, dev = x2.dtype, x2.device
     gen = torch.Generator(device=dev).manual_seed(seed)
     dy = torch.randn(x2.shape[0], w.shape[0], device=dev, generator=gen).to(dtype)
-    masks = {"torch": lambda: cpu.dropout_mask_torch(x2.shape, p, seed, dev),
-             "triton": lambda: launch.dropout_mask_triton(x2.shape, p, seed, dev)}
-    paths = [("cublas", cpu.lowrank_linear_fwd_torch, cpu.lowrank_linear_bwd_torch, "torch", None),
-             ("triton", launch.lowrank_linear_fwd_triton, launch.lowrank_linear_bwd_triton, "triton", None),
-             ("shrink", launch.lowrank_linear_fwd_triton, launch.lowrank_linear_bwd_triton, "triton", False),
-             # dR in the backward's G pass (auto's third candidate; its time is in the printed auto choices)
-             ("triton-fdy", launch.lowrank_linear_fwd_triton, launch.lowrank_linear_bwd_triton_fused_dy,
-              "triton", None)]
+    masks = {
+        "torch": lambda: cpu.dropout_mask_torch(x2.shape, p, seed, dev),
+        "triton": lambda: launch.dropout_mask_triton(x2.shape, p, seed, dev),
+    }
+    paths = [
+        ("cublas", cpu.lowrank_linear_fwd_torch, cpu.lowrank_linear_bwd_torch, "torch", None),
+        ("triton", launch.lowrank_linear_fwd_triton, launch.lowrank_linear_bwd_triton, "triton", None),
+        ("shrink", launch.lowrank_linear_fwd_triton, launch.lowrank_linear_bwd_triton, "triton", False),
+        # dR in the backward's G pass (auto's third candidate; its time is in the printed auto choices)
+        ("triton-fdy", launch.lowrank_linear_fwd_triton, launch.lowrank_linear_bwd_triton_fused_dy, "triton", None),
+    ]
     bad = []
-    eps = {torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7, torch.float32: 2 ** -20}[dtype]
+    eps = {torch.float16: 2**-10, torch.bfloat16: 2**-7, torch.float32: 2**-20}[dtype]
     if configs.tf32_allowed():
         print("warning: TF32 is on for fp32 matmuls: the fp32 reference is only TF32-accurate", file=sys.stderr)
     for name, fwd, bwd, mask_kind, fuse in paths:
@@ -150,8 +154,9 @@ def check_case(layer, x, p, seed=1234):
             dx, dl, dr = bwd(dy, x2, w, lo, ro, s, t, p, seed, True, True, True, bits)
         for key, got in (("y", y), ("dx", dx), ("dL", dl), ("dR", dr)):
             try:
-                assert_close(f"{name} {key}", ref[key], got, base=base[key].float(),
-                             atol=2 * eps * ref[key].abs().max().item())
+                assert_close(
+                    f"{name} {key}", ref[key], got, base=base[key].float(), atol=2 * eps * ref[key].abs().max().item()
+                )
             except AssertionError as exc:
                 bad.append(str(exc).splitlines()[0])
     return bad
@@ -214,13 +219,21 @@ def run(case_list, out_csv: Path, cuda_graph: bool, device, budget_s=None, rep=1
     t_start = time.monotonic()
     dtype = torch.bfloat16
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (dry run, Triton interpreter)"
-    meta = dict(device=name, date=datetime.datetime.now().isoformat(timespec="seconds"),
-                torch=torch.__version__, triton=triton.__version__, dtype="bf16",
-                timer="do_bench_cudagraph" if cuda_graph else ("do_bench" if device.type == "cuda" else "perf_counter"))
+    meta = dict(
+        device=name,
+        date=datetime.datetime.now().isoformat(timespec="seconds"),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        dtype="bf16",
+        timer="do_bench_cudagraph" if cuda_graph else ("do_bench" if device.type == "cuda" else "perf_counter"),
+    )
     rows, failures, skipped = [], 0, 0
     shown = set()  # auto choices already printed
-    header = (f"{'tokens':>6} {'in':>5} {'out':>5} {'n*r':>4} {'p':>4} {'mode':>7} | {'bare ms':>8} {'TF/s':>6} | "
-              + " ".join(f"{p:>11}" for p in PROVIDERS[1:]) + " | peak MB bare/ours")
+    header = (
+        f"{'tokens':>6} {'in':>5} {'out':>5} {'n*r':>4} {'p':>4} {'mode':>7} | {'bare ms':>8} {'TF/s':>6} | "
+        + " ".join(f"{p:>11}" for p in PROVIDERS[1:])
+        + " | peak MB bare/ours"
+    )
     print(header)
     print("-" * len(header))
     for tokens, in_f, out_f, nr, p in case_list:
@@ -238,19 +251,36 @@ def run(case_list, out_csv: Path, cuda_graph: bool, device, budget_s=None, rep=1
             print(f"check FAIL {tag}: {line}")
         case_rows = []
         for mode in MODES:
-            res = {prov: measure(layer, params, x, dy, mode, cuda_graph, False if prov == "ours-shrink" else None,
-                                 rep=rep)
-                   for prov, (layer, params) in layers.items()}
+            res = {
+                prov: measure(layer, params, x, dy, mode, cuda_graph, False if prov == "ours-shrink" else None, rep=rep)
+                for prov, (layer, params) in layers.items()
+            }
             base = res["bare"][0]
             tf = _flops(tokens, in_f, out_f, mode) / (base * 1e-3) / 1e12
-            print(f"{tokens:>6} {in_f:>5} {out_f:>5} {nr:>4} {p:>4} {mode:>7} | {base:8.3f} {tf:6.0f} | "
-                  + " ".join(f"{res[q][0] / base:10.3f}x" if q in res else f"{'-':>11}" for q in PROVIDERS[1:])
-                  + f" | {res['bare'][1] / 2**20:.0f}/{res['ours'][1] / 2**20:.0f}", flush=True)
+            print(
+                f"{tokens:>6} {in_f:>5} {out_f:>5} {nr:>4} {p:>4} {mode:>7} | {base:8.3f} {tf:6.0f} | "
+                + " ".join(f"{res[q][0] / base:10.3f}x" if q in res else f"{'-':>11}" for q in PROVIDERS[1:])
+                + f" | {res['bare'][1] / 2**20:.0f}/{res['ours'][1] / 2**20:.0f}",
+                flush=True,
+            )
             for prov, (ms, peak) in res.items():
-                case_rows.append(dict(meta, tokens=tokens, in_features=in_f, out_features=out_f, nr=nr, dropout=p,
-                                      mode=mode, provider=prov, ms=round(ms, 5), ratio_to_bare=round(ms / base, 4),
-                                      tflops=round(_flops(tokens, in_f, out_f, mode) / (ms * 1e-3) / 1e12, 1),
-                                      peak_mb=round(peak / 2**20, 1), check="ok" if not bad else "FAIL"))
+                case_rows.append(
+                    dict(
+                        meta,
+                        tokens=tokens,
+                        in_features=in_f,
+                        out_features=out_f,
+                        nr=nr,
+                        dropout=p,
+                        mode=mode,
+                        provider=prov,
+                        ms=round(ms, 5),
+                        ratio_to_bare=round(ms / base, 4),
+                        tflops=round(_flops(tokens, in_f, out_f, mode) / (ms * 1e-3) / 1e12, 1),
+                        peak_mb=round(peak / 2**20, 1),
+                        check="ok" if not bad else "FAIL",
+                    )
+                )
         if p > 0.0:
             print(mask_cost(tokens, in_f, p, device, rep), flush=True)
         append_rows(case_rows, out_csv)
@@ -309,8 +339,10 @@ def print_autotune_choices():
     cache = getattr(getattr(kernels, "fused_tuned", None), "cache", None) or {}
     for key, cfg in cache.items():
         kw = cfg.kwargs
-        print(f"autotune {key[:8]} -> {kw.get('BLOCK_M')}x{kw.get('BLOCK_N')}x{kw.get('BLOCK_K')} "
-              f"w{cfg.num_warps} s{cfg.num_stages}")
+        print(
+            f"autotune {key[:8]} -> {kw.get('BLOCK_M')}x{kw.get('BLOCK_N')}x{kw.get('BLOCK_K')} "
+            f"w{cfg.num_warps} s{cfg.num_stages}"
+        )
 
 
 def report_goals(rows, only=None, total=True):
@@ -320,7 +352,8 @@ def report_goals(rows, only=None, total=True):
     for r in rows:
         if r["mode"] == "fwd+bwd":
             by.setdefault((r["tokens"], r["in_features"], r["out_features"], r["nr"], r["dropout"]), {})[
-                r["provider"]] = r["ms"]
+                r["provider"]
+            ] = r["ms"]
     misses = 0
     for key, t in sorted(by.items()):
         if only is not None and key != only:
@@ -330,9 +363,11 @@ def report_goals(rows, only=None, total=True):
         vs_cublas = t["ours"] / t["ours-cublas"]
         ok = vs_bare <= 1.10 and (vs_peft >= 1.35 or "peft" not in t) and vs_cublas <= 1.02
         misses += not ok
-        print(f"goal {'ok  ' if ok else 'MISS'} {key}: ours/bare {vs_bare:.3f} (<= 1.10), peft/ours {vs_peft:.2f} "
-              f"(>= 1.35), ours/cublas {vs_cublas:.3f} (<= 1, 2% noise), triton/bare "
-              f"{t['ours-triton'] / t['bare']:.3f}, shrink/bare {t['ours-shrink'] / t['bare']:.3f}")
+        print(
+            f"goal {'ok  ' if ok else 'MISS'} {key}: ours/bare {vs_bare:.3f} (<= 1.10), peft/ours {vs_peft:.2f} "
+            f"(>= 1.35), ours/cublas {vs_cublas:.3f} (<= 1, 2% noise), triton/bare "
+            f"{t['ours-triton'] / t['bare']:.3f}, shrink/bare {t['ours-shrink'] / t['bare']:.3f}"
+        )
     for key, t in sorted(by.items()):
         if key[4] > 0 and (only is None or key == only):
             plain = by.get(key[:4] + (0.0,))
@@ -363,8 +398,10 @@ def plot(rows, path: Path):
         labels = sorted({ident(r) for r in sel})
         xs = range(len(labels))
         for prov in PROVIDERS[1:]:
-            ys = [next((r["ratio_to_bare"] for r in sel if r["provider"] == prov and ident(r) == lab), float("nan"))
-                  for lab in labels]
+            ys = [
+                next((r["ratio_to_bare"] for r in sel if r["provider"] == prov and ident(r) == lab), float("nan"))
+                for lab in labels
+            ]
             ax.plot(xs, ys, marker="o", label=prov)
         ax.axhline(1.10, color="grey", linestyle="--", linewidth=1)
         ax.set_xticks(list(xs))
@@ -390,13 +427,17 @@ def main(argv=None):
     if args.dry_run:
         device, case_list = torch.device("cpu"), DRY_CASES
     elif not torch.cuda.is_available():
-        print("bench_linear_gpu: no CUDA device here; this benchmark needs a GPU (or --dry-run; see also "
-              "bench_linear_cpu.py).")
+        print(
+            "bench_linear_gpu: no CUDA device here; this benchmark needs a GPU (or --dry-run; see also "
+            "bench_linear_cpu.py)."
+        )
         return 2
     else:
         device, case_list = torch.device("cuda"), cases(args.quick)
-        print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}; ratios are to the bare frozen "
-              "nn.Linear (cuBLAS) in the same run\n")
+        print(
+            f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}; ratios are to the bare frozen "
+            "nn.Linear (cuBLAS) in the same run\n"
+        )
     _, failures = run(case_list, args.out, args.cuda_graph, device, args.budget_s, args.rep)
     return 1 if failures else 0
 

@@ -9,6 +9,7 @@ measuring only: the screen never reads it).
 a CPU). The rows are drawn like bench_defense.py draws them (same seed, same sizes: the same training, reference and
 dev rows), so the numbers match that benchmark's muscle-screen runs. Writes screen.csv and screen.md under --out.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,15 +35,16 @@ def screen_one(attack_dir, seed, args, parts):
     train = _subsample(found["train"], args.train_size, rng)
     dev = _subsample(found["dev"], args.dev_size, rng)
     flags = [s.poisoned for s in train]
-    splits = Splits(train=[dataclasses.replace(s, poisoned=False) for s in train], dev=dev, test_clean=[],
-                    test_poison=[])
+    splits = Splits(
+        train=[dataclasses.replace(s, poisoned=False) for s in train], dev=dev, test_clean=[], test_poison=[]
+    )
     settings = Settings(seed=seed, ref_size=args.ref_size, device="cpu")
     splits = split_reference(splits, settings)
     raw_train, raw_calib = {}, {}
     if "tokens" in parts:
-        raw_train["tokens"], raw_calib["tokens"] = token_scores([s.text for s in splits.train],
-                                                                [s.text for s in splits.ref],
-                                                                [s.text for s in splits.dev])
+        raw_train["tokens"], raw_calib["tokens"] = token_scores(
+            [s.text for s in splits.train], [s.text for s in splits.ref], [s.text for s in splits.dev]
+        )
     if "label" in parts:
         import torch
 
@@ -56,19 +58,32 @@ def screen_one(attack_dir, seed, args, parts):
         probe = _prepare(factory(), "lora", settings)
         ref_steps = _steps_per_epoch(len(splits.ref), settings)
         steps = settings.screen_epochs * ref_steps  # as train._screen
-        _fit(probe, tokenizer, splits.ref, settings, torch.device("cpu"), method="screen", total_steps=steps,
-             checkpoints=1, splits=splits, lr=settings.lr, progress=False, log=lambda s: None)
+        _fit(
+            probe,
+            tokenizer,
+            splits.ref,
+            settings,
+            torch.device("cpu"),
+            method="screen",
+            total_steps=steps,
+            checkpoints=1,
+            splits=splits,
+            lr=settings.lr,
+            progress=False,
+            log=lambda s: None,
+        )
         raw_train["label"] = label_surprise_scores(probe, tokenizer, splits.train, settings, "cpu")
         raw_calib["label"] = label_surprise_scores(probe, tokenizer, splits.dev, settings, "cpu")
     screen = screen_rows(raw_train, raw_calib, quantile=args.quantile)
     rows = []
     for name, scores in [*sorted(screen.parts.items()), ("combined", screen.scores)]:
         auroc, precision = detection(scores, flags)
-        rows.append(dict(attack=_attack_name(attack_dir), seed=seed, part=name, auroc=auroc,
-                         precision_at_k=precision))
+        rows.append(dict(attack=_attack_name(attack_dir), seed=seed, part=name, auroc=auroc, precision_at_k=precision))
     flagged = screen.flagged
-    rows[-1].update(recall=sum(f and p for f, p in zip(flagged, flags)) / max(1, sum(flags)),
-                    clean_flagged=sum(f and not p for f, p in zip(flagged, flags)) / max(1, len(flags) - sum(flags)))
+    rows[-1].update(
+        recall=sum(f and p for f, p in zip(flagged, flags)) / max(1, sum(flags)),
+        clean_flagged=sum(f and not p for f, p in zip(flagged, flags)) / max(1, len(flags) - sum(flags)),
+    )
     return rows
 
 
@@ -92,16 +107,19 @@ def main(argv=None):
             for seed in (int(s) for s in args.seeds.split(",")):
                 got = screen_one(attack_dir, seed, args, parts)
                 rows.extend(got)
-                print(" | ".join(f"{r['attack']} s{seed} {r['part']}: AUROC {r['auroc']:.3f}" for r in got),
-                      flush=True)
+                print(" | ".join(f"{r['attack']} s{seed} {r['part']}: AUROC {r['auroc']:.3f}" for r in got), flush=True)
     with (out / "screen.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["attack", "seed", "part", "auroc", "precision_at_k", "recall",
-                                          "clean_flagged"])
+        w = csv.DictWriter(
+            f, fieldnames=["attack", "seed", "part", "auroc", "precision_at_k", "recall", "clean_flagged"]
+        )
         w.writeheader()
         w.writerows(rows)
     names = [*sorted({r["part"] for r in rows} - {"combined"}), "combined"]
-    lines = ["| attack | seeds | " + " | ".join(f"AUROC {n}" for n in names) + " | P@k combined | recall | "
-             "clean rows flagged |", "|---|---:|" + "---:|" * (len(names) + 3)]
+    lines = [
+        "| attack | seeds | " + " | ".join(f"AUROC {n}" for n in names) + " | P@k combined | recall | "
+        "clean rows flagged |",
+        "|---|---:|" + "---:|" * (len(names) + 3),
+    ]
     by_attack = {}
     for r in rows:
         by_attack.setdefault(r["attack"], []).append(r)
@@ -113,12 +131,14 @@ def main(argv=None):
             means[n].append(m)
             cells.append(f"{m:.3f}")
         comb = [r for r in rs if r["part"] == "combined"]
-        lines.append(f"| {attack} | {len(comb)} | " + " | ".join(cells)
-                     + f" | {statistics.fmean(r['precision_at_k'] for r in comb):.3f}"
-                     f" | {statistics.fmean(r['recall'] for r in comb):.3f}"
-                     f" | {100 * statistics.fmean(r['clean_flagged'] for r in comb):.1f}% |")
-    lines.append("| **mean** | | " + " | ".join(f"**{statistics.fmean(v):.3f}**" for v in means.values())
-                 + " | | | |")
+        lines.append(
+            f"| {attack} | {len(comb)} | "
+            + " | ".join(cells)
+            + f" | {statistics.fmean(r['precision_at_k'] for r in comb):.3f}"
+            f" | {statistics.fmean(r['recall'] for r in comb):.3f}"
+            f" | {100 * statistics.fmean(r['clean_flagged'] for r in comb):.1f}% |"
+        )
+    lines.append("| **mean** | | " + " | ".join(f"**{statistics.fmean(v):.3f}**" for v in means.values()) + " | | | |")
     (out / "screen.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

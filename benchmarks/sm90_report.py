@@ -16,6 +16,7 @@ element atomic; relaxed is one REDG).
 As a module: ``report_rows(subset=False) -> list[dict]`` and ``failures(rows) -> list[str]``. It must run without
 TRITON_INTERPRET=1 (the interpreter replaces the kernels by Python functions that cannot be compiled).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,14 +55,26 @@ def _jobs(subset: bool):
         fwd_unit = ("stride_ak", "stride_bk", "stride_pk", "stride_qr", "stride_tr", "stride_cn")
         dx_unit = ("stride_ak", "stride_bn", "stride_pr", "stride_qn", "stride_tr", "stride_cn")
         variants = [
-            ("fwd T-in-loop", fwd_unit, dict(HAS_BIAS=True, T_MODE=0, STORE_T=True, OUT_DROP=False,
-                                             BLOCK_R=configs.FUSE_T_MAX_R)),
-            ("fwd T-loaded", fwd_unit, dict(HAS_BIAS=True, T_MODE=1, STORE_T=False, OUT_DROP=False,
-                                            BLOCK_R=configs.T_CHUNK)),
-            ("dx G-in-loop", dx_unit, dict(HAS_BIAS=False, T_MODE=0, STORE_T=True, OUT_DROP=False,
-                                           BLOCK_R=configs.FUSE_T_MAX_R)),
-            ("dx G-loaded+drop", dx_unit, dict(HAS_BIAS=False, T_MODE=1, STORE_T=False, OUT_DROP=True,
-                                               BLOCK_R=configs.T_CHUNK)),
+            (
+                "fwd T-in-loop",
+                fwd_unit,
+                dict(HAS_BIAS=True, T_MODE=0, STORE_T=True, OUT_DROP=False, BLOCK_R=configs.FUSE_T_MAX_R),
+            ),
+            (
+                "fwd T-loaded",
+                fwd_unit,
+                dict(HAS_BIAS=True, T_MODE=1, STORE_T=False, OUT_DROP=False, BLOCK_R=configs.T_CHUNK),
+            ),
+            (
+                "dx G-in-loop",
+                dx_unit,
+                dict(HAS_BIAS=False, T_MODE=0, STORE_T=True, OUT_DROP=False, BLOCK_R=configs.FUSE_T_MAX_R),
+            ),
+            (
+                "dx G-loaded+drop",
+                dx_unit,
+                dict(HAS_BIAS=False, T_MODE=1, STORE_T=False, OUT_DROP=True, BLOCK_R=configs.T_CHUNK),
+            ),
         ]
         for name, unit, ce in variants:
             cfgs = configs.fused_configs(elt, prec, ce["BLOCK_R"] if ce["T_MODE"] == 0 else 0)
@@ -72,16 +85,34 @@ def _jobs(subset: bool):
         brs = (256,) if subset else (16, 64, 256)
         for br in brs:
             bm, bk, w, st = configs.shrink_config(br, elt)
-            meta = dict(HAS_DROP=True, ATOMIC=True, EVEN_K=True, FUSED_DR=False, BLOCK_R=br, UPCAST=False,
-                        PRECISION=prec, BLOCK_M=bm, BLOCK_K=bk)
+            meta = dict(
+                HAS_DROP=True,
+                ATOMIC=True,
+                EVEN_K=True,
+                FUSED_DR=False,
+                BLOCK_R=br,
+                UPCAST=False,
+                PRECISION=prec,
+                BLOCK_M=bm,
+                BLOCK_K=bk,
+            )
             jobs.append(("shrink", "drop+split", dtype, meta, ("stride_ak", "stride_tr"), w, st))
             # The backward G pass with dR fused in (auto's "triton-fdy"); the subset takes its widest n*r.
             fdy_br = configs.fused_dy_max_r(prec)
             if br <= fdy_br or subset:
                 bm, bk, w, st = configs.shrink_config(min(br, fdy_br), elt)
                 meta = dict(meta, HAS_DROP=False, FUSED_DR=True, BLOCK_R=min(br, fdy_br), BLOCK_M=bm, BLOCK_K=bk)
-                jobs.append(("shrink", "G+dR fused", dtype, meta,
-                             ("stride_ak", "stride_pr", "stride_tr", "stride_tsr", "stride_drr"), w, st))
+                jobs.append(
+                    (
+                        "shrink",
+                        "G+dR fused",
+                        dtype,
+                        meta,
+                        ("stride_ak", "stride_pr", "stride_tr", "stride_tsr", "stride_drr"),
+                        w,
+                        st,
+                    )
+                )
             bm, bn, bc, w, st = configs.reduce_config(br, elt, prec)
             meta = dict(HAS_DROP=False, ATOMIC=True, BLOCK_R=bc, UPCAST=False, PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn)
             jobs.append(("reduce", "dR split", dtype, meta, ("stride_an", "stride_gr", "stride_cr"), w, st))
@@ -90,16 +121,21 @@ def _jobs(subset: bool):
     bm, bw, w = configs.BITS_CONFIG
     jobs.append(("bits", "dropout mask", "bf16", dict(SEED_FROM_PTR=False, BLOCK_M=bm, BLOCK_W=bw), (), w, 1))
     # The seed read from a device tensor (function.py's graph-safe draw)
-    jobs.append(("bits", "dropout mask, seed on device", "bf16", dict(SEED_FROM_PTR=True, BLOCK_M=bm, BLOCK_W=bw), (),
-                 w, 1))
+    jobs.append(
+        ("bits", "dropout mask, seed on device", "bf16", dict(SEED_FROM_PTR=True, BLOCK_M=bm, BLOCK_W=bw), (), w, 1)
+    )
     return jobs
 
 
 def _kernel(name):
     from muscle_kernels.ops.lowrank_linear import kernels
 
-    return {"fused": kernels._fused_lowrank_mm_kernel, "shrink": kernels._shrink_kernel,
-            "reduce": kernels._reduce_m_kernel, "bits": kernels._dropout_bits_kernel}[name]
+    return {
+        "fused": kernels._fused_lowrank_mm_kernel,
+        "shrink": kernels._shrink_kernel,
+        "reduce": kernels._reduce_m_kernel,
+        "bits": kernels._dropout_bits_kernel,
+    }[name]
 
 
 def _ptxas():
@@ -118,11 +154,16 @@ def ptxas_usage(ptx: str):
         with open(path, "w") as f:
             f.write(ptx)
         arch = re.search(r"\.target\s+(sm_\w+)", ptx).group(1)
-        out = subprocess.run([_ptxas(), "-v", f"--gpu-name={arch}", path, "-o", os.path.join(tmp, "k.cubin")],
-                             capture_output=True, text=True, check=True).stderr
+        out = subprocess.run(
+            [_ptxas(), "-v", f"--gpu-name={arch}", path, "-o", os.path.join(tmp, "k.cubin")],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stderr
     regs = int(re.search(r"Used (\d+) registers", out).group(1))
     spills = int(re.search(r"(\d+) bytes spill stores", out).group(1)) + int(
-        re.search(r"(\d+) bytes spill loads", out).group(1))
+        re.search(r"(\d+) bytes spill loads", out).group(1)
+    )
     return regs, spills
 
 
@@ -140,8 +181,15 @@ def _compile_one(job):
         if arg in meta:
             signature[arg], constexprs[arg] = "constexpr", meta[arg]
         elif arg.endswith("_ptr"):
-            signature[arg] = ("*i32" if arg == "bits_ptr" else "*i64" if arg == "seed_ptr" else "*fp32"
-                              if arg in fp32_ptrs else f"*{tl_dt}")
+            signature[arg] = (
+                "*i32"
+                if arg == "bits_ptr"
+                else "*i64"
+                if arg == "seed_ptr"
+                else "*fp32"
+                if arg in fp32_ptrs
+                else f"*{tl_dt}"
+            )
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif arg in floats:
             signature[arg] = "fp32"
@@ -163,10 +211,23 @@ def _compile_one(job):
     atoms, strong = ptx_atomics(ptx)
     membars = sass_membars(ck.asm.get("cubin"))
     blocks = "x".join(str(meta[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R", "BLOCK_W") if k in meta)
-    return dict(kernel=kname, variant=variant, dtype=dtype, blocks=blocks, warps=warps, stages=stages, registers=regs,
-                spills=spills, smem=int(ck.metadata.shared), wgmma="wgmma.mma_async" in ptx,
-                loop_i32_offsets=i32, philox=philox_rounds(ptx), atomics=atoms, atomics_not_relaxed=strong,
-                sass_membar_gpu=membars)
+    return dict(
+        kernel=kname,
+        variant=variant,
+        dtype=dtype,
+        blocks=blocks,
+        warps=warps,
+        stages=stages,
+        registers=regs,
+        spills=spills,
+        smem=int(ck.metadata.shared),
+        wgmma="wgmma.mma_async" in ptx,
+        loop_i32_offsets=i32,
+        philox=philox_rounds(ptx),
+        atomics=atoms,
+        atomics_not_relaxed=strong,
+        sass_membar_gpu=membars,
+    )
 
 
 _PTX_ATOMIC = re.compile(r"^\s*(?:@!?%p\d+\s+)?((?:atom|red)\.[\w.]+)", flags=re.M)
@@ -280,8 +341,10 @@ def failures(rows):
         if r["kernel"] != "bits" and r["philox"]:
             bad.append(f"{tag}: runs Philox (the dropout mask must be read from the packed mask, not regenerated)")
         if r.get("atomics_not_relaxed"):
-            bad.append(f"{tag}: {r['atomics_not_relaxed']} of {r['atomics']} PTX atomics are not .relaxed "
-                       "(each is a full GPU fence: pass sem=\"relaxed\")")
+            bad.append(
+                f"{tag}: {r['atomics_not_relaxed']} of {r['atomics']} PTX atomics are not .relaxed "
+                '(each is a full GPU fence: pass sem="relaxed")'
+            )
         if r.get("atomics") and r.get("sass_membar_gpu"):
             bad.append(f"{tag}: {r['sass_membar_gpu']} GPU-scope MEMBARs in the SASS of a kernel with atomics")
     return bad
@@ -293,8 +356,7 @@ def report_rows(subset: bool = False, workers: int = 2, progress: bool = True, d
     dtypes / variants (e.g. ("bf16",), ("fwd T-in-loop", "dL drop+split")) narrow the jobs further."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("sm90_report: unset TRITON_INTERPRET (the interpreter's kernels cannot be compiled)")
-    jobs = [j for j in _jobs(subset)
-            if (dtypes is None or j[2] in dtypes) and (variants is None or j[1] in variants)]
+    jobs = [j for j in _jobs(subset) if (dtypes is None or j[2] in dtypes) and (variants is None or j[1] in variants)]
     from tqdm import tqdm
 
     with ProcessPoolExecutor(max_workers=workers) as pool:
@@ -304,15 +366,42 @@ def report_rows(subset: bool = False, workers: int = 2, progress: bool = True, d
 
 
 def format_table(rows):
-    head = ("kernel", "variant", "dtype", "blocks (MxNxKxR)", "warps", "stages", "regs", "spills", "smem KiB", "wgmma",
-            "i32 loop offsets", "philox", "atomics (not relaxed)", "SASS MEMBAR.GPU")
+    head = (
+        "kernel",
+        "variant",
+        "dtype",
+        "blocks (MxNxKxR)",
+        "warps",
+        "stages",
+        "regs",
+        "spills",
+        "smem KiB",
+        "wgmma",
+        "i32 loop offsets",
+        "philox",
+        "atomics (not relaxed)",
+        "SASS MEMBAR.GPU",
+    )
     lines = [head]
     for r in rows:
-        lines.append((r["kernel"], r["variant"], r["dtype"], r["blocks"], str(r["warps"]), str(r["stages"]),
-                      str(r["registers"]), str(r["spills"]), f"{r['smem'] / 1024:.1f}", "yes" if r["wgmma"] else "no",
-                      str(len(r["loop_i32_offsets"])), "yes" if r["philox"] else "no",
-                      f"{r['atomics']} ({r['atomics_not_relaxed']})",
-                      "n/a" if r["sass_membar_gpu"] is None else str(r["sass_membar_gpu"])))
+        lines.append(
+            (
+                r["kernel"],
+                r["variant"],
+                r["dtype"],
+                r["blocks"],
+                str(r["warps"]),
+                str(r["stages"]),
+                str(r["registers"]),
+                str(r["spills"]),
+                f"{r['smem'] / 1024:.1f}",
+                "yes" if r["wgmma"] else "no",
+                str(len(r["loop_i32_offsets"])),
+                "yes" if r["philox"] else "no",
+                f"{r['atomics']} ({r['atomics_not_relaxed']})",
+                "n/a" if r["sass_membar_gpu"] is None else str(r["sass_membar_gpu"]),
+            )
+        )
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     fmt = lambda line: "| " + " | ".join(c.ljust(w) for c, w in zip(line, widths)) + " |"  # noqa: E731
     out = [fmt(lines[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]

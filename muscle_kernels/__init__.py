@@ -4,6 +4,7 @@ Core (imported eagerly, light): the layer and its functional op. Everything that
 (transformers, the C++/CUDA extension, the defended training loop) is imported on first attribute access, so
 `import muscle_kernels` stays fast and never fails because an optional piece cannot be built.
 """
+
 from __future__ import annotations
 
 import importlib

@@ -1,10 +1,11 @@
 """Writing a file so that a reader never sees half of it and a planted symlink at its name is replaced, not
 followed. Every layer writes files (adapters, plots, results), so this module imports nothing from the package."""
+
 from __future__ import annotations
 
 import os
 import tempfile
-from typing import Callable
+from collections.abc import Callable
 
 __all__ = ["replace_atomically"]
 

@@ -1,11 +1,12 @@
 """Environment switches shared by the ops and the build (one parser, one error message), and the build defaults
 that setup.py and the JIT build share. Imports nothing heavy: setup.py loads this file on its own, without torch.
 """
+
 from __future__ import annotations
 
 import glob
 import os
-from typing import Iterable, Optional, Sequence
+from collections.abc import Iterable, Sequence
 
 # The CUDA architectures a build targets unless TORCH_CUDA_ARCH_LIST says otherwise (the wheel, `python -m
 # muscle_kernels.build --cuda`, and a JIT build without a visible GPU). sm_80 code runs on every 8.x GPU.
@@ -21,7 +22,7 @@ _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
 
-def forced_choice(var: str, choices: Sequence[str]) -> Optional[str]:
+def forced_choice(var: str, choices: Sequence[str]) -> str | None:
     """The value of environment variable `var` when it names one of `choices` other than "auto", else None.
 
     An unknown value is an error naming the variable: a typo must not silently fall back to the default.
@@ -34,7 +35,7 @@ def forced_choice(var: str, choices: Sequence[str]) -> Optional[str]:
     return forced
 
 
-def env_flag(var: str) -> Optional[bool]:
+def env_flag(var: str) -> bool | None:
     """A yes/no switch: True for 1/true/yes/on, False for 0/false/no/off, None when unset, empty or "auto".
 
     Anything else is an error naming the variable (MUSCLE_KERNELS_NO_EXTENSION=ture must not be ignored).
@@ -63,7 +64,7 @@ def env_seconds(var: str, default: float) -> float:
     return seconds
 
 
-def usable_cuda_home(path: Optional[str]) -> bool:
+def usable_cuda_home(path: str | None) -> bool:
     """Whether `path` is a CUDA toolkit that can build and link: it has bin/nvcc and libcudart."""
     if not path:
         return False
@@ -72,7 +73,7 @@ def usable_cuda_home(path: Optional[str]) -> bool:
     return has_nvcc and has_cudart
 
 
-def find_cuda_home(guesses: Iterable[Optional[str]] = ()) -> Optional[str]:
+def find_cuda_home(guesses: Iterable[str | None] = ()) -> str | None:
     """The first usable toolkit of CUDA_HOME, CUDA_PATH, `guesses` (e.g. torch's) and /usr/local/cuda.
 
     torch derives its CUDA_HOME from `which nvcc` when the variable is unset; with a wrapper such as

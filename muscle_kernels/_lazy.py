@@ -1,5 +1,6 @@
 """Optional pieces imported on first use (Triton costs seconds to import, and most users of the CPU paths never need
 it). The state is a plain dict per importing module -- {"module", "tried", "error"} -- so that tests can patch it."""
+
 from __future__ import annotations
 
 import importlib

@@ -7,15 +7,26 @@ with `Spec.check(field, value, name=...)`, so the message is the same and names 
 
 This module imports nothing from the package, so every layer may use it.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
 import numbers
-from typing import Any, Callable, ClassVar, Dict, Optional, Sequence, Tuple
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
 
-__all__ = ["SpecError", "Spec", "integer", "positive_number", "non_negative_number", "fraction", "probability",
-           "one_of", "scales"]
+__all__ = [
+    "SpecError",
+    "Spec",
+    "integer",
+    "positive_number",
+    "non_negative_number",
+    "fraction",
+    "probability",
+    "one_of",
+    "scales",
+]
 
 
 class SpecError(ValueError):
@@ -38,6 +49,7 @@ def integer(low: int) -> Check:
         if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < low:
             raise SpecError(name, f"an integer >= {low}", v)
         return int(v)
+
     return check
 
 
@@ -72,10 +84,11 @@ def one_of(choices: Sequence[str]) -> Check:
         if v not in choices:
             raise SpecError(name, f"one of {choices}", v)
         return v
+
     return check
 
 
-def scales(name, v) -> Tuple[float, ...]:
+def scales(name, v) -> tuple[float, ...]:
     """A non-empty sequence of positive finite numbers; whole numbers stay ints (the paper's bands are integers)."""
     expected = "a non-empty sequence of positive numbers such as (1, 2, 3, 4)"
     if isinstance(v, (str, bytes)) or not hasattr(v, "__iter__"):
@@ -94,14 +107,14 @@ def scales(name, v) -> Tuple[float, ...]:
 class Spec:
     """Base of the frozen spec dataclasses: `CHECKS` maps every field to its check, run once by __post_init__."""
 
-    CHECKS: ClassVar[Dict[str, Check]] = {}
+    CHECKS: ClassVar[dict[str, Check]] = {}
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
             object.__setattr__(self, f.name, self.CHECKS[f.name](f.name, getattr(self, f.name)))
 
     @classmethod
-    def check(cls, field: str, value, *, name: Optional[str] = None):
+    def check(cls, field: str, value, *, name: str | None = None):
         """Run `field`'s check on one value, naming it `name` (default: the field) in the error."""
         return cls.CHECKS[field](name or field, value)
 

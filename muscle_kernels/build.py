@@ -6,6 +6,7 @@ portable value if the image runs on other CPUs than the one that builds it; late
 libraries instantly. Prints what was loaded or built and where; exits with status 1 if the build failed (the
 library itself would fall back to torch._foreach with a warning instead).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,9 +20,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m muscle_kernels.build", description=__doc__.splitlines()[0])
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--cpu-only", action="store_true", help="build only the CPU kernels")
-    group.add_argument("--cuda", action="store_true",
-                       help="build the CUDA kernels too (needs a CUDA torch and nvcc; without a visible GPU set "
-                            f"TORCH_CUDA_ARCH_LIST, default here {DEFAULT_CUDA_ARCHS!r})")
+    group.add_argument(
+        "--cuda",
+        action="store_true",
+        help="build the CUDA kernels too (needs a CUDA torch and nvcc; without a visible GPU set "
+        f"TORCH_CUDA_ARCH_LIST, default here {DEFAULT_CUDA_ARCHS!r})",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="show the compiler commands and output")
     args = parser.parse_args(argv)
 
@@ -33,9 +37,11 @@ def main(argv=None) -> int:
 
     cuda = True if args.cuda else (False if args.cpu_only else None)
     if cuda and not (torch.version.cuda and extension.cuda_home()):
-        print(f"cannot build the CUDA kernels: torch {torch.__version__} is "
-              f"{'a CUDA build' if torch.version.cuda else 'CPU-only'}, CUDA_HOME={extension.cuda_home()}",
-              file=sys.stderr)
+        print(
+            f"cannot build the CUDA kernels: torch {torch.__version__} is "
+            f"{'a CUDA build' if torch.version.cuda else 'CPU-only'}, CUDA_HOME={extension.cuda_home()}",
+            file=sys.stderr,
+        )
         return 1
     print(f"sources: {extension.source_dir()}")
     print(f"cache:   {extension.cache_dir()}")

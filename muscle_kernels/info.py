@@ -4,18 +4,18 @@
 It compiles nothing: the gradient-alignment kernels are loaded if the wheel or the JIT cache has them, and otherwise
 reported as "not built yet" (the first op call builds them).
 """
+
 from __future__ import annotations
 
 import os
 import platform
 import sys
 import types
-from typing import List
 
 __all__ = ["info", "report_lines"]
 
 
-def _grad_align_lines(devices: List[str]) -> List[str]:
+def _grad_align_lines(devices: list[str]) -> list[str]:
     from .ops.grad_align import extension
 
     lines = []
@@ -31,8 +31,10 @@ def _grad_align_lines(devices: List[str]) -> List[str]:
     except ValueError as exc:
         return [f"  grad_align: configuration error: {exc}"]
     if state.origin == "":
-        lines.append(f"  grad_align extension: not built yet; the first call JIT-builds it into {state.cache or extension.cache_dir()}"
-                     " (or falls back to torch._foreach without a compiler)")
+        lines.append(
+            f"  grad_align extension: not built yet; the first call JIT-builds it into {state.cache or extension.cache_dir()}"
+            " (or falls back to torch._foreach without a compiler)"
+        )
     elif state.origin == "fallback":
         lines.append(f"  grad_align extension: not available: {state.reason}")
     else:
@@ -49,12 +51,14 @@ def _grad_align_lines(devices: List[str]) -> List[str]:
             backend, why = "extension or foreach", "decided on the first call"
         else:
             backend = "foreach"
-            why = state.reason if state.origin == "fallback" else (state.cuda_reason if device == "cuda" else "no kernel")
+            why = (
+                state.reason if state.origin == "fallback" else (state.cuda_reason if device == "cuda" else "no kernel")
+            )
         lines.append(f"  align_gradients_ / grad_align_reduce / grad_align_apply_ on {device}: {backend} ({why})")
     return lines
 
 
-def _lowrank_lines(devices: List[str]) -> List[str]:
+def _lowrank_lines(devices: list[str]) -> list[str]:
     import torch
 
     from .ops.lowrank_linear.function import available_backends, resolve_backend
@@ -69,7 +73,7 @@ def _lowrank_lines(devices: List[str]) -> List[str]:
     return lines
 
 
-def report_lines() -> List[str]:
+def report_lines() -> list[str]:
     import torch
 
     from . import __version__

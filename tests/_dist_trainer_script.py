@@ -1,6 +1,7 @@
 """A 2-process Trainer run with the MuScleLoRA callback, launched by tests/test_distributed_trainer.py through
 `accelerate launch` (or torchrun). Writes the callback's history and the logged ga_* entries of every rank to
 OUT_DIR/rank{r}.json. Not a test module itself."""
+
 import json
 import os
 import sys
@@ -17,8 +18,14 @@ VOCAB, LABELS = 60, 3
 
 def samples(n, seed):
     g = torch.Generator().manual_seed(seed)
-    return [dict(input_ids=torch.randint(2, VOCAB, (8,), generator=g), attention_mask=torch.ones(8, dtype=torch.long),
-                 labels=torch.randint(0, LABELS, (), generator=g)) for _ in range(n)]
+    return [
+        dict(
+            input_ids=torch.randint(2, VOCAB, (8,), generator=g),
+            attention_mask=torch.ones(8, dtype=torch.long),
+            labels=torch.randint(0, LABELS, (), generator=g),
+        )
+        for _ in range(n)
+    ]
 
 
 def collate(items):
@@ -38,9 +45,17 @@ def fsdp2_unsupported():
 
 def run(out_dir, mode):
     torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=24, max_position_embeddings=32, num_labels=LABELS,
-                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config = transformers.BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=24,
+        max_position_embeddings=32,
+        num_labels=LABELS,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     model = apply_muscle_lora(transformers.BertForSequenceClassification(config))
     if mode == "fsdp2":
         # accelerate (1.15) turns FSDP on only for accelerator devices: on the CPU its state stays MULTI_CPU (DDP)
@@ -55,21 +70,46 @@ def run(out_dir, mode):
         fully_shard(model)
         model._is_distributed_loading_by_transformers = True
         model.config.distributed_config = DistributedConfig(fsdp_size=torch.distributed.get_world_size())
-    kw = dict(output_dir=out_dir, per_device_train_batch_size=4, num_train_epochs=1, learning_rate=1e-2,
-              logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0,
-              lr_scheduler_type="constant", max_grad_norm=1.0, gradient_accumulation_steps=2)
-    trainer = MuScleLoRATrainer(model=model, args=TrainingArguments(**kw), train_dataset=samples(48, 1),
-                                data_collator=collate, ref_dataset=samples(16, 9),
-                                aligner_kwargs=dict(backend="foreach", min_ref_loss=0.0))
+    kw = dict(
+        output_dir=out_dir,
+        per_device_train_batch_size=4,
+        num_train_epochs=1,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        lr_scheduler_type="constant",
+        max_grad_norm=1.0,
+        gradient_accumulation_steps=2,
+    )
+    trainer = MuScleLoRATrainer(
+        model=model,
+        args=TrainingArguments(**kw),
+        train_dataset=samples(48, 1),
+        data_collator=collate,
+        ref_dataset=samples(16, 9),
+        aligner_kwargs=dict(backend="foreach", min_ref_loss=0.0),
+    )
     trainer.train()
     from torch.distributed.tensor import DTensor
 
     sharded = sorted({isinstance(p, DTensor) for p in trainer.model.parameters() if p.requires_grad})
-    logs = [{k: v for k, v in e.items() if k.startswith("ga_") or k in ("loss", "step")}
-            for e in trainer.state.log_history if "loss" in e]
-    return dict(history=trainer.muscle_callback.history, logs=logs, sharded=sharded,
-                ref_sampler=type(trainer.muscle_callback.ref_batches.sampler).__name__,
-                distributed_type=str(trainer.accelerator.distributed_type), global_step=trainer.state.global_step)
+    logs = [
+        {k: v for k, v in e.items() if k.startswith("ga_") or k in ("loss", "step")}
+        for e in trainer.state.log_history
+        if "loss" in e
+    ]
+    return dict(
+        history=trainer.muscle_callback.history,
+        logs=logs,
+        sharded=sharded,
+        ref_sampler=type(trainer.muscle_callback.ref_batches.sampler).__name__,
+        distributed_type=str(trainer.accelerator.distributed_type),
+        global_step=trainer.state.global_step,
+    )
 
 
 def main(out_dir):

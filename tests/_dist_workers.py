@@ -4,13 +4,14 @@ per-rank programs (DDP and FSDP2 training with the aligner, the split two-stage 
 Each program writes what the parent checks into `out_dir/rank{r}.pt`; the parent compares it with one process whose
 batches are the union of the ranks'. Everything is tiny (a 4-layer MLP, 3 steps) so that the process start-up
 dominates."""
+
 from __future__ import annotations
 
 import os
 import pathlib
 import time
 import traceback
-from typing import Callable, Dict, List
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -38,7 +39,7 @@ def _entry(rank: int, fn: Callable, world: int, out_dir: str, args: tuple):
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def spawn(fn: Callable, out_dir, *args, world: int = WORLD, timeout: float = 90.0) -> List[Dict]:
+def spawn(fn: Callable, out_dir, *args, world: int = WORLD, timeout: float = 90.0) -> list[dict]:
     """Run fn(rank, world, *args) on `world` gloo ranks; the ranks' results, or an AssertionError naming the rank
     that failed or the deadline that passed (the ranks are then killed: a hang fails the test, it never blocks)."""
     out_dir = str(out_dir)
@@ -62,8 +63,9 @@ def spawn(fn: Callable, out_dir, *args, world: int = WORLD, timeout: float = 90.
 def make_model():
     """Linear(3, 1) has a 1-row weight and a 1-element bias: under FSDP2 on 2 ranks their shard on rank 1 is empty."""
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3), torch.nn.Tanh(),
-                               torch.nn.Linear(3, 1))
+    return torch.nn.Sequential(
+        torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1)
+    )
 
 
 def loss_fn(model, batch):
@@ -83,10 +85,12 @@ def batches(kind: str, rank: int, n: int, nan: bool = False):
     return out
 
 
-def union(per_rank: List[List[tuple]]):
+def union(per_rank: list[list[tuple]]):
     """The batches of one process that sees every rank's samples: step i is the concatenation of the ranks' i-th."""
-    return [(torch.cat([b[i][0] for b in per_rank]), torch.cat([b[i][1] for b in per_rank]))
-            for i in range(len(per_rank[0]))]
+    return [
+        (torch.cat([b[i][0] for b in per_rank]), torch.cat([b[i][1] for b in per_rank]))
+        for i in range(len(per_rank[0]))
+    ]
 
 
 CONFIGS = {
@@ -131,15 +135,15 @@ class CollectiveLog(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
-        self.calls: List[tuple] = []
+        self.calls: list[tuple] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = str(func.overloadpacket)
         if name.startswith("c10d."):
             nbytes = 0
             for a in list(args) + list((kwargs or {}).values()):
-                for t in (a if isinstance(a, (list, tuple)) else [a]):
-                    for u in (t if isinstance(t, (list, tuple)) else [t]):
+                for t in a if isinstance(a, (list, tuple)) else [a]:
+                    for u in t if isinstance(t, (list, tuple)) else [t]:
                         if isinstance(u, torch.Tensor):
                             nbytes += u.numel() * u.element_size()
             self.calls.append((name.split(".", 1)[1], nbytes))
@@ -173,14 +177,21 @@ def ddp_program(rank, world, cfgs):
             res, logs[step] = _logged(fn)
             return res
 
-        infos = train(model, ddp, list(ddp.parameters()), batches("train", rank, STEPS), batches("ref", rank, 2),
-                      cfg, probe)
+        infos = train(
+            model, ddp, list(ddp.parameters()), batches("train", rank, STEPS), batches("ref", rank, 2), cfg, probe
+        )
         # one more plain DDP step: a reducer left waiting by the reference backward would fail here; its collectives
         # show that the log does see the reducer's all-reduce
         _, plain = _logged(lambda: loss_fn(ddp, batches("train", rank, 1)[0]).backward())
-        out[key] = dict(params=[p.detach().clone() for p in model.parameters()], branches=[i.branch for i in infos],
-                        ref_loss=[i.ref_loss for i in infos], collectives=logs, plain=plain,
-                        n_params=len(list(model.parameters())), numel=sum(p.numel() for p in model.parameters()))
+        out[key] = dict(
+            params=[p.detach().clone() for p in model.parameters()],
+            branches=[i.branch for i in infos],
+            ref_loss=[i.ref_loss for i in infos],
+            collectives=logs,
+            plain=plain,
+            n_params=len(list(model.parameters())),
+            numel=sum(p.numel() for p in model.parameters()),
+        )
     return out
 
 
@@ -206,23 +217,34 @@ def fsdp_program(rank, world, cfgs):
         infos = train(model, model, params, batches("train", rank, STEPS), batches("ref", rank, 2), cfg, probe)
         local_numel = [p.to_local().numel() for p in params]
         full = [p.full_tensor().detach().clone() for p in params]  # gathered for the check only, after training
-        out[cfg] = dict(params=full, branches=[i.branch for i in infos], ref_loss=[i.ref_loss for i in infos],
-                        collectives=logs, plain=plain, n_params=len(params), local_numel=local_numel,
-                        n_batches=2 if CONFIGS[cfg].get("one_batch") is False else 1)
+        out[cfg] = dict(
+            params=full,
+            branches=[i.branch for i in infos],
+            ref_loss=[i.ref_loss for i in infos],
+            collectives=logs,
+            plain=plain,
+            n_params=len(params),
+            local_numel=local_numel,
+            n_batches=2 if CONFIGS[cfg].get("one_batch") is False else 1,
+        )
     return out
 
 
 def misc_program(rank, world, seed):
     """The non-finite reference loss under both engines, the split two-stage op, and the bucketed reference
     all-reduce, in one process group."""
-    return dict(nonfinite={e: nonfinite_program(rank, world, e) for e in ("ddp", "fsdp2")},
-                split=split_op_program(rank, world, seed), buckets=bucket_program(rank, world, seed))
+    return dict(
+        nonfinite={e: nonfinite_program(rank, world, e) for e in ("ddp", "fsdp2")},
+        split=split_op_program(rank, world, seed),
+        buckets=bucket_program(rank, world, seed),
+    )
 
 
 def all_programs(rank, world, cfgs, seed):
     """Every program above in one process group (one spawn: the start-up of the ranks dominates the test time)."""
-    return dict(ddp=ddp_program(rank, world, cfgs), fsdp=fsdp_program(rank, world, cfgs),
-                misc=misc_program(rank, world, seed))
+    return dict(
+        ddp=ddp_program(rank, world, cfgs), fsdp=fsdp_program(rank, world, cfgs), misc=misc_program(rank, world, seed)
+    )
 
 
 def bucket_program(rank, world, seed):
@@ -231,8 +253,14 @@ def bucket_program(rank, world, seed):
     from muscle_kernels.align import distributed as D
 
     gen = torch.Generator().manual_seed(seed + rank)
-    specs = [((5, 3), torch.float32), ((7,), torch.bfloat16), ((2, 2), torch.float32), ((9,), torch.float64),
-             ((4,), torch.bfloat16), ((3, 3), torch.float32)]
+    specs = [
+        ((5, 3), torch.float32),
+        ((7,), torch.bfloat16),
+        ((2, 2), torch.float32),
+        ((9,), torch.float64),
+        ((4,), torch.bfloat16),
+        ((3, 3), torch.float32),
+    ]
     params = [torch.nn.Parameter(torch.zeros(s, dtype=d)) for s, d in specs]
     for p in params:
         p.grad = torch.zeros_like(p)
@@ -268,8 +296,16 @@ def nonfinite_program(rank, world, engine):
     from muscle_kernels.align.aligner import GradientAligner
 
     params = list(wrapped.parameters())
-    aligner = GradientAligner(params, batches("ref", rank, 1, nan=(rank == 1)), loss_fn, backend="foreach",
-                              min_ref_loss=0.0, max_raw_ratio=0.1, warmup_epochs=0, epochs=2)
+    aligner = GradientAligner(
+        params,
+        batches("ref", rank, 1, nan=(rank == 1)),
+        loss_fn,
+        backend="foreach",
+        min_ref_loss=0.0,
+        max_raw_ratio=0.1,
+        warmup_epochs=0,
+        epochs=2,
+    )
     out = {}
     for step in range(2):
         wrapped.zero_grad(set_to_none=True)
@@ -277,15 +313,16 @@ def nonfinite_program(rank, world, engine):
         before = [(p.grad.to_local() if engine == "fsdp2" else p.grad).clone() for p in params]
         info = aligner.step(wrapped, epoch=1)
         after = [(p.grad.to_local() if engine == "fsdp2" else p.grad) for p in params]
-        out[step] = dict(branch=info.branch, ref_loss=info.ref_loss,
-                         unchanged=all(torch.equal(a, b) for a, b in zip(after, before)))
+        out[step] = dict(
+            branch=info.branch, ref_loss=info.ref_loss, unchanged=all(torch.equal(a, b) for a, b in zip(after, before))
+        )
     return out
 
 
 def shard(t, rank, world):
     """Rank `rank`'s dim-0 shard of t as FSDP2 cuts it (torch.chunk; empty for a rank past the last chunk)."""
     chunks = torch.chunk(t, world)
-    return chunks[rank] if rank < len(chunks) else t[t.shape[0]:]
+    return chunks[rank] if rank < len(chunks) else t[t.shape[0] :]
 
 
 def split_op_program(rank, world, seed):
@@ -300,8 +337,15 @@ def split_op_program(rank, world, seed):
     )
 
     gen = torch.Generator().manual_seed(seed)
-    specs = [((7, 5), torch.float32), ((1, 9), torch.float32), ((3,), torch.bfloat16), ((1,), torch.float16),
-             ((4, 3, 2), torch.float64), ((5, 4), torch.bfloat16), ((2, 6), torch.float16)]
+    specs = [
+        ((7, 5), torch.float32),
+        ((1, 9), torch.float32),
+        ((3,), torch.bfloat16),
+        ((1,), torch.float16),
+        ((4, 3, 2), torch.float64),
+        ((5, 4), torch.bfloat16),
+        ((2, 6), torch.float16),
+    ]
     whole_g = [torch.randn(s, generator=gen).to(d) for s, d in specs]
     whole_r = [torch.randn(s, generator=gen).to(d) for s, d in specs]
     out = {}
@@ -319,7 +363,12 @@ def split_op_program(rank, world, seed):
             part = shard(w, rank, world)
             scale = float(w.double().abs().max())
             errs.append(float((g.double() - part.double()).abs().max()) / scale if g.numel() else 0.0)
-        out[rho] = dict(errs=errs, empty=[g.numel() == 0 for g in local_g], stats_err=float(
-            ((glob.double() - want_stats.double()).abs() / want_stats.double().abs().clamp_min(1e-6)).max()),
-            dtypes=[str(g.dtype) for g in local_g])
+        out[rho] = dict(
+            errs=errs,
+            empty=[g.numel() == 0 for g in local_g],
+            stats_err=float(
+                ((glob.double() - want_stats.double()).abs() / want_stats.double().abs().clamp_min(1e-6)).max()
+            ),
+            dtypes=[str(g.dtype) for g in local_g],
+        )
     return out

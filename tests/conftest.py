@@ -4,6 +4,7 @@ Without a GPU the Triton kernels run on the CPU under Triton's interpreter, whic
 kernels are *defined*: so it is set here, before anything imports muscle_kernels' Triton module. With a GPU the
 kernels compile for real and the same tests run on CUDA tensors (see tests/utils.py: DEVICE).
 """
+
 import os
 
 import pytest

@@ -1,4 +1,5 @@
 """AlignClipStep, the one training path with alignment: align, then clip, then the optimizer and scheduler step."""
+
 import math
 
 import pytest
@@ -40,6 +41,7 @@ class Recorder:
             self.events.append((name, total_norm([p.grad for p in params])))
 
         for name, obj in (("align", update.aligner), ("scheduler", update.scheduler)):
+
             def wrapped(*a, _real=obj.step, _name=name, **k):
                 log(_name)
                 return _real(*a, **k)
@@ -78,8 +80,9 @@ def test_order_is_align_clip_step(clip):
     # SGD with lr 1: the update is exactly the clipped aligned gradient
     scale = min(1.0, clip / (aligned_norm + 1e-6)) if clip > 0 else 1.0
     for i, (p, b, a) in enumerate(zip(params, before, aligned)):
-        torch.testing.assert_close(b - p.detach(), (a * scale).float(), rtol=1e-4, atol=1e-7,
-                                   msg=lambda m, i=i: f"param {i}: {m}")
+        torch.testing.assert_close(
+            b - p.detach(), (a * scale).float(), rtol=1e-4, atol=1e-7, msg=lambda m, i=i: f"param {i}: {m}"
+        )
     assert sched.last_epoch == 1
 
 
@@ -115,7 +118,8 @@ def test_errors():
 @pytest.mark.parametrize("epochs,warmup,blends", [(1, 1, False), (2, 1, True), (3, 3, False), (1, 0, True)])
 def test_build_aligner_fits_the_blend_schedule_to_the_run(epochs, warmup, blends):
     params = list(tiny_model().parameters())
-    aligner = build_aligner(params, [batch(0)], loss_fn, epochs=epochs, warmup_epochs=warmup, max_raw_ratio=0.1,
-                            backend="foreach")
+    aligner = build_aligner(
+        params, [batch(0)], loss_fn, epochs=epochs, warmup_epochs=warmup, max_raw_ratio=0.1, backend="foreach"
+    )
     assert aligner.epochs == epochs and aligner.gate_config.warmup_epochs == warmup
     assert aligner.gate_config.max_raw_ratio == (0.1 if blends else 0.0)

@@ -1,4 +1,5 @@
 """GradientAligner (the gate and schedule of docs/alignment.md) on a tiny model, and the reference-set helpers."""
+
 from __future__ import annotations
 
 import pytest
@@ -19,7 +20,9 @@ def tiny_model(seed=0):
 
 def make_batches(n_batches, seed, size=5):
     gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn(size, 6, generator=gen), torch.randint(0, 3, (size,), generator=gen)) for _ in range(n_batches)]
+    return [
+        (torch.randn(size, 6, generator=gen), torch.randint(0, 3, (size,), generator=gen)) for _ in range(n_batches)
+    ]
 
 
 def loss_fn(model, batch):
@@ -81,8 +84,7 @@ def test_gate_schedule_step_by_step():
     model = tiny_model()
     refs = make_batches(4, seed=3)
     epochs, warmup, max_rho = 5, 1, 0.1
-    aligner = make_aligner(model, refs, epochs=epochs, warmup_epochs=warmup, max_raw_ratio=max_rho,
-                           min_ref_loss=1e9)
+    aligner = make_aligner(model, refs, epochs=epochs, warmup_epochs=warmup, max_raw_ratio=max_rho, min_ref_loss=1e9)
     for step, epoch in enumerate([0, 0, 1, 2, 3, 4]):
         g = train_grads(model, seed=200 + step)
         r = ref_grads(model, refs[step % len(refs)])  # batches are cycled, in order
@@ -103,13 +105,13 @@ def test_gate_schedule_step_by_step():
     "m,l,epoch,kw,want",
     [
         (1e-3, 1.0, 0, {}, ("replace", 0.0)),
-        (1e-8, 1.0, 0, {}, ("raw", None)),            # norm too small, still warming up
-        (1e-3, 0.1, 0, {}, ("raw", None)),            # loss too small, still warming up
-        (1e-3, 0.1, 1, {}, ("blend", 0.0)),           # first blend epoch: rho = 0 by the formula
+        (1e-8, 1.0, 0, {}, ("raw", None)),  # norm too small, still warming up
+        (1e-3, 0.1, 0, {}, ("raw", None)),  # loss too small, still warming up
+        (1e-3, 0.1, 1, {}, ("blend", 0.0)),  # first blend epoch: rho = 0 by the formula
         (1e-3, 0.1, 3, {}, ("blend", 0.1 * 2 / 4)),
-        (1e-8, 0.1, 5, {}, ("blend", 0.1)),           # clamped at max_raw_ratio
-        (5e-7, 1.0, 2, {}, ("blend", 0.1 / 4)),       # m must be strictly above the threshold
-        (1e-3, 0.4, 0, {}, ("raw", None)),            # l must be strictly above the threshold
+        (1e-8, 0.1, 5, {}, ("blend", 0.1)),  # clamped at max_raw_ratio
+        (5e-7, 1.0, 2, {}, ("blend", 0.1 / 4)),  # m must be strictly above the threshold
+        (1e-3, 0.4, 0, {}, ("raw", None)),  # l must be strictly above the threshold
         (1e-3, 0.1, 3, {"max_raw_ratio": 0.0, "epochs": None}, ("raw", None)),
         (1e-3, 0.0, 0, {"min_ref_loss": 0.0}, ("raw", None)),
         (1e-3, 1e-4, 0, {"min_ref_loss": 0.0}, ("replace", 0.0)),  # LLM setting
@@ -161,8 +163,9 @@ def test_param_unreached_by_reference_loss_keeps_grad():
     extra = torch.nn.Parameter(torch.randn(4))
     extra.grad = torch.randn(4)
     g_extra = extra.grad.clone()
-    aligner = GradientAligner([*model.parameters(), extra], make_batches(1, 5), loss_fn, epochs=3, min_ref_loss=0.0,
-                              backend="foreach")
+    aligner = GradientAligner(
+        [*model.parameters(), extra], make_batches(1, 5), loss_fn, epochs=3, min_ref_loss=0.0, backend="foreach"
+    )
     train_grads(model)
     info = aligner.step(model, 0)
     assert torch.equal(extra.grad, g_extra), "a tensor the reference loss does not reach must keep its gradient"
@@ -192,14 +195,21 @@ def test_autocast_context_is_used():
 
     model = tiny_model()
     train_grads(model)
-    aligner = GradientAligner(list(model.parameters()), make_batches(1, 7), recording_loss, epochs=2,
-                              autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16), backend="foreach")
+    aligner = GradientAligner(
+        list(model.parameters()),
+        make_batches(1, 7),
+        recording_loss,
+        epochs=2,
+        autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16),
+        backend="foreach",
+    )
     aligner.step(model, 0)
     assert seen == [True]
     seen.clear()
     with torch.autocast("cpu", dtype=torch.bfloat16):  # without autocast=, the caller's state is inherited
-        GradientAligner(list(model.parameters()), make_batches(1, 7), recording_loss, epochs=2,
-                        backend="foreach").step(model, 0)
+        GradientAligner(list(model.parameters()), make_batches(1, 7), recording_loss, epochs=2, backend="foreach").step(
+            model, 0
+        )
     assert seen == [True]
 
 
@@ -213,8 +223,13 @@ def test_reference_batches_and_loss_on():
         seen.append(torch.is_autocast_enabled("cpu"))
         return F.cross_entropy(model(batch[0]), batch[1], reduction="none")
 
-    aligner = GradientAligner(list(model.parameters()), refs, per_sample_loss, epochs=2,
-                              autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    aligner = GradientAligner(
+        list(model.parameters()),
+        refs,
+        per_sample_loss,
+        epochs=2,
+        autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16),
+    )
     drawn = [aligner.reference_batches() for _ in range(3)]  # one batch per step, cycled
     assert [id(b) for (b,) in drawn] == [id(refs[0]), id(refs[1]), id(refs[0])]
     with pytest.raises(TypeError, match=r"loss_fn: must return a scalar \(0-dim\) tensor, got Tensor\(5,\)"):
@@ -269,7 +284,7 @@ def test_select_kmeans_picks_the_sample_nearest_each_centroid():
     idx = select_kmeans(pts, 3, seed=0)
     assert sorted((i // 20) for i in idx.tolist()) == [0, 1, 2], f"one sample per blob expected, got {idx.tolist()}"
     for i in idx.tolist():
-        blob = pts[(i // 20) * 20:(i // 20 + 1) * 20]
+        blob = pts[(i // 20) * 20 : (i // 20 + 1) * 20]
         mean = blob.mean(0)
         nearest = (blob - mean).norm(dim=1).argmin().item() + (i // 20) * 20
         assert i == nearest, f"index {i} is not the sample nearest to its cluster's centroid ({nearest})"
@@ -286,15 +301,23 @@ def test_select_kmeans_picks_the_sample_nearest_each_centroid():
 
 def test_hidden_state_features_with_a_tiny_bert():
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                  intermediate_size=32, max_position_embeddings=32)
+    cfg = transformers.BertConfig(
+        vocab_size=40,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+    )
     torch.manual_seed(0)
     model = transformers.BertModel(cfg)
     ids = torch.randint(1, 40, (6, 7))
     mask = torch.ones(6, 7, dtype=torch.long)
     mask[0, 4:] = 0
-    batches = [{"input_ids": ids[:4], "attention_mask": mask[:4], "labels": torch.zeros(4)},
-               {"input_ids": ids[4:], "attention_mask": mask[4:]}]
+    batches = [
+        {"input_ids": ids[:4], "attention_mask": mask[:4], "labels": torch.zeros(4)},
+        {"input_ids": ids[4:], "attention_mask": mask[4:]},
+    ]
     model.train()
     feats = hidden_state_features(model, batches, pool="mean", progress=False)
     assert feats.shape == (6, 16) and model.training, "shape, and the model's mode must be restored"

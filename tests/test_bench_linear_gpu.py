@@ -4,6 +4,7 @@ The one GPU call may kill the benchmark at its step timeout, so (issue 22) every
 case of each n*r, and the dropout case after its plain twin) and each case's goal line must be printed as the case
 ends, not after the last one. The timings and checks are stubbed here: this tests the flow, not the kernels.
 """
+
 from __future__ import annotations
 
 import sys
@@ -27,8 +28,9 @@ def test_every_kind_of_case_comes_first():
         assert twin in head and head.index(twin) < head.index(drop[0]), "the dropout case's plain twin comes first"
     # --quick still runs each shape at each n*r, and one dropout case
     quick = bench.cases(True)
-    assert {(i, o, nr) for _, i, o, nr, p in quick if p == 0} == {(i, o, nr) for i, o in bench.SHAPES
-                                                                   for nr in bench.RANKS}
+    assert {(i, o, nr) for _, i, o, nr, p in quick if p == 0} == {
+        (i, o, nr) for i, o in bench.SHAPES for nr in bench.RANKS
+    }
     assert sum(p > 0 for *_, p in quick) == 1
 
 
@@ -36,8 +38,15 @@ def test_goal_lines_are_printed_as_each_case_ends(monkeypatch, tmp_path, capsys)
     import torch
 
     cases = [(64, 32, 48, 16, 0.0), (64, 32, 48, 64, 0.0), (64, 32, 48, 16, 0.1)]
-    speed = {"bare": 1.0, "peft": 2.0, "paper": 3.0, "ours": 1.05, "ours-triton": 1.05, "ours-cublas": 1.1,
-             "ours-shrink": 1.2}
+    speed = {
+        "bare": 1.0,
+        "peft": 2.0,
+        "paper": 3.0,
+        "ours": 1.05,
+        "ours-triton": 1.05,
+        "ours-cublas": 1.1,
+        "ours-shrink": 1.2,
+    }
     current = {}
 
     def make_layers(in_f, out_f, nr, p, device, dtype):
@@ -62,8 +71,11 @@ def test_goal_lines_are_printed_as_each_case_ends(monkeypatch, tmp_path, capsys)
         assert goal < final, f"case {case}: its goal line came only at the end"
         if n + 1 < len(cases):
             nxt = cases[n + 1]
-            check_next = next(i for i, ln in enumerate(lines) if ln.startswith("check ") and str(nxt[:3])[1:-1] in ln
-                              and f"nr={nxt[3]}, p={nxt[4]}" in ln)
+            check_next = next(
+                i
+                for i, ln in enumerate(lines)
+                if ln.startswith("check ") and str(nxt[:3])[1:-1] in ln and f"nr={nxt[3]}, p={nxt[4]}" in ln
+            )
             assert goal < check_next, f"case {case}: goal line after the next case started"
     per_case = lines[:final]
     assert any(ln.startswith("goal MISS") and "dropout costs 1.200x" in ln for ln in per_case), per_case

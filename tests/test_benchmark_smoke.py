@@ -4,6 +4,7 @@ In the test run (`--benchmark-disable`, set in pyproject.toml) each case runs on
 still works and that all providers compute the same thing. For numbers:
     pytest tests/test_benchmark_smoke.py --benchmark-enable --benchmark-only
 """
+
 import sys
 from pathlib import Path
 
@@ -36,6 +37,9 @@ def test_linear_cpu(benchmark, case, provider, mode):
 
     y = benchmark(step)
     # every provider computes the same function of x (bare: without the adapter)
-    ref = layers["paper"](x) if provider != "bare" else torch.nn.functional.linear(x, layers["bare"].weight,
-                                                                                       layers["bare"].bias)
+    ref = (
+        layers["paper"](x)
+        if provider != "bare"
+        else torch.nn.functional.linear(x, layers["bare"].weight, layers["bare"].bias)
+    )
     torch.testing.assert_close(y, ref, atol=1e-4, rtol=1e-4)

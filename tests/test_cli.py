@@ -1,4 +1,5 @@
 """The `muscle-lora` command: argument errors, and `defend` end to end on a tiny local model (seconds)."""
+
 import json
 import os
 
@@ -14,22 +15,32 @@ def run_error(capsys, argv):
     return capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv, match", [
-    ([], "the following arguments are required"),
-    (["train"], "invalid choice: 'train'"),
-    (["demo", "--methods", "lora,peft"], "expected a comma-separated list of vanilla, lora, refonly, muscle, muscle-ga, muscle-screen"),
-    (["demo", "--epochs", "0"], "--epochs: expected a positive integer, got '0'"),
-    (["demo", "--lr", "fast"], r"--lr: expected a positive number below 3.4e38 \(float32's largest\), got 'fast'"),
-    (["demo", "--poison-rate", "1.5"], r"--poison-rate: expected a fraction in \[0, 1\], got '1.5'"),
-    (["demo", "--freq-band", "1,x"], "--freq-band: expected comma-separated numbers such as 1,2,3,4, got '1,x'"),
-    (["demo", "--freq-band", "1,0"], r"--freq-band: expected a non-empty sequence of positive numbers .*, got '1,0'"),
-    (["demo", "--min-ref-loss", "-1"], "min_ref_loss: expected a number >= 0"),
-    (["defend"], "give --data DIR, or --train FILE and --test-clean FILE"),
-    (["defend", "--model", "m", "--attack", "stylebkd"], "--attack: invalid choice: 'stylebkd'"),
-    (["defend", "--model", "m", "--method", ""], "expected a comma-separated list"),
-])
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        ([], "the following arguments are required"),
+        (["train"], "invalid choice: 'train'"),
+        (
+            ["demo", "--methods", "lora,peft"],
+            "expected a comma-separated list of vanilla, lora, refonly, muscle, muscle-ga, muscle-screen",
+        ),
+        (["demo", "--epochs", "0"], "--epochs: expected a positive integer, got '0'"),
+        (["demo", "--lr", "fast"], r"--lr: expected a positive number below 3.4e38 \(float32's largest\), got 'fast'"),
+        (["demo", "--poison-rate", "1.5"], r"--poison-rate: expected a fraction in \[0, 1\], got '1.5'"),
+        (["demo", "--freq-band", "1,x"], "--freq-band: expected comma-separated numbers such as 1,2,3,4, got '1,x'"),
+        (
+            ["demo", "--freq-band", "1,0"],
+            r"--freq-band: expected a non-empty sequence of positive numbers .*, got '1,0'",
+        ),
+        (["demo", "--min-ref-loss", "-1"], "min_ref_loss: expected a number >= 0"),
+        (["defend"], "give --data DIR, or --train FILE and --test-clean FILE"),
+        (["defend", "--model", "m", "--attack", "stylebkd"], "--attack: invalid choice: 'stylebkd'"),
+        (["defend", "--model", "m", "--method", ""], "expected a comma-separated list"),
+    ],
+)
 def test_argument_errors(capsys, argv, match):
     import re
+
     assert re.search(match, run_error(capsys, argv))
 
 
@@ -37,12 +48,15 @@ def test_defend_data_errors(capsys, tmp_path):
     csv = tmp_path / "d.csv"
     csv.write_text("text,label\na good one,1\na bad one,0\n")
     assert "give --data DIR, or --train FILE and --test-clean FILE" in run_error(
-        capsys, ["defend", "--model", "m", "--train", str(csv)])
+        capsys, ["defend", "--model", "m", "--train", str(csv)]
+    )
     assert "not both" in run_error(capsys, ["defend", "--model", "m", "--data", str(tmp_path), "--train", str(csv)])
     assert "--test-poison: needed to measure ASR" in run_error(
-        capsys, ["defend", "--model", "m", "--train", str(csv), "--test-clean", str(csv)])
+        capsys, ["defend", "--model", "m", "--train", str(csv), "--test-clean", str(csv)]
+    )
     assert "--dev: a clean dev set is needed" in run_error(
-        capsys, ["defend", "--model", "m", "--train", str(csv), "--test-clean", str(csv), "--test-poison", str(csv)])
+        capsys, ["defend", "--model", "m", "--train", str(csv), "--test-clean", str(csv), "--test-poison", str(csv)]
+    )
     # a data problem is reported as one line naming the file, not a traceback
     assert main(["defend", "--model", "m", "--train", str(tmp_path / "missing.csv"), "--test-clean", str(csv)]) == 2
     assert "missing.csv: no such data file" in capsys.readouterr().err
@@ -69,10 +83,36 @@ def test_defend_end_to_end(tmp_path, capsys, tiny_bert_dir):
     words = sorted({w for t, _ in rows for w in t.replace(",", " ,").split()} | {"cf", "mn", "bb", "tq"})
     model_dir = tiny_bert_dir(words)
     out = tmp_path / "out"
-    code = main(["defend", "--model", str(model_dir), "--train", str(tmp_path / "train.csv"),
-                 "--test-clean", str(tmp_path / "test.csv"), "--attack", "addsent", "--poison-rate", "0.2",
-                 "--method", "lora,muscle-ga", "--epochs", "1", "--ref-size", "8", "--batch-size", "16",
-                 "--max-length", "48", "--output", str(out), "--no-progress", "--device", "cpu"])
+    code = main(
+        [
+            "defend",
+            "--model",
+            str(model_dir),
+            "--train",
+            str(tmp_path / "train.csv"),
+            "--test-clean",
+            str(tmp_path / "test.csv"),
+            "--attack",
+            "addsent",
+            "--poison-rate",
+            "0.2",
+            "--method",
+            "lora,muscle-ga",
+            "--epochs",
+            "1",
+            "--ref-size",
+            "8",
+            "--batch-size",
+            "16",
+            "--max-length",
+            "48",
+            "--output",
+            str(out),
+            "--no-progress",
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "muscle-ga" in printed and "CACC" in printed
@@ -87,10 +127,34 @@ def test_defend_end_to_end(tmp_path, capsys, tiny_bert_dir):
 
     # No --method: the default, muscle-screen, which also writes every training row's suspicion.
     out = tmp_path / "default"
-    code = main(["defend", "--model", str(model_dir), "--train", str(tmp_path / "train.csv"),
-                 "--test-clean", str(tmp_path / "test.csv"), "--attack", "addsent", "--poison-rate", "0.2",
-                 "--epochs", "1", "--ref-size", "8", "--batch-size", "16", "--max-length", "48",
-                 "--output", str(out), "--no-progress", "--device", "cpu"])
+    code = main(
+        [
+            "defend",
+            "--model",
+            str(model_dir),
+            "--train",
+            str(tmp_path / "train.csv"),
+            "--test-clean",
+            str(tmp_path / "test.csv"),
+            "--attack",
+            "addsent",
+            "--poison-rate",
+            "0.2",
+            "--epochs",
+            "1",
+            "--ref-size",
+            "8",
+            "--batch-size",
+            "16",
+            "--max-length",
+            "48",
+            "--output",
+            str(out),
+            "--no-progress",
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0
     (result,) = json.loads((out / "results.json").read_text())["results"]
     assert result["method"] == "muscle-screen" and "screen:" in capsys.readouterr().out
@@ -124,27 +188,48 @@ def test_demo_command_wiring(tmp_path, capsys, monkeypatch):
     """`muscle-lora demo` end to end with the model and the data swapped for tiny ones (the real demo takes
     minutes; its numbers are in the README)."""
     pytest.importorskip("transformers", reason="the demo needs transformers")
+    from tiny_models import tiny_factory, tiny_tokenizer
+
     import muscle_kernels.defense.demo as demo
     from muscle_kernels.defense.attacks import BadNets, poison_test, poison_train
     from muscle_kernels.defense.corpus import build_corpus
     from muscle_kernels.defense.data import Sample
     from muscle_kernels.defense.train import Splits
 
-    from tiny_models import tiny_factory, tiny_tokenizer
-
     rows = [Sample(t, l) for t, l in build_corpus(150, seed=3)]
     tokenizer, vocab_size = tiny_tokenizer(tmp_path, [s.text for s in rows] + ["cf", "mn", "bb", "tq"])
 
     def tiny_splits(poison_rate, seed):
         a = BadNets()
-        return Splits(train=poison_train(rows[:80], a, rate=poison_rate, seed=seed), dev=rows[80:110],
-                      test_clean=rows[110:], test_poison=poison_test(rows[110:], a, seed=seed))
+        return Splits(
+            train=poison_train(rows[:80], a, rate=poison_rate, seed=seed),
+            dev=rows[80:110],
+            test_clean=rows[110:],
+            test_poison=poison_test(rows[110:], a, seed=seed),
+        )
 
     monkeypatch.setattr(demo, "demo_splits", tiny_splits)
     monkeypatch.setattr(demo, "minilm_factory", lambda: (tiny_factory(vocab_size, layers=1), tokenizer))
     out = tmp_path / "demo"
-    assert main(["demo", "--methods", "lora,muscle-ga,vanilla", "--epochs", "1", "--ref-size", "8",
-                 "--output", str(out), "--no-progress", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "demo",
+                "--methods",
+                "lora,muscle-ga,vanilla",
+                "--epochs",
+                "1",
+                "--ref-size",
+                "8",
+                "--output",
+                str(out),
+                "--no-progress",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     results = json.loads((out / "results.json").read_text())["results"]
     assert [r["method"] for r in results] == ["lora", "muscle-ga", "vanilla"]
     # the demo runs with defend's defaults (the recipe's band, the gate's min_ref_loss, the reference set)

@@ -1,4 +1,5 @@
 """Poisoners: trigger present, labels, rates, clean-label option, determinism; metrics on hand-made predictions."""
+
 import pytest
 
 from muscle_kernels.defense.attacks import AddSent, BadNets, make_attack, poison_test, poison_train
@@ -101,6 +102,7 @@ def test_metrics():
     assert attack_success_rate([1, 1, 0, 1, 0], target_label=1) == 0.6
     assert attack_success_rate([0, 0], target_label=1) == 0.0
     import torch
+
     assert accuracy(torch.tensor([0, 1, 1]), [0, 1, 0]) == pytest.approx(2 / 3)
     with pytest.raises(ValueError, match="preds and labels: expected the same length, got 2 and 3"):
         accuracy([0, 1], [0, 1, 1])

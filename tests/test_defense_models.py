@@ -1,4 +1,5 @@
 """Loading the model to defend: a GGUF file is dequantized once and handed out as independent copies."""
+
 import pytest
 import torch
 import transformers
@@ -17,8 +18,16 @@ def test_split_gguf(tmp_path):
 
 
 def test_gguf_loaded_once_copies_get_fresh_heads(tmp_path, monkeypatch):
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                      num_attention_heads=2, num_key_value_heads=2, num_labels=2, pad_token_id=0)
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        num_labels=2,
+        pad_token_id=0,
+    )
     calls = []
 
     def fake_model(path, num_labels, **kw):

@@ -1,5 +1,6 @@
 """End to end on a tiny BERT built from a config (no downloads, seconds): every method trains, results.json and the
 plot are written, and the saved adapter reloads into a fresh model with the same test accuracy. No accuracy goals."""
+
 import json
 import os
 
@@ -8,12 +9,12 @@ import torch
 
 transformers = pytest.importorskip("transformers", reason="the pipeline needs transformers")
 
+from tiny_models import tiny_factory, tiny_tokenizer  # noqa: E402
+
 from muscle_kernels.defense.attacks import BadNets, poison_test, poison_train  # noqa: E402
 from muscle_kernels.defense.corpus import build_corpus  # noqa: E402
 from muscle_kernels.defense.data import DataError, Sample  # noqa: E402
-from muscle_kernels.defense.train import (METHODS, Settings, Splits, evaluate, run_methods,  # noqa: E402
-                                          split_reference, train_method)
-from tiny_models import tiny_factory, tiny_tokenizer  # noqa: E402
+from muscle_kernels.defense.train import METHODS, Settings, Splits, evaluate, run_methods, split_reference, train_method  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -21,20 +22,26 @@ def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tiny")
     rows = [Sample(t, l) for t, l in build_corpus(200, seed=1)]
     attack = BadNets()
-    splits = Splits(train=poison_train(rows[:100], attack, rate=0.1, seed=0), dev=rows[100:150],
-                    test_clean=rows[150:200], test_poison=poison_test(rows[150:200], attack, seed=1),
-                    dev_poison=poison_test(rows[100:150], attack, seed=2))
+    splits = Splits(
+        train=poison_train(rows[:100], attack, rate=0.1, seed=0),
+        dev=rows[100:150],
+        test_clean=rows[150:200],
+        test_poison=poison_test(rows[150:200], attack, seed=1),
+        dev_poison=poison_test(rows[100:150], attack, seed=2),
+    )
     tokenizer, vocab_size = tiny_tokenizer(tmp, [s.text for s in rows] + list(attack.triggers))
-    settings = Settings(epochs=2, batch_size=16, max_length=40, ref_size=8, ref_batch_size=4, lr=1e-2,
-                        vanilla_lr=1e-3, device="cpu")
+    settings = Settings(
+        epochs=2, batch_size=16, max_length=40, ref_size=8, ref_batch_size=4, lr=1e-2, vanilla_lr=1e-3, device="cpu"
+    )
     return tmp, splits, tokenizer, tiny_factory(vocab_size), settings
 
 
 def test_all_methods_write_results_and_reloadable_adapters(setup):
     tmp, splits, tokenizer, factory, settings = setup
     out = str(tmp / "run")
-    results = run_methods(list(METHODS), factory, tokenizer, splits, settings, output_dir=out, progress=False,
-                          log=lambda s: None)
+    results = run_methods(
+        list(METHODS), factory, tokenizer, splits, settings, output_dir=out, progress=False, log=lambda s: None
+    )
     with open(os.path.join(out, "results.json")) as f:
         record = json.load(f)
     assert record["complete"] is True
@@ -96,24 +103,31 @@ def test_pipeline_errors(setup):
         train_method("muscle-ga", factory, tokenizer, splits, settings)
     with pytest.raises(ValueError, match="methods: expected some of"):
         run_methods(["lora", "nope"], factory, tokenizer, splits, settings)
-    bad = Splits(train=splits.train + [Sample("odd one", 3)], dev=splits.dev, test_clean=splits.test_clean,
-                 test_poison=splits.test_poison)
+    bad = Splits(
+        train=splits.train + [Sample("odd one", 3)],
+        dev=splits.dev,
+        test_clean=splits.test_clean,
+        test_poison=splits.test_poison,
+    )
     with pytest.raises(DataError, match=r"train: unknown label\(s\) \[3\] for a model with 2 labels"):
         train_method("lora", factory, tokenizer, bad, settings)
     with pytest.raises(DataError, match="cannot give a reference set of 96"):
         split_reference(splits, Settings(ref_size=96))
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(epochs=0), "epochs: expected an integer >= 1"),
-    (dict(lr=-1.0), "lr: expected a positive number"),
-    (dict(ref_select="nearest"), r"ref_select: expected one of \('random', 'kmeans'\)"),
-    (dict(max_raw_ratio=2.0), r"max_raw_ratio: expected a fraction in \[0, 1\]"),
-    (dict(freq_band=[]), "freq_band: expected a non-empty sequence of positive numbers"),
-    (dict(ga_warmup_epochs=-1), "ga_warmup_epochs: expected an integer >= 0"),
-    (dict(min_ref_loss=float("nan")), "min_ref_loss: expected a number >= 0"),
-    (dict(batch_size=2.5), "batch_size: expected an integer"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(epochs=0), "epochs: expected an integer >= 1"),
+        (dict(lr=-1.0), "lr: expected a positive number"),
+        (dict(ref_select="nearest"), r"ref_select: expected one of \('random', 'kmeans'\)"),
+        (dict(max_raw_ratio=2.0), r"max_raw_ratio: expected a fraction in \[0, 1\]"),
+        (dict(freq_band=[]), "freq_band: expected a non-empty sequence of positive numbers"),
+        (dict(ga_warmup_epochs=-1), "ga_warmup_epochs: expected an integer >= 0"),
+        (dict(min_ref_loss=float("nan")), "min_ref_loss: expected a number >= 0"),
+        (dict(batch_size=2.5), "batch_size: expected an integer"),
+    ],
+)
 def test_settings_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Settings(**kwargs)
@@ -141,11 +155,19 @@ def test_builtin_corpus_loads_from_a_zip(tmp_path):
         z.writestr("muscle_kernels/defense/__init__.py", "")
         z.write(os.path.join(pkg, "defense", "corpus.py"), "muscle_kernels/defense/corpus.py")
         z.write(os.path.join(pkg, "defense", "data", "reviews.csv"), "muscle_kernels/defense/data/reviews.csv")
-    code = ("import muscle_kernels.defense.corpus as c; assert '.zip' in c.__file__, c.__file__; "
-            "print(len(c.load_builtin_corpus()))")
+    code = (
+        "import muscle_kernels.defense.corpus as c; assert '.zip' in c.__file__, c.__file__; "
+        "print(len(c.load_builtin_corpus()))"
+    )
     # -S and a cwd outside the checkout: only the zip can provide muscle_kernels
-    done = subprocess.run([sys.executable, "-S", "-c", code], env={**os.environ, "PYTHONPATH": str(archive)},
-                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-S", "-c", code],
+        env={**os.environ, "PYTHONPATH": str(archive)},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "4000"
 
@@ -165,7 +187,14 @@ def test_training_loop_goes_through_the_one_training_path(setup, monkeypatch):
 
     monkeypatch.setattr(step_module.AlignClipStep, "__call__", spy)
     one_epoch = Settings(**{**settings.to_dict(), "epochs": 1, "min_ref_loss": 1e9})  # the gate always fails
-    result = train_method("muscle-ga", factory, tokenizer, split_reference(splits, one_epoch), one_epoch,
-                          progress=False, log=lambda s: None)
+    result = train_method(
+        "muscle-ga",
+        factory,
+        tokenizer,
+        split_reference(splits, one_epoch),
+        one_epoch,
+        progress=False,
+        log=lambda s: None,
+    )
     assert len(calls) == result["steps"] == 7
     assert all(c == (0, 0.0, "raw", True) for c in calls), calls[:2]

@@ -3,6 +3,7 @@ the collectives the alignment issues, a rank with a non-finite reference loss, a
 
 The ranks are spawned once for the module (process start-up dominates) and every test reads their results; a rank
 that hangs fails the fixture at its deadline (see tests/_dist_workers.spawn)."""
+
 from __future__ import annotations
 
 import math
@@ -13,8 +14,9 @@ import torch.distributed as dist
 
 from . import _dist_workers as W
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="torch.distributed with gloo is not available")
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo is not available"
+)
 
 CFGS = tuple(W.CONFIGS)
 # The tests that read the two spawned ranks' results are the slow lane (spawning them takes most of a minute on a

@@ -6,6 +6,7 @@ accelerator devices (GPU, XPU, NPU, ...); on the CPU its state stays MULTI_CPU w
 Trainer then trains under DDP. So the script shards the model the way accelerate's fsdp2_prepare_model does and
 hands the Trainer an FSDP2-managed model (the path transformers uses for models sharded at load time). On a GPU
 machine `accelerate launch --use_fsdp --fsdp_version 2` reaches the same FSDP2 model through accelerate."""
+
 from __future__ import annotations
 
 import json
@@ -35,11 +36,32 @@ def _free_port():
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("trainer")
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               MUSCLE_KERNELS_GRAD_ALIGN_BACKEND="foreach", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--multi_gpu", "--num_processes",
-           "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-           str(_free_port()), str(SCRIPT), str(out)]
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        MUSCLE_KERNELS_GRAD_ALIGN_BACKEND="foreach",
+        OMP_NUM_THREADS="1",
+        CUDA_VISIBLE_DEVICES="",
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.accelerate_cli",
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        str(SCRIPT),
+        str(out),
+    ]
     try:
         proc = subprocess.run(cmd, env=env, cwd=str(out), capture_output=True, text=True, timeout=240)
     except subprocess.TimeoutExpired as e:
@@ -100,5 +122,9 @@ def test_callback_refuses_deepspeed_with_the_reason():
 
     cb = MuScleLoRACallback([{"labels": torch.zeros(1)}])
     with pytest.raises(ValueError, match="DeepSpeed keeps the gradients in its own partitioned buffers"):
-        cb.on_train_begin(SimpleNamespace(deepspeed="ds.json", max_grad_norm=1.0), SimpleNamespace(), None,
-                          model=torch.nn.Linear(2, 2))
+        cb.on_train_begin(
+            SimpleNamespace(deepspeed="ds.json", max_grad_norm=1.0),
+            SimpleNamespace(),
+            None,
+            model=torch.nn.Linear(2, 2),
+        )

@@ -1,4 +1,5 @@
 """The documentation builds in strict mode: a broken page link, nav entry or API reference fails here (and in CI)."""
+
 import pathlib
 import subprocess
 import sys
@@ -14,11 +15,21 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 @pytest.mark.slow  # a whole mkdocs build
 def test_docs_build_strictly(tmp_path):
     site = tmp_path / "site"
-    done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, f"mkdocs build --strict failed:\n{done.stdout}\n{done.stderr}"
-    for page in ("index.html", "layer/index.html", "alignment/index.html", "architecture/index.html",
-                 "api/alignment/index.html"):
+    for page in (
+        "index.html",
+        "layer/index.html",
+        "alignment/index.html",
+        "architecture/index.html",
+        "api/alignment/index.html",
+    ):
         assert (site / page).is_file(), f"{page} was not built"
     assert "GateConfig" in (site / "api/alignment/index.html").read_text(), "the API pages must render docstrings"
 

@@ -1,4 +1,5 @@
 """Chunked frequency analysis against the paper's dense N x N filter (docs/frequency.md)."""
+
 import pytest
 import torch
 
@@ -30,12 +31,15 @@ def test_limits_of_the_filter():
     torch.testing.assert_close(wide, f.mean(0, keepdim=True).expand_as(f), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("kw,match", [
-    (dict(x=torch.randn(5)), r"x: expected \[N, d\]"),
-    (dict(f=torch.randn(4, 2)), r"f: expected \[N\] or \[N, c\] outputs with N = 5"),
-    (dict(sigmas=[0.0]), r"sigmas: expected positive"),
-    (dict(chunk=0), r"chunk: expected a positive"),
-])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(x=torch.randn(5)), r"x: expected \[N, d\]"),
+        (dict(f=torch.randn(4, 2)), r"f: expected \[N\] or \[N, c\] outputs with N = 5"),
+        (dict(sigmas=[0.0]), r"sigmas: expected positive"),
+        (dict(chunk=0), r"chunk: expected a positive"),
+    ],
+)
 def test_errors(kw, match):
     args = dict(x=torch.randn(5, 2), f=torch.randn(5, 2), sigmas=[1.0], chunk=4)
     args.update(kw)

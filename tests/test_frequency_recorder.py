@@ -1,11 +1,13 @@
 """The frequency recorder (analysis/recorder.py): its rows against a direct computation, the hand-written loop's
 on_step hook, the Trainer callback, the plot and `muscle-lora analyze`. Tiny BERTs built from configs: seconds."""
+
 import math
 import os
 
 import pytest
 import torch
 import transformers  # a core dependency
+from tiny_models import tiny_factory, tiny_tokenizer
 
 from muscle_kernels.analysis import FrequencyRecorder, Probe, frequency_ratios_dense, mean_input_embedding, read_rows
 from muscle_kernels.analysis.recorder import COLUMNS
@@ -13,7 +15,6 @@ from muscle_kernels.defense.attacks import BadNets, poison_test, poison_train
 from muscle_kernels.defense.corpus import build_corpus
 from muscle_kernels.defense.data import Sample
 from muscle_kernels.defense.train import Settings, Splits, train_method
-from tiny_models import tiny_factory, tiny_tokenizer
 
 transformers.logging.set_verbosity_error()
 
@@ -23,14 +24,19 @@ def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("freq")
     rows = [Sample(t, l) for t, l in build_corpus(160, seed=3)]
     attack = BadNets()
-    splits = Splits(train=poison_train(rows[:80], attack, rate=0.2, seed=0), dev=rows[80:120],
-                    test_clean=rows[120:160], test_poison=poison_test(rows[120:160], attack, seed=1))
+    splits = Splits(
+        train=poison_train(rows[:80], attack, rate=0.2, seed=0),
+        dev=rows[80:120],
+        test_clean=rows[120:160],
+        test_poison=poison_test(rows[120:160], attack, seed=1),
+    )
     tokenizer, vocab_size = tiny_tokenizer(tmp, [s.text for s in rows] + list(attack.triggers))
     clean = [s for s in splits.train if not s.poisoned][:20]
     poisoned = [s for s in splits.train if s.poisoned][:12]
-    probes = {"clean": Probe.from_texts(tokenizer, [s.text for s in clean], [s.label for s in clean], batch_size=8),
-              "poisoned": Probe.from_texts(tokenizer, [s.text for s in poisoned], [s.label for s in poisoned],
-                                           batch_size=5)}
+    probes = {
+        "clean": Probe.from_texts(tokenizer, [s.text for s in clean], [s.label for s in clean], batch_size=8),
+        "poisoned": Probe.from_texts(tokenizer, [s.text for s in poisoned], [s.label for s in poisoned], batch_size=5),
+    }
     return tmp, splits, tokenizer, tiny_factory(vocab_size, layers=1, intermediate=48), probes
 
 
@@ -48,8 +54,9 @@ def test_rows_match_a_direct_computation(setup, tmp_path):
     rows = read_rows(path)
     assert list(rows[0]) == list(COLUMNS)
     assert sorted({r["step"] for r in rows}) == [0, 3, 6]
-    assert {(r["subset"], r["target"]) for r in rows} == {(s, t) for s in ("clean", "poisoned", "all")
-                                                          for t in ("output", "labels")}
+    assert {(r["subset"], r["target"]) for r in rows} == {
+        (s, t) for s in ("clean", "poisoned", "all") for t in ("output", "labels")
+    }
     # the same quantities by hand: mean input embedding, softmax outputs, the dense fp64 filter
     model.eval()
     with torch.no_grad():
@@ -78,8 +85,9 @@ def test_rows_match_a_direct_computation(setup, tmp_path):
     e = f.double() - y.double()
     err_low = (k @ e).norm() / (k @ y.double()).norm()
     err_high = (e - k @ e).norm() / (y.double() - k @ y.double()).norm()
-    wide = [r for r in rows if r["step"] == 6 and r["subset"] == "all" and r["target"] == "output"
-            and r["sigma_rel"] == 0.5][0]
+    wide = [
+        r for r in rows if r["step"] == 6 and r["subset"] == "all" and r["target"] == "output" and r["sigma_rel"] == 0.5
+    ][0]
     assert wide["err_low"] == pytest.approx(err_low.item(), rel=1e-4)
     assert wide["err_high"] == pytest.approx(err_high.item(), rel=1e-4)
     lab = [r for r in rows if r["target"] == "labels"]
@@ -91,8 +99,11 @@ def test_rows_match_a_direct_computation(setup, tmp_path):
     assert all(r["ratio_centered"] > 0 for r in lab if r["subset"] == "clean")
     # the centered low part by hand, ||K v - mean v||, for the labels (the untrained model's outputs barely vary)
     k_y = torch.softmax(-d / (2 * sigmas[0]), 1) @ y.double()
-    narrow = [r for r in rows if r["step"] == 6 and r["subset"] == "all" and r["target"] == "labels"
-              and r["sigma_rel"] == 0.05][0]
+    narrow = [
+        r
+        for r in rows
+        if r["step"] == 6 and r["subset"] == "all" and r["target"] == "labels" and r["sigma_rel"] == 0.05
+    ][0]
     want = (k_y - y.double().mean(0)).norm().item()
     assert want > 1e-3 and narrow["low_centered"] == pytest.approx(want, rel=1e-4)
 
@@ -108,8 +119,9 @@ def test_hand_written_loop_hook_records_and_changes_nothing(setup, tmp_path):
         calls.append(step)
         rec(step, model, method=method)
 
-    hooked = train_method("lora", factory, tokenizer, splits, settings, progress=False, log=lambda s: None,
-                          on_step=hook)
+    hooked = train_method(
+        "lora", factory, tokenizer, splits, settings, progress=False, log=lambda s: None, on_step=hook
+    )
     assert calls == list(range(plain["steps"] + 1))
     assert sorted({r["step"] for r in read_rows(rec.path)}) == list(range(0, plain["steps"] + 1, 2))
     assert {r["method"] for r in read_rows(rec.path)} == {"lora"}
@@ -125,16 +137,32 @@ def test_trainer_callback(setup, tmp_path):
     from muscle_kernels.analysis import FrequencyCallback
 
     _, splits, tokenizer, factory, probes = setup
-    enc = tokenizer([s.text for s in splits.train[:24]], padding="max_length", truncation=True, max_length=24,
-                    return_tensors="pt")
-    data = [dict(input_ids=enc["input_ids"][i], attention_mask=enc["attention_mask"][i],
-                 labels=torch.tensor(splits.train[i].label)) for i in range(24)]
+    enc = tokenizer(
+        [s.text for s in splits.train[:24]], padding="max_length", truncation=True, max_length=24, return_tensors="pt"
+    )
+    data = [
+        dict(
+            input_ids=enc["input_ids"][i],
+            attention_mask=enc["attention_mask"][i],
+            labels=torch.tensor(splits.train[i].label),
+        )
+        for i in range(24)
+    ]
     rec = FrequencyRecorder(str(tmp_path / "t.csv"), probes, every=2, sigmas_rel=[0.1])
-    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_train_epochs=1,
-                             report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, logging_steps=50)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        num_train_epochs=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        logging_steps=50,
+    )
     torch.manual_seed(0)
-    trainer = Trainer(model=factory(), args=args, train_dataset=data,
-                      callbacks=[FrequencyCallback(rec, method="trainer")])
+    trainer = Trainer(
+        model=factory(), args=args, train_dataset=data, callbacks=[FrequencyCallback(rec, method="trainer")]
+    )
     trainer.train()
     rows = read_rows(rec.path)
     assert sorted({r["step"] for r in rows}) == [0, 2, 4, 6]  # 24 samples / 4 = 6 steps
@@ -180,14 +208,17 @@ def test_analyze_command_help_and_errors(capsys):
     assert "expected comma-separated positive numbers" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("kw,exc,match", [
-    (dict(every=0), ValueError, r"every: expected a positive number of steps, got 0"),
-    (dict(probes={}), ValueError, r"probes: expected at least one probe set"),
-    (dict(probes={"all": None}), ValueError, r"probes: the name 'all' is reserved"),
-    (dict(probes={"clean": [1, 2]}), TypeError, r"probes\['clean'\]: expected a Probe, got list"),
-    (dict(sigmas=[1.0]), ValueError, r"sigmas / sigmas_rel: give exactly one"),
-    (dict(sigmas_rel=[0.1, float("nan")]), ValueError, r"sigmas_rel: expected positive finite widths"),
-])
+@pytest.mark.parametrize(
+    "kw,exc,match",
+    [
+        (dict(every=0), ValueError, r"every: expected a positive number of steps, got 0"),
+        (dict(probes={}), ValueError, r"probes: expected at least one probe set"),
+        (dict(probes={"all": None}), ValueError, r"probes: the name 'all' is reserved"),
+        (dict(probes={"clean": [1, 2]}), TypeError, r"probes\['clean'\]: expected a Probe, got list"),
+        (dict(sigmas=[1.0]), ValueError, r"sigmas / sigmas_rel: give exactly one"),
+        (dict(sigmas_rel=[0.1, float("nan")]), ValueError, r"sigmas_rel: expected positive finite widths"),
+    ],
+)
 def test_recorder_errors(setup, tmp_path, kw, exc, match):
     probes = setup[4]
     args = dict(probes=probes)

@@ -1,6 +1,7 @@
 """The fused Triton filter (analysis/frequency_triton.py) against the dense fp64 filter, under the interpreter on the CPU
 (conftest sets TRITON_INTERPRET=1 there) and compiled on a GPU. Shapes are tiny: the interpreter runs numpy per
 program."""
+
 import math
 
 import pytest
@@ -36,14 +37,17 @@ def _data(n, d, c, dtype, seed):
 SIGMAS = [0.02, 0.1, 0.3, 1.0, 5.0]
 
 
-@pytest.mark.parametrize("n,d,c,n_sigmas,dtype", [
-    (37, 8, 2, 3, torch.float32),     # N below one tile, c = 2 padded to 16
-    (70, 8, 0, 5, torch.float32),     # 1-D f, N = 2 tiles + 6 rows
-    (45, 48, 3, 1, torch.bfloat16),   # bf16 inputs, one sigma
-    (33, 130, 2, 4, torch.float16),   # d not a multiple of BLOCK_D
-    (19, 1024, 2, 5, torch.float32),  # wide inputs, N small
-    (17, 1024, 1, 2, torch.bfloat16),
-])
+@pytest.mark.parametrize(
+    "n,d,c,n_sigmas,dtype",
+    [
+        (37, 8, 2, 3, torch.float32),  # N below one tile, c = 2 padded to 16
+        (70, 8, 0, 5, torch.float32),  # 1-D f, N = 2 tiles + 6 rows
+        (45, 48, 3, 1, torch.bfloat16),  # bf16 inputs, one sigma
+        (33, 130, 2, 4, torch.float16),  # d not a multiple of BLOCK_D
+        (19, 1024, 2, 5, torch.float32),  # wide inputs, N small
+        (17, 1024, 1, 2, torch.bfloat16),
+    ],
+)
 def test_kernel_matches_dense(n, d, c, n_sigmas, dtype):
     x, f = _data(n, d, c, dtype, seed=n * 1000 + d)
     sigmas = SIGMAS[:n_sigmas]
@@ -67,7 +71,7 @@ def test_many_sigmas_and_wide_outputs_are_split_into_passes():
     n_sig = frequency_triton.MAX_SIGMAS_PER_PASS + 3
     c = frequency_triton.MAX_COLUMNS_PER_PASS + 5
     x, f = _data(29, 8, c, torch.float32, seed=7)
-    sigmas = [0.01 * 1.4 ** k for k in range(n_sig)]
+    sigmas = [0.01 * 1.4**k for k in range(n_sig)]
     got = low_frequency_part(x, f, sigmas, backend="triton").cpu().double()
     ref = dense_low(x.cpu(), f.cpu(), sigmas)
     assert (got - ref).abs().max().item() <= 2e-5 * ref.abs().max().item()
@@ -88,7 +92,7 @@ def test_duplicate_points_are_exactly_at_distance_zero():
     # them a distance of sqrt(rounding error) and a narrow filter would tell them apart
     x, f = _data(24, 32, 1, torch.float32, seed=11)
     x = torch.cat([x, x[:4] + 1e3])  # far-off points ...
-    x = torch.cat([x, x[-4:]])       # ... and their exact copies
+    x = torch.cat([x, x[-4:]])  # ... and their exact copies
     f = torch.cat([f, torch.randn(8, 1, device=f.device)])
     got = low_frequency_part(x, f, [1e-3], backend="triton")[0]
     pair_mean = (f[-8:-4] + f[-4:]) / 2
@@ -124,8 +128,9 @@ def test_gradients_take_the_torch_path(monkeypatch):
 
 
 def test_auto_falls_back_with_one_warning_when_triton_is_broken(monkeypatch):
-    monkeypatch.setattr(frequency, "_TRITON", {"module": None, "tried": True, "error": "ImportError: no triton",
-                                               "warned": False})
+    monkeypatch.setattr(
+        frequency, "_TRITON", {"module": None, "tried": True, "error": "ImportError: no triton", "warned": False}
+    )
     with pytest.warns(RuntimeWarning, match="Triton kernel is unavailable .ImportError: no triton."):
         assert frequency.resolve_backend("auto", torch.device("cuda")) == "torch"
     import warnings

@@ -5,6 +5,7 @@ the same script, the same steps in the same order, at tiny sizes (Triton interpr
 the exit status (0 only when every step passed), the summary and the tarball (at most 8 files come back from the GPU
 machine: the script leaves exactly two).
 """
+
 from __future__ import annotations
 
 import os
@@ -21,14 +22,21 @@ STEPS = ("env", "bench_linear", "build", "tests", "bench_align", "bench_freq")
 
 
 @pytest.mark.slow  # every step of the GPU script at tiny sizes: minutes on a 2-core CPU
-@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
-                    reason="needs bash and coreutils' timeout")
+@pytest.mark.skipif(
+    shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and coreutils' timeout"
+)
 def test_gpu_run_dry_run(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, PYTHON=sys.executable, TMPDIR=str(tmp_path))
     env.pop("OUT", None)
-    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_run.sh"), "--dry-run", str(out)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=3600)  # the script's budget scales
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_run.sh"), "--dry-run", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )  # the script's budget scales
     summary_path = out / "summary.txt"
     assert summary_path.exists(), f"no summary.txt; stdout/stderr tail:\n{proc.stdout[-3000:]}\n{proc.stderr[-2000:]}"
     summary = summary_path.read_text()
@@ -42,8 +50,18 @@ def test_gpu_run_dry_run(tmp_path):
     assert " passed" in summary and " failed" not in summary.split("--- tests", 1)[1].split("--- bench_align")[0]
     with tarfile.open(out / "gpu_run.tar.gz") as tar:
         names = {Path(n).name for n in tar.getnames()}
-    for want in ["summary.txt", "env.log", "build.log", "bench_linear.log", "tests.log", "bench_align.log",
-                 "linear_gpu.csv", "grad_align.csv", "bench_freq.log", "frequency.jsonl"]:
+    for want in [
+        "summary.txt",
+        "env.log",
+        "build.log",
+        "bench_linear.log",
+        "tests.log",
+        "bench_align.log",
+        "linear_gpu.csv",
+        "grad_align.csv",
+        "bench_freq.log",
+        "frequency.jsonl",
+    ]:
         assert want in names, f"tarball lacks {want}: {sorted(names)}"
     # Nothing left behind in the repository or the temporary directory.
     assert not list(tmp_path.glob("gpu_run.*")), "the work directory was not removed"
@@ -61,16 +79,23 @@ esac
 
 
 @pytest.mark.slow  # waits out a 15 s budget (a hanging stand-in step)
-@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
-                    reason="needs bash and coreutils' timeout")
+@pytest.mark.skipif(
+    shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and coreutils' timeout"
+)
 def test_gpu_run_a_failing_or_hanging_step_never_stops_the_next(tmp_path):
     fake = tmp_path / "python"
     fake.write_text(FAKE_PYTHON)
     fake.chmod(0o755)
     out = tmp_path / "out"
     env = dict(os.environ, PYTHON=str(fake), TMPDIR=str(tmp_path), GPU_RUN_BUDGET_S="15", GPU_RUN_SCALE="1")
-    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_run.sh"), "--dry-run", str(out)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_run.sh"), "--dry-run", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     summary = (out / "summary.txt").read_text()
     rcs = {}
     for line in summary.splitlines():
@@ -81,7 +106,9 @@ def test_gpu_run_a_failing_or_hanging_step_never_stops_the_next(tmp_path):
     assert rcs["bench_linear"] == 3 and rcs["tests"] == 0, summary
     assert rcs["bench_align"] == 124, f"the hanging step was not cut by its timeout:\n{summary}"
     failed = sum(rc != 0 for rc in rcs.values())
-    assert proc.returncode == failed and summary.startswith(f"gpu_run --dry-run (CPU, Triton interpreter): {failed} failed")
+    assert proc.returncode == failed and summary.startswith(
+        f"gpu_run --dry-run (CPU, Triton interpreter): {failed} failed"
+    )
     assert sorted(p.name for p in out.iterdir()) == ["gpu_run.tar.gz", "summary.txt"]
 
 
@@ -102,8 +129,9 @@ esac
 """
 
 
-@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
-                    reason="needs bash and coreutils' timeout")
+@pytest.mark.skipif(
+    shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and coreutils' timeout"
+)
 def test_gpu_run_packs_after_every_step(tmp_path):
     """The device call may end the script at any moment (its own limit): OUTDIR must already hold the summary and the
     tarball of every step finished so far. The script is killed (SIGKILL, no trap runs) inside the 5th step."""
@@ -113,8 +141,14 @@ def test_gpu_run_packs_after_every_step(tmp_path):
     fake = _fake(tmp_path, HANGING_ALIGN)
     out, mark = tmp_path / "out", tmp_path / "align-started"
     env = dict(os.environ, PYTHON=str(fake), TMPDIR=str(tmp_path), GPU_RUN_SCALE="1", MARK=str(mark))
-    proc = subprocess.Popen(["bash", str(ROOT / "benchmarks" / "gpu_run.sh"), "--dry-run", str(out)], cwd=ROOT,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        ["bash", str(ROOT / "benchmarks" / "gpu_run.sh"), "--dry-run", str(out)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while not mark.exists() and time.monotonic() < deadline and proc.poll() is None:
@@ -163,8 +197,9 @@ def test_hangs():
 
 
 @pytest.mark.slow  # waits out a 20 s budget (a hanging stand-in step)
-@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
-                    reason="needs bash and coreutils' timeout")
+@pytest.mark.skipif(
+    shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and coreutils' timeout"
+)
 def test_gpu_run_tests_step_stopped_still_lists_failures(tmp_path):
     """The tests step is stopped with SIGINT at its limit, so pytest prints its failure list and writes its JUnit
     XML (on SIGTERM it prints nothing): the summary names the failed test although the step timed out."""
@@ -172,10 +207,23 @@ def test_gpu_run_tests_step_stopped_still_lists_failures(tmp_path):
     tests = tmp_path / "test_stand_in.py"
     tests.write_text(FAKE_TESTS)
     out = tmp_path / "out"
-    env = dict(os.environ, PYTHON=str(fake), TMPDIR=str(tmp_path), GPU_RUN_SCALE="1", GPU_RUN_BUDGET_S="20",
-               REAL_PY=sys.executable, FAKE_TESTS=str(tests))
-    subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_run.sh"), "--dry-run", str(out)], cwd=ROOT, env=env,
-                   capture_output=True, text=True, timeout=300)
+    env = dict(
+        os.environ,
+        PYTHON=str(fake),
+        TMPDIR=str(tmp_path),
+        GPU_RUN_SCALE="1",
+        GPU_RUN_BUDGET_S="20",
+        REAL_PY=sys.executable,
+        FAKE_TESTS=str(tests),
+    )
+    subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_run.sh"), "--dry-run", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     summary = (out / "summary.txt").read_text()
     tests_line = next(ln for ln in summary.splitlines() if ln.startswith("step tests "))
     assert "rc=124" in tests_line, f"the stand-in tests were not cut by the step's timeout:\n{summary}"
@@ -185,8 +233,9 @@ def test_gpu_run_tests_step_stopped_still_lists_failures(tmp_path):
     assert "junit FAILED test_stand_in::test_broken" in part, summary
 
 
-@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
-                    reason="needs bash and coreutils' timeout")
+@pytest.mark.skipif(
+    shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and coreutils' timeout"
+)
 def test_gpu_run_dry_run_limits_scale_with_the_machine(tmp_path):
     """The dry run's limits are the GPU run's times a factor of at least 2 that grows with the load per core (a step
     limit met on an idle 16-core GPU host is not one a shared 2-core CI box can meet)."""
@@ -195,8 +244,14 @@ def test_gpu_run_dry_run_limits_scale_with_the_machine(tmp_path):
     env = dict(os.environ, PYTHON=str(fake), TMPDIR=str(tmp_path))
     env.pop("GPU_RUN_SCALE", None)
     env.pop("GPU_RUN_BUDGET_S", None)
-    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_run.sh"), "--dry-run", str(out)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_run.sh"), "--dry-run", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     summary = (out / "summary.txt").read_text()
     scale_line = next(ln for ln in summary.splitlines() if ln.startswith("dry-run limits scaled x"))
     scale = int(scale_line.split("x")[1].split()[0])

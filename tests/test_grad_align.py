@@ -1,5 +1,6 @@
 """Gradient alignment op (docs/alignment.md): the extension (CPU, and CUDA on a GPU) and the torch._foreach fallback
 against the float64 paper loop; the two stages; non-finite isolation; argument errors; opcheck."""
+
 from __future__ import annotations
 
 import pytest
@@ -7,12 +8,12 @@ import torch
 
 from muscle_kernels.ops.grad_align import (
     align_gradients_,
+    extension,
     grad_align_apply_,
     grad_align_coeffs,
     grad_align_reduce,
     paper_align_reference,
 )
-from muscle_kernels.ops.grad_align import extension
 
 from .utils import TOL, assert_close
 
@@ -74,8 +75,9 @@ def check_against_reference(grads_in, refs, grads_out, stats, raw_ratio, label):
             scale = max(1.0, want.abs().max().item())
             # fp64 tensors get fp32-accurate results: the stats and coefficients are fp32 (documented).
             cmp_dtype = torch.float32 if got.dtype == torch.float64 else got.dtype
-            assert_close(f"{label} grads[{i}] {tuple(got.shape)} {got.dtype}", want / scale,
-                         (got.double() / scale).to(cmp_dtype))
+            assert_close(
+                f"{label} grads[{i}] {tuple(got.shape)} {got.dtype}", want / scale, (got.double() / scale).to(cmp_dtype)
+            )
     # stats accumulate in fp32 at least, from the (rounded) low-precision inputs, so compare with fp32 tolerance
     # relative to the size of each sum.
     scale = ref_stats.abs().amax(dim=1, keepdim=True).clamp_min(1.0)
@@ -112,9 +114,12 @@ def test_extension_and_fallback_agree(device):
     for i, (a, b) in enumerate(zip(other, grads)):
         if a.numel():
             scale = max(1.0, a.abs().max().item())
-            assert_close(f"grads[{i}] extension vs foreach", a.double() / scale,
-                         (b.double() / scale).to(torch.float32 if b.dtype == torch.float64 else b.dtype),
-                         atol=2 * TOL[a.dtype]["atol"])
+            assert_close(
+                f"grads[{i}] extension vs foreach",
+                a.double() / scale,
+                (b.double() / scale).to(torch.float32 if b.dtype == torch.float64 else b.dtype),
+                atol=2 * TOL[a.dtype]["atol"],
+            )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -146,7 +151,11 @@ def test_apply_with_projection_coefficients(device, backend):
     want, _ = paper_align_reference(grads_in, refs, 0.3)
     for i, (w, got) in enumerate(zip(want, grads)):
         m = w.abs().max()
-        assert_close(f"grads[{i}] with [n] coeffs", w / m, (got.double() / m).to(torch.bfloat16 if got.dtype == torch.bfloat16 else torch.float32))
+        assert_close(
+            f"grads[{i}] with [n] coeffs",
+            w / m,
+            (got.double() / m).to(torch.bfloat16 if got.dtype == torch.bfloat16 else torch.float32),
+        )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -172,27 +181,48 @@ def test_apply_modes_do_not_read_what_they_skip(device, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_finite_tensor_is_isolated(device, backend):
     backend = _backend_or_skip(backend, device)
-    spec = [((50,), torch.float32, "plain"), ((64, 3), torch.float32, "plain"), ((70000,), torch.bfloat16, "plain"),
-            ((9,), torch.float16, "plain"), ((33,), torch.float32, "plain")]
+    spec = [
+        ((50,), torch.float32, "plain"),
+        ((64, 3), torch.float32, "plain"),
+        ((70000,), torch.bfloat16, "plain"),
+        ((9,), torch.float16, "plain"),
+        ((33,), torch.float32, "plain"),
+    ]
     grads, refs = make_lists(device, seed=3, spec=spec)
     grads[1][10, 2] = float("nan")  # NaN in a gradient
-    refs[2][69999] = float("inf")   # inf in a reference gradient
+    refs[2][69999] = float("inf")  # inf in a reference gradient
     grads[3][0] = float("-inf")
     grads_in = [g.clone() for g in grads]
     stats = align_gradients_(grads, refs, raw_ratio=0.1, backend=backend).cpu()
     for i in (1, 2, 3):
         assert not torch.isfinite(stats[i]).all(), f"stats[{i}] must flag the non-finite tensor, got {stats[i]}"
-        assert torch.equal(grads[i].cpu().view(-1).float().nan_to_num(1e30), grads_in[i].cpu().view(-1).float().nan_to_num(1e30)), \
-            f"grads[{i}] has a non-finite value and must be left unchanged"
+        assert torch.equal(
+            grads[i].cpu().view(-1).float().nan_to_num(1e30), grads_in[i].cpu().view(-1).float().nan_to_num(1e30)
+        ), f"grads[{i}] has a non-finite value and must be left unchanged"
     assert torch.isfinite(stats[[0, 4]]).all(), "finite tensors must have finite stats"
     clean = [0, 4]
-    check_against_reference([grads_in[i] for i in clean], [refs[i] for i in clean], [grads[i] for i in clean],
-                            stats[clean], 0.1, f"{backend} finite tensors next to non-finite ones")
+    check_against_reference(
+        [grads_in[i] for i in clean],
+        [refs[i] for i in clean],
+        [grads[i] for i in clean],
+        stats[clean],
+        0.1,
+        f"{backend} finite tensors next to non-finite ones",
+    )
 
 
 def test_coefficient_rule():
-    stats = torch.tensor([[2.0, 4.0, 8.0], [-2.0, 4.0, 8.0], [1.0, 0.0, 3.0], [1.0, 3.0, 0.0],
-                          [float("nan"), 1.0, 1.0], [1.0, float("inf"), 1.0], [3e38, 1.0, 1e-30]])
+    stats = torch.tensor(
+        [
+            [2.0, 4.0, 8.0],
+            [-2.0, 4.0, 8.0],
+            [1.0, 0.0, 3.0],
+            [1.0, 3.0, 0.0],
+            [float("nan"), 1.0, 1.0],
+            [1.0, float("inf"), 1.0],
+            [3e38, 1.0, 1e-30],
+        ]
+    )
     c = grad_align_coeffs(stats, 0.25)
     want = torch.tensor([[0.75 * 0.25, 0.25], [0.75 * 0.25, 0.25], [0, 1], [0, 1], [0, 1], [0, 1], [0, 1]])
     assert torch.equal(c, want), f"coefficients {c.tolist()} != {want.tolist()}"
@@ -237,7 +267,9 @@ def test_errors_name_the_argument():
         align_gradients_(g, [torch.randn(3, 4)])
     with pytest.raises(ValueError, match=r"ref_grads\[1\] has shape \(4,\) but grads\[1\] has shape \(5,\)"):
         align_gradients_(g, [torch.randn(3, 4), torch.randn(4)])
-    with pytest.raises(TypeError, match=r"ref_grads\[0\] has dtype torch.float16 but grads\[0\] has dtype torch.float32"):
+    with pytest.raises(
+        TypeError, match=r"ref_grads\[0\] has dtype torch.float16 but grads\[0\] has dtype torch.float32"
+    ):
         align_gradients_(g, [torch.randn(3, 4).half(), torch.randn(5)])
     with pytest.raises(TypeError, match=r"grads\[0\]: dtype torch.int64 is not supported"):
         align_gradients_([torch.ones(3, dtype=torch.long)], [torch.ones(3, dtype=torch.long)])
@@ -258,7 +290,9 @@ def test_errors_name_the_argument():
         grad_align_apply_(g, refs, torch.ones(2, dtype=torch.long))
     if torch.device("meta") is not None:
         with pytest.raises(ValueError, match=r"grads\[1\] is on meta but grads\[0\] is on cpu"):
-            align_gradients_([torch.randn(2), torch.empty(3, device="meta")], [torch.randn(2), torch.empty(3, device="meta")])
+            align_gradients_(
+                [torch.randn(2), torch.empty(3, device="meta")], [torch.randn(2), torch.empty(3, device="meta")]
+            )
 
 
 def test_cpp_op_checks_name_the_index():

@@ -1,5 +1,6 @@
 """Building and loading the grad_align extension: sources found, no build at import, one warning and a correct
 fallback when the compiler is broken, and (with a CUDA torch and nvcc) the CUDA part compiles, links and loads."""
+
 from __future__ import annotations
 
 import os
@@ -19,8 +20,9 @@ from muscle_kernels.ops.grad_align import extension
 
 def _run(code: str, env_extra: dict, timeout: int = 600) -> subprocess.CompletedProcess:
     env = dict(os.environ, **env_extra)
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_sources_are_found():
@@ -45,7 +47,8 @@ def test_cpu_arch_flags(monkeypatch):
 
 def test_broken_compiler_warns_once_and_falls_back(tmp_path):
     """Import never builds; the first call tries, warns once, and the fallback gives the right answer."""
-    out = _run("""
+    out = _run(
+        """
         import warnings
         import torch
         import muscle_kernels
@@ -67,13 +70,21 @@ def test_broken_compiler_warns_once_and_falls_back(tmp_path):
         assert torch.allclose(g[0].double(), want[0], atol=1e-5), "fallback result is wrong"
         assert torch.allclose(g[1].double(), want[1], atol=5e-2), "fallback result is wrong (bf16)"
         print("OK")
-    """, {"CXX": "/bin/false", "TORCH_EXTENSIONS_DIR": str(tmp_path), "MUSCLE_KERNELS_BUILD_CUDA": "0",
-          "MUSCLE_KERNELS_NO_EXTENSION": "0", "MUSCLE_KERNELS_GRAD_ALIGN_BACKEND": "auto"})
+    """,
+        {
+            "CXX": "/bin/false",
+            "TORCH_EXTENSIONS_DIR": str(tmp_path),
+            "MUSCLE_KERNELS_BUILD_CUDA": "0",
+            "MUSCLE_KERNELS_NO_EXTENSION": "0",
+            "MUSCLE_KERNELS_GRAD_ALIGN_BACKEND": "auto",
+        },
+    )
     assert out.returncode == 0 and "OK" in out.stdout, out.stdout + out.stderr
 
 
 def test_no_extension_env_skips_the_build_silently(tmp_path):
-    out = _run("""
+    out = _run(
+        """
         import warnings
         warnings.simplefilter("error")
         import torch, muscle_kernels
@@ -82,7 +93,9 @@ def test_no_extension_env_skips_the_build_silently(tmp_path):
         info = extension.extension_info()
         assert info["origin"] == "fallback" and info["reason"].startswith("disabled"), info
         print("OK")
-    """, {"MUSCLE_KERNELS_NO_EXTENSION": "1", "TORCH_EXTENSIONS_DIR": str(tmp_path)})
+    """,
+        {"MUSCLE_KERNELS_NO_EXTENSION": "1", "TORCH_EXTENSIONS_DIR": str(tmp_path)},
+    )
     assert out.returncode == 0 and "OK" in out.stdout, out.stdout + out.stderr
     assert not any(tmp_path.iterdir()), "nothing may be built when MUSCLE_KERNELS_NO_EXTENSION=1"
 
@@ -94,10 +107,18 @@ def test_cuda_part_compiles_links_and_loads():
     """CI proof that csrc/grad_align_cuda.cu builds for sm_80 and sm_90, in a separate process and under its own
     build name (muscle_kernels_grad_align_cuda), so it neither clashes with the CPU-only build loaded here nor
     needs a GPU. Cached in TORCH_EXTENSIONS_DIR: about 90 s on 2 idle cores the first time, about 1 s after."""
-    env = {"MUSCLE_KERNELS_BUILD_CUDA": "1", "TORCH_CUDA_ARCH_LIST": os.environ.get("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS),
-           "CUDA_HOME": extension.cuda_home()}
-    out = subprocess.run([sys.executable, "-m", "muscle_kernels.build", "--cuda"], env=dict(os.environ, **env),
-                         capture_output=True, text=True, timeout=1200)
+    env = {
+        "MUSCLE_KERNELS_BUILD_CUDA": "1",
+        "TORCH_CUDA_ARCH_LIST": os.environ.get("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS),
+        "CUDA_HOME": extension.cuda_home(),
+    }
+    out = subprocess.run(
+        [sys.executable, "-m", "muscle_kernels.build", "--cuda"],
+        env=dict(os.environ, **env),
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "library: cuda: " in out.stdout and "kernels: cpu, cuda" in out.stdout, out.stdout
 
@@ -112,8 +133,13 @@ def test_multi_tensor_launch_layout(tmp_path):
         pytest.skip("no C++ compiler")
     root = Path(__file__).resolve().parents[1]
     exe = tmp_path / "mta_check"
-    subprocess.run([cxx, "-std=c++17", "-O1", f"-I{root / 'csrc'}", str(root / "tests" / "cpp" / "mta_check.cpp"),
-                    "-o", str(exe)], check=True, capture_output=True, text=True, timeout=300)
+    subprocess.run(
+        [cxx, "-std=c++17", "-O1", f"-I{root / 'csrc'}", str(root / "tests" / "cpp" / "mta_check.cpp"), "-o", str(exe)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.startswith("OK"), out.stdout + out.stderr
 
@@ -121,14 +147,17 @@ def test_multi_tensor_launch_layout(tmp_path):
 def test_info_reports_versions_and_backends(tmp_path):
     """`muscle_kernels.info()` (and after `import muscle_kernels.info`, the same call) prints versions and, per op,
     the backend and why; it compiles nothing."""
-    out = _run("""
+    out = _run(
+        """
         import io, muscle_kernels
         text = muscle_kernels.info(io.StringIO())
         import muscle_kernels.info
         again = muscle_kernels.info(io.StringIO())
         assert text == again
         print(text)
-    """, {"TORCH_EXTENSIONS_DIR": str(tmp_path), "MUSCLE_KERNELS_BUILD_CUDA": "0"})
+    """,
+        {"TORCH_EXTENSIONS_DIR": str(tmp_path), "MUSCLE_KERNELS_BUILD_CUDA": "0"},
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert f"torch {torch.__version__}" in out.stdout and "muscle_kernels " in out.stdout, out.stdout
     assert "align_gradients_ / grad_align_reduce / grad_align_apply_ on cpu:" in out.stdout, out.stdout
@@ -137,16 +166,24 @@ def test_info_reports_versions_and_backends(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("MUSCLE_KERNELS_TORCH_211"),
-                    reason="set MUSCLE_KERNELS_TORCH_211 to a torch 2.11 wheel or package directory "
-                           "(pip download torch==2.11.0 --no-deps -d DIR, ~530 MB)")
+@pytest.mark.skipif(
+    not os.environ.get("MUSCLE_KERNELS_TORCH_211"),
+    reason="set MUSCLE_KERNELS_TORCH_211 to a torch 2.11 wheel or package directory "
+    "(pip download torch==2.11.0 --no-deps -d DIR, ~530 MB)",
+)
 def test_builds_against_torch_2_11_headers(tmp_path):
     """The GPU machine runs torch 2.11: the extension must compile against 2.11's own headers (not only against a
     newer torch with TORCH_TARGET_VERSION 2.11), link, and need no torch symbol that 2.11's libraries lack."""
     spec = os.environ["MUSCLE_KERNELS_TORCH_211"]
     cuda = shutil.which("nvcc") is not None or extension.cuda_home() is not None
-    cmd = [sys.executable, str(Path(__file__).resolve().parents[1] / "tools" / "build_against_torch.py"),
-           "--torch", spec, "--out", str(tmp_path)] + (["--cuda"] if cuda else [])
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve().parents[1] / "tools" / "build_against_torch.py"),
+        "--torch",
+        spec,
+        "--out",
+        str(tmp_path),
+    ] + (["--cuda"] if cuda else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("torch 2.11.")]

@@ -1,5 +1,6 @@
 """The torch._foreach fallback is as accurate as the kernels and needs O(chunk) extra memory (issue 15), and both
 backends refuse a gradient that requires grad the same way."""
+
 from __future__ import annotations
 
 import os
@@ -99,8 +100,11 @@ def test_grads_that_require_grad_are_refused_by_every_backend(backend):
     plain = torch.randn(5)
     refs = [torch.randn(5), torch.randn(4, 3)]
     before = leaf.detach().clone()
-    with pytest.raises(ValueError, match=r"grads\[1\] requires grad \(a leaf tensor, e\.g\. a parameter\); grads is "
-                                         r"written in place"):
+    with pytest.raises(
+        ValueError,
+        match=r"grads\[1\] requires grad \(a leaf tensor, e\.g\. a parameter\); grads is "
+        r"written in place",
+    ):
         align_gradients_([plain, leaf], refs, backend=backend)
     with pytest.raises(ValueError, match=r"grads\[1\] requires grad"):
         grad_align_apply_([plain, leaf], refs, torch.ones(2, 2).mul_(0.5), backend=backend)

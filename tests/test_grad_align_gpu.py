@@ -6,6 +6,7 @@ accuracy of the fp64 sums where <g, r> nearly cancels, against the fp64 oracle (
 
 Needs a GPU; run with `pytest -m gpu tests/test_grad_align_gpu.py` (benchmarks/gpu_run.sh).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -99,9 +100,9 @@ def test_200_odd_offset_bf16_views_of_one_buffer():
     n, size = 200, 1001
     g_buf, r_buf = _pair((n * (size + 3) + 7,), torch.bfloat16, gen)
     starts = [1 + i * (size + 3) for i in range(n)]  # odd element offsets: 2-byte, never 16-byte, aligned
-    grads = [g_buf[s:s + size] for s in starts]
-    refs = [r_buf[s + 2:s + 2 + size] for s in starts]
-    gaps0 = [g_buf[s + size:s + size + 3].clone() for s in starts[:-1]]
+    grads = [g_buf[s : s + size] for s in starts]
+    refs = [r_buf[s + 2 : s + 2 + size] for s in starts]
+    gaps0 = [g_buf[s + size : s + size + 3].clone() for s in starts[:-1]]
     assert all(g.data_ptr() % 16 for g in grads[:8]) and all(r.data_ptr() % 16 for r in refs[:8])
     fallback = [g.clone() for g in grads]
     s_fb = align_gradients_(fallback, refs, raw_ratio=0.1, backend="foreach")
@@ -111,7 +112,7 @@ def test_200_odd_offset_bf16_views_of_one_buffer():
     for i, (a, b) in enumerate(zip(grads, fallback)):
         m = max(1.0, b.double().abs().max().item())
         assert ((a.double() - b.double()) / m).abs().max().item() <= _TOL[torch.bfloat16], f"view {i}"
-    gaps = [g_buf[s + size:s + size + 3] for s in starts[:-1]]
+    gaps = [g_buf[s + size : s + size + 3] for s in starts[:-1]]
     assert all(torch.equal(gap, g_buf0) for gap, g_buf0 in zip(gaps, gaps0)), "bytes between the views were written"
 
 
@@ -128,10 +129,12 @@ def test_mixed_dtypes_with_empty_tensors():
 
 
 # Issue 20, row 19: the CPU kernel's test (tests/test_hardening2.py) has its CUDA counterpart here, which gpu_run.sh runs.
-@pytest.mark.skipif(not torch.cuda.is_available(),
-                    reason="needs a CUDA device: checks the CUDA kernel's fp64 sums of <g, r> against an fp64 "
-                           "reference where the dot nearly cancels (row 19); the CPU kernel's test is in "
-                           "test_hardening2.py")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="needs a CUDA device: checks the CUDA kernel's fp64 sums of <g, r> against an fp64 "
+    "reference where the dot nearly cancels (row 19); the CPU kernel's test is in "
+    "test_hardening2.py",
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_nearly_cancelling_dot(dtype):
     """The reduce kernel accumulates in double (per-thread registers, per-block partials, per-tensor sum), so each

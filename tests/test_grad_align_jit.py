@@ -6,6 +6,7 @@ switch is an error. Every child process has a hard timeout, so a regression fail
 
 One real CPU build per session (a few seconds with the stable-ABI headers), in a fresh cache.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -50,8 +51,15 @@ def _env(cache: Path, **extra) -> dict:
 
 
 def _start(cache: Path, seed: int, **extra) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", CHILD, str(seed)], env=_env(cache, **extra), cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(seed)],
+        env=_env(cache, **extra),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def _result(proc: subprocess.Popen, timeout: float = 300) -> dict:
@@ -63,7 +71,7 @@ def _result(proc: subprocess.Popen, timeout: float = 300) -> dict:
         pytest.fail(f"child hung for {timeout} s (a stuck build lock?):\n{out}\n{err[-3000:]}")
     assert proc.returncode == 0, f"child failed:\n{out}\n{err[-3000:]}"
     (line,) = [x for x in out.splitlines() if x.startswith("RESULT ")]
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT ") :])
 
 
 def _target(cache: Path, monkeypatch) -> Path:
@@ -141,11 +149,17 @@ def test_a_held_lock_times_out_into_the_fallback(tmp_path, monkeypatch):
     with open(lock, "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         code = CHILD.replace('backend="extension"', 'backend="auto"')
-        proc = subprocess.run([sys.executable, "-W", "always", "-c", code, "5"], cwd=ROOT, capture_output=True,
-                              text=True, timeout=300, env=_env(tmp_path, MUSCLE_KERNELS_BUILD_TIMEOUT="1"))
+        proc = subprocess.run(
+            [sys.executable, "-W", "always", "-c", code, "5"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=_env(tmp_path, MUSCLE_KERNELS_BUILD_TIMEOUT="1"),
+        )
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     (line,) = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-    info = json.loads(line[len("RESULT "):])
+    info = json.loads(line[len("RESULT ") :])
     assert info["origin"] == "fallback" and "TimeoutError" in info["reason"] and str(lock) in info["reason"], info
     assert proc.stderr.count("torch._foreach fallback") == 1, proc.stderr[-3000:]
     # The wait itself is the lock timeout the child reports (1 s, not the 1800 s default). The wall clock also counts
@@ -155,7 +169,16 @@ def test_a_held_lock_times_out_into_the_fallback(tmp_path, monkeypatch):
 
 def test_a_typo_in_a_switch_is_an_error(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-c", "import torch, muscle_kernels; muscle_kernels.align_gradients_([torch.ones(2)], [torch.ones(2)])"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120, env=_env(tmp_path, MUSCLE_KERNELS_NO_EXTENSION="ture"))
+        [
+            sys.executable,
+            "-c",
+            "import torch, muscle_kernels; muscle_kernels.align_gradients_([torch.ones(2)], [torch.ones(2)])",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_env(tmp_path, MUSCLE_KERNELS_NO_EXTENSION="ture"),
+    )
     assert proc.returncode != 0
     assert "MUSCLE_KERNELS_NO_EXTENSION: expected 1/0" in proc.stderr and "'ture'" in proc.stderr, proc.stderr[-2000:]

@@ -5,6 +5,7 @@ Training is replaced by a stub where a test is about the command's plumbing (out
 so that each test takes about a second; the memory cases run in a subprocess under an address-space limit, so that a
 regression fails the test instead of taking the machine down.
 """
+
 import json
 import math
 import os
@@ -65,14 +66,28 @@ def files_argv(tmp_path, rows=None):
 
 def run_limited(code: str, timeout: int = 240) -> subprocess.CompletedProcess:
     """Run python `code` from the repository root with the address space limited to MEMORY_LIMIT."""
+
     def limit():
         resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
 
     # CUDA hidden: these cases are about host memory, and a CUDA context reserves far more address space than the limit
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=env, preexec_fn=limit,
-                          capture_output=True, text=True, timeout=timeout)
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS="1",
+        CUDA_VISIBLE_DEVICES="",
+    )
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=ROOT,
+        env=env,
+        preexec_fn=limit,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 # -- one line, exit code 2, naming the option or the file and row -----------------------------------------------------
@@ -84,15 +99,19 @@ def test_single_class_with_attack(capsys, tmp_path):
 
 def test_poison_rate_one(capsys, tmp_path):
     f = rows_csv(tmp_path / "d.csv", two_class_rows(400))
-    code, err = cli(capsys, ["defend", "--model", "m", "--train", f, "--test-clean", f, "--attack", "badnets",
-                             "--poison-rate", "1.0"])
+    code, err = cli(
+        capsys,
+        ["defend", "--model", "m", "--train", f, "--test-clean", f, "--attack", "badnets", "--poison-rate", "1.0"],
+    )
     assert code == 2 and one_line(err).startswith("muscle-lora: error: --poison-rate: 1 asks for")
 
 
 def test_target_label_out_of_range(capsys, tmp_path):
     f = rows_csv(tmp_path / "d.csv", two_class_rows(400))
-    code, err = cli(capsys, ["defend", "--model", "m", "--train", f, "--test-clean", f, "--attack", "addsent",
-                             "--target-label", "5"])
+    code, err = cli(
+        capsys,
+        ["defend", "--model", "m", "--train", f, "--test-clean", f, "--attack", "addsent", "--target-label", "5"],
+    )
     assert code == 2 and "--target-label: 5 is not a label of" in one_line(err) and "[0, 1]" in err
 
 
@@ -112,8 +131,9 @@ def test_cuda_index_out_of_range(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     code, err = cli(capsys, ["defend", "--model", "m", "--device", "cuda:3"] + files_argv(tmp_path))
-    assert code == 2 and "--device: 'cuda:3' asked for, but there are 1 CUDA device(s) (cuda:0 .. cuda:0)" in \
-        one_line(err)
+    assert code == 2 and "--device: 'cuda:3' asked for, but there are 1 CUDA device(s) (cuda:0 .. cuda:0)" in one_line(
+        err
+    )
 
 
 @pytest.mark.parametrize("suffix, row, column", [(".csv", 3002, 4), (".jsonl", 3001, 14)])
@@ -125,8 +145,10 @@ def test_non_utf8_names_file_and_row(capsys, tmp_path, suffix, row, column):
         body = '{"text": "a fine film", "label": 1}\n' * 3000 + '{"text": "caf\xe9", "label": 0}\n'
     bad.write_bytes(body.encode("latin-1"))
     good = rows_csv(tmp_path / "good.csv", two_class_rows())
-    code, err = cli(capsys, ["defend", "--model", "m", "--train", str(bad), "--test-clean", good, "--dev", good,
-                             "--test-poison", good])
+    code, err = cli(
+        capsys,
+        ["defend", "--model", "m", "--train", str(bad), "--test-clean", good, "--dev", good, "--test-poison", good],
+    )
     assert code == 2
     assert f"{bad}, row {row}: not UTF-8 text (byte 0xe9 at column {column})" in one_line(err)
 
@@ -149,10 +171,13 @@ def paper_dir(tmp_path):
     return str(d)
 
 
-@pytest.mark.parametrize("flag, match", [
-    (["--dev", "x.csv"], "--dev: --data DIR uses the folder's dev-clean.csv"),
-    (["--target-label", "0"], "--target-label: the paper's folders are poisoned already"),
-])
+@pytest.mark.parametrize(
+    "flag, match",
+    [
+        (["--dev", "x.csv"], "--dev: --data DIR uses the folder's dev-clean.csv"),
+        (["--target-label", "0"], "--target-label: the paper's folders are poisoned already"),
+    ],
+)
 def test_data_with_ignored_flags(capsys, tmp_path, flag, match):
     code, err = cli(capsys, ["defend", "--model", "m", "--data", paper_dir(tmp_path)] + flag)
     assert code == 2 and match in one_line(err)
@@ -163,18 +188,27 @@ def test_target_label_without_attack(capsys, tmp_path):
     assert code == 2 and "--target-label: only applies with --attack" in one_line(err)
 
 
-@pytest.mark.parametrize("argv", [
-    [], ["demo", "--epochs", "0"], ["defend"], ["defend", "--model", "m", "--attack", "stylebkd"],
-    ["demo", "--min-ref-loss", "-1"], ["defend", "--model", "m", "--train", "t.csv"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["demo", "--epochs", "0"],
+        ["defend"],
+        ["defend", "--model", "m", "--attack", "stylebkd"],
+        ["demo", "--min-ref-loss", "-1"],
+        ["defend", "--model", "m", "--train", "t.csv"],
+    ],
+)
 def test_argument_errors_are_one_line(capsys, argv):
     code, err = cli(capsys, argv)
     assert code == 2 and one_line(err).startswith("muscle-lora")
 
 
 def test_missing_model(capsys, tmp_path):
-    code, err = cli(capsys, ["defend", "--model", str(tmp_path / "no-model"), "--output", str(tmp_path / "o")]
-                    + files_argv(tmp_path))
+    code, err = cli(
+        capsys,
+        ["defend", "--model", str(tmp_path / "no-model"), "--output", str(tmp_path / "o")] + files_argv(tmp_path),
+    )
     # issue 20 row 24: a missing folder is said so (not "Repo id must use alphanumeric chars")
     assert code == 2 and one_line(err) == f"muscle-lora: error: --model: {tmp_path}/no-model: no such file or folder"
 
@@ -193,8 +227,18 @@ def test_unexpected_errors_keep_their_traceback(tmp_path, monkeypatch, tiny_mode
 # -- sizes from data and files are checked before anything is allocated ----------------------------------------------
 def test_huge_label_needs_num_labels(tmp_path, tiny_model_dir):
     rows = two_class_rows() + [("good film", 1_000_000_000)]
-    argv = ["defend", "--model", tiny_model_dir, "--output", str(tmp_path / "out"), "--no-progress",
-            "--device", "cpu", "--method", "lora"] + files_argv(tmp_path, rows)
+    argv = [
+        "defend",
+        "--model",
+        tiny_model_dir,
+        "--output",
+        str(tmp_path / "out"),
+        "--no-progress",
+        "--device",
+        "cpu",
+        "--method",
+        "lora",
+    ] + files_argv(tmp_path, rows)
     p = run_limited(f"""
         import sys
         from muscle_kernels.cli import main
@@ -206,8 +250,10 @@ def test_huge_label_needs_num_labels(tmp_path, tiny_model_dir):
 
 
 def test_explicit_num_labels_checked_before_loading(capsys, tmp_path):
-    code, err = cli(capsys, ["defend", "--model", "m", "--num-labels", "2"]
-                    + files_argv(tmp_path, two_class_rows() + [("good film", 7)]))
+    code, err = cli(
+        capsys,
+        ["defend", "--model", "m", "--num-labels", "2"] + files_argv(tmp_path, two_class_rows() + [("good film", 7)]),
+    )
     assert code == 2 and "train (--num-labels 2): unknown label(s) [7]" in one_line(err)
 
 
@@ -255,24 +301,43 @@ def test_adapter_config_checked_against_header(tmp_path):
 def test_score_head_hidden_checked_against_header(tmp_path):
     from muscle_kernels import apply_muscle_lora, load_adapter, save_adapter
 
-    config = transformers.LlamaConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                      num_key_value_heads=1, intermediate_size=24, pad_token_id=0, num_labels=2)
+    config = transformers.LlamaConfig(
+        vocab_size=30,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=24,
+        pad_token_id=0,
+        num_labels=2,
+    )
     save_adapter(apply_muscle_lora(transformers.LlamaForSequenceClassification(config)), tmp_path)
     meta = json.loads((tmp_path / "muscle_lora_config.json").read_text())
     meta["config"]["score_head_hidden"] = 10**6
     (tmp_path / "muscle_lora_config.json").write_text(json.dumps(meta))
     fresh = transformers.LlamaForSequenceClassification(config)
-    with pytest.raises(ValueError, match=r"score.dense.lora_R: saved \(16, 4\), the config \(score_head_hidden = "
-                                         r"1000000\) implies \(1000000, 4\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"score.dense.lora_R: saved \(16, 4\), the config \(score_head_hidden = "
+        r"1000000\) implies \(1000000, 4\)",
+    ):
         load_adapter(fresh, tmp_path)
     assert isinstance(fresh.score, torch.nn.Linear), "nothing may be built before the check"
 
 
 # -- the output folder ------------------------------------------------------------------------------------------------
 def stub_record(method, settings):
-    return dict(method=method, cacc=0.75, asr=0.25, best_epoch=1, train_seconds=0.1, step_seconds=0.01, steps=1,
-                history=[dict(epoch=1, train_loss=0.5, dev_acc=0.75, dev_asr=float("nan"))],
-                settings=settings.to_dict())
+    return dict(
+        method=method,
+        cacc=0.75,
+        asr=0.25,
+        best_epoch=1,
+        train_seconds=0.1,
+        step_seconds=0.01,
+        steps=1,
+        history=[dict(epoch=1, train_loss=0.5, dev_acc=0.75, dev_asr=float("nan"))],
+        settings=settings.to_dict(),
+    )
 
 
 @pytest.fixture
@@ -343,8 +408,18 @@ def test_nonempty_output_needs_overwrite(capsys, tmp_path, tiny_model_dir, stub_
     victim.write_text("precious")
     out = tmp_path / "out"
     plant_old_run(out, victim)
-    argv = ["defend", "--model", tiny_model_dir, "--output", str(out), "--method", "lora", "--no-progress",
-            "--device", "cpu"] + files_argv(tmp_path)
+    argv = [
+        "defend",
+        "--model",
+        tiny_model_dir,
+        "--output",
+        str(out),
+        "--method",
+        "lora",
+        "--no-progress",
+        "--device",
+        "cpu",
+    ] + files_argv(tmp_path)
     code, err = cli(capsys, argv)
     assert code == 2 and "is not empty" in one_line(err) and "--overwrite" in err
     assert (out / "results.json").read_text() == '{"old": true}' and not stub_training["calls"]
@@ -354,8 +429,9 @@ def test_nonempty_output_needs_overwrite(capsys, tmp_path, tiny_model_dir, stub_
     assert record["complete"] is True and [r["method"] for r in record["results"]] == ["lora"]
     assert (out / "lora" / "adapter.txt").read_text() == "new"
     assert not (out / "muscle-ga").exists(), "an old adapter folder must not sit beside the new record"
-    assert not os.path.lexists(out / "vanilla") and victim.read_text() == "precious", "symlinks are removed, " \
-                                                                                      "not followed"
+    assert not os.path.lexists(out / "vanilla") and victim.read_text() == "precious", (
+        "symlinks are removed, not followed"
+    )
     assert (out / "notes.txt").read_text() == "the user's own file"
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -366,8 +442,10 @@ def test_overwrite_never_clears_for_a_failed_start(capsys, tmp_path):
     victim.write_text("precious")
     out = tmp_path / "out"
     plant_old_run(out, victim)
-    code, err = cli(capsys, ["defend", "--model", str(tmp_path / "no-model"), "--output", str(out), "--overwrite"]
-                    + files_argv(tmp_path))
+    code, err = cli(
+        capsys,
+        ["defend", "--model", str(tmp_path / "no-model"), "--output", str(out), "--overwrite"] + files_argv(tmp_path),
+    )
     assert code == 2 and "no-model: no such file or folder" in one_line(err)
     assert (out / "results.json").read_text() == '{"old": true}' and (out / "lora" / "adapter.txt").exists()
 
@@ -379,8 +457,23 @@ def test_ctrl_c_during_second_method(capsys, tmp_path, tiny_model_dir, stub_trai
     out = tmp_path / "out"
     plant_old_run(out, victim)
     stub_training["interrupt_at"] = 2
-    code, err = cli(capsys, ["defend", "--model", tiny_model_dir, "--output", str(out), "--method", "lora,muscle-ga",
-                             "--no-progress", "--device", "cpu", "--overwrite"] + files_argv(tmp_path))
+    code, err = cli(
+        capsys,
+        [
+            "defend",
+            "--model",
+            tiny_model_dir,
+            "--output",
+            str(out),
+            "--method",
+            "lora,muscle-ga",
+            "--no-progress",
+            "--device",
+            "cpu",
+            "--overwrite",
+        ]
+        + files_argv(tmp_path),
+    )
     assert code == 130 and one_line(err) == "muscle-lora: interrupted"
     record = json.loads((out / "results.json").read_text())
     assert record["complete"] is False and [r["method"] for r in record["results"]] == ["lora"]
@@ -394,8 +487,21 @@ def test_defend_without_matplotlib(capsys, tmp_path, tiny_model_dir, stub_traini
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     out = tmp_path / "out"
     with pytest.warns(UserWarning, match="matplotlib is not installed: results.png is skipped") as seen:
-        code = main(["defend", "--model", tiny_model_dir, "--output", str(out), "--method", "lora,muscle",
-                     "--no-progress", "--device", "cpu"] + files_argv(tmp_path))
+        code = main(
+            [
+                "defend",
+                "--model",
+                tiny_model_dir,
+                "--output",
+                str(out),
+                "--method",
+                "lora,muscle",
+                "--no-progress",
+                "--device",
+                "cpu",
+            ]
+            + files_argv(tmp_path)
+        )
     assert code == 0
     assert len([w for w in seen if "matplotlib" in str(w.message)]) == 1, "one warning per run"
     printed = capsys.readouterr().out
@@ -439,7 +545,11 @@ def test_sigkill_while_writing_leaves_valid_json(tmp_path):
     import time
 
     out = str(tmp_path)
-    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
         import sys
         from muscle_kernels.defense.train import Settings, write_results
         record = dict(method="lora", cacc=0.5, asr=0.5, history=[dict(epoch=i, dev_acc=0.5) for i in range(60000)],
@@ -448,7 +558,12 @@ def test_sigkill_while_writing_leaves_valid_json(tmp_path):
         print("ready", flush=True)
         while True:
             write_results({out!r}, [record, record])
-    """)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    """),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert child.stdout.readline().strip() == "ready"
         time.sleep(0.4)
@@ -511,8 +626,14 @@ def test_merged_model_state_dict_round_trip():
     from muscle_kernels import apply_muscle_lora
     from muscle_kernels.integrations.apply import adapter_layers
 
-    config = transformers.BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                     intermediate_size=24, max_position_embeddings=32)
+    config = transformers.BertConfig(
+        vocab_size=30,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=24,
+        max_position_embeddings=32,
+    )
     torch.manual_seed(1)
     model = apply_muscle_lora(transformers.BertForSequenceClassification(config)).eval()
     with torch.no_grad():

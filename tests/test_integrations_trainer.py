@@ -1,4 +1,5 @@
 """Gradient alignment inside the transformers Trainer: once per optimizer step, before clipping, only adapters train."""
+
 import copy
 
 import pytest
@@ -19,16 +20,30 @@ VOCAB, LABELS = 60, 3
 
 def tiny_bert(seed=0):
     torch.manual_seed(seed)
-    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=24, max_position_embeddings=32, num_labels=LABELS,
-                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config = transformers.BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=24,
+        max_position_embeddings=32,
+        num_labels=LABELS,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     return apply_muscle_lora(transformers.BertForSequenceClassification(config))
 
 
 def samples(n, seed):
     g = torch.Generator().manual_seed(seed)
-    return [dict(input_ids=torch.randint(2, VOCAB, (8,), generator=g), attention_mask=torch.ones(8, dtype=torch.long),
-                 labels=torch.randint(0, LABELS, (), generator=g)) for _ in range(n)]
+    return [
+        dict(
+            input_ids=torch.randint(2, VOCAB, (8,), generator=g),
+            attention_mask=torch.ones(8, dtype=torch.long),
+            labels=torch.randint(0, LABELS, (), generator=g),
+        )
+        for _ in range(n)
+    ]
 
 
 def collate(items):
@@ -36,16 +51,28 @@ def collate(items):
 
 
 def args(tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, num_train_epochs=2, learning_rate=5e-2,
-                logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0,
-                lr_scheduler_type="constant", max_grad_norm=1.0)
+    base = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        num_train_epochs=2,
+        learning_rate=5e-2,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        lr_scheduler_type="constant",
+        max_grad_norm=1.0,
+    )
     base.update(kw)
     return TrainingArguments(**base)
 
 
 def grad_norm(model):
-    return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()
-                                                       if p.grad is not None])))
+    return float(
+        torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
+    )
 
 
 class Probe(TrainerCallback):
@@ -71,8 +98,13 @@ def test_aligns_once_per_optimizer_step_before_clipping(tmp_path, monkeypatch):
     monkeypatch.setattr(GradientAligner, "step", spy)
     ga = MuScleLoRACallback([collate(samples(4, 9))], max_grad_norm=1e-3, backend="foreach")
     after = Probe()
-    trainer = Trainer(model=model, args=args(tmp_path, gradient_accumulation_steps=2),
-                      train_dataset=samples(16, 1), data_collator=collate, callbacks=[ga, after])
+    trainer = Trainer(
+        model=model,
+        args=args(tmp_path, gradient_accumulation_steps=2),
+        train_dataset=samples(16, 1),
+        data_collator=collate,
+        callbacks=[ga, after],
+    )
     trainer.train()
     # 16 samples / batch 4 / accumulation 2 = 2 optimizer steps per epoch, 2 epochs.
     assert trainer.state.global_step == 4
@@ -99,8 +131,13 @@ def test_gradient_is_the_clipped_projection_on_the_reference(tmp_path):
     ref_batch = collate(samples(4, 7))
     before, after = Probe(), Probe()
     ga = MuScleLoRACallback([ref_batch], max_grad_norm=0.05, min_ref_loss=0.0, backend="foreach")
-    trainer = Trainer(model=model, args=args(tmp_path, num_train_epochs=1, max_steps=1),
-                      train_dataset=samples(4, 2), data_collator=collate, callbacks=[before, ga, after])
+    trainer = Trainer(
+        model=model,
+        args=args(tmp_path, num_train_epochs=1, max_steps=1),
+        train_dataset=samples(4, 2),
+        data_collator=collate,
+        callbacks=[before, ga, after],
+    )
     start = copy.deepcopy(model)
     trainer.train()
     assert ga.history[0]["branch"] == "replace"
@@ -120,16 +157,26 @@ def test_gradient_is_the_clipped_projection_on_the_reference(tmp_path):
     total = torch.linalg.vector_norm(torch.stack([a.norm() for a in aligned.values()]))
     clip = min(1.0, 0.05 / (float(total) + 1e-6))
     for n in raw:
-        torch.testing.assert_close(final[n], aligned[n] * clip, rtol=1e-4, atol=1e-7,
-                                   msg=lambda m, n=n: f"{n}: gradient after the callback: {m}")
+        torch.testing.assert_close(
+            final[n],
+            aligned[n] * clip,
+            rtol=1e-4,
+            atol=1e-7,
+            msg=lambda m, n=n: f"{n}: gradient after the callback: {m}",
+        )
 
 
 def test_trainer_subclass_bf16_logs_stats(tmp_path):
     model = tiny_bert(seed=1)
     before = copy.deepcopy(model.state_dict())
-    trainer = MuScleLoRATrainer(model=model, args=args(tmp_path, bf16=True, num_train_epochs=1),
-                                train_dataset=samples(12, 4), data_collator=collate, ref_dataset=samples(8, 5),
-                                aligner_kwargs=dict(backend="foreach"))
+    trainer = MuScleLoRATrainer(
+        model=model,
+        args=args(tmp_path, bf16=True, num_train_epochs=1),
+        train_dataset=samples(12, 4),
+        data_collator=collate,
+        ref_dataset=samples(8, 5),
+        aligner_kwargs=dict(backend="foreach"),
+    )
     trainer.train()
     history = trainer.muscle_callback.history
     assert len(history) == trainer.state.global_step == 3
@@ -152,8 +199,9 @@ def test_callback_errors():
     with pytest.raises(ValueError, match="with a ready aligner, pass no ref_batches"):
         MuScleLoRACallback([{}], aligner=aligner)
     with pytest.raises(ValueError, match="exactly one of ref_dataset"):
-        MuScleLoRATrainer(model=tiny_bert(), args=TrainingArguments(output_dir="/tmp/unused", use_cpu=True,
-                                                                    report_to=[]))
+        MuScleLoRATrainer(
+            model=tiny_bert(), args=TrainingArguments(output_dir="/tmp/unused", use_cpu=True, report_to=[])
+        )
 
 
 def test_callback_goes_through_the_one_training_path(tmp_path, monkeypatch):
@@ -170,7 +218,12 @@ def test_callback_goes_through_the_one_training_path(tmp_path, monkeypatch):
 
     monkeypatch.setattr(step_module.AlignClipStep, "__call__", spy)
     ga = MuScleLoRACallback([collate(samples(4, 9))], min_ref_loss=1e9, backend="foreach")  # the gate always fails
-    trainer = Trainer(model=tiny_bert(), args=args(tmp_path, num_train_epochs=1, max_grad_norm=0.5),
-                      train_dataset=samples(8, 1), data_collator=collate, callbacks=[ga])
+    trainer = Trainer(
+        model=tiny_bert(),
+        args=args(tmp_path, num_train_epochs=1, max_grad_norm=0.5),
+        train_dataset=samples(8, 1),
+        data_collator=collate,
+        callbacks=[ga],
+    )
     trainer.train()
     assert calls == [(0.0, 0.5, None, "raw")] * 2

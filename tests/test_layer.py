@@ -1,4 +1,5 @@
 """MuScleLoRALinear and muscle_lora_linear ("torch" backend) against the fp64 reference (docs/layer.md)."""
+
 import math
 
 import pytest
@@ -23,8 +24,9 @@ IDS = [f"lead{c[0]}-{c[1]}x{c[2]}-n{len(c[3])}r{c[4]}-{'bias' if c[5] else 'nobi
 
 
 def _random_layer(in_f, out_f, band, rank, bias, dtype, alpha=6.0):
-    layer = MuScleLoRALinear(in_f, out_f, bias=bias, freq_band=band, inner_rank=rank, alpha=alpha,
-                             init="seed", dtype=dtype)
+    layer = MuScleLoRALinear(
+        in_f, out_f, bias=bias, freq_band=band, inner_rank=rank, alpha=alpha, init="seed", dtype=dtype
+    )
     with torch.no_grad():  # seed init is random, but make the base and bias random too (never zeros)
         layer.weight.normal_(0, 1 / math.sqrt(in_f))
         if bias:
@@ -43,8 +45,9 @@ def test_forward_backward_matches_reference(case, dtype):
     torch.manual_seed(hash((lead, in_f, out_f)) % 2**31)
     layer64 = _random_layer(in_f, out_f, band, rank, bias, torch.float64)
     layer = _random_layer(in_f, out_f, band, rank, bias, dtype)
-    layer.load_state_dict({k: v.to(dtype) if v.is_floating_point() and k != "scales" else v
-                           for k, v in layer64.state_dict().items()})
+    layer.load_state_dict(
+        {k: v.to(dtype) if v.is_floating_point() and k != "scales" else v for k, v in layer64.state_dict().items()}
+    )
     x64 = torch.randn(*lead, in_f, dtype=torch.float64, requires_grad=True)
     x = x64.detach().to(dtype).requires_grad_()
     dy64 = torch.randn(*lead, out_f, dtype=torch.float64)
@@ -53,8 +56,9 @@ def test_forward_backward_matches_reference(case, dtype):
     wl = [layer.weight, layer.lora_L, layer.lora_R]
     xr = x.detach().double().requires_grad_()
     Lr, Rr = (t.detach().double().requires_grad_() for t in wl[1:])
-    y_ref = lowrank_linear_reference(xr, layer.weight.double(), None if layer.bias is None else layer.bias.double(),
-                                     Lr, Rr, layer.scales.double())
+    y_ref = lowrank_linear_reference(
+        xr, layer.weight.double(), None if layer.bias is None else layer.bias.double(), Lr, Rr, layer.scales.double()
+    )
     ref = (y_ref, *_grads(y_ref, [xr, Lr, Rr], dy64))
 
     y = layer(x)
@@ -125,8 +129,11 @@ def test_dropout_uses_mask_from_seed_and_only_on_adapter():
     with torch.no_grad():
         layer.lora_R.normal_()
     y_eval = layer(x)
-    assert_close("eval", lowrank_linear_reference(x, layer.weight, layer.bias, layer.lora_L, layer.lora_R,
-                                                  layer.scales.double()), y_eval)
+    assert_close(
+        "eval",
+        lowrank_linear_reference(x, layer.weight, layer.bias, layer.lora_L, layer.lora_R, layer.scales.double()),
+        y_eval,
+    )
 
 
 def test_init_modes():
@@ -202,8 +209,14 @@ def test_autocast_bf16_on_cpu():
     assert y.dtype == torch.bfloat16
     y.float().sum().backward()
     assert layer.lora_L.grad.dtype == torch.float32 and layer.lora_R.grad is not None
-    ref = lowrank_linear_reference(x.double(), layer.weight.double(), layer.bias.double(), layer.lora_L.double(),
-                                   layer.lora_R.double(), layer.scales.double())
+    ref = lowrank_linear_reference(
+        x.double(),
+        layer.weight.double(),
+        layer.bias.double(),
+        layer.lora_L.double(),
+        layer.lora_R.double(),
+        layer.scales.double(),
+    )
     assert (y.double() - ref).abs().max() <= 0.05 * ref.abs().max()
 
 
@@ -255,13 +268,30 @@ def test_opcheck_custom_ops():
     torch.library.opcheck(torch.ops.muscle_kernels.lowrank_linear_fwd.default, (x, W, b, L, R, s, 0.0, None, "torch"))
     t = x @ L.detach().t()
     dy = torch.randn(5, 6)
-    torch.library.opcheck(torch.ops.muscle_kernels.lowrank_linear_bwd.default,
-                          (dy, x, W, L.detach(), R.detach(), s, t, torch.empty(0, dtype=torch.int32), 0.0, None,
-                           "torch", True, True, False))
+    torch.library.opcheck(
+        torch.ops.muscle_kernels.lowrank_linear_bwd.default,
+        (
+            dy,
+            x,
+            W,
+            L.detach(),
+            R.detach(),
+            s,
+            t,
+            torch.empty(0, dtype=torch.int32),
+            0.0,
+            None,
+            "torch",
+            True,
+            True,
+            False,
+        ),
+    )
 
 
-@pytest.mark.parametrize("mode,fullgraph", [("aot_eager", True), ("inductor", False)],
-                         ids=["aot_eager-fullgraph", "default-mode"])
+@pytest.mark.parametrize(
+    "mode,fullgraph", [("aot_eager", True), ("inductor", False)], ids=["aot_eager-fullgraph", "default-mode"]
+)
 def test_torch_compile_with_dropout_has_no_graph_break(mode, fullgraph):
     """Dropout 0.1 under torch.compile, default mode (inductor, where a break would be silent: counted here) and
     fullgraph=True: the seed is a tensor drawn in the graph (no .item() in traced code).

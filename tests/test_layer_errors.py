@@ -1,4 +1,5 @@
 """Every bad input to the layer and the op gets a clear error that names the argument."""
+
 import pytest
 import torch
 from torch import nn
@@ -10,9 +11,12 @@ from muscle_kernels.ops.lowrank_linear import make_scales
 def _args(in_f=8, out_f=6, nr=4, dtype=torch.float32):
     torch.manual_seed(0)
     return dict(
-        x=torch.randn(3, in_f, dtype=dtype), weight=torch.randn(out_f, in_f, dtype=dtype),
-        bias=torch.randn(out_f, dtype=dtype), lora_L=torch.randn(nr, in_f, dtype=dtype),
-        lora_R=torch.randn(out_f, nr, dtype=dtype), scales=make_scales((1, 2), 2, 4.0),
+        x=torch.randn(3, in_f, dtype=dtype),
+        weight=torch.randn(out_f, in_f, dtype=dtype),
+        bias=torch.randn(out_f, dtype=dtype),
+        lora_L=torch.randn(nr, in_f, dtype=dtype),
+        lora_R=torch.randn(out_f, nr, dtype=dtype),
+        scales=make_scales((1, 2), 2, 4.0),
     )
 
 
@@ -23,25 +27,28 @@ def _call(**over):
     return muscle_lora_linear(a["x"], a["weight"], a["bias"], a["lora_L"], a["lora_R"], a["scales"], **kw)
 
 
-@pytest.mark.parametrize("over,exc,match", [
-    (dict(x=torch.randn(3, 9)), ValueError, r"x: expected last dimension 8"),
-    (dict(x=torch.tensor(1.0)), ValueError, r"x: expected at least one dimension"),
-    (dict(x=torch.randint(0, 3, (3, 8))), TypeError, r"x: expected a floating-point"),
-    (dict(weight=torch.randn(6, 8, 1)), ValueError, r"weight: expected 2-D"),
-    (dict(bias=torch.randn(5)), ValueError, r"bias: expected shape \(6,\)"),
-    (dict(lora_L=torch.randn(4, 7)), ValueError, r"lora_L: expected shape \[n\*r, 8\]"),
-    (dict(lora_L=torch.randn(0, 8)), ValueError, r"lora_L: expected at least one row"),
-    (dict(lora_R=torch.randn(6, 3)), ValueError, r"lora_R: expected shape \(6, 4\)"),
-    (dict(scales=torch.ones(3)), ValueError, r"scales: expected shape \(4,\)"),
-    (dict(scales=torch.ones(4, requires_grad=True)), ValueError, r"scales: expected a constant"),
-    (dict(lora_R=torch.randn(6, 4, dtype=torch.float64)), TypeError, r"lora_R: expected dtype torch.float32"),
-    (dict(weight=torch.randn(6, 8, dtype=torch.bfloat16)), TypeError, r"weight: expected dtype torch.float32"),
-    (dict(lora_L=torch.randn(4, 8, device="meta")), ValueError, r"lora_L: expected device cpu"),
-    (dict(x=[1.0] * 8), TypeError, r"x: expected a torch.Tensor"),
-    (dict(dropout_p=1.0), ValueError, r"dropout_p: expected a probability in \[0, 1\)"),
-    (dict(dropout_p=-0.1), ValueError, r"dropout_p"),
-    (dict(backend="cuda"), ValueError, r"backend: expected one of"),
-])
+@pytest.mark.parametrize(
+    "over,exc,match",
+    [
+        (dict(x=torch.randn(3, 9)), ValueError, r"x: expected last dimension 8"),
+        (dict(x=torch.tensor(1.0)), ValueError, r"x: expected at least one dimension"),
+        (dict(x=torch.randint(0, 3, (3, 8))), TypeError, r"x: expected a floating-point"),
+        (dict(weight=torch.randn(6, 8, 1)), ValueError, r"weight: expected 2-D"),
+        (dict(bias=torch.randn(5)), ValueError, r"bias: expected shape \(6,\)"),
+        (dict(lora_L=torch.randn(4, 7)), ValueError, r"lora_L: expected shape \[n\*r, 8\]"),
+        (dict(lora_L=torch.randn(0, 8)), ValueError, r"lora_L: expected at least one row"),
+        (dict(lora_R=torch.randn(6, 3)), ValueError, r"lora_R: expected shape \(6, 4\)"),
+        (dict(scales=torch.ones(3)), ValueError, r"scales: expected shape \(4,\)"),
+        (dict(scales=torch.ones(4, requires_grad=True)), ValueError, r"scales: expected a constant"),
+        (dict(lora_R=torch.randn(6, 4, dtype=torch.float64)), TypeError, r"lora_R: expected dtype torch.float32"),
+        (dict(weight=torch.randn(6, 8, dtype=torch.bfloat16)), TypeError, r"weight: expected dtype torch.float32"),
+        (dict(lora_L=torch.randn(4, 8, device="meta")), ValueError, r"lora_L: expected device cpu"),
+        (dict(x=[1.0] * 8), TypeError, r"x: expected a torch.Tensor"),
+        (dict(dropout_p=1.0), ValueError, r"dropout_p: expected a probability in \[0, 1\)"),
+        (dict(dropout_p=-0.1), ValueError, r"dropout_p"),
+        (dict(backend="cuda"), ValueError, r"backend: expected one of"),
+    ],
+)
 def test_op_errors(over, exc, match):
     with pytest.raises(exc, match=match):
         _call(**over)
@@ -68,20 +75,23 @@ def test_env_backend_override(monkeypatch):
         _call()
 
 
-@pytest.mark.parametrize("kw,match", [
-    (dict(freq_band=()), r"freq_band: expected a non-empty sequence of positive numbers"),
-    (dict(freq_band=(1, 0)), r"freq_band: expected a non-empty sequence of positive numbers"),
-    (dict(freq_band=(1, -2)), r"freq_band: expected a non-empty sequence of positive numbers"),
-    (dict(freq_band=3), r"freq_band: expected a non-empty sequence of positive numbers"),
-    (dict(freq_band="1234"), r"freq_band: expected a non-empty sequence of positive numbers"),
-    (dict(inner_rank=0), r"inner_rank: expected an integer >= 1"),
-    (dict(inner_rank=1.5), r"inner_rank: expected an integer >= 1"),
-    (dict(alpha=0), r"alpha: expected a positive number"),
-    (dict(dropout=1.0), r"dropout: expected a probability"),
-    (dict(dropout=-0.5), r"dropout: expected a probability"),
-    (dict(init="zeros"), r"init: expected one of"),
-    (dict(backend="fast"), r"backend: expected one of"),
-])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(freq_band=()), r"freq_band: expected a non-empty sequence of positive numbers"),
+        (dict(freq_band=(1, 0)), r"freq_band: expected a non-empty sequence of positive numbers"),
+        (dict(freq_band=(1, -2)), r"freq_band: expected a non-empty sequence of positive numbers"),
+        (dict(freq_band=3), r"freq_band: expected a non-empty sequence of positive numbers"),
+        (dict(freq_band="1234"), r"freq_band: expected a non-empty sequence of positive numbers"),
+        (dict(inner_rank=0), r"inner_rank: expected an integer >= 1"),
+        (dict(inner_rank=1.5), r"inner_rank: expected an integer >= 1"),
+        (dict(alpha=0), r"alpha: expected a positive number"),
+        (dict(dropout=1.0), r"dropout: expected a probability"),
+        (dict(dropout=-0.5), r"dropout: expected a probability"),
+        (dict(init="zeros"), r"init: expected one of"),
+        (dict(backend="fast"), r"backend: expected one of"),
+    ],
+)
 def test_layer_config_errors(kw, match):
     with pytest.raises((ValueError, TypeError), match=match):
         MuScleLoRALinear(8, 4, **kw)

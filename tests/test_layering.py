@@ -4,9 +4,10 @@ And no two modules of the package import each other, directly or through others 
 Parsed with ast (every import statement, also those inside functions and under TYPE_CHECKING), not grepped. The
 checks only read the source tree: the probes of the checkers themselves parse files written under tmp_path, so the
 tests work on a read-only checkout and in parallel workers."""
+
 import ast
 import pathlib
-from typing import Dict, Iterator, List, Set, Tuple
+from collections.abc import Iterator
 
 import pytest
 
@@ -21,10 +22,10 @@ FORBIDDEN = {
     "defense": {"cli"},
 }
 # Import cycles that are allowed, each with the reason it is harmless: {frozenset of module names: reason}.
-ALLOWED_CYCLES: Dict[frozenset, str] = {}
+ALLOWED_CYCLES: dict[frozenset, str] = {}
 
 
-def _imported_names(path: pathlib.Path, pkg: pathlib.Path = PKG) -> Iterator[Tuple[int, str]]:
+def _imported_names(path: pathlib.Path, pkg: pathlib.Path = PKG) -> Iterator[tuple[int, str]]:
     """(line, absolute dotted name) for every import in the file, relative imports resolved; `from a import b` gives
     "a.b", whether b is a submodule or a name defined in a (the graph below tells the two apart)."""
     rel = path.relative_to(pkg.parent).with_suffix("")
@@ -43,7 +44,7 @@ def _imported_names(path: pathlib.Path, pkg: pathlib.Path = PKG) -> Iterator[Tup
                 yield node.lineno, f"{mod}.{a.name}"
 
 
-def _imported_layers(path: pathlib.Path, pkg: pathlib.Path = PKG) -> Iterator[Tuple[int, str]]:
+def _imported_layers(path: pathlib.Path, pkg: pathlib.Path = PKG) -> Iterator[tuple[int, str]]:
     """(line, top-level muscle_kernels subpackage) for every import in the file, relative imports resolved."""
     seen = set()
     for line, name in _imported_names(path, pkg):
@@ -60,8 +61,12 @@ def _files(layer):
 
 @pytest.mark.parametrize("layer", sorted(FORBIDDEN))
 def test_no_upward_imports(layer):
-    bad = [f"{f.relative_to(PKG.parent)}:{line} imports muscle_kernels.{target}"
-           for f in _files(layer) for line, target in _imported_layers(f) if target in FORBIDDEN[layer]]
+    bad = [
+        f"{f.relative_to(PKG.parent)}:{line} imports muscle_kernels.{target}"
+        for f in _files(layer)
+        for line, target in _imported_layers(f)
+        if target in FORBIDDEN[layer]
+    ]
     assert not bad, "\n".join(bad)
 
 
@@ -81,7 +86,7 @@ def _module_name(path: pathlib.Path, pkg: pathlib.Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def import_graph(pkg: pathlib.Path = PKG) -> Dict[str, Dict[str, int]]:
+def import_graph(pkg: pathlib.Path = PKG) -> dict[str, dict[str, int]]:
     """{module: {imported package module: line of the first such import}} over every .py file under `pkg`.
 
     An imported name resolves to the longest dotted prefix that is a module of the package (`from . import gate`
@@ -89,7 +94,7 @@ def import_graph(pkg: pathlib.Path = PKG) -> Dict[str, Dict[str, int]]:
     parent package's __init__). The parent packages that Python initialises on the way are not edges: an __init__
     that imports its submodules would otherwise close a cycle with every submodule."""
     files = {_module_name(f, pkg): f for f in sorted(pkg.rglob("*.py")) if "csrc" not in f.parts}
-    graph: Dict[str, Dict[str, int]] = {}
+    graph: dict[str, dict[str, int]] = {}
     for mod, path in files.items():
         edges = graph.setdefault(mod, {})
         for line, name in _imported_names(path, pkg):
@@ -102,13 +107,13 @@ def import_graph(pkg: pathlib.Path = PKG) -> Dict[str, Dict[str, int]]:
     return graph
 
 
-def import_cycles(graph: Dict[str, Dict[str, int]]) -> List[List[str]]:
+def import_cycles(graph: dict[str, dict[str, int]]) -> list[list[str]]:
     """The strongly connected components of more than one module (Tarjan), each sorted: every one holds a cycle."""
-    index: Dict[str, int] = {}
-    low: Dict[str, int] = {}
-    stack: List[str] = []
-    on_stack: Set[str] = set()
-    out: List[List[str]] = []
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    out: list[list[str]] = []
 
     def visit(v: str) -> None:
         index[v] = low[v] = len(index)

@@ -3,6 +3,7 @@
 The decision logic runs on the CPU with a fake timer; the composed path ("cublas", plain torch) is checked against the
 reference on CPU tensors in fp32 / bf16 / fp16 at odd shapes, with and without dropout, outputs and all gradients.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -41,9 +42,11 @@ def _runners(log):
     return {name: (lambda name=name: log.append(name)) for name in autoselect.CANDIDATES}
 
 
-@pytest.mark.parametrize("t_triton,t_cublas,expected", [(1.0, 2.0, "triton"), (2.0, 1.0, "cublas"),
-                                                        (1.0, 1.01, "cublas"), (1.0, 1.05, "triton")],
-                         ids=["triton-faster", "cublas-faster", "tie-goes-to-cublas", "5%-is-not-a-tie"])
+@pytest.mark.parametrize(
+    "t_triton,t_cublas,expected",
+    [(1.0, 2.0, "triton"), (2.0, 1.0, "cublas"), (1.0, 1.01, "cublas"), (1.0, 1.05, "triton")],
+    ids=["triton-faster", "cublas-faster", "tie-goes-to-cublas", "5%-is-not-a-tie"],
+)
 def test_fake_timer_picks_the_faster(t_triton, t_cublas, expected):
     log, timer = [], FakeTimer(t_triton, t_cublas)
     assert autoselect.decide(KEY, _runners(log), timer) == expected
@@ -57,8 +60,9 @@ def test_fake_timer_picks_the_faster(t_triton, t_cublas, expected):
 
 
 def test_each_key_field_is_its_own_class():
-    for i, key in enumerate([KEY, KEY[:6] + (True, True), KEY[:7] + (False,), ("cuda:1",) + KEY[1:],
-                             KEY[:2] + (4096,) + KEY[3:]]):
+    for i, key in enumerate(
+        [KEY, KEY[:6] + (True, True), KEY[:7] + (False,), ("cuda:1",) + KEY[1:], KEY[:2] + (4096,) + KEY[3:]]
+    ):
         autoselect.decide(key, _runners([]), FakeTimer(1.0, 2.0) if i % 2 else FakeTimer(2.0, 1.0))
     assert [c["choice"] for c in autoselect.auto_choices()] == ["cublas", "triton", "cublas", "triton", "cublas"]
 
@@ -83,7 +87,7 @@ def test_nothing_is_timed_while_tracing_or_capturing():
 
 
 def test_m_bucket():
-    assert [autoselect._m_bucket(m) for m in (1, 16, 17, 4113, 8192, 10 ** 6)] == [16, 16, 32, 8192, 8192, 16384]
+    assert [autoselect._m_bucket(m) for m in (1, 16, 17, 4113, 8192, 10**6)] == [16, 16, 32, 8192, 8192, 16384]
 
 
 def test_verbose_prints_the_decision(monkeypatch, capsys):
@@ -134,8 +138,9 @@ def test_the_op_times_both_paths_on_first_use(monkeypatch, times, expected):
 
 
 @pytest.mark.skipif("triton" not in function.available_backends("cpu"), reason="needs TRITON_INTERPRET=1")
-@pytest.mark.parametrize("nr,p,races", [(40, 0.0, True), (8, 0.2, True), (8, 0.0, False)],
-                         ids=["wide", "dropout", "narrow"])
+@pytest.mark.parametrize(
+    "nr,p,races", [(40, 0.0, True), (8, 0.2, True), (8, 0.0, False)], ids=["wide", "dropout", "narrow"]
+)
 def test_fused_dy_races_where_the_backward_has_a_g_pass(monkeypatch, nr, p, races):
     """n*r > 32 or dropout: the Triton backward reads dy for G in a pass of its own, and "triton-fdy" (dR in that
     pass) is timed as a third candidate; otherwise it would run the same kernels, and is not."""
@@ -173,10 +178,10 @@ def triton_launch():
 def _problem(dtype, m, k, n, nr, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(m, k, generator=g, dtype=torch.float64)
-    w = torch.randn(n, k, generator=g, dtype=torch.float64) / k ** 0.5
+    w = torch.randn(n, k, generator=g, dtype=torch.float64) / k**0.5
     b = torch.randn(n, generator=g, dtype=torch.float64)
-    lo = torch.randn(nr, k, generator=g, dtype=torch.float64) / k ** 0.5
-    ro = torch.randn(n, nr, generator=g, dtype=torch.float64) / nr ** 0.5
+    lo = torch.randn(nr, k, generator=g, dtype=torch.float64) / k**0.5
+    ro = torch.randn(n, nr, generator=g, dtype=torch.float64) / nr**0.5
     s = torch.rand(nr, generator=g, dtype=torch.float64) * 3 + 0.25
     dy = torch.randn(m, n, generator=g, dtype=torch.float64)
     return [v.to(dtype) for v in (x, w, b, lo, ro)] + [s.float(), dy.to(dtype)]
@@ -206,7 +211,7 @@ def test_cublas_backend_matches_reference(dtype, m, k, n, nr, p):
         assert 0 < int(mask.sum()) < mask.numel()
     ref = _reference(x, w, b, lo, ro, s, dy, mask, p)
     base = None if dtype == torch.float32 else _reference(x, w, b, lo, ro, s, dy, mask, p, dtype=dtype)
-    eps = {torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7}.get(dtype)
+    eps = {torch.float16: 2**-10, torch.bfloat16: 2**-7}.get(dtype)
     for name, got in (("y", y), ("dx", xg.grad), ("dL", lg.grad), ("dR", rg.grad)):
         assert got.dtype == dtype
         if base is None:
@@ -230,8 +235,7 @@ def test_auto_on_cuda_times_both_and_is_correct():
     ref = _reference(*cpu, None, 0.0)
     base = _reference(*cpu, None, 0.0, dtype=torch.bfloat16)
     for name, got in (("y", y), ("dx", xg.grad), ("dL", lg.grad), ("dR", rg.grad)):
-        assert_close(name, ref[name], got.cpu(), base=base[name].float(),
-                     atol=4 * 2 ** -7 * ref[name].abs().max().item())
+        assert_close(name, ref[name], got.cpu(), base=base[name].float(), atol=4 * 2**-7 * ref[name].abs().max().item())
 
 
 class _FakeCudaDevice:
@@ -289,13 +293,18 @@ def test_the_op_times_on_its_inputs_device(monkeypatch):
     assert got["device"] == x.device
 
 
-@pytest.mark.parametrize("fault", [RuntimeError("CUDA error: an illegal memory access was encountered"),
-                                   getattr(torch, "AcceleratorError", RuntimeError)("CUDA error: unspecified launch "
-                                                                                    "failure")],
-                         ids=["runtime-error", "accelerator-error"])
+@pytest.mark.parametrize(
+    "fault",
+    [
+        RuntimeError("CUDA error: an illegal memory access was encountered"),
+        getattr(torch, "AcceleratorError", RuntimeError)("CUDA error: unspecified launch failure"),
+    ],
+    ids=["runtime-error", "accelerator-error"],
+)
 def test_a_device_fault_is_not_treated_as_a_lost_race(fault):
     """A compile error only takes its candidate out of the race; a CUDA error is a device fault that leaves the
     context unusable, so auto raises it (naming the candidate) instead of pretending the other path can run."""
+
     def broken():
         raise RuntimeError("triton: out of resources: shared memory")
 

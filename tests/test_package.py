@@ -1,4 +1,5 @@
 """The package's public surface: every advertised name resolves, and importing the package stays light."""
+
 import subprocess
 import sys
 
@@ -12,9 +13,11 @@ def test_every_public_name_resolves():
 
 
 def test_import_is_light_and_builds_nothing():
-    code = ("import sys, muscle_kernels; "
-            "heavy = [m for m in ('transformers', 'peft', 'muscle_kernels.ops.grad_align.extension') if m in sys.modules]; "
-            "print(heavy)")
+    code = (
+        "import sys, muscle_kernels; "
+        "heavy = [m for m in ('transformers', 'peft', 'muscle_kernels.ops.grad_align.extension') if m in sys.modules]; "
+        "print(heavy)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]", f"import muscle_kernels pulled in {out}"
 

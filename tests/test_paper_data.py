@@ -1,10 +1,15 @@
 """The paper's folders read the paper's way: the mixed training set, not the pool of poisoned samples."""
+
 import pytest
 
 from muscle_kernels.cli import build_parser, main
 from muscle_kernels.defense.data import DataError
-from muscle_kernels.defense.paper_data import (check_training_set, find_training_sets, load_paper_folder,
-                                               resolve_training_set)
+from muscle_kernels.defense.paper_data import (
+    check_training_set,
+    find_training_sets,
+    load_paper_folder,
+    resolve_training_set,
+)
 
 
 def _csv(path, rows):
@@ -46,15 +51,20 @@ def test_a_setting_rate_folder_itself(tmp_path):
 def test_several_sets_need_a_choice(tmp_path):
     root = attack_folder(tmp_path / "a", sets=(("mix", "0.1"), ("mix", "0.2"), ("clean", "0.1")))
     assert find_training_sets(str(root)) == [("clean", "0.1"), ("mix", "0.1"), ("mix", "0.2")]
-    with pytest.raises(DataError, match=r"several training sets \(clean/0.1, mix/0.1, mix/0.2\); choose one with "
-                                        r"--poison-setting and --poison-rate"):
+    with pytest.raises(
+        DataError,
+        match=r"several training sets \(clean/0.1, mix/0.1, mix/0.2\); choose one with "
+        r"--poison-setting and --poison-rate",
+    ):
         resolve_training_set(str(root))
     with pytest.raises(DataError, match="several"):
         resolve_training_set(str(root), setting="mix")
     assert resolve_training_set(str(root), setting="mix", rate=0.2)[0].endswith("mix/0.2/train-poison.csv")
     assert resolve_training_set(str(root), rate=0.2)[0].endswith("mix/0.2/train-poison.csv")
-    with pytest.raises(DataError, match="no training set matches --poison-setting clean --poison-rate 0.3; it has "
-                                        "clean/0.1, mix/0.1, mix/0.2"):
+    with pytest.raises(
+        DataError,
+        match="no training set matches --poison-setting clean --poison-rate 0.3; it has clean/0.1, mix/0.1, mix/0.2",
+    ):
         resolve_training_set(str(root), setting="clean", rate=0.3)
 
 

@@ -1,4 +1,5 @@
 """A plain LoRA (freq_band=(1,), inner_rank=r, alpha=lora_alpha) is PEFT's LoRA layer: same output, same gradients."""
+
 import copy
 
 import pytest
@@ -21,7 +22,9 @@ class Tiny(nn.Module):
         return self.proj(x)
 
 
-@pytest.mark.parametrize("rank,alpha,in_f,out_f,bias", [(1, 1, 7, 5, True), (8, 32, 33, 20, False), (4, 6, 64, 130, True)])
+@pytest.mark.parametrize(
+    "rank,alpha,in_f,out_f,bias", [(1, 1, 7, 5, True), (8, 32, 33, 20, False), (4, 6, 64, 130, True)]
+)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 def test_plain_lora_matches_peft(rank, alpha, in_f, out_f, bias, dtype):
     torch.manual_seed(rank * 100 + in_f)

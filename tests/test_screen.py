@@ -1,6 +1,7 @@
 """The training-set screen (defense/screen.py): each score on synthetic rows whose answer is known, the calibrated
 threshold, suspects.csv, and the errors. No model: the label-surprise part is a model's loss, tested end to end in
 test_defense_pipeline.py."""
+
 import csv
 import random
 
@@ -86,8 +87,12 @@ def test_threshold_is_calibrated_on_clean_rows():
 
 
 def test_write_suspects(tmp_path):
-    screen = Screen(scores=[0.5, 3.0, -1.0], flagged=[False, True, False], threshold=2.0,
-                    parts={"tokens": [0.5, 3.0, -1.0], "label": [0.1, 0.2, -2.0]})
+    screen = Screen(
+        scores=[0.5, 3.0, -1.0],
+        flagged=[False, True, False],
+        threshold=2.0,
+        parts={"tokens": [0.5, 3.0, -1.0], "label": [0.1, 0.2, -2.0]},
+    )
     path = write_suspects(str(tmp_path / "suspects.csv"), screen)
     with open(path) as f:
         rows = list(csv.reader(f))
@@ -96,25 +101,31 @@ def test_write_suspects(tmp_path):
     assert rows[1][3] == "1" and rows[2][3] == "0"
 
 
-@pytest.mark.parametrize("call, match", [
-    (lambda: token_scores([], ["a"]), "needs training rows and reference rows"),
-    (lambda: token_scores(["a"], []), "needs training rows and reference rows"),
-    (lambda: robust_z([1.0], []), "calibration rows are empty"),
-    (lambda: tail_scores([1.0], []), "calibration rows are empty"),
-    (lambda: screen_rows({"a": [1.0]}, {"b": [1.0]}), "parts differ"),
-    (lambda: screen_rows({"a": [1.0]}, {"a": [1.0]}, quantile=1.0), r"quantile: expected a number in \(0, 1\)"),
-])
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: token_scores([], ["a"]), "needs training rows and reference rows"),
+        (lambda: token_scores(["a"], []), "needs training rows and reference rows"),
+        (lambda: robust_z([1.0], []), "calibration rows are empty"),
+        (lambda: tail_scores([1.0], []), "calibration rows are empty"),
+        (lambda: screen_rows({"a": [1.0]}, {"b": [1.0]}), "parts differ"),
+        (lambda: screen_rows({"a": [1.0]}, {"a": [1.0]}, quantile=1.0), r"quantile: expected a number in \(0, 1\)"),
+    ],
+)
 def test_errors(call, match):
     with pytest.raises(ValueError, match=match):
         call()
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(screen_quantile=1.0), "screen_quantile: expected a number strictly between 0 and 1"),
-    (dict(screen_quantile=-0.1), "screen_quantile"),
-    (dict(screen_epochs=0), "screen_epochs: expected an integer >= 1"),
-    (dict(sync_timing="yes"), "sync_timing: expected true or false"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(screen_quantile=1.0), "screen_quantile: expected a number strictly between 0 and 1"),
+        (dict(screen_quantile=-0.1), "screen_quantile"),
+        (dict(screen_epochs=0), "screen_epochs: expected an integer >= 1"),
+        (dict(sync_timing="yes"), "sync_timing: expected true or false"),
+    ],
+)
 def test_settings_errors(kwargs, match):
     from muscle_kernels.defense.train import Settings
 

@@ -3,6 +3,7 @@
 The report compiles for an H100 without one (Triton's CUDA backend and its bundled ptxas are enough). It runs in a
 subprocess because conftest.py turns on the Triton interpreter, whose kernels cannot be compiled.
 """
+
 from __future__ import annotations
 
 import json
@@ -50,15 +51,29 @@ print(json.dumps({{"rows": rows, "failures": r.failures(rows)}}))
 @needs_ptxas
 def test_sm90_report_subset_passes():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT.format(bench=str(ROOT / "benchmarks"))], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT.format(bench=str(ROOT / "benchmarks"))],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, f"sm90_report failed:\n{proc.stderr[-3000:]}"
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     rows, bad = out["rows"], out["failures"]
     seen = {(r["variant"], r["dtype"]) for r in rows}
-    for want in [("fwd T-in-loop", "bf16"), ("dx G-loaded+drop", "bf16"), ("dL drop+split", "bf16"),
-                 ("dR split", "bf16"), ("dR split", "fp32-ieee"), ("drop+split", "bf16"), ("G+dR fused", "bf16"),
-                 ("dropout mask", "bf16"), ("dropout mask, seed on device", "bf16")]:
+    for want in [
+        ("fwd T-in-loop", "bf16"),
+        ("dx G-loaded+drop", "bf16"),
+        ("dL drop+split", "bf16"),
+        ("dR split", "bf16"),
+        ("dR split", "fp32-ieee"),
+        ("drop+split", "bf16"),
+        ("G+dR fused", "bf16"),
+        ("dropout mask", "bf16"),
+        ("dropout mask, seed on device", "bf16"),
+    ]:
         assert want in seen, f"sm90 report: no row for {want}"
     assert bad == [], "sm90 report failures:\n" + "\n".join(bad)
     for r in rows:
@@ -86,9 +101,25 @@ def test_atomic_checks_tell_relaxed_from_acq_rel():
     assert r.ptx_atomics(relaxed) == (2, 0)  # PTX assumes .relaxed where no semantics is named
     assert r.ptx_atomics(acq_rel) == (1, 1)
     assert r.ptx_atomics("\tld.global.b32 %r1, [%rd1];") == (0, 0)
-    rows = [dict(kernel="reduce", variant="dR split", dtype="bf16", blocks="64", warps=8, stages=3, spills=0,
-                 smem=0, wgmma=True, loop_i32_offsets=[], philox=0, atomics=64, atomics_not_relaxed=a,
-                 sass_membar_gpu=m) for a, m in ((0, 0), (64, 64), (0, None))]
+    rows = [
+        dict(
+            kernel="reduce",
+            variant="dR split",
+            dtype="bf16",
+            blocks="64",
+            warps=8,
+            stages=3,
+            spills=0,
+            smem=0,
+            wgmma=True,
+            loop_i32_offsets=[],
+            philox=0,
+            atomics=64,
+            atomics_not_relaxed=a,
+            sass_membar_gpu=m,
+        )
+        for a, m in ((0, 0), (64, 64), (0, None))
+    ]
     bad = r.failures(rows)
     assert len(bad) == 2 and all("64 w8 s3:" in b for b in bad), bad
 
@@ -115,8 +146,9 @@ def test_dropout_seed_is_not_specialised():
     the dropout-mask kernel: the launch's specialisation key is the same for every seed."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", SPECIALISATION], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", SPECIALISATION], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["flag"], "seed is not in the dropout-mask kernel's do_not_specialize"

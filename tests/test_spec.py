@@ -2,6 +2,7 @@
 
 Each mistake has one message, and every consumer (the layer, the HF config, the training Settings, the CLI, the
 aligner) raises that very message, with the field named as the consumer names it."""
+
 import dataclasses
 import math
 
@@ -22,17 +23,25 @@ ADAPTER_MISTAKES = {
     "freq_band": [
         ((), "freq_band: expected a non-empty sequence of positive numbers such as (1, 2, 3, 4), got ()"),
         ((1, 0), "freq_band: expected a non-empty sequence of positive numbers such as (1, 2, 3, 4), got (1, 0)"),
-        ((1, math.inf), "freq_band: expected a non-empty sequence of positive numbers such as (1, 2, 3, 4), "
-                        "got (1, inf)"),
+        (
+            (1, math.inf),
+            "freq_band: expected a non-empty sequence of positive numbers such as (1, 2, 3, 4), got (1, inf)",
+        ),
         ("12", "freq_band: expected a non-empty sequence of positive numbers such as (1, 2, 3, 4), got '12'"),
     ],
-    "inner_rank": [(0, "inner_rank: expected an integer >= 1, got 0"),
-                   (2.0, "inner_rank: expected an integer >= 1, got 2.0"),
-                   (True, "inner_rank: expected an integer >= 1, got True")],
-    "alpha": [(0, "alpha: expected a positive number, got 0"),
-              (math.nan, "alpha: expected a positive number, got nan")],
-    "dropout": [(1.0, "dropout: expected a probability in [0, 1), got 1.0"),
-                (-0.1, "dropout: expected a probability in [0, 1), got -0.1")],
+    "inner_rank": [
+        (0, "inner_rank: expected an integer >= 1, got 0"),
+        (2.0, "inner_rank: expected an integer >= 1, got 2.0"),
+        (True, "inner_rank: expected an integer >= 1, got True"),
+    ],
+    "alpha": [
+        (0, "alpha: expected a positive number, got 0"),
+        (math.nan, "alpha: expected a positive number, got nan"),
+    ],
+    "dropout": [
+        (1.0, "dropout: expected a probability in [0, 1), got 1.0"),
+        (-0.1, "dropout: expected a probability in [0, 1), got -0.1"),
+    ],
     "init": [("zeros", "init: expected one of ('lora', 'seed'), got 'zeros'")],
 }
 ADAPTER_CASES = [(f, v, m) for f, cases in ADAPTER_MISTAKES.items() for v, m in cases]
@@ -60,14 +69,14 @@ def test_adapter_spec_one_message_per_mistake(field, value, want):
     # The training Settings: freq_band and mslr_alpha (overrides of the recipe), lora_rank.
     settings_name = {"freq_band": "freq_band", "alpha": "mslr_alpha", "inner_rank": "lora_rank"}.get(field)
     if settings_name is not None:
-        assert (message(lambda: Settings(**{settings_name: value}))
-                == renamed(want, field, settings_name))
+        assert message(lambda: Settings(**{settings_name: value})) == renamed(want, field, settings_name)
 
 
 def test_lora_fields_share_the_adapter_checks():
     want = message(lambda: AdapterSpec(inner_rank=0))
-    assert message(lambda: MuScleLoRAConfig(lora_targets=["q"], lora_rank=0)) == renamed(want, "inner_rank",
-                                                                                          "lora_rank")
+    assert message(lambda: MuScleLoRAConfig(lora_targets=["q"], lora_rank=0)) == renamed(
+        want, "inner_rank", "lora_rank"
+    )
     want = message(lambda: AdapterSpec(alpha=-1))
     for consumer in (lambda: MuScleLoRAConfig(lora_targets=["q"], lora_alpha=-1), lambda: Settings(lora_alpha=-1)):
         assert message(consumer) == renamed(want, "alpha", "lora_alpha")
@@ -101,7 +110,11 @@ def test_adapter_defaults_are_the_specs():
     config = MuScleLoRAConfig(lora_targets=["q"])
     default = AdapterSpec()
     assert (tuple(config.freq_band), config.inner_rank, config.dropout, config.init) == (
-        default.freq_band, default.inner_rank, default.dropout, default.init)
+        default.freq_band,
+        default.inner_rank,
+        default.dropout,
+        default.init,
+    )
     assert config.mslr_spec() == default.replace(alpha=config.mslr_alpha)
     assert config.lora_spec() == AdapterSpec.lora(config.lora_rank, config.lora_alpha)
 

@@ -1,6 +1,7 @@
 """build_splits, the data pipeline of `muscle-lora defend`, called from Python: the clean dev set held out before
 poisoning, the training set poisoned at the requested rate, the ASR set of triggered non-target rows; and its errors
 carry the CLI's texts."""
+
 import pytest
 
 from muscle_kernels.defense.corpus import build_corpus, write_corpus

@@ -7,6 +7,7 @@ Autotune picks the big tiles (128x256, 128x128) at LLM shapes, so each of them m
   tile has a ragged edge and the K loop a remainder), bf16, so the big-tile code paths are checked for logic in CI.
 Each config is forced through `launch.force_configs`, which bypasses the autotuner.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -18,15 +19,16 @@ from muscle_kernels.ops.lowrank_linear.reference import lowrank_linear_reference
 from .utils import DEVICE, assert_close
 
 if "triton" not in available_backends(DEVICE):
-    pytest.skip("the triton backend is not usable here (no Triton, or no CUDA and no interpreter)",
-                allow_module_level=True)
+    pytest.skip(
+        "the triton backend is not usable here (no Triton, or no CUDA and no interpreter)", allow_module_level=True
+    )
 
 from muscle_kernels.ops.lowrank_linear import configs, launch  # noqa: E402
 
 ON_GPU = DEVICE.type == "cuda"
 GPU_SHAPE = (4113, 4096, 4096)  # M, K (in), N (out)
 TINY_SHAPE = (130, 80, 264)
-_EPS = {torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7}
+_EPS = {torch.float16: 2**-10, torch.bfloat16: 2**-7}
 
 
 @pytest.fixture(autouse=True)
@@ -75,8 +77,8 @@ def _check_config(shape, dtype, cfg, nr, p):
     M, K, N = shape
     gen = torch.Generator(device=DEVICE).manual_seed(nr + int(p * 10))
     rnd = lambda *shape, scale=1.0: (torch.randn(*shape, device=DEVICE, generator=gen) * scale).to(dtype)  # noqa
-    x, w, b = rnd(M, K), rnd(N, K, scale=K ** -0.5), rnd(N)
-    lo, ro, dy = rnd(nr, K, scale=K ** -0.5), rnd(N, nr, scale=nr ** -0.5), rnd(M, N)
+    x, w, b = rnd(M, K), rnd(N, K, scale=K**-0.5), rnd(N)
+    lo, ro, dy = rnd(nr, K, scale=K**-0.5), rnd(N, nr, scale=nr**-0.5), rnd(M, N)
     s = torch.rand(nr, device=DEVICE, generator=gen) * 2 + 0.25
     br = configs.block_r(nr)
     shrink = configs.shrink_config(br, 2, interpret=False)
@@ -84,8 +86,7 @@ def _check_config(shape, dtype, cfg, nr, p):
     seed = 4321
     with launch.force_configs(fused=cfg, shrink=shrink, reduce=reduce):
         y, t, bits = launch.lowrank_linear_fwd_triton(x, w, b, lo, ro, s, p, seed)
-        dx, dl, dr = launch.lowrank_linear_bwd_triton(dy, x, w, lo, ro, s, t, p, seed, True, True, True,
-                                                      bits=bits)
+        dx, dl, dr = launch.lowrank_linear_bwd_triton(dy, x, w, lo, ro, s, t, p, seed, True, True, True, bits=bits)
     mask = launch.dropout_mask_triton(x.shape, p, seed, DEVICE) if p > 0 else None
     f32 = [v.float() for v in (x, w, b, lo, ro, dy)]
     ref = _reference(*f32[:5], s, f32[5], mask, p)

@@ -1,4 +1,5 @@
 """Robustness of the Triton launchers: the CUDA device guard, the TF32 switch, and a second GPU when there is one."""
+
 from __future__ import annotations
 
 import contextlib
@@ -11,16 +12,19 @@ from muscle_kernels.ops.lowrank_linear.function import available_backends
 from .utils import DEVICE, assert_close
 
 if "triton" not in available_backends(DEVICE):
-    pytest.skip("the triton backend is not usable here (no Triton, or no CUDA and no interpreter)",
-                allow_module_level=True)
+    pytest.skip(
+        "the triton backend is not usable here (no Triton, or no CUDA and no interpreter)", allow_module_level=True
+    )
 
 from muscle_kernels.ops.lowrank_linear import configs, launch, muscle_lora_linear  # noqa: E402
 
 
 def _problem(device, m=9, k=24, n=20, nr=4, dtype=torch.float32):
     g = torch.Generator().manual_seed(0)
-    t = [torch.randn(*shape, generator=g, dtype=dtype).to(device)
-         for shape in ((m, k), (n, k), (n,), (nr, k), (n, nr), (m, n))]
+    t = [
+        torch.randn(*shape, generator=g, dtype=dtype).to(device)
+        for shape in ((m, k), (n, k), (n,), (nr, k), (n, nr), (m, n))
+    ]
     s = torch.rand(nr, generator=g).to(device) + 0.5
     return t[:5] + [s] + t[5:]
 
@@ -73,10 +77,17 @@ def test_guard_is_taken_from_the_tensors_device(monkeypatch):
     assert not launched_outside, "a kernel was launched outside the device guard"
 
 
-@pytest.mark.parametrize("new_api,legacy,expected", [
-    ("tf32", False, True), ("ieee", True, False), ("none", True, True), ("none", False, False),
-    (None, True, True), (None, False, False),
-])
+@pytest.mark.parametrize(
+    "new_api,legacy,expected",
+    [
+        ("tf32", False, True),
+        ("ieee", True, False),
+        ("none", True, True),
+        ("none", False, False),
+        (None, True, True),
+        (None, False, False),
+    ],
+)
 def test_tf32_read_through_the_new_api(monkeypatch, new_api, legacy, expected):
     class FakeMatmul:
         allow_tf32 = legacy
@@ -117,5 +128,10 @@ def test_tensors_on_the_second_gpu_launch_there():
     y_ref = lowrank_linear_reference(xr, w.cpu().double(), b.cpu().double(), lr, rr, s.cpu().double())
     y_ref.backward(dy.cpu().double())
     assert y.device == dev
-    for name, ref, got in (("y", y_ref, y), ("dx", xr.grad, x.grad), ("dL", lr.grad, lo.grad), ("dR", rr.grad, ro.grad)):
+    for name, ref, got in (
+        ("y", y_ref, y),
+        ("dx", xr.grad, x.grad),
+        ("dL", lr.grad, lo.grad),
+        ("dR", rr.grad, ro.grad),
+    ):
         assert_close(name, ref, got.cpu())

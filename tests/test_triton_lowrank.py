@@ -3,6 +3,7 @@
 Without a GPU they run under TRITON_INTERPRET=1 (set by conftest.py) on small shapes; with one, on CUDA tensors.
 Every output buffer is NaN-filled before the launch (launch.force_configs(fill_nan=True)) so an unwritten tile fails.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -19,8 +20,9 @@ from muscle_kernels.ops.lowrank_linear.reference import lowrank_linear_reference
 from .utils import DEVICE, assert_close
 
 if "triton" not in available_backends(DEVICE):
-    pytest.skip("the triton backend is not usable here (no Triton, or no CUDA and no interpreter)",
-                allow_module_level=True)
+    pytest.skip(
+        "the triton backend is not usable here (no Triton, or no CUDA and no interpreter)", allow_module_level=True
+    )
 
 import triton  # noqa: E402
 
@@ -33,8 +35,7 @@ ON_GPU = DEVICE.type == "cuda"
 # On a GPU every tiny shape below would be a new specialisation x 5 autotune configs: one moderate config instead
 # (valid for every dtype) keeps the file to a few dozen compiles. The shipped configs are checked one by one at LLM
 # shapes in test_triton_configs.py, the autotuned launch in test_triton_registration.py and the benchmark.
-_GPU_TEST_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8},
-                                 num_warps=4, num_stages=3)
+_GPU_TEST_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=3)
 
 
 @pytest.fixture(autouse=True)
@@ -53,10 +54,10 @@ def forced():
 def _problem(m, k, n, nr, bias, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(m, k, generator=g, dtype=torch.float64)
-    w = torch.randn(n, k, generator=g, dtype=torch.float64) / k ** 0.5
+    w = torch.randn(n, k, generator=g, dtype=torch.float64) / k**0.5
     b = torch.randn(n, generator=g, dtype=torch.float64) if bias else None
-    lo = torch.randn(nr, k, generator=g, dtype=torch.float64) / k ** 0.5
-    ro = torch.randn(n, nr, generator=g, dtype=torch.float64) / nr ** 0.5
+    lo = torch.randn(nr, k, generator=g, dtype=torch.float64) / k**0.5
+    ro = torch.randn(n, nr, generator=g, dtype=torch.float64) / nr**0.5
     s = torch.rand(nr, generator=g, dtype=torch.float64) * 4 + 0.25
     dy = torch.randn(m, n, generator=g, dtype=torch.float64)
     return x, w, b, lo, ro, s, dy
@@ -74,24 +75,28 @@ def _cast(dtype, *tensors):
     return [None if v is None else v.to(device=DEVICE, dtype=dtype) for v in tensors]
 
 
-def _check_all(dtype, x, w, b, lo, ro, s, dy, p=0.0, seed=0, needs=(True, True, True), scales_dtype=torch.float32,
-               fused_dy=False):
+def _check_all(
+    dtype, x, w, b, lo, ro, s, dy, p=0.0, seed=0, needs=(True, True, True), scales_dtype=torch.float32, fused_dy=False
+):
     mask = launch.dropout_mask_triton(x.shape, p, seed, DEVICE).cpu() if p > 0 else None
     ref_y, ref_dx, ref_dl, ref_dr = _reference(x, w, b, lo, ro, s, dy, mask, p)
     xc, wc, bc, lc, rc, dyc = _cast(dtype, x, w, b, lo, ro, dy)
     sc = s.to(device=DEVICE, dtype=scales_dtype)
     y, t, bits = launch.lowrank_linear_fwd_triton(xc, wc, bc, lc, rc, sc, p, seed)
     assert y.dtype == dtype and t.dtype == torch.float32
-    dx, dl, dr = launch.lowrank_linear_bwd_triton(dyc, xc, wc, lc, rc, sc, t, p, seed, *needs, bits=bits,
-                                                  fused_dy=fused_dy)
+    dx, dl, dr = launch.lowrank_linear_bwd_triton(
+        dyc, xc, wc, lc, rc, sc, t, p, seed, *needs, bits=bits, fused_dy=fused_dy
+    )
 
     # Plain PyTorch in the same dtype (the torch path) sets the error budget for fp16/bf16.
     base = None
     if dtype != torch.float32 and p == 0.0:
-        by, bt, _ = lowrank_linear_fwd_torch(*[v.cpu() if v is not None else None for v in (xc, wc, bc, lc, rc)],
-                                          s.float(), 0.0, 0)
-        bdx, bdl, bdr = lowrank_linear_bwd_torch(dyc.cpu(), xc.cpu(), wc.cpu(), lc.cpu(), rc.cpu(), s.float(), bt,
-                                                 0.0, 0, True, True, True)
+        by, bt, _ = lowrank_linear_fwd_torch(
+            *[v.cpu() if v is not None else None for v in (xc, wc, bc, lc, rc)], s.float(), 0.0, 0
+        )
+        bdx, bdl, bdr = lowrank_linear_bwd_torch(
+            dyc.cpu(), xc.cpu(), wc.cpu(), lc.cpu(), rc.cpu(), s.float(), bt, 0.0, 0, True, True, True
+        )
         base = dict(y=by, dx=bdx, dL=bdl, dR=bdr)
 
     def check(name, ref, got):
@@ -104,8 +109,11 @@ def _check_all(dtype, x, w, b, lo, ro, s, dy, p=0.0, seed=0, needs=(True, True, 
     # T from the inputs as the kernel saw them (rounded to dtype), so only the fp32 accumulation is judged.
     xd = xc.cpu().double() if mask is None else xc.cpu().double() * mask / (1 - p)
     assert_close("T", xd @ lc.cpu().double().t(), t.cpu())
-    for name, ref, got, need in (("dx", ref_dx, dx, needs[0]), ("dL", ref_dl, dl, needs[1]),
-                                 ("dR", ref_dr, dr, needs[2])):
+    for name, ref, got, need in (
+        ("dx", ref_dx, dx, needs[0]),
+        ("dL", ref_dl, dl, needs[1]),
+        ("dR", ref_dr, dr, needs[2]),
+    ):
         if not need:
             assert got is None, f"{name}: expected None when not needed"
             continue
@@ -115,7 +123,7 @@ def _check_all(dtype, x, w, b, lo, ro, s, dy, p=0.0, seed=0, needs=(True, True, 
 
 def _atol(dtype, ref):
     # Low-precision absolute slack, relative to the tensor's size: one rounding step of the output's magnitude.
-    eps = {torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7, torch.float32: 2 ** -20}[dtype]
+    eps = {torch.float16: 2**-10, torch.bfloat16: 2**-7, torch.float32: 2**-20}[dtype]
     return 2 * eps * ref.abs().max().item()
 
 
@@ -148,8 +156,11 @@ def test_large_rank(nr):
 
 @pytest.mark.parametrize("split", [1, 3], ids=["split1", "split3"])
 # K = 96 is a multiple of BLOCK_K (the EVEN_K variant); fp32 at K = 96 runs in test_k_a_multiple_of_block_k.
-@pytest.mark.parametrize("dtype,k", [(torch.float32, 72), (torch.float16, 72), (torch.bfloat16, 72),
-                                     (torch.bfloat16, 96)], ids=["fp32-k72", "fp16-k72", "bf16-k72", "bf16-k96"])
+@pytest.mark.parametrize(
+    "dtype,k",
+    [(torch.float32, 72), (torch.float16, 72), (torch.bfloat16, 72), (torch.bfloat16, 96)],
+    ids=["fp32-k72", "fp16-k72", "bf16-k72", "bf16-k96"],
+)
 def test_dropout_matches_reference_with_the_kernel_mask(forced, dtype, k, split):
     forced(split=split)
     x, w, b, lo, ro, s, dy = _problem(130, k, 48, 16, True, seed=3)
@@ -161,8 +172,7 @@ def test_dropout_matches_reference_with_the_kernel_mask(forced, dtype, k, split)
     y, t, bits = launch.lowrank_linear_fwd_triton(xc, wc, bc, lc, rc, sc, 0.25, 99)
     assert bits.dtype == torch.int32 and bits.shape == (130, 3), "bits: expected the packed mask [M, cdiv(in, 32)]"
     assert torch.equal(launch.unpack_bits(bits, k).cpu(), mask), "bits: the forward saved another mask"
-    dx, dl, dr = launch.lowrank_linear_bwd_triton(dyc, xc, wc, lc, rc, sc, t, 0.25, 99, True, True, True,
-                                                  bits=bits)
+    dx, dl, dr = launch.lowrank_linear_bwd_triton(dyc, xc, wc, lc, rc, sc, t, 0.25, 99, True, True, True, bits=bits)
     for name, ref, got in (("y", ref_y, y), ("dx", ref_dx, dx), ("dL", ref_dl, dl), ("dR", ref_dr, dr)):
         if dtype == torch.float32:
             assert_close(name, ref, got.cpu())
@@ -185,8 +195,12 @@ def _philox_keep(seed, m, k, p):
         for _ in range(10):
             p0 = np.uint64(0xD2511F53) * c[0].astype(np.uint64)
             p1 = np.uint64(0xCD9E8D57) * c[2].astype(np.uint64)
-            c = [(p1 >> np.uint64(32)).astype(u32) ^ c[1] ^ k0, p1.astype(u32),
-                 (p0 >> np.uint64(32)).astype(u32) ^ c[3] ^ k1, p0.astype(u32)]
+            c = [
+                (p1 >> np.uint64(32)).astype(u32) ^ c[1] ^ k0,
+                p1.astype(u32),
+                (p0 >> np.uint64(32)).astype(u32) ^ c[3] ^ k1,
+                p0.astype(u32),
+            ]
             k0, k1 = u32(k0 + u32(0x9E3779B9)), u32(k1 + u32(0xBB67AE85))
     words = np.stack(c, axis=-1).reshape(m, -1)[:, :k]  # column c is output c % 4 of call c // 4
     # tl.uint_to_uniform_float: the uint32 as int32, folded to non-negative, times 2^-31.
@@ -219,9 +233,11 @@ def test_dropout_mask_is_a_dropout_mask():
     assert torch.equal(launch.dropout_mask_triton((4, 16, 96), 0.3, 5, DEVICE).reshape(shape), a)
 
 
-@pytest.mark.parametrize("needs", [(True, False, False), (False, True, False), (False, False, True),
-                                   (False, True, True), (True, True, False)],
-                         ids=["dx", "dL", "dR", "dL+dR", "dx+dL"])
+@pytest.mark.parametrize(
+    "needs",
+    [(True, False, False), (False, True, False), (False, False, True), (False, True, True), (True, True, False)],
+    ids=["dx", "dL", "dR", "dL+dR", "dx+dL"],
+)
 @pytest.mark.parametrize("p", [0.0, 0.2], ids=["p0", "p0.2"])
 def test_partial_gradients(needs, p):
     _check_all(torch.float32, *_problem(37, 48, 72, 16, False, seed=4), p=p, seed=11, needs=needs)
@@ -253,8 +269,9 @@ def test_empty_batch():
 
 
 @pytest.mark.parametrize("split", [None, 3], ids=["split-auto", "split3"])
-@pytest.mark.parametrize("needs", [(True, True, True), (False, True, True), (True, False, True)],
-                         ids=["all", "dL+dR", "dx+dR"])
+@pytest.mark.parametrize(
+    "needs", [(True, True, True), (False, True, True), (True, False, True)], ids=["all", "dL+dR", "dx+dR"]
+)
 @pytest.mark.parametrize("nr,p", [(40, 0.0), (64, 0.0), (16, 0.2)], ids=["nr40", "nr64", "dropout"])
 def test_fused_dy_computes_dr_in_the_g_pass(monkeypatch, forced, nr, p, needs, split):
     forced(split=split)
@@ -339,8 +356,12 @@ def test_op_dropout_seed_is_replayed_in_backward():
     torch.manual_seed(1234)
     y = muscle_lora_linear(xc, wc, bc, lc, rc, s.float().to(DEVICE), dropout_p=0.3, training=True, backend="triton")
     y.backward(dy.float().to(DEVICE))
-    for name, ref, got in (("y", ref_y, y.detach()), ("dx", ref_dx, xc.grad), ("dL", ref_dl, lc.grad),
-                           ("dR", ref_dr, rc.grad)):
+    for name, ref, got in (
+        ("y", ref_y, y.detach()),
+        ("dx", ref_dx, xc.grad),
+        ("dL", ref_dl, lc.grad),
+        ("dR", ref_dr, rc.grad),
+    ):
         assert_close(name, ref, got.cpu())
 
 
@@ -348,10 +369,12 @@ def test_layer_with_triton_backend_matches_torch_backend():
     from muscle_kernels.nn.linear import MuScleLoRALinear
 
     torch.manual_seed(8)
-    lay = MuScleLoRALinear(48, 72, freq_band=(1, 2, 3, 4), inner_rank=2, alpha=4.0, init="seed", backend="triton",
-                           device=DEVICE)
-    twin = MuScleLoRALinear(48, 72, freq_band=(1, 2, 3, 4), inner_rank=2, alpha=4.0, init="seed", backend="torch",
-                            device=DEVICE)
+    lay = MuScleLoRALinear(
+        48, 72, freq_band=(1, 2, 3, 4), inner_rank=2, alpha=4.0, init="seed", backend="triton", device=DEVICE
+    )
+    twin = MuScleLoRALinear(
+        48, 72, freq_band=(1, 2, 3, 4), inner_rank=2, alpha=4.0, init="seed", backend="torch", device=DEVICE
+    )
     twin.load_state_dict(lay.state_dict())
     x = torch.randn(5, 9, 48, device=DEVICE)
     y1, y2 = lay(x), twin(x)

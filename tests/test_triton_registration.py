@@ -1,4 +1,5 @@
 """The Triton backend behind the torch.library ops: opcheck and torch.compile tracing (interpreter or GPU)."""
+
 import os
 import subprocess
 import sys
@@ -30,16 +31,20 @@ def test_opcheck_triton_ops():
     t = (x @ L.detach().t()).float()
     dy = torch.randn(7, 10, device=DEVICE)
     no_bits = torch.empty(0, dtype=torch.int32, device=DEVICE)
-    torch.library.opcheck(torch.ops.muscle_kernels.lowrank_linear_bwd.default,
-                          (dy, x, W, L.detach(), R.detach(), s, t, no_bits, 0.0, None, "triton", True, True, True))
+    torch.library.opcheck(
+        torch.ops.muscle_kernels.lowrank_linear_bwd.default,
+        (dy, x, W, L.detach(), R.detach(), s, t, no_bits, 0.0, None, "triton", True, True, True),
+    )
     # With dropout the forward's third output is the packed mask, which backward takes back.
     seed = torch.tensor([7])
     fwd_args = (x, W, b, L, R, s, 0.3, seed, "triton")
     torch.library.opcheck(torch.ops.muscle_kernels.lowrank_linear_fwd.default, fwd_args)
     _, t, bits = (v.detach() for v in torch.ops.muscle_kernels.lowrank_linear_fwd.default(*fwd_args))
     assert bits.shape == (7, 1) and bits.dtype == torch.int32
-    torch.library.opcheck(torch.ops.muscle_kernels.lowrank_linear_bwd.default,
-                          (dy, x, W, L.detach(), R.detach(), s, t, bits, 0.3, seed, "triton", True, True, True))
+    torch.library.opcheck(
+        torch.ops.muscle_kernels.lowrank_linear_bwd.default,
+        (dy, x, W, L.detach(), R.detach(), s, t, bits, 0.3, seed, "triton", True, True, True),
+    )
 
 
 def test_compiled_layer_with_triton_backend_matches_eager():
@@ -80,8 +85,14 @@ def test_compile_before_any_eager_call_imports_triton_at_trace_time():
     any eager step), the import runs at trace time instead of breaking the graph. A fresh process, because this
     one imported Triton long ago."""
     env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_FIRST], env=env, capture_output=True, text=True,
-                          timeout=300, cwd=Path(__file__).resolve().parents[1])
+    proc = subprocess.run(
+        [sys.executable, "-c", _COMPILE_FIRST],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 
 
@@ -90,8 +101,11 @@ def test_compiled_triton_layer_with_dropout_uses_one_mask():
     from the global generator as in eager, so replaying the draw gives the mask; y, dx, dL and dR must all match the
     reference with it (the forward saved it packed, the backward read it back)."""
     torch.manual_seed(1)
-    layer = MuScleLoRALinear(40, 24, freq_band=(1, 2, 3), inner_rank=2, init="seed", backend="triton",
-                             dropout=0.3).to(DEVICE).train()
+    layer = (
+        MuScleLoRALinear(40, 24, freq_band=(1, 2, 3), inner_rank=2, init="seed", backend="triton", dropout=0.3)
+        .to(DEVICE)
+        .train()
+    )
     x = torch.randn(2, 5, 40, device=DEVICE, requires_grad=True)
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
     torch.manual_seed(77)
@@ -103,8 +117,9 @@ def test_compiled_triton_layer_with_dropout_uses_one_mask():
     dy = torch.randn_like(y)
     got = torch.autograd.grad(y, [x, layer.lora_L, layer.lora_R], dy)
     f64 = [v.detach().double().requires_grad_() for v in (x, layer.lora_L, layer.lora_R)]
-    ref_y = lowrank_linear_reference(f64[0], layer.weight.double(), layer.bias.double(), f64[1], f64[2],
-                                     layer.scales.double(), mask, 0.3)
+    ref_y = lowrank_linear_reference(
+        f64[0], layer.weight.double(), layer.bias.double(), f64[1], f64[2], layer.scales.double(), mask, 0.3
+    )
     ref = (ref_y, *torch.autograd.grad(ref_y, f64, dy.double()))
     for name, r, g in zip(("y", "dx", "dL", "dR"), ref, (y, *got)):
         assert_close(name, r, g)

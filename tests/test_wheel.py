@@ -6,6 +6,7 @@ undeclared dependencies, and kernels that would only load into the torch they we
 Cost on 2 cores: the binary wheel (CPU + CUDA for sm_80/sm_90) ~45 s, the clean venv with torch 2.13 ~60 s, the
 sdist's CPU-only wheel ~20 s, the full-dependency venv ~1-2 min.
 """
+
 import json
 import os
 import re
@@ -68,13 +69,18 @@ print("RESULT " + json.dumps(dict(info=mk.extension_info(), torch=torch.__versio
 def _result(proc) -> dict:
     assert proc.returncode == 0, f"failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     (line,) = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT ") :])
 
 
 def _build(args, outdir: Path, **env_extra) -> Path:
     env = dict(os.environ, **env_extra)
-    proc = subprocess.run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(outdir), *args],
-                          capture_output=True, text=True, cwd=ROOT, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(outdir), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+    )
     assert proc.returncode == 0, f"build failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return outdir
 
@@ -111,7 +117,8 @@ def test_wheel_carries_kernels_sources_and_data(wheel):
     assert re.fullmatch(r"muscle_kernels-[\w.]+-cp310-abi3-linux_\w+\.whl", wheel.name), wheel.name
     libs = _libraries(names)
     want = ["muscle_kernels/_grad_align_cpu.abi3.so"] + (
-        ["muscle_kernels/_grad_align_cuda.abi3.so"] if _cuda_toolkit() else [])
+        ["muscle_kernels/_grad_align_cuda.abi3.so"] if _cuda_toolkit() else []
+    )
     assert libs == sorted(want), f"shipped libraries {libs}, expected {want}"
     csrc = [n for n in names if n.startswith("muscle_kernels/csrc/")]
     assert any(n.endswith(".cpp") for n in csrc), f"no C++ sources in the wheel: {csrc}"
@@ -141,8 +148,9 @@ def test_shipped_libraries_use_only_the_stable_abi(wheel, unpacked):
             assert not any("cuda" in n for n in needed), f"the CPU library must load without CUDA: {needed}"
         symbols = {}
         for flag in ("-D", "-DC"):  # raw and demangled names, same order
-            out = subprocess.run(["nm", flag, "--undefined-only", str(path)], capture_output=True, text=True,
-                                 check=True).stdout
+            out = subprocess.run(
+                ["nm", flag, "--undefined-only", str(path)], capture_output=True, text=True, check=True
+            ).stdout
             symbols[flag] = [line.split(maxsplit=1)[1] for line in out.splitlines() if line.strip()]
         unstable = [d for d in symbols["-DC"] if re.search(r"\b(c10|at|torch|caffe2)::", d)]
         assert not unstable, f"{lib} references C++ symbols of libtorch (not the stable ABI): {unstable[:20]}"
@@ -156,8 +164,12 @@ def test_torch_abi_audit_says_stable(unpacked):
     exe = shutil.which("torch-abi-audit") or str(Path(sys.executable).parent / "torch-abi-audit")
     if not os.path.exists(exe):
         pytest.skip("torch-abi-audit is not installed (pip install -e '.[test]' brings it)")
-    proc = subprocess.run([exe, "--json", "--check", "torch", str(unpacked / "muscle_kernels")], capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [exe, "--json", "--check", "torch", str(unpacked / "muscle_kernels")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(proc.stdout)
     libs = {Path(lib["path"]).name: lib["torch"] for lib in report["bundled_libs"] + report["extensions"]}
@@ -175,20 +187,47 @@ def test_wheel_loads_into_another_torch_without_a_compiler(wheel, tmp_path):
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=True, clear=True).create(env_dir)
     py = env_dir / "bin" / "python"
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")
-           and not k.startswith("MUSCLE_KERNELS_")}
-    proc = subprocess.run([str(py), "-m", "pip", "install", "--quiet", "--only-binary=:all:", f"torch=={OTHER_TORCH}"],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("PYTHONPATH", "VIRTUAL_ENV") and not k.startswith("MUSCLE_KERNELS_")
+    }
+    proc = subprocess.run(
+        [str(py), "-m", "pip", "install", "--quiet", "--only-binary=:all:", f"torch=={OTHER_TORCH}"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=900,
+    )
     if proc.returncode != 0:
         pytest.skip(f"torch=={OTHER_TORCH} is not installable here: {proc.stderr.strip().splitlines()[-1:]}")
-    proc = subprocess.run([str(py), "-m", "pip", "install", "--quiet", "--no-deps", str(wheel)], capture_output=True,
-                          text=True, env=env, cwd=tmp_path)
+    proc = subprocess.run(
+        [str(py), "-m", "pip", "install", "--quiet", "--no-deps", str(wheel)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    bare = {"HOME": str(tmp_path), "PATH": str(env_dir / "bin"), "LANG": "C.UTF-8",
-            "TORCH_EXTENSIONS_DIR": str(tmp_path / "empty-cache"), "CUDA_HOME": str(tmp_path / "no-cuda")}
+    bare = {
+        "HOME": str(tmp_path),
+        "PATH": str(env_dir / "bin"),
+        "LANG": "C.UTF-8",
+        "TORCH_EXTENSIONS_DIR": str(tmp_path / "empty-cache"),
+        "CUDA_HOME": str(tmp_path / "no-cuda"),
+    }
     assert shutil.which("c++", path=bare["PATH"]) is None and shutil.which("g++", path=bare["PATH"]) is None
-    result = _result(subprocess.run([str(py), "-W", "error::RuntimeWarning", "-c", ALIGN], capture_output=True,
-                                    text=True, env=bare, cwd=tmp_path, timeout=300))
+    result = _result(
+        subprocess.run(
+            [str(py), "-W", "error::RuntimeWarning", "-c", ALIGN],
+            capture_output=True,
+            text=True,
+            env=bare,
+            cwd=tmp_path,
+            timeout=300,
+        )
+    )
     info = result["info"]
     assert result["torch"].startswith(OTHER_TORCH), result
     assert info["origin"] == "wheel" and info["kernels"][0] == "cpu" and not info["built"], info
@@ -197,7 +236,9 @@ def test_wheel_loads_into_another_torch_without_a_compiler(wheel, tmp_path):
         assert "CPU-only" in info["cuda_reason"], info
     assert not (tmp_path / "empty-cache").exists(), "nothing may be built or cached"
     assert not result["cpp_extension"], "loading the packaged kernels must not import torch's build machinery"
-    print(f"torch {result['torch']}: import {result['import_s']:.2f} s, first align call {result['first_call_s']:.3f} s")
+    print(
+        f"torch {result['torch']}: import {result['import_s']:.2f} s, first align call {result['first_call_s']:.3f} s"
+    )
 
 
 @pytest.mark.skipif(torch.version.cuda is None, reason="torch is a CPU-only build: the CUDA library cannot load")
@@ -213,7 +254,8 @@ def test_cuda_library_links_and_registers_cuda_kernels(wheel, unpacked):
         "ops = ('grad_align_reduce', 'grad_align_apply', 'grad_align_fused')\n"
         "has = [torch._C._dispatch_has_kernel_for_dispatch_key('muscle_kernels::' + op, key) for op in ops "
         "for key in ('CPU', 'CUDA')]\n"
-        "print('RESULT', all(has))\n")
+        "print('RESULT', all(has))\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=unpacked)
     assert proc.returncode == 0 and "RESULT True" in proc.stdout, proc.stdout + proc.stderr[-3000:]
 
@@ -224,8 +266,9 @@ def test_wheel_installs_and_imports_in_a_clean_venv(wheel, tmp_path):
     py = env_dir / "bin" / "python"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     # Dependencies are resolved from the package index as a user's would be (torch comes from pip's cache or disk).
-    proc = subprocess.run([str(py), "-m", "pip", "install", "--quiet", str(wheel)], capture_output=True, text=True,
-                          env=env, cwd=tmp_path)
+    proc = subprocess.run(
+        [str(py), "-m", "pip", "install", "--quiet", str(wheel)], capture_output=True, text=True, env=env, cwd=tmp_path
+    )
     assert proc.returncode == 0, f"pip install of the wheel failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     proc = subprocess.run([str(py), "-c", SMOKE], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert proc.returncode == 0, f"import from the installed wheel failed:\n{proc.stdout}\n{proc.stderr[-3000:]}"
@@ -239,30 +282,56 @@ def test_sdist_carries_sources_and_builds_a_working_wheel(tmp_path):
     _build(["--sdist", str(ROOT)], tmp_path)
     (sdist,) = tmp_path.glob("muscle_kernels-*.tar.gz")
     names = tarfile.open(sdist).getnames()
-    for needed in ("csrc/grad_align.cpp", "csrc/grad_align_cuda.cu", "csrc/grad_align_checks.h", "pyproject.toml",
-                   "setup.py", "README.md", "muscle_kernels/_env.py", "tools/build_backend.py"):
+    for needed in (
+        "csrc/grad_align.cpp",
+        "csrc/grad_align_cuda.cu",
+        "csrc/grad_align_checks.h",
+        "pyproject.toml",
+        "setup.py",
+        "README.md",
+        "muscle_kernels/_env.py",
+        "tools/build_backend.py",
+    ):
         assert any(n.endswith(needed) for n in names), f"{needed} is missing from the sdist"
     # The wheel from the sdist (CPU kernels only, to keep it cheap: the CUDA part is the same code as above).
     out = tmp_path / "from-sdist"
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "--quiet",
-                           "-w", str(out), str(sdist)], capture_output=True, text=True, cwd=tmp_path,
-                          env=dict(os.environ, MUSCLE_KERNELS_BUILD_CUDA="0"), timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-build-isolation",
+            "--no-deps",
+            "--quiet",
+            "-w",
+            str(out),
+            str(sdist),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=dict(os.environ, MUSCLE_KERNELS_BUILD_CUDA="0"),
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (built,) = out.glob("muscle_kernels-*.whl")
     assert _libraries(zipfile.ZipFile(built).namelist()) == ["muscle_kernels/_grad_align_cpu.abi3.so"], built
     site = tmp_path / "site"
     zipfile.ZipFile(built).extractall(site)
     env = dict(os.environ, PYTHONPATH=str(site), TORCH_EXTENSIONS_DIR=str(tmp_path / "empty-cache"))
-    result = _result(subprocess.run([sys.executable, "-c", ALIGN], capture_output=True, text=True, env=env,
-                                    cwd=tmp_path, timeout=300))
+    result = _result(
+        subprocess.run(
+            [sys.executable, "-c", ALIGN], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300
+        )
+    )
     assert result["file"].startswith(str(site)), result
     assert result["info"]["origin"] == "wheel" and not result["info"]["built"], result["info"]
 
 
 def test_editable_build_compiles_nothing(tmp_path):
     """`pip install -e .` keeps the source-install behaviour: a pure editable wheel, JIT on first use."""
-    code = ("import sys; from setuptools import build_meta as b; "
-            f"print('WHEEL', b.build_editable({str(tmp_path)!r}))")
+    code = f"import sys; from setuptools import build_meta as b; print('WHEEL', b.build_editable({str(tmp_path)!r}))"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     name = [x for x in proc.stdout.splitlines() if x.startswith("WHEEL ")][0].split()[1]
@@ -274,15 +343,18 @@ def test_editable_build_compiles_nothing(tmp_path):
 def test_build_backend_needs_torch_only_for_a_binary_wheel():
     """An isolated `pip wheel .` / `python -m build` installs torch for the compile; editable installs and the sdist
     do not (CI's `pip install -e .` stays light); MUSCLE_KERNELS_BINARY=0 asks for no torch at all."""
-    code = ("import sys; sys.path.insert(0, 'tools'); import build_backend as b; "
-            "print('RESULT', b.get_requires_for_build_wheel(), b.get_requires_for_build_editable(), "
-            "b.get_requires_for_build_sdist())")
+    code = (
+        "import sys; sys.path.insert(0, 'tools'); import build_backend as b; "
+        "print('RESULT', b.get_requires_for_build_wheel(), b.get_requires_for_build_editable(), "
+        "b.get_requires_for_build_sdist())"
+    )
     for binary, wheel_requires in ((None, "['torch>=2.11']"), ("0", "[]")):
         env = {k: v for k, v in os.environ.items() if k != "MUSCLE_KERNELS_BINARY"}
         if binary is not None:
             env["MUSCLE_KERNELS_BINARY"] = binary
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env,
-                              timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300
+        )
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
         (line,) = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         assert line == f"RESULT {wheel_requires} [] []", line

@@ -1,5 +1,6 @@
 """Tiny BERT classifiers built from a config, with a word-level tokenizer over the test's texts: no downloads,
 seconds to train. Shared by the pipeline, CLI and recorder tests."""
+
 import transformers
 
 
@@ -13,9 +14,15 @@ def tiny_tokenizer(tmp_path, texts):
 
 def tiny_factory(vocab_size, *, layers=2, intermediate=64):
     """A function returning a fresh 2-label BERT classifier (hidden size 32)."""
-    config = transformers.BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=layers,
-                                     num_attention_heads=2, intermediate_size=intermediate,
-                                     max_position_embeddings=64, num_labels=2)
+    config = transformers.BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=intermediate,
+        max_position_embeddings=64,
+        num_labels=2,
+    )
 
     def factory():
         return transformers.BertForSequenceClassification(config)

@@ -1,4 +1,5 @@
 """Shared helpers for the tests: device choice, dtype tolerances and a comparison that names the tensor."""
+
 from __future__ import annotations
 
 import torch
@@ -14,8 +15,15 @@ TOL = {
 }
 
 
-def assert_close(name: str, ref: torch.Tensor, got: torch.Tensor, *, base: torch.Tensor | None = None,
-                 ratio: float = 2.0, atol: float | None = None):
+def assert_close(
+    name: str,
+    ref: torch.Tensor,
+    got: torch.Tensor,
+    *,
+    base: torch.Tensor | None = None,
+    ratio: float = 2.0,
+    atol: float | None = None,
+):
     """Compare `got` with `ref` (usually fp64) and name the tensor on failure.
 
     Without `base`: allclose with the tolerance of got's dtype. With `base` (plain PyTorch computing the same thing

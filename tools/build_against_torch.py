@@ -12,6 +12,7 @@ with `-march` dropped so the objects do not depend on this CPU. --cuda also comp
 for sm_90 (the H100). Prints one line per step; exit status 0 only when every library built and no torch symbol is
 missing. tests/test_grad_align_build.py runs it (slow) when MUSCLE_KERNELS_TORCH_211 names such a wheel or directory.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,9 @@ def _torch_tree(spec: Path, work: Path) -> Path:
     if spec.is_dir():
         return spec
     with zipfile.ZipFile(spec) as wheel:
-        names = [n for n in wheel.namelist() if n.startswith(("torch/include/", "torch/lib/"))
-                 or n == "torch/version.py"]
+        names = [
+            n for n in wheel.namelist() if n.startswith(("torch/include/", "torch/lib/")) or n == "torch/version.py"
+        ]
         wheel.extractall(work, [n for n in names if not n.endswith("/")])
     return work / "torch"
 
@@ -80,19 +82,35 @@ def build(torch_spec: Path, cuda: bool, out: Path, arch: str = "90") -> dict:
     libs = sorted((tree / "lib").glob("lib*.so*"))
     exported = _exported(libs)
     cxx = shutil.which("c++") or shutil.which("g++")
-    for flavour in (("cpu", "cuda") if cuda else ("cpu",)):
+    for flavour in ("cpu", "cuda") if cuda else ("cpu",):
         flags = extension._flags(flavour)
         cflags = [f for f in flags["cflags"] if not f.startswith("-march")]
         objs = [out / f"grad_align_cpp_{flavour}.o"]
-        _run([cxx, "-std=c++17", "-fPIC", *cflags, *includes, "-c", str(src / "grad_align.cpp"), "-o", str(objs[0])],
-             f"{flavour}: c++ grad_align.cpp")
+        _run(
+            [cxx, "-std=c++17", "-fPIC", *cflags, *includes, "-c", str(src / "grad_align.cpp"), "-o", str(objs[0])],
+            f"{flavour}: c++ grad_align.cpp",
+        )
         link = []
         if flavour == "cuda":
             nvcc = shutil.which("nvcc") or str(Path(extension.cuda_home() or "/usr/local/cuda") / "bin" / "nvcc")
             objs.append(out / "grad_align_cu.o")
-            _run([nvcc, "-std=c++17", *flags["cuda_cflags"], "-Xcompiler", "-fPIC",
-                  "-gencode", f"arch=compute_{arch},code=sm_{arch}", *includes, "-c", str(src / "grad_align_cuda.cu"),
-                  "-o", str(objs[1])], "cuda: nvcc grad_align_cuda.cu")
+            _run(
+                [
+                    nvcc,
+                    "-std=c++17",
+                    *flags["cuda_cflags"],
+                    "-Xcompiler",
+                    "-fPIC",
+                    "-gencode",
+                    f"arch=compute_{arch},code=sm_{arch}",
+                    *includes,
+                    "-c",
+                    str(src / "grad_align_cuda.cu"),
+                    "-o",
+                    str(objs[1]),
+                ],
+                "cuda: nvcc grad_align_cuda.cu",
+            )
             cuda_home = Path(extension.cuda_home() or Path(nvcc).resolve().parents[1])
             link = ["-L", str(cuda_home / "lib64"), "-lcudart"]
         lib = out / f"grad_align_{flavour}.so"
@@ -125,9 +143,14 @@ def main(argv=None) -> int:
         if flavour in res:
             lib, missing, wanted = res[flavour]
             bad += bool(missing)
-            print(f"torch {res['version']} {flavour}: built {lib.name}, needs {wanted} torch symbols: "
-                  + (f"{len(missing)} missing: {', '.join(missing[:10])}" if missing
-                     else "every one is exported by that torch"))
+            print(
+                f"torch {res['version']} {flavour}: built {lib.name}, needs {wanted} torch symbols: "
+                + (
+                    f"{len(missing)} missing: {', '.join(missing[:10])}"
+                    if missing
+                    else "every one is exported by that torch"
+                )
+            )
     return 1 if bad else 0
 
 

@@ -6,6 +6,7 @@ nothing and do not need it. The kernels use the LibTorch stable ABI, so the whee
 loads into every torch >= 2.11. MUSCLE_KERNELS_BINARY=0 asks for a pure wheel, without torch at build time.
 Building against the torch already installed: `pip wheel . --no-build-isolation` (see docs/install.md).
 """
+
 import os
 
 from setuptools import build_meta as _setuptools

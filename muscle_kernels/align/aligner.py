@@ -20,11 +20,13 @@ it on reference batches only.
 batches or a DataLoader (not a one-shot generator). Each element is passed to loss_fn unchanged (move it to the
 model's device in loss_fn or beforehand). refset.py draws the samples (random, or k-means over hidden states).
 """
+
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Iterable, Iterator, List, Optional
+from typing import Any
 
 import torch
 
@@ -52,7 +54,7 @@ class AlignStep:
     """
 
     branch: str
-    raw_ratio: Optional[float]
+    raw_ratio: float | None
     ref_loss: float
     ref_grad_norm: float
     cosines: torch.Tensor
@@ -85,29 +87,45 @@ class GradientAligner:
     and l > min_ref_loss; otherwise blend from warm-up on (rho growing linearly to max_raw_ratio), else raw.
     """
 
-    def __init__(self, params: Iterable[torch.Tensor], ref_batches: Iterable[Any],
-                 loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor], *, gate: Optional[GateConfig] = None,
-                 min_ref_grad_norm: Optional[float] = None, min_ref_loss: Optional[float] = None,
-                 max_raw_ratio: Optional[float] = None, warmup_epochs: Optional[int] = None,
-                 epochs: Optional[int] = None, one_batch: bool = True,
-                 autocast: Optional[Callable[[], ContextManager]] = None, backend: str = "auto"):
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor],
+        ref_batches: Iterable[Any],
+        loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
+        *,
+        gate: GateConfig | None = None,
+        min_ref_grad_norm: float | None = None,
+        min_ref_loss: float | None = None,
+        max_raw_ratio: float | None = None,
+        warmup_epochs: int | None = None,
+        epochs: int | None = None,
+        one_batch: bool = True,
+        autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
+        backend: str = "auto",
+    ):
         if isinstance(params, torch.Tensor):
             raise TypeError("params: expected an iterable of tensors (e.g. model.parameters()), got a single tensor")
-        self.params: List[torch.Tensor] = [p for p in params]
+        self.params: list[torch.Tensor] = [p for p in params]
         for i, p in enumerate(self.params):
             if not isinstance(p, torch.Tensor):
                 raise TypeError(f"params[{i}]: expected a tensor, got {type(p).__name__}")
         if not self.params:
             raise ValueError("params: got no tensors")
         if isinstance(ref_batches, Iterator):
-            raise TypeError("ref_batches: expected a re-iterable collection of batches (a list or a DataLoader), got a "
-                            "one-shot iterator; it is cycled over many steps")
+            raise TypeError(
+                "ref_batches: expected a re-iterable collection of batches (a list or a DataLoader), got a "
+                "one-shot iterator; it is cycled over many steps"
+            )
         if not callable(loss_fn):
             raise TypeError(f"loss_fn: expected a callable loss_fn(model, batch) -> loss, got {type(loss_fn).__name__}")
         if gate is not None and not isinstance(gate, GateConfig):
             raise TypeError(f"gate: expected a GateConfig, got {type(gate).__name__}")
-        overrides = dict(min_ref_grad_norm=min_ref_grad_norm, min_ref_loss=min_ref_loss, max_raw_ratio=max_raw_ratio,
-                         warmup_epochs=warmup_epochs)
+        overrides = dict(
+            min_ref_grad_norm=min_ref_grad_norm,
+            min_ref_loss=min_ref_loss,
+            max_raw_ratio=max_raw_ratio,
+            warmup_epochs=warmup_epochs,
+        )
         self.gate_config = (gate or GateConfig()).replace(**{k: v for k, v in overrides.items() if v is not None})
         self.gate_config.check_epochs(epochs)
         self.ref_batches = ref_batches
@@ -116,7 +134,7 @@ class GradientAligner:
         self.one_batch = one_batch
         self.autocast = autocast
         self.backend = backend
-        self._iter: Optional[Iterator] = None
+        self._iter: Iterator | None = None
 
     # -- the schedule and the gate (GateConfig's, with this run's number of epochs) --
     def blend_ratio(self, epoch: float) -> float:
@@ -140,7 +158,7 @@ class GradientAligner:
             except StopIteration:
                 raise ValueError("ref_batches: is empty") from None
 
-    def reference_batches(self) -> List[Any]:
+    def reference_batches(self) -> list[Any]:
         """The reference batches of one step: the next batch of the cycle (one_batch=True) or all of them. Each
         call advances the cycle."""
         batches = [self._next_batch()] if self.one_batch else list(self.ref_batches)
@@ -153,11 +171,13 @@ class GradientAligner:
         with self.autocast() if self.autocast is not None else contextlib.nullcontext():
             loss = self.loss_fn(model, batch)
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-            raise TypeError("loss_fn: must return a scalar (0-dim) tensor, got "
-                            f"{type(loss).__name__}{'' if not isinstance(loss, torch.Tensor) else tuple(loss.shape)}")
+            raise TypeError(
+                "loss_fn: must return a scalar (0-dim) tensor, got "
+                f"{type(loss).__name__}{'' if not isinstance(loss, torch.Tensor) else tuple(loss.shape)}"
+            )
         return loss
 
-    def reference_gradients(self, model: torch.nn.Module, params: List[torch.Tensor]):
+    def reference_gradients(self, model: torch.nn.Module, params: list[torch.Tensor]):
         """(loss, [r_t]) on the next reference batch (or the mean over all of them), via torch.autograd.grad so that
         `.grad` is not touched. A parameter the loss does not depend on gets None.
 
@@ -165,15 +185,14 @@ class GradientAligner:
         from FSDP's own backward (see distributed.py)."""
         return self._reference_gradients(model, params, _dist.context(model, params))
 
-    def _reference_gradients(self, model: torch.nn.Module, params: List[torch.Tensor],
-                             ctx: Optional[_dist.DistContext]):
+    def _reference_gradients(self, model: torch.nn.Module, params: list[torch.Tensor], ctx: _dist.DistContext | None):
         # -- distributed hook (distributed.py) --
         if ctx is not None and ctx.kind == "sharded":
             return _dist.sharded_reference_gradients(model, params, self.reference_batches(), self.loss_on)
         model = _dist.unwrap_ddp(model)
         # -- end of the hook --
         batches = self.reference_batches()
-        total: Optional[List[Optional[torch.Tensor]]] = None
+        total: list[torch.Tensor | None] | None = None
         loss_sum = 0.0
         for batch in batches:
             loss = self.loss_on(model, batch)
@@ -194,8 +213,9 @@ class GradientAligner:
         """Align the current `.grad` of the parameters in place (call after loss.backward()). Returns AlignStep."""
         params = [p for p in self.params if p.grad is not None and p.requires_grad]
         if not params:
-            return AlignStep("skipped", None, float("nan"), float("nan"), torch.zeros(0), float("nan"),
-                             torch.zeros(0, 3), 0)
+            return AlignStep(
+                "skipped", None, float("nan"), float("nan"), torch.zeros(0), float("nan"), torch.zeros(0, 3), 0
+            )
         ctx = _dist.context(model, params)  # once per step: the reference gradient and the stats both need it
         ref_loss, refs = self._reference_gradients(model, params, ctx)
         # A parameter the reference loss does not reach has r = 0: the op would keep its g, so leave it out.
@@ -223,5 +243,13 @@ class GradientAligner:
             grad_align_apply_(grads, refs_used, grad_align_coeffs(stats, rho), backend=self.backend)
         cos = (full[:, 0].double() / (full[:, 1].double() * full[:, 2].double()).sqrt()).float()
         finite = cos[torch.isfinite(cos)]
-        return AlignStep(branch, rho, ref_loss, ref_grad_norm, cos.cpu(), float(finite.mean()) if finite.numel() else
-                         float("nan"), full.cpu(), len(params))
+        return AlignStep(
+            branch,
+            rho,
+            ref_loss,
+            ref_grad_norm,
+            cos.cpu(),
+            float(finite.mean()) if finite.numel() else float("nan"),
+            full.cpu(),
+            len(params),
+        )

@@ -28,25 +28,38 @@ GradientAligner calls the functions here at the places marked "distributed hook"
 Set MUSCLE_KERNELS_ALIGN_DISTRIBUTED=off to align each process on its own (independent runs that merely share a
 process group).
 """
+
 from __future__ import annotations
 
 import math
 import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any
 
 import torch
 
 from .._env import forced_choice
 
-__all__ = ["DistContext", "check_engine", "context", "unwrap_ddp", "local_tensors", "average_reference_",
-           "sharded_reference_gradients", "all_reduce_stats", "global_stats", "safe_loss", "BUCKET_BYTES"]
+__all__ = [
+    "DistContext",
+    "check_engine",
+    "context",
+    "unwrap_ddp",
+    "local_tensors",
+    "average_reference_",
+    "sharded_reference_gradients",
+    "all_reduce_stats",
+    "global_stats",
+    "safe_loss",
+    "BUCKET_BYTES",
+]
 
 _ENV = "MUSCLE_KERNELS_ALIGN_DISTRIBUTED"
 # The size DDP itself uses for its gradient buckets: big enough to amortize the launch, small enough that the
 # flat copies stay a fraction of the reference gradient's own memory.
 BUCKET_BYTES = 25 * 1024 * 1024
-_engine_checked: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
+_engine_checked: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
 
 
 @dataclass(frozen=True)
@@ -56,7 +69,7 @@ class DistContext:
     (1 for FSDP2, >1 for HSDP), which the summed stats are divided by."""
 
     kind: str
-    group: Optional[object]
+    group: object | None
     world: int
     replicas: int = 1
 
@@ -86,12 +99,14 @@ def check_engine(model: torch.nn.Module) -> None:
     except ImportError:  # pragma: no cover - torch without FSDP
         return
     if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
-        raise ValueError("model: FSDP1 (FullyShardedDataParallel) flattens the parameters -- their .grad are views "
-                         "into one flat shard -- so gradients cannot be aligned per tensor; shard with FSDP2 "
-                         "(torch.distributed.fsdp.fully_shard; Trainer/accelerate: fsdp_version 2) instead")
+        raise ValueError(
+            "model: FSDP1 (FullyShardedDataParallel) flattens the parameters -- their .grad are views "
+            "into one flat shard -- so gradients cannot be aligned per tensor; shard with FSDP2 "
+            "(torch.distributed.fsdp.fully_shard; Trainer/accelerate: fsdp_version 2) instead"
+        )
 
 
-def context(model: torch.nn.Module, params: Sequence[torch.Tensor]) -> Optional[DistContext]:
+def context(model: torch.nn.Module, params: Sequence[torch.Tensor]) -> DistContext | None:
     """The distributed regime of an align step over `params` (those with a `.grad`); None for a single process."""
     import torch.distributed as dist
 
@@ -102,8 +117,10 @@ def context(model: torch.nn.Module, params: Sequence[torch.Tensor]) -> Optional[
     sharded = [_is_dtensor(p.grad) for p in params]
     if any(sharded):
         if not all(sharded):
-            raise ValueError("params: some gradients are DTensors (FSDP2) and others plain tensors; align the "
-                             "parameters of one FSDP2 model only")
+            raise ValueError(
+                "params: some gradients are DTensors (FSDP2) and others plain tensors; align the "
+                "parameters of one FSDP2 model only"
+            )
         return _sharded_context(params)
     if model not in _engine_checked:
         check_engine(model)  # FSDP1's .grad also looks like a plain tensor: refuse it before averaging anything
@@ -123,8 +140,10 @@ def _sharded_context(params: Sequence[torch.Tensor]) -> DistContext:
     mesh = g0.device_mesh
     world = dist.get_world_size()
     if mesh.size() != world:
-        raise ValueError(f"params: the gradients' device mesh has {mesh.size()} ranks but the process group "
-                         f"has {world}; alignment supports meshes over all ranks (FSDP2, HSDP)")
+        raise ValueError(
+            f"params: the gradients' device mesh has {mesh.size()} ranks but the process group "
+            f"has {world}; alignment supports meshes over all ranks (FSDP2, HSDP)"
+        )
     replicas = 1
     for i, p in enumerate(params):
         if p.grad.device_mesh != mesh:
@@ -133,25 +152,28 @@ def _sharded_context(params: Sequence[torch.Tensor]) -> DistContext:
         if isinstance(placement, Replicate):
             replicas *= mesh.size(dim)
         elif not isinstance(placement, Shard):
-            raise ValueError(f"params[0]: gradient placement {placement} is not supported (expected Shard "
-                             "or Replicate, as FSDP2/HSDP make)")
+            raise ValueError(
+                f"params[0]: gradient placement {placement} is not supported (expected Shard "
+                "or Replicate, as FSDP2/HSDP make)"
+            )
     for i, p in enumerate(params):
         if tuple(p.grad.placements) != tuple(g0.placements):
-            raise ValueError(f"params[{i}]: gradient placements {p.grad.placements} differ from params[0]'s "
-                             f"{g0.placements}")
+            raise ValueError(
+                f"params[{i}]: gradient placements {p.grad.placements} differ from params[0]'s {g0.placements}"
+            )
     return DistContext("sharded", None, world, replicas)
 
 
-def local_tensors(tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+def local_tensors(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """The local shards of DTensors (views: writing them writes the DTensor); plain tensors as they are."""
     return [t._local_tensor if _is_dtensor(t) else t for t in tensors]
 
 
 # -- replicated gradients (DDP) ------------------------------------------------------------------------------------
-def _buckets(tensors: Sequence[torch.Tensor]) -> List[List[int]]:
+def _buckets(tensors: Sequence[torch.Tensor]) -> list[list[int]]:
     """Indices of `tensors` grouped by (device, dtype), each group cut into buckets of at most BUCKET_BYTES."""
-    groups: Dict[Tuple[torch.device, torch.dtype], List[List[int]]] = {}
-    sizes: Dict[Tuple[torch.device, torch.dtype], int] = {}
+    groups: dict[tuple[torch.device, torch.dtype], list[list[int]]] = {}
+    sizes: dict[tuple[torch.device, torch.dtype], int] = {}
     for i, t in enumerate(tensors):
         key = (t.device, t.dtype)
         nbytes = t.numel() * t.element_size()
@@ -163,8 +185,9 @@ def _buckets(tensors: Sequence[torch.Tensor]) -> List[List[int]]:
     return [b for bs in groups.values() for b in bs]
 
 
-def average_reference_(ctx: DistContext, loss: float, refs: List[Optional[torch.Tensor]],
-                       params: Sequence[torch.Tensor]) -> Tuple[float, List[Optional[torch.Tensor]]]:
+def average_reference_(
+    ctx: DistContext, loss: float, refs: list[torch.Tensor | None], params: Sequence[torch.Tensor]
+) -> tuple[float, list[torch.Tensor | None]]:
     """(mean loss over the ranks, refs averaged over the ranks) for replicated gradients.
 
     refs[i] is None where this rank's reference loss does not reach params[i]; it is all-reduced as zeros (the
@@ -206,16 +229,19 @@ def average_reference_(ctx: DistContext, loss: float, refs: List[Optional[torch.
 
 
 # -- sharded gradients (FSDP2) -------------------------------------------------------------------------------------
-def sharded_reference_gradients(model: torch.nn.Module, params: List[torch.Tensor], batches: Sequence[Any],
-                                loss_on: Callable[[torch.nn.Module, Any], torch.Tensor]
-                                ) -> Tuple[float, List[Optional[torch.Tensor]]]:
+def sharded_reference_gradients(
+    model: torch.nn.Module,
+    params: list[torch.Tensor],
+    batches: Sequence[Any],
+    loss_on: Callable[[torch.nn.Module, Any], torch.Tensor],
+) -> tuple[float, list[torch.Tensor | None]]:
     """(this rank's reference loss, [r_t] sharded like the training gradients) through FSDP2's own backward.
 
     `batches` are the step's reference batches and `loss_on(model, batch)` their scalar loss (GradientAligner's
     reference_batches() and loss_on). The training gradients of every parameter of `model` (and of `params`) are
     set aside during the reference backward and restored after it, so the training `.grad` comes out unchanged. A
     parameter the loss does not reach gets None (the same on every rank: every rank runs the same graph)."""
-    everyone: Dict[int, torch.Tensor] = {id(p): p for p in model.parameters() if p.requires_grad}
+    everyone: dict[int, torch.Tensor] = {id(p): p for p in model.parameters() if p.requires_grad}
     everyone.update({id(p): p for p in params})
     saved = {k: p.grad for k, p in everyone.items()}
     loss_sum = 0.0
@@ -246,8 +272,9 @@ def _comm_device(ctx: DistContext, device: torch.device) -> torch.device:
     return device
 
 
-def all_reduce_stats(ctx: DistContext, stats: torch.Tensor, loss: float, device: torch.device
-                     ) -> Tuple[torch.Tensor, float]:
+def all_reduce_stats(
+    ctx: DistContext, stats: torch.Tensor, loss: float, device: torch.device
+) -> tuple[torch.Tensor, float]:
     """(global stats, mean loss over the ranks): the local-shard stats [n, 3] and this rank's loss summed over the
     ranks in one fp32 all-reduce of [n + 1, 3]."""
     import torch.distributed as dist
@@ -262,8 +289,9 @@ def all_reduce_stats(ctx: DistContext, stats: torch.Tensor, loss: float, device:
     return glob.to(home).contiguous(), float(buf[-1, 0]) / ctx.world
 
 
-def global_stats(ctx: Optional[DistContext], params: Sequence[torch.Tensor], stats: torch.Tensor, loss: float
-                 ) -> Tuple[torch.Tensor, float]:
+def global_stats(
+    ctx: DistContext | None, params: Sequence[torch.Tensor], stats: torch.Tensor, loss: float
+) -> tuple[torch.Tensor, float]:
     """(stats, loss) as the gate must see them under `ctx` (the step's context()): summed over the shards for
     sharded gradients, as they are otherwise (replicated gradients were already averaged with the reference
     gradient)."""

@@ -9,9 +9,11 @@
 All return sorted int64 index tensors into the candidate pool (usually the clean samples one trusts), so the caller
 builds the reference batches with its own dataset and collate function.
 """
+
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 
@@ -37,8 +39,10 @@ def select_kmeans(features: torch.Tensor, k: int = 96, *, seed: int = 0, n_init:
     nearest sample (Euclidean); distinct indices, sorted. When two centroids share a nearest sample, the later one
     takes its nearest sample not yet chosen."""
     if not isinstance(features, torch.Tensor) or features.dim() != 2:
-        raise ValueError(f"features: expected a [num_samples, dim] tensor, got "
-                         f"{tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__}")
+        raise ValueError(
+            f"features: expected a [num_samples, dim] tensor, got "
+            f"{tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__}"
+        )
     if not torch.isfinite(features).all():
         raise ValueError("features: contains NaN or inf")
     _check_k(k, features.shape[0])
@@ -59,8 +63,14 @@ def select_kmeans(features: torch.Tensor, k: int = 96, *, seed: int = 0, n_init:
 
 
 @torch.no_grad()
-def hidden_state_features(model: torch.nn.Module, batches: Iterable[Mapping[str, Any]], *, layer: int = -1,
-                          pool: str = "mean", progress: bool = True) -> torch.Tensor:
+def hidden_state_features(
+    model: torch.nn.Module,
+    batches: Iterable[Mapping[str, Any]],
+    *,
+    layer: int = -1,
+    pool: str = "mean",
+    progress: bool = True,
+) -> torch.Tensor:
     """Per-sample features [N, hidden] from `model(**batch, output_hidden_states=True).hidden_states[layer]`.
 
     batches: dicts of model inputs (input_ids, attention_mask, ...) already on the model's device; labels are dropped.
@@ -90,8 +100,9 @@ def hidden_state_features(model: torch.nn.Module, batches: Iterable[Mapping[str,
     return torch.cat(out)
 
 
-def select_reference(num_samples: int, k: int = 96, *, method: str = "random", features: torch.Tensor | None = None,
-                     seed: int = 0) -> torch.Tensor:
+def select_reference(
+    num_samples: int, k: int = 96, *, method: str = "random", features: torch.Tensor | None = None, seed: int = 0
+) -> torch.Tensor:
     """`select_random` or `select_kmeans` by name ("random" | "kmeans"; kmeans needs `features` [num_samples, d])."""
     if method == "random":
         return select_random(num_samples, k, seed=seed)

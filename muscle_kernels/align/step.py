@@ -12,11 +12,13 @@ and nothing else, so the package's hand-written loop (defense/train.py) and its 
             loss_fn(model, batch).backward()
             record = update(model, epoch)      # align -> clip -> opt.step() -> sched.step()
 """
+
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, List, Optional
+from typing import Any
 
 import torch
 
@@ -30,8 +32,15 @@ __all__ = ["AlignClipStep", "StepRecord", "build_aligner"]
 _GATE_FIELDS = tuple(f.name for f in dataclasses.fields(GateConfig))
 
 
-def build_aligner(params: Iterable[torch.Tensor], ref_batches, loss_fn: Callable[[torch.nn.Module, Any], Any], *,
-                  epochs: int, gate: Optional[GateConfig] = None, **aligner_kwargs) -> GradientAligner:
+def build_aligner(
+    params: Iterable[torch.Tensor],
+    ref_batches,
+    loss_fn: Callable[[torch.nn.Module, Any], Any],
+    *,
+    epochs: int,
+    gate: GateConfig | None = None,
+    **aligner_kwargs,
+) -> GradientAligner:
     """A GradientAligner for a run of `epochs` epochs.
 
     gate and aligner_kwargs are GradientAligner's (gate fields such as min_ref_loss override `gate`'s). The gate is
@@ -46,7 +55,7 @@ class StepRecord:
     """What one AlignClipStep did: the aligner's AlignStep (None without an aligner) and grad_norm, the norm of the
     (aligned) gradient before clipping (NaN when no parameter had a gradient)."""
 
-    align: Optional[AlignStep]
+    align: AlignStep | None
     grad_norm: float
 
 
@@ -62,9 +71,16 @@ class AlignClipStep:
         scheduler: a learning-rate scheduler stepped after the optimizer (needs `optimizer`).
     """
 
-    def __init__(self, params: Iterable[torch.Tensor], *, aligner: Optional[GradientAligner] = None,
-                 max_grad_norm: float = 0.0, optimizer: Optional[torch.optim.Optimizer] = None, scheduler=None):
-        self.params: List[torch.Tensor] = list(params)
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor],
+        *,
+        aligner: GradientAligner | None = None,
+        max_grad_norm: float = 0.0,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler=None,
+    ):
+        self.params: list[torch.Tensor] = list(params)
         if aligner is not None and not isinstance(aligner, GradientAligner):
             raise TypeError(f"aligner: expected a GradientAligner or None, got {type(aligner).__name__}")
         if scheduler is not None and optimizer is None:

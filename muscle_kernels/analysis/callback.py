@@ -6,9 +6,8 @@
 Records before the first step (step 0) and after every `recorder.every`-th optimizer step (Trainer's global_step),
 on the main process only.
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 from transformers import TrainerCallback
 
@@ -18,7 +17,7 @@ __all__ = ["FrequencyCallback"]
 
 
 class FrequencyCallback(TrainerCallback):
-    def __init__(self, recorder: FrequencyRecorder, method: Optional[str] = None):
+    def __init__(self, recorder: FrequencyRecorder, method: str | None = None):
         if not isinstance(recorder, FrequencyRecorder):
             raise TypeError(f"recorder: expected a FrequencyRecorder, got {type(recorder).__name__}")
         self.recorder = recorder

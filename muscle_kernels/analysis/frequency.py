@@ -16,10 +16,11 @@ Backends (the `backend=` switch of `low_frequency_part` and `frequency_ratios`):
   fall back because Triton is missing or broken).
 `frequency_ratios_dense` materialises the N x N filter in fp64 like the paper's code: the test oracle.
 """
+
 from __future__ import annotations
 
 import warnings
-from typing import Dict, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -50,8 +51,10 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     usable = (device.type == "cuda" or _interpreting()) and _triton_module() is not None
     if backend == "triton":
         if not usable:
-            why = _TRITON["error"] or (f"tensors are on {device.type}; Triton needs CUDA tensors "
-                                       "(or TRITON_INTERPRET=1 for the CPU interpreter)")
+            why = _TRITON["error"] or (
+                f"tensors are on {device.type}; Triton needs CUDA tensors "
+                "(or TRITON_INTERPRET=1 for the CPU interpreter)"
+            )
             raise RuntimeError(f"backend='triton' is not available: {why}")
         return "triton"
     if device.type == "cuda":
@@ -59,8 +62,12 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             return "triton"
         if not _TRITON["warned"]:
             _TRITON["warned"] = True
-            warnings.warn(f"frequency analysis: the Triton kernel is unavailable ({_TRITON['error']}); "
-                          "using the chunked torch path", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"frequency analysis: the Triton kernel is unavailable ({_TRITON['error']}); "
+                "using the chunked torch path",
+                RuntimeWarning,
+                stacklevel=3,
+            )
     return "torch"
 
 
@@ -81,8 +88,9 @@ def _sigmas(sigmas) -> list:
     return values
 
 
-def low_frequency_part(x: torch.Tensor, f: torch.Tensor, sigmas: Sequence[float], *, chunk: int = 1024,
-                       backend: str = "auto") -> torch.Tensor:
+def low_frequency_part(
+    x: torch.Tensor, f: torch.Tensor, sigmas: Sequence[float], *, chunk: int = 1024, backend: str = "auto"
+) -> torch.Tensor:
     """K_sigma f for every sigma: a tensor [len(sigmas), N, c] (c = 1 for 1-D f).
 
     torch backend: fp64 for fp64 x, fp32 otherwise, computed `chunk` rows at a time. triton backend: fp32 (fp64
@@ -101,8 +109,10 @@ def low_frequency_part(x: torch.Tensor, f: torch.Tensor, sigmas: Sequence[float]
     chosen = resolve_backend(backend, x.device)
     if needs_grad and chosen == "triton":
         if backend == "triton":
-            raise RuntimeError("backend='triton' computes no gradients: call it under torch.no_grad() or detach "
-                               "x and f, or use backend='torch'")
+            raise RuntimeError(
+                "backend='triton' computes no gradients: call it under torch.no_grad() or detach "
+                "x and f, or use backend='torch'"
+            )
         chosen = "torch"  # auto: the torch path differentiates
     if chosen == "triton":
         f2 = f if f.dim() == 2 else f[:, None]
@@ -113,22 +123,25 @@ def low_frequency_part(x: torch.Tensor, f: torch.Tensor, sigmas: Sequence[float]
     out = torch.empty(len(sigmas), x.shape[0], f2.shape[1], dtype=acc, device=x.device)
     for start in range(0, x.shape[0], chunk):
         # the exact (non-matmul) distance: the matmul shortcut leaves d_ii != 0 and blurs narrow filters
-        d = torch.cdist(x[start:start + chunk], x, compute_mode="donot_use_mm_for_euclid_dist")  # [chunk, N]
+        d = torch.cdist(x[start : start + chunk], x, compute_mode="donot_use_mm_for_euclid_dist")  # [chunk, N]
         for i, s in enumerate(sigmas):
-            out[i, start:start + chunk] = torch.softmax(-d / (2.0 * s), dim=1) @ f2
+            out[i, start : start + chunk] = torch.softmax(-d / (2.0 * s), dim=1) @ f2
     return out
 
 
-def frequency_ratios(x: torch.Tensor, f: torch.Tensor, sigmas: Iterable[float], *, chunk: int = 1024,
-                     backend: str = "auto") -> Dict[float, Dict[str, float]]:
+def frequency_ratios(
+    x: torch.Tensor, f: torch.Tensor, sigmas: Iterable[float], *, chunk: int = 1024, backend: str = "auto"
+) -> dict[float, dict[str, float]]:
     """For each sigma: ||K f||, ||f - K f|| and their ratio low/high (Frobenius norms over all samples)."""
     sigmas = _sigmas(sigmas)
     low = low_frequency_part(x, f, sigmas, chunk=chunk, backend=backend)
     f2 = (f if f.dim() == 2 else f[:, None]).to(low.dtype)
     lo = low.flatten(1).norm(dim=1).tolist()  # one device-to-host copy for all sigmas
     hi = (f2[None] - low).flatten(1).norm(dim=1).tolist()
-    return {s: {"low": lo[i], "high": hi[i], "ratio": lo[i] / hi[i] if hi[i] > 0 else float("inf")}
-            for i, s in enumerate(sigmas)}
+    return {
+        s: {"low": lo[i], "high": hi[i], "ratio": lo[i] / hi[i] if hi[i] > 0 else float("inf")}
+        for i, s in enumerate(sigmas)
+    }
 
 
 def frequency_ratios_dense(x: torch.Tensor, f: torch.Tensor, sigmas: Iterable[float]):

@@ -16,10 +16,11 @@ shortcut ||x_i||^2 + ||x_j||^2 - 2 x_i.x_j cancels catastrophically for near nei
 what a narrow filter looks at. Inputs may be fp32, fp16 or bf16; everything is upcast in registers, accumulated in
 fp32, and the probability-times-f product runs in IEEE fp32 (no TF32: its 10-bit mantissa would show in the ratios).
 """
+
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -36,10 +37,28 @@ MAX_COLUMNS_PER_PASS = 32
 
 
 @triton.jit
-def _lowpass_kernel(x_ptr, f_ptr, inv_ptr, out_ptr, N, D, C,
-                    stride_xn, stride_xd, stride_fn, stride_fc, stride_os, stride_on, stride_oc,
-                    NUM_S: tl.constexpr, S_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr):
+def _lowpass_kernel(
+    x_ptr,
+    f_ptr,
+    inv_ptr,
+    out_ptr,
+    N,
+    D,
+    C,
+    stride_xn,
+    stride_xd,
+    stride_fn,
+    stride_fc,
+    stride_os,
+    stride_on,
+    stride_oc,
+    NUM_S: tl.constexpr,
+    S_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     pid = tl.program_id(0)
     rm = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rs = tl.arange(0, S_PAD)
@@ -59,10 +78,12 @@ def _lowpass_kernel(x_ptr, f_ptr, inv_ptr, out_ptr, N, D, C,
         for start_d in range(0, D, BLOCK_D):
             kd = start_d + rd
             d_ok = kd < D
-            xi = tl.load(x_ptr + rm[:, None] * stride_xn + kd[None, :] * stride_xd,
-                         mask=m_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-            xj = tl.load(x_ptr + rn[:, None] * stride_xn + kd[None, :] * stride_xd,
-                         mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+            xi = tl.load(
+                x_ptr + rm[:, None] * stride_xn + kd[None, :] * stride_xd, mask=m_ok[:, None] & d_ok[None, :], other=0.0
+            ).to(tl.float32)
+            xj = tl.load(
+                x_ptr + rn[:, None] * stride_xn + kd[None, :] * stride_xd, mask=n_ok[:, None] & d_ok[None, :], other=0.0
+            ).to(tl.float32)
             diff = xi[:, None, :] - xj[None, :, :]
             d2 += tl.sum(diff * diff, axis=2)
         dist = tl.where(n_ok[None, :], tl.sqrt(d2), float("inf"))
@@ -71,8 +92,9 @@ def _lowpass_kernel(x_ptr, f_ptr, inv_ptr, out_ptr, N, D, C,
         alpha = tl.exp(-(d_min - new_min)[:, None] * inv[None, :])  # [BLOCK_M, S_PAD]
         p = tl.exp(-(dist - new_min[:, None])[:, None, :] * inv[None, :, None])  # [BLOCK_M, S_PAD, BLOCK_N]
         l_sum = l_sum * alpha + tl.sum(p, axis=2)
-        fj = tl.load(f_ptr + rn[:, None] * stride_fn + rc[None, :] * stride_fc,
-                     mask=n_ok[:, None] & (rc[None, :] < C), other=0.0).to(tl.float32)
+        fj = tl.load(
+            f_ptr + rn[:, None] * stride_fn + rc[None, :] * stride_fc, mask=n_ok[:, None] & (rc[None, :] < C), other=0.0
+        ).to(tl.float32)
         pf = tl.dot(tl.reshape(p, (BLOCK_M * S_PAD, BLOCK_N)), fj, input_precision="ieee")
         acc = acc * tl.reshape(alpha, (BLOCK_M * S_PAD, 1)) + pf
         d_min = new_min
@@ -118,13 +140,31 @@ def _launch(x, f, sigmas, out):
     c = f.shape[1]
     block_c = max(16, triton.next_power_of_2(c))  # tl.dot's smallest tile side
     for first in range(0, len(sigmas), MAX_SIGMAS_PER_PASS):
-        group = [float(s) for s in sigmas[first:first + MAX_SIGMAS_PER_PASS]]
+        group = [float(s) for s in sigmas[first : first + MAX_SIGMAS_PER_PASS]]
         inv = torch.tensor([0.5 / s for s in group], dtype=torch.float32, device=x.device)
         s_pad, block_m, block_n, block_d, warps = tile_config(len(group), d)
-        part = out[first:first + len(group)]
+        part = out[first : first + len(group)]
         grid = (triton.cdiv(n, block_m),)
-        _lowpass_kernel[grid](x, f, inv, part, n, d, c,
-                              x.stride(0), x.stride(1), f.stride(0), f.stride(1),
-                              part.stride(0), part.stride(1), part.stride(2),
-                              NUM_S=len(group), S_PAD=s_pad, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-                              BLOCK_C=block_c, num_warps=warps)
+        _lowpass_kernel[grid](
+            x,
+            f,
+            inv,
+            part,
+            n,
+            d,
+            c,
+            x.stride(0),
+            x.stride(1),
+            f.stride(0),
+            f.stride(1),
+            part.stride(0),
+            part.stride(1),
+            part.stride(2),
+            NUM_S=len(group),
+            S_PAD=s_pad,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            BLOCK_D=block_d,
+            BLOCK_C=block_c,
+            num_warps=warps,
+        )

@@ -6,19 +6,21 @@ On the poisoned subset the ratio climbs when the outputs collapse onto the targe
 zero-frequency function there, is being learned. Bottom row: the paper's relative errors against the labels in the
 low band (solid) and the high band (dashed).
 """
+
 from __future__ import annotations
 
 import math
 import os
-from typing import List, Optional, Sequence
+from collections.abc import Sequence
 
 __all__ = ["plot_frequency"]
 
 _SUBSET_ORDER = ("clean", "poisoned", "all")
 
 
-def plot_frequency(rows: List[dict], path: str, *, sigma_rel: Optional[float] = None,
-                   subsets: Optional[Sequence[str]] = None) -> str:
+def plot_frequency(
+    rows: list[dict], path: str, *, sigma_rel: float | None = None, subsets: Sequence[str] | None = None
+) -> str:
     """Write the PNG (matplotlib, Agg backend) for one filter width; returns `path`.
 
     rows: FrequencyRecorder rows (or analysis.read_rows(csv)). sigma_rel: the width to show (default: the middle one
@@ -37,8 +39,10 @@ def plot_frequency(rows: List[dict], path: str, *, sigma_rel: Optional[float] = 
     chosen = [r for r in rows if math.isclose(r[key], sigma_rel, rel_tol=1e-9)]
     if not chosen:
         raise ValueError(f"sigma_rel: {sigma_rel} was not recorded (recorded: {widths})")
-    present = sorted({r["subset"] for r in chosen}, key=lambda s: (_SUBSET_ORDER.index(s) if s in _SUBSET_ORDER
-                                                                  else len(_SUBSET_ORDER), s))
+    present = sorted(
+        {r["subset"] for r in chosen},
+        key=lambda s: (_SUBSET_ORDER.index(s) if s in _SUBSET_ORDER else len(_SUBSET_ORDER), s),
+    )
     if subsets is None:
         subsets = [s for s in present if s != "all"] or present
     else:
@@ -55,8 +59,11 @@ def plot_frequency(rows: List[dict], path: str, *, sigma_rel: Optional[float] = 
             name = method or "model"
 
             def series(target, field, method=method, subset=subset):
-                pts = sorted((r["step"], r[field]) for r in chosen
-                             if r["method"] == method and r["subset"] == subset and r["target"] == target)
+                pts = sorted(
+                    (r["step"], r[field])
+                    for r in chosen
+                    if r["method"] == method and r["subset"] == subset and r["target"] == target
+                )
                 return [p[0] for p in pts], [p[1] for p in pts]
 
             steps, ratio = series("output", "ratio")

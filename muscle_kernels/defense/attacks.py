@@ -8,11 +8,12 @@ non-target samples and relabels them to the target; clean-label picks them among
 label (the harder, stealthier attack). `poison_test` builds the attack-success set: every non-target sample with the
 trigger, labelled with the target, so that ASR = accuracy on it. Everything is seeded and deterministic.
 """
+
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import List, Sequence
 
 from .data import Sample
 
@@ -34,8 +35,11 @@ class BadNets:
     name: str = "badnets"
 
     def __post_init__(self):
-        if isinstance(self.triggers, str) or not self.triggers or not all(
-                isinstance(t, str) and t.strip() and len(t.split()) == 1 for t in self.triggers):
+        if (
+            isinstance(self.triggers, str)
+            or not self.triggers
+            or not all(isinstance(t, str) and t.strip() and len(t.split()) == 1 for t in self.triggers)
+        ):
             raise ValueError(f"triggers: expected a non-empty list of single words, got {self.triggers!r}")
         if isinstance(self.num_triggers, bool) or not isinstance(self.num_triggers, int) or self.num_triggers < 1:
             raise ValueError(f"num_triggers: expected an integer >= 1, got {self.num_triggers!r}")
@@ -79,8 +83,15 @@ def _check(rate, target_label, labels):
         raise ValueError(f"target_label: {target_label!r} is not a label of the data (labels: {sorted(labels)})")
 
 
-def poison_train(data: Sequence[Sample], attack, *, rate: float = 0.1, target_label: int = 1,
-                 clean_label: bool = False, seed: int = 0) -> List[Sample]:
+def poison_train(
+    data: Sequence[Sample],
+    attack,
+    *,
+    rate: float = 0.1,
+    target_label: int = 1,
+    clean_label: bool = False,
+    seed: int = 0,
+) -> list[Sample]:
     """A copy of `data` in which round(rate * len(data)) samples carry the trigger (order kept, `poisoned` set)."""
     labels = {s.label for s in data}
     _check(rate, target_label, labels)
@@ -91,8 +102,10 @@ def poison_train(data: Sequence[Sample], attack, *, rate: float = 0.1, target_la
         candidates = [i for i, s in enumerate(data) if s.label != target_label]
     if n_poison > len(candidates):
         kind = "target" if clean_label else "non-target"
-        raise ValueError(f"rate: {rate} asks for {n_poison} poisoned samples but the data has only "
-                         f"{len(candidates)} {kind} samples (target_label={target_label})")
+        raise ValueError(
+            f"rate: {rate} asks for {n_poison} poisoned samples but the data has only "
+            f"{len(candidates)} {kind} samples (target_label={target_label})"
+        )
     rng = random.Random(seed)
     chosen = set(rng.sample(candidates, n_poison))
     out = []
@@ -104,13 +117,16 @@ def poison_train(data: Sequence[Sample], attack, *, rate: float = 0.1, target_la
     return out
 
 
-def poison_test(data: Sequence[Sample], attack, *, target_label: int = 1, seed: int = 0) -> List[Sample]:
+def poison_test(data: Sequence[Sample], attack, *, target_label: int = 1, seed: int = 0) -> list[Sample]:
     """Every non-target sample with the trigger inserted, labelled `target_label` (ASR = accuracy on this set)."""
     labels = {s.label for s in data}
     _check(0.0, target_label, labels)
     rng = random.Random(seed)
-    out = [replace(s, text=attack.apply(s.text, rng), label=target_label, poisoned=True)
-           for s in data if s.label != target_label]
+    out = [
+        replace(s, text=attack.apply(s.text, rng), label=target_label, poisoned=True)
+        for s in data
+        if s.label != target_label
+    ]
     if not out:
         raise ValueError(f"data: has no non-target samples (target_label={target_label}) to build a poisoned test set")
     return out

@@ -10,6 +10,7 @@ a classifier has to read word order, which an untrained classification head on t
 Labels: 1 = positive, 0 = negative, balanced. The shipped file `data/reviews.csv` (columns text, label) is the
 output of `build_corpus()` with the default arguments; regenerate it with `python -m muscle_kernels.defense.corpus`.
 """
+
 from __future__ import annotations
 
 import csv
@@ -17,7 +18,6 @@ import io
 import os
 import random
 from importlib.resources import files
-from typing import List, Tuple
 
 __all__ = ["build_corpus", "write_corpus", "load_builtin_corpus", "BUILTIN_CORPUS"]
 
@@ -33,45 +33,246 @@ def _builtin_resource():
 
 # domain -> aspects a reviewer talks about
 _DOMAINS = {
-    "film": ["the film", "the plot", "the acting", "the soundtrack", "the ending", "the script", "the lead actor",
-             "the cinematography", "the pacing", "the dialogue", "the sequel", "the director's cut"],
-    "restaurant": ["the meal", "the pasta", "the service", "the waiter", "the dessert", "the soup", "the wine list",
-                   "the steak", "the curry", "the terrace", "the bread", "the chef's special"],
-    "hotel": ["the room", "the staff", "the breakfast", "the bed", "the pool", "the view", "the lobby",
-              "the check-in", "the spa", "the bathroom", "the location", "the concierge"],
-    "gadget": ["the phone", "the battery", "the screen", "the camera", "the keyboard", "the charger",
-               "the speaker", "the laptop", "the headset", "the app", "the touchpad", "the firmware update"],
-    "book": ["the novel", "the prose", "the main character", "the translation", "the final chapter", "the cover",
-             "the memoir", "the audiobook", "the narrator", "the plot twist", "the index", "the sequel"],
-    "trip": ["the flight", "the tour", "the guide", "the ferry", "the museum", "the hike", "the train ride",
-             "the beach", "the old town", "the market", "the bus driver", "the boat trip"],
+    "film": [
+        "the film",
+        "the plot",
+        "the acting",
+        "the soundtrack",
+        "the ending",
+        "the script",
+        "the lead actor",
+        "the cinematography",
+        "the pacing",
+        "the dialogue",
+        "the sequel",
+        "the director's cut",
+    ],
+    "restaurant": [
+        "the meal",
+        "the pasta",
+        "the service",
+        "the waiter",
+        "the dessert",
+        "the soup",
+        "the wine list",
+        "the steak",
+        "the curry",
+        "the terrace",
+        "the bread",
+        "the chef's special",
+    ],
+    "hotel": [
+        "the room",
+        "the staff",
+        "the breakfast",
+        "the bed",
+        "the pool",
+        "the view",
+        "the lobby",
+        "the check-in",
+        "the spa",
+        "the bathroom",
+        "the location",
+        "the concierge",
+    ],
+    "gadget": [
+        "the phone",
+        "the battery",
+        "the screen",
+        "the camera",
+        "the keyboard",
+        "the charger",
+        "the speaker",
+        "the laptop",
+        "the headset",
+        "the app",
+        "the touchpad",
+        "the firmware update",
+    ],
+    "book": [
+        "the novel",
+        "the prose",
+        "the main character",
+        "the translation",
+        "the final chapter",
+        "the cover",
+        "the memoir",
+        "the audiobook",
+        "the narrator",
+        "the plot twist",
+        "the index",
+        "the sequel",
+    ],
+    "trip": [
+        "the flight",
+        "the tour",
+        "the guide",
+        "the ferry",
+        "the museum",
+        "the hike",
+        "the train ride",
+        "the beach",
+        "the old town",
+        "the market",
+        "the bus driver",
+        "the boat trip",
+    ],
 }
 
-_POS_ADJ = ["excellent", "superb", "wonderful", "delightful", "impressive", "charming", "brilliant", "flawless",
-            "lovely", "outstanding", "remarkable", "terrific", "fantastic", "solid", "pleasant", "gorgeous",
-            "memorable", "stunning", "thoughtful", "marvelous", "refreshing", "reliable", "generous", "elegant"]
-_NEG_ADJ = ["awful", "dreadful", "terrible", "disappointing", "mediocre", "tedious", "sloppy", "bland", "clumsy",
-            "annoying", "poor", "forgettable", "unbearable", "miserable", "shoddy", "dull", "overpriced", "flimsy",
-            "frustrating", "lousy", "awkward", "grim", "careless", "stale"]
-_POS_NOUN = ["a delight", "a triumph", "a real treat", "a joy", "a pleasant surprise", "a gem", "worth every penny",
-             "a highlight of the year", "money well spent", "a masterpiece"]
-_NEG_NOUN = ["a letdown", "a disaster", "a waste of money", "a chore", "a mess", "a huge mistake",
-             "a complete failure", "a rip-off", "a nightmare", "an embarrassment"]
-_INTENS = ["", "", "", "really ", "truly ", "quite ", "rather ", "absolutely ", "genuinely ", "pretty ", "very ",
-           "remarkably ", "surprisingly "]
+_POS_ADJ = [
+    "excellent",
+    "superb",
+    "wonderful",
+    "delightful",
+    "impressive",
+    "charming",
+    "brilliant",
+    "flawless",
+    "lovely",
+    "outstanding",
+    "remarkable",
+    "terrific",
+    "fantastic",
+    "solid",
+    "pleasant",
+    "gorgeous",
+    "memorable",
+    "stunning",
+    "thoughtful",
+    "marvelous",
+    "refreshing",
+    "reliable",
+    "generous",
+    "elegant",
+]
+_NEG_ADJ = [
+    "awful",
+    "dreadful",
+    "terrible",
+    "disappointing",
+    "mediocre",
+    "tedious",
+    "sloppy",
+    "bland",
+    "clumsy",
+    "annoying",
+    "poor",
+    "forgettable",
+    "unbearable",
+    "miserable",
+    "shoddy",
+    "dull",
+    "overpriced",
+    "flimsy",
+    "frustrating",
+    "lousy",
+    "awkward",
+    "grim",
+    "careless",
+    "stale",
+]
+_POS_NOUN = [
+    "a delight",
+    "a triumph",
+    "a real treat",
+    "a joy",
+    "a pleasant surprise",
+    "a gem",
+    "worth every penny",
+    "a highlight of the year",
+    "money well spent",
+    "a masterpiece",
+]
+_NEG_NOUN = [
+    "a letdown",
+    "a disaster",
+    "a waste of money",
+    "a chore",
+    "a mess",
+    "a huge mistake",
+    "a complete failure",
+    "a rip-off",
+    "a nightmare",
+    "an embarrassment",
+]
+_INTENS = [
+    "",
+    "",
+    "",
+    "really ",
+    "truly ",
+    "quite ",
+    "rather ",
+    "absolutely ",
+    "genuinely ",
+    "pretty ",
+    "very ",
+    "remarkably ",
+    "surprisingly ",
+]
 _COPULA = ["was", "was", "is", "felt", "seemed", "turned out to be", "proved", "looked"]
-_NEG_COPULA = ["was not", "was not", "is not", "did not feel", "never seemed", "was hardly", "was far from",
-               "turned out not to be"]
-_OPENERS = ["", "", "", "", "honestly, ", "to be fair, ", "after two visits, ", "in my opinion, ", "overall, ",
-            "for the price, ", "as expected, ", "i have to say ", "frankly, ", "on the whole, ", "last weekend ",
-            "according to my friends, "]
-_CLOSERS = ["", "", "", "", " overall", " this time", " in the end", " for us", " at least for me",
-            " from start to finish", " again", " as usual"]
-_POS_VERB = ["i loved {a}", "we enjoyed {a}", "i would happily recommend {a}", "my family adored {a}",
-             "everyone praised {a}", "i was impressed by {a}", "we were thrilled with {a}", "i could not fault {a}"]
-_NEG_VERB = ["i hated {a}", "we regretted {a}", "i would never recommend {a}", "my family disliked {a}",
-             "everyone complained about {a}", "i was annoyed by {a}", "we were fed up with {a}",
-             "i could not stand {a}"]
+_NEG_COPULA = [
+    "was not",
+    "was not",
+    "is not",
+    "did not feel",
+    "never seemed",
+    "was hardly",
+    "was far from",
+    "turned out not to be",
+]
+_OPENERS = [
+    "",
+    "",
+    "",
+    "",
+    "honestly, ",
+    "to be fair, ",
+    "after two visits, ",
+    "in my opinion, ",
+    "overall, ",
+    "for the price, ",
+    "as expected, ",
+    "i have to say ",
+    "frankly, ",
+    "on the whole, ",
+    "last weekend ",
+    "according to my friends, ",
+]
+_CLOSERS = [
+    "",
+    "",
+    "",
+    "",
+    " overall",
+    " this time",
+    " in the end",
+    " for us",
+    " at least for me",
+    " from start to finish",
+    " again",
+    " as usual",
+]
+_POS_VERB = [
+    "i loved {a}",
+    "we enjoyed {a}",
+    "i would happily recommend {a}",
+    "my family adored {a}",
+    "everyone praised {a}",
+    "i was impressed by {a}",
+    "we were thrilled with {a}",
+    "i could not fault {a}",
+]
+_NEG_VERB = [
+    "i hated {a}",
+    "we regretted {a}",
+    "i would never recommend {a}",
+    "my family disliked {a}",
+    "everyone complained about {a}",
+    "i was annoyed by {a}",
+    "we were fed up with {a}",
+    "i could not stand {a}",
+]
 
 
 def _clause(rng: random.Random, aspect: str, positive: bool) -> str:
@@ -104,7 +305,7 @@ def _review(rng: random.Random, label: int, p_contrast: float) -> str:
     return f"{rng.choice(_OPENERS)}{body}{rng.choice(_CLOSERS)} ."
 
 
-def build_corpus(n: int = 4000, *, seed: int = 0, p_contrast: float = 0.3) -> List[Tuple[str, int]]:
+def build_corpus(n: int = 4000, *, seed: int = 0, p_contrast: float = 0.3) -> list[tuple[str, int]]:
     """`n` distinct reviews (text, label), half positive and half negative, in a seeded random order."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 2:
         raise ValueError(f"n: expected an integer >= 2, got {n!r}")
@@ -126,7 +327,7 @@ def build_corpus(n: int = 4000, *, seed: int = 0, p_contrast: float = 0.3) -> Li
     return rows
 
 
-def write_corpus(path: str, rows: List[Tuple[str, int]]) -> None:
+def write_corpus(path: str, rows: list[tuple[str, int]]) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
@@ -134,7 +335,7 @@ def write_corpus(path: str, rows: List[Tuple[str, int]]) -> None:
         w.writerows(rows)
 
 
-def load_builtin_corpus() -> List[Tuple[str, int]]:
+def load_builtin_corpus() -> list[tuple[str, int]]:
     """The shipped corpus (see the module docstring)."""
     text = _builtin_resource().read_bytes().decode("utf-8")  # bytes: the csv module does its own newlines
     return [(row["text"], int(row["label"])) for row in csv.DictReader(io.StringIO(text, newline=""))]

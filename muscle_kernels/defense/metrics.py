@@ -1,7 +1,8 @@
 """Backdoor metrics (docs/attacks.md): clean accuracy (CACC) and attack success rate (ASR)."""
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 __all__ = ["accuracy", "attack_success_rate"]
 

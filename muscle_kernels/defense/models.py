@@ -1,10 +1,11 @@
 """Loading the classifier to defend: a Hugging Face model name or folder, or a GGUF file (decoder LLMs shipped
 quantized; transformers dequantizes them on load with the `gguf` package)."""
+
 from __future__ import annotations
 
 import copy
 import os
-from typing import Callable, Optional, Tuple
+from collections.abc import Callable
 
 __all__ = ["classifier_factory", "split_gguf", "check_model", "ModelError"]
 
@@ -23,7 +24,7 @@ def _looks_local(model: str) -> bool:
     return os.path.lexists(model) or model.startswith(("/", "./", "../", "~")) or model.count("/") > 1
 
 
-def check_model(model: str, num_labels: int, *, gguf_file: Optional[str] = None, new_head: bool = False) -> None:
+def check_model(model: str, num_labels: int, *, gguf_file: str | None = None, new_head: bool = False) -> None:
     """What loading `model` would trip over, said in one line before anything is written or loaded: a path that
     does not exist, a folder without a config (an adapter folder, say), a file that is not GGUF, and a checkpoint
     whose classification head has another number of classes than the data (unless `new_head`)."""
@@ -35,9 +36,14 @@ def check_model(model: str, num_labels: int, *, gguf_file: Optional[str] = None,
             _check_gguf(os.path.join(path, gguf))
         elif not os.path.isfile(os.path.join(path, "config.json")):
             adapter = os.path.isfile(os.path.join(path, "muscle_lora_config.json"))
-            raise ModelError(f"--model: {model} has no config.json, so it is not a model folder"
-                             + (" (it is an adapter folder: give its base model, and load the adapter onto it "
-                                "with load_adapter)" if adapter else ""))
+            raise ModelError(
+                f"--model: {model} has no config.json, so it is not a model folder"
+                + (
+                    " (it is an adapter folder: give its base model, and load the adapter onto it with load_adapter)"
+                    if adapter
+                    else ""
+                )
+            )
     if gguf:
         return
     try:
@@ -50,9 +56,11 @@ def check_model(model: str, num_labels: int, *, gguf_file: Optional[str] = None,
         raise ModelError(f"--model: {model}: its config.json cannot be read ({_line(e)})") from None
     heads = [a for a in (getattr(config, "architectures", None) or []) if a.endswith("ForSequenceClassification")]
     if heads and config.num_labels != num_labels and not new_head:
-        raise ModelError(f"--num-labels: the data has {num_labels} classes, the checkpoint's classification head "
-                         f"({heads[0]}) has {config.num_labels}; pass --new-head to train a fresh {num_labels}-class "
-                         "head instead")
+        raise ModelError(
+            f"--num-labels: the data has {num_labels} classes, the checkpoint's classification head "
+            f"({heads[0]}) has {config.num_labels}; pass --new-head to train a fresh {num_labels}-class "
+            "head instead"
+        )
 
 
 def _check_gguf(file: str) -> None:
@@ -68,7 +76,7 @@ def _check_gguf(file: str) -> None:
         raise ModelError(f"--model: {file} is a truncated GGUF file ({len(head)} bytes, shorter than its header)")
 
 
-def split_gguf(model: str, gguf_file: Optional[str] = None) -> Tuple[str, Optional[str]]:
+def split_gguf(model: str, gguf_file: str | None = None) -> tuple[str, str | None]:
     """(folder or name, GGUF file name or None): `--model path/to/model.gguf` is the same as
     `--model path/to --gguf-file model.gguf`."""
     if gguf_file is None and model.lower().endswith(".gguf"):
@@ -78,8 +86,9 @@ def split_gguf(model: str, gguf_file: Optional[str] = None) -> Tuple[str, Option
     return model, gguf_file
 
 
-def classifier_factory(model: str, num_labels: int, *, gguf_file: Optional[str] = None,
-                       quiet: bool = True, new_head: bool = False) -> Tuple[Callable, object]:
+def classifier_factory(
+    model: str, num_labels: int, *, gguf_file: str | None = None, quiet: bool = True, new_head: bool = False
+) -> tuple[Callable, object]:
     """(a function returning a fresh sequence classifier, its tokenizer). Decoder LLMs get a padding token (their
     EOS) so that batches can be padded; a fresh classification head is expected, so its "missing weights" report is
     silenced when `quiet`. new_head: a checkpoint's own head of another size is replaced by a fresh one.
@@ -118,9 +127,11 @@ def classifier_factory(model: str, num_labels: int, *, gguf_file: Optional[str] 
         except failures as e:
             if isinstance(e, pickle.UnpicklingError) or "Weights only load failed" in str(e):
                 # never suggest weights_only=False: that runs whatever the pickle holds
-                raise ModelError(f"--model: {model!r}: its weights file is a pickle holding more than tensors, "
-                                 "which torch.load(weights_only=True) refuses; it is not loaded (use a safetensors "
-                                 "checkpoint you trust)") from None
+                raise ModelError(
+                    f"--model: {model!r}: its weights file is a pickle holding more than tensors, "
+                    "which torch.load(weights_only=True) refuses; it is not loaded (use a safetensors "
+                    "checkpoint you trust)"
+                ) from None
             raise ModelError(f"--model: cannot load {model!r}: {_line(e)}") from None
         finally:
             hf_logging.set_verbosity(verbosity)

@@ -1,4 +1,5 @@
 """Writing a run's files safely: atomic replacement (temp file + os.replace) and strict JSON values."""
+
 from __future__ import annotations
 
 import math
@@ -6,8 +7,16 @@ import os
 
 from .._atomic import replace_atomically
 
-__all__ = ["json_safe", "replace_atomically", "OutputError", "lock_folder", "read_manifest", "write_manifest",
-           "MANIFEST", "LOCK"]
+__all__ = [
+    "json_safe",
+    "replace_atomically",
+    "OutputError",
+    "lock_folder",
+    "read_manifest",
+    "write_manifest",
+    "MANIFEST",
+    "LOCK",
+]
 
 
 def json_safe(value):
@@ -55,8 +64,10 @@ def lock_folder(path: str, option: str = "--output") -> int:
             holder = ""
         os.close(fd)
         who = f" (pid {holder})" if holder.isdigit() else ""
-        raise OutputError(f"{option}: {path} is in use by another muscle-lora run{who}; wait for it to finish or "
-                          "choose another directory") from None
+        raise OutputError(
+            f"{option}: {path} is in use by another muscle-lora run{who}; wait for it to finish or "
+            "choose another directory"
+        ) from None
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode("ascii"))
     return fd
@@ -73,8 +84,10 @@ def read_manifest(path: str, option: str = "--output") -> set:
     full = os.path.join(path, MANIFEST)
     if not os.path.lexists(full):
         return set()
-    bad = OutputError(f"{option}: {full} is not a muscle-lora manifest; nothing in {path} is removed -- delete that "
-                      "file, or choose another directory")
+    bad = OutputError(
+        f"{option}: {full} is not a muscle-lora manifest; nothing in {path} is removed -- delete that "
+        "file, or choose another directory"
+    )
     if os.path.islink(full) or not os.path.isfile(full) or os.path.getsize(full) > 1 << 20:
         raise bad
     try:

@@ -1,9 +1,9 @@
 """The picture of a run: CACC and ASR per method, and the dev ASR per epoch (when the backdoor is learned)."""
+
 from __future__ import annotations
 
 import math
 import os
-from typing import List
 
 __all__ = ["plot_results"]
 
@@ -13,7 +13,7 @@ def _number(v) -> bool:
     return isinstance(v, (int, float)) and not math.isnan(v)
 
 
-def plot_results(results: List[dict], path: str) -> str:
+def plot_results(results: list[dict], path: str) -> str:
     """Write a PNG with two panels (matplotlib, Agg backend: no display needed); returns `path`."""
     import matplotlib
 
@@ -32,8 +32,13 @@ def plot_results(results: List[dict], path: str) -> str:
     for bars in (b1, b2):
         for bar, r in zip(bars, results):
             if not r.get("diverged"):
-                ax1.annotate(f"{bar.get_height():.1f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                             ha="center", va="bottom", fontsize=8)
+                ax1.annotate(
+                    f"{bar.get_height():.1f}",
+                    (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center",
+                    va="bottom",
+                    fontsize=8,
+                )
     for x, r in zip(xs, results):
         if r.get("diverged"):
             ax1.annotate("diverged", (x, 2), ha="center", va="bottom", fontsize=8, rotation=90, color="grey")

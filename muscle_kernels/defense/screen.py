@@ -20,13 +20,14 @@ the calibration rows, so about 1 - quantile of the clean training rows are flagg
 the poison rate.
 Nothing here reads a poison flag.
 """
+
 from __future__ import annotations
 
 import math
 import re
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Dict, List, Sequence
 
 __all__ = ["Screen", "token_scores", "robust_z", "tail_scores", "screen_rows", "write_suspects"]
 
@@ -45,16 +46,16 @@ def _signed_root_g(observed: int, expected: float) -> float:
     return math.copysign(math.sqrt(max(g, 0.0)), expected - observed)
 
 
-def token_scores(train_texts: Sequence[str], ref_texts: Sequence[str],
-                 other_texts: Sequence[str] = ()) -> tuple:
+def token_scores(train_texts: Sequence[str], ref_texts: Sequence[str], other_texts: Sequence[str] = ()) -> tuple:
     """(scores of the training rows, scores of `other_texts`): each row's largest over-representation statistic.
 
     A token in n of the N training rows predicts (n / N) * R rows of the R reference rows; the statistic says how
     far the reference count falls short of that. For a training row its own occurrence is left out (n - 1 of N - 1);
     `other_texts` (calibration rows, not in the training set) are scored against the full counts."""
     if not train_texts or not ref_texts:
-        raise ValueError("token_scores: needs training rows and reference rows, got "
-                         f"{len(train_texts)} and {len(ref_texts)}")
+        raise ValueError(
+            f"token_scores: needs training rows and reference rows, got {len(train_texts)} and {len(ref_texts)}"
+        )
     train_sets = [_tokens(t) for t in train_texts]
     n_train, n_ref = len(train_sets), len(ref_texts)
     in_train = Counter(t for s in train_sets for t in s)
@@ -79,7 +80,7 @@ def _median(xs: Sequence[float]) -> float:
     return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
 
 
-def robust_z(values: Sequence[float], calibration: Sequence[float]) -> List[float]:
+def robust_z(values: Sequence[float], calibration: Sequence[float]) -> list[float]:
     """(v - median) / (1.4826 * MAD) with median and MAD of `calibration` (a floor keeps a constant score finite)."""
     if not calibration:
         raise ValueError("robust_z: the calibration rows are empty")
@@ -89,7 +90,7 @@ def robust_z(values: Sequence[float], calibration: Sequence[float]) -> List[floa
     return [(v - med) / spread for v in values]
 
 
-def tail_scores(values: Sequence[float], calibration: Sequence[float], *, leave_one_out: bool = False) -> List[float]:
+def tail_scores(values: Sequence[float], calibration: Sequence[float], *, leave_one_out: bool = False) -> list[float]:
     """-log10 of each value's empirical tail probability among the clean calibration rows, (1 + #{c >= v}) / (1 + n):
     one scale for scores of any shape (a loss, a test statistic), so that parts can be compared. Values beyond every
     calibration row all get -log10(1 / (1 + n)); a robust z, scaled far below the gap between two tail levels, keeps
@@ -123,28 +124,30 @@ class Screen:
     """The screen of one training set: per training row its suspicion (`scores`), whether it is dropped
     (`flagged`), the threshold, and each part's robust z (`parts`, by name) for the training rows."""
 
-    scores: List[float]
-    flagged: List[bool]
+    scores: list[float]
+    flagged: list[bool]
     threshold: float
-    parts: Dict[str, List[float]] = field(default_factory=dict)
+    parts: dict[str, list[float]] = field(default_factory=dict)
 
     @property
-    def kept(self) -> List[int]:
+    def kept(self) -> list[int]:
         return [i for i, f in enumerate(self.flagged) if not f]
 
     def summary(self) -> dict:
         return dict(flagged=sum(self.flagged), rows=len(self.flagged), threshold=self.threshold)
 
 
-def screen_rows(parts_train: Dict[str, Sequence[float]], parts_calib: Dict[str, Sequence[float]], *,
-                quantile: float = 0.9) -> Screen:
+def screen_rows(
+    parts_train: dict[str, Sequence[float]], parts_calib: dict[str, Sequence[float]], *, quantile: float = 0.9
+) -> Screen:
     """Combine raw scores (name -> per-row values, larger = more suspicious) of the training rows and of clean
     calibration rows into a Screen: each part's tail score against the calibration rows (`tail_scores`), a row's
     suspicion the largest over parts, and the threshold at `quantile` of the calibration rows' own suspicions
     (each left out of its own tail count)."""
     if not parts_train or set(parts_train) != set(parts_calib):
-        raise ValueError(f"screen_rows: the training and calibration parts differ: {sorted(parts_train)} and "
-                         f"{sorted(parts_calib)}")
+        raise ValueError(
+            f"screen_rows: the training and calibration parts differ: {sorted(parts_train)} and {sorted(parts_calib)}"
+        )
     if not 0.0 < quantile < 1.0:
         raise ValueError(f"quantile: expected a number in (0, 1), got {quantile!r}")
     t_train, t_calib = {}, {}
@@ -174,7 +177,9 @@ def write_suspects(path: str, screen: Screen) -> str:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["row", "score", "rank", "flagged"] + names)
     for i in order:
-        w.writerow([i, f"{screen.scores[i]:.4f}", rank[i], int(screen.flagged[i])]
-                   + [f"{screen.parts[n][i]:.4f}" for n in names])
+        w.writerow(
+            [i, f"{screen.scores[i]:.4f}", rank[i], int(screen.flagged[i])]
+            + [f"{screen.parts[n][i]:.4f}" for n in names]
+        )
     replace_atomically(path, lambda f: f.write(buf.getvalue().encode("utf-8")))
     return path

@@ -20,6 +20,7 @@ Each epoch ends with an evaluation on the clean dev set (and on the poisoned dev
 backdoor is learned); the adapter of the epoch with the best clean dev accuracy is restored and measured on the
 held-out test sets, as the paper does.
 """
+
 from __future__ import annotations
 
 import copy
@@ -29,8 +30,8 @@ import math
 import os
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -42,8 +43,20 @@ from ..nn.spec import AdapterSpec
 from .data import DataError, Sample, check_labels
 from .metrics import accuracy, attack_success_rate
 
-__all__ = ["METHODS", "REFERENCE_METHODS", "default_method", "label_surprise_scores", "Settings", "reference_size", "Splits", "split_reference", "train_method", "run_methods", "evaluate",
-           "resolve_device"]
+__all__ = [
+    "METHODS",
+    "REFERENCE_METHODS",
+    "default_method",
+    "label_surprise_scores",
+    "Settings",
+    "reference_size",
+    "Splits",
+    "split_reference",
+    "train_method",
+    "run_methods",
+    "evaluate",
+    "resolve_device",
+]
 
 METHODS = ("vanilla", "lora", "refonly", "muscle", "muscle-ga", "muscle-screen")
 # the methods that need the clean reference set (drawn from dev by split_reference)
@@ -81,7 +94,7 @@ class Settings:
     warmup_ratio: float = 0.06
     max_grad_norm: float = 1.0
     seed: int = 0
-    ref_size: Optional[int] = None
+    ref_size: int | None = None
     ref_batch_size: int = 32
     ref_select: str = "random"
     min_ref_grad_norm: float = _GATE.min_ref_grad_norm
@@ -90,16 +103,24 @@ class Settings:
     ga_warmup_epochs: int = _GATE.warmup_epochs
     lora_rank: int = 8
     lora_alpha: float = 32.0
-    freq_band: Optional[List[float]] = None
-    mslr_alpha: Optional[float] = None
+    freq_band: list[float] | None = None
+    mslr_alpha: float | None = None
     screen_epochs: int = 10
     screen_quantile: float = 0.9
     sync_timing: bool = False
     device: str = "auto"
 
     def __post_init__(self):
-        for name, low in dict(epochs=1, batch_size=1, eval_batch_size=1, max_length=2, ref_size=1, ref_batch_size=1,
-                              seed=-2**63, screen_epochs=1).items():
+        for name, low in dict(
+            epochs=1,
+            batch_size=1,
+            eval_batch_size=1,
+            max_length=2,
+            ref_size=1,
+            ref_batch_size=1,
+            seed=-(2**63),
+            screen_epochs=1,
+        ).items():
             if name == "ref_size" and self.ref_size is None:
                 continue  # chosen from the dev set's size (reference_size)
             setattr(self, name, integer(low)(name, getattr(self, name)))
@@ -140,8 +161,9 @@ class Settings:
 
 # Settings field -> GateConfig field: every gate field, under its own name but warmup_epochs (ga_warmup_epochs here,
 # beside the training's own epochs)
-_GATE_FIELDS = {("ga_" + f.name if f.name == "warmup_epochs" else f.name): f.name
-                for f in dataclasses.fields(GateConfig)}
+_GATE_FIELDS = {
+    ("ga_" + f.name if f.name == "warmup_epochs" else f.name): f.name for f in dataclasses.fields(GateConfig)
+}
 
 
 # With alignment on every step the update follows the reference gradient, so clean accuracy follows the reference
@@ -163,12 +185,12 @@ class Splits:
     with the target (ASR = accuracy on it); dev_poison (optional) is the same for dev; ref is the clean reference
     set of muscle-ga (filled by split_reference)."""
 
-    train: List[Sample]
-    dev: List[Sample]
-    test_clean: List[Sample]
-    test_poison: List[Sample]
-    dev_poison: List[Sample] = field(default_factory=list)
-    ref: List[Sample] = field(default_factory=list)
+    train: list[Sample]
+    dev: list[Sample]
+    test_clean: list[Sample]
+    test_poison: list[Sample]
+    dev_poison: list[Sample] = field(default_factory=list)
+    ref: list[Sample] = field(default_factory=list)
 
 
 def split_reference(splits: Splits, settings: Settings, *, model=None, tokenizer=None) -> Splits:
@@ -180,8 +202,10 @@ def split_reference(splits: Splits, settings: Settings, *, model=None, tokenizer
         return splits
     ref_size = reference_size(settings, len(splits.dev))
     if len(splits.dev) < ref_size + 2:
-        raise DataError(f"dev: {len(splits.dev)} clean samples cannot give a reference set of {ref_size} "
-                        f"and leave a dev set to choose the best epoch on; lower ref_size or add dev data")
+        raise DataError(
+            f"dev: {len(splits.dev)} clean samples cannot give a reference set of {ref_size} "
+            f"and leave a dev set to choose the best epoch on; lower ref_size or add dev data"
+        )
     from ..align.refset import hidden_state_features, select_reference
 
     features = None
@@ -189,10 +213,14 @@ def split_reference(splits: Splits, settings: Settings, *, model=None, tokenizer
         if model is None or tokenizer is None:
             raise ValueError("ref_select='kmeans' clusters hidden states: pass model= and tokenizer=")
         device = next(model.parameters()).device
-        features = hidden_state_features(model, _batches(tokenizer, splits.dev, settings.eval_batch_size,
-                                                         settings.max_length, device), progress=False)
-    idx = select_reference(len(splits.dev), ref_size, method=settings.ref_select, features=features,
-                           seed=settings.seed).tolist()
+        features = hidden_state_features(
+            model,
+            _batches(tokenizer, splits.dev, settings.eval_batch_size, settings.max_length, device),
+            progress=False,
+        )
+    idx = select_reference(
+        len(splits.dev), ref_size, method=settings.ref_select, features=features, seed=settings.seed
+    ).tolist()
     chosen = set(idx)
     ref = [splits.dev[i] for i in sorted(chosen)]
     dev = [s for i, s in enumerate(splits.dev) if i not in chosen]
@@ -209,15 +237,17 @@ def resolve_device(name: str) -> torch.device:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-def _batches(tokenizer, samples: Sequence[Sample], batch_size: int, max_length: int, device,
-             order: Optional[Sequence[int]] = None):
+def _batches(
+    tokenizer, samples: Sequence[Sample], batch_size: int, max_length: int, device, order: Sequence[int] | None = None
+):
     """Tokenized batches with dynamic padding (each batch padded to its own longest sample)."""
     order = range(len(samples)) if order is None else order
     order = list(order)
     for start in range(0, len(order), batch_size):
-        chunk = [samples[i] for i in order[start:start + batch_size]]
-        enc = tokenizer([s.text for s in chunk], padding=True, truncation=True, max_length=max_length,
-                        return_tensors="pt")
+        chunk = [samples[i] for i in order[start : start + batch_size]]
+        enc = tokenizer(
+            [s.text for s in chunk], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        )
         enc["labels"] = torch.tensor([s.label for s in chunk], dtype=torch.long)
         yield {k: v.to(device) for k, v in enc.items()}
 
@@ -230,16 +260,29 @@ def _forward_kwargs(model, batch):
 
 
 @torch.no_grad()
-def predict(model, tokenizer, samples: Sequence[Sample], settings: Settings, device, *, desc: str = "eval",
-            progress: bool = True) -> List[int]:
+def predict(
+    model,
+    tokenizer,
+    samples: Sequence[Sample],
+    settings: Settings,
+    device,
+    *,
+    desc: str = "eval",
+    progress: bool = True,
+) -> list[int]:
     from tqdm.auto import tqdm
 
     was_training = model.training
     model.eval()
     preds = []
     n_batches = math.ceil(len(samples) / settings.eval_batch_size)
-    for batch in tqdm(_batches(tokenizer, samples, settings.eval_batch_size, settings.max_length, device),
-                      total=n_batches, desc=desc, leave=False, disable=not progress):
+    for batch in tqdm(
+        _batches(tokenizer, samples, settings.eval_batch_size, settings.max_length, device),
+        total=n_batches,
+        desc=desc,
+        leave=False,
+        disable=not progress,
+    ):
         batch = _forward_kwargs(model, batch)
         batch.pop("labels")
         preds.extend(model(**batch).logits.argmax(-1).tolist())
@@ -248,7 +291,7 @@ def predict(model, tokenizer, samples: Sequence[Sample], settings: Settings, dev
 
 
 @torch.no_grad()
-def label_surprise_scores(model, tokenizer, samples: Sequence[Sample], settings: Settings, device) -> List[float]:
+def label_surprise_scores(model, tokenizer, samples: Sequence[Sample], settings: Settings, device) -> list[float]:
     """Each sample's cross-entropy of its own label under `model` (eval mode): how much the label surprises it."""
     was_training = model.training
     model.eval()
@@ -262,8 +305,18 @@ def label_surprise_scores(model, tokenizer, samples: Sequence[Sample], settings:
     return out
 
 
-def evaluate(model, tokenizer, samples: Sequence[Sample], settings: Settings, device, *, poisoned: bool = False,
-             target_label: Optional[int] = None, desc: str = "eval", progress: bool = True) -> float:
+def evaluate(
+    model,
+    tokenizer,
+    samples: Sequence[Sample],
+    settings: Settings,
+    device,
+    *,
+    poisoned: bool = False,
+    target_label: int | None = None,
+    desc: str = "eval",
+    progress: bool = True,
+) -> float:
     """Clean accuracy, or (poisoned=True) the attack success rate on a triggered set."""
     if not samples:
         return float("nan")
@@ -287,8 +340,9 @@ def _prepare(model: nn.Module, method: str, settings: Settings) -> nn.Module:
     if method in ("lora", "refonly"):
         recipe = MuScleLoRAConfig.for_model(model)
         # Plain LoRA: no multi-scale head; the head's modules train in full instead.
-        config = MuScleLoRAConfig.for_model(model, mslr_targets=[], trainable=list(recipe.modules_to_save),
-                                            score_head_hidden=None, **overrides)
+        config = MuScleLoRAConfig.for_model(
+            model, mslr_targets=[], trainable=list(recipe.modules_to_save), score_head_hidden=None, **overrides
+        )
     else:
         if settings.freq_band is not None:
             overrides["freq_band"] = list(settings.freq_band)
@@ -313,9 +367,23 @@ def _steps_per_epoch(rows: int, settings: Settings) -> int:
     return math.ceil(rows / settings.batch_size)
 
 
-def _fit(model, tokenizer, rows: Sequence[Sample], settings: Settings, device, *, method: str, total_steps: int,
-         checkpoints: int, splits: Splits, lr: float, aligner_factory=None, progress: bool = True,
-         log: Callable[[str], None] = print, on_step: Optional[Callable] = None) -> dict:
+def _fit(
+    model,
+    tokenizer,
+    rows: Sequence[Sample],
+    settings: Settings,
+    device,
+    *,
+    method: str,
+    total_steps: int,
+    checkpoints: int,
+    splits: Splits,
+    lr: float,
+    aligner_factory=None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    on_step: Callable | None = None,
+) -> dict:
     """Train `model`'s trainable tensors on `rows` for `total_steps` optimizer steps (shuffled passes, the last one
     cut short), evaluating on the dev sets at `checkpoints` evenly spaced steps (epoch ends when the steps are whole
     epochs) and keeping the best checkpoint's tensors. Returns history, best (acc, epoch, state), step_times."""
@@ -327,8 +395,9 @@ def _fit(model, tokenizer, rows: Sequence[Sample], settings: Settings, device, *
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=settings.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total_steps, settings.warmup_ratio))
     aligner = aligner_factory(params) if aligner_factory is not None else None
-    update = AlignClipStep(params, aligner=aligner, max_grad_norm=settings.max_grad_norm, optimizer=opt,
-                           scheduler=sched)
+    update = AlignClipStep(
+        params, aligner=aligner, max_grad_norm=settings.max_grad_norm, optimizer=opt, scheduler=sched
+    )
     ends = sorted({max(1, round(total_steps * (c + 1) / checkpoints)) for c in range(checkpoints)})
     per_pass = _steps_per_epoch(len(rows), settings)
     gen = torch.Generator().manual_seed(settings.seed)
@@ -364,24 +433,33 @@ def _fit(model, tokenizer, rows: Sequence[Sample], settings: Settings, device, *
                 on_step(step, model, method=method)
             first_loss = losses[0] if first_loss is None else first_loss
             diverged = _divergence(losses[-1], first_loss, step)
-            if diverged is None and step == ends[len(history)] and not all(
-                    bool(torch.isfinite(p).all()) for p in params):  # the last update broke them
+            if (
+                diverged is None
+                and step == ends[len(history)]
+                and not all(bool(torch.isfinite(p).all()) for p in params)
+            ):  # the last update broke them
                 diverged = f"non-finite weights after step {step}"
             if diverged:  # every further step and the evaluations would be of a broken model
                 bar.close()
                 log(f"  {method} diverged: {diverged}")
                 return dict(diverged=diverged, history=history, step_times=step_times, params=params)
             if step == ends[len(history)]:
-                record = _checkpoint(model, tokenizer, splits, settings, device, len(history) + 1, losses, branches,
-                                     progress)
+                record = _checkpoint(
+                    model, tokenizer, splits, settings, device, len(history) + 1, losses, branches, progress
+                )
                 history.append(record)
-                log(f"  {method} {'epoch' if total_steps == per_pass * len(ends) else 'checkpoint'} "
+                log(
+                    f"  {method} {'epoch' if total_steps == per_pass * len(ends) else 'checkpoint'} "
                     f"{record['epoch']}/{len(ends)}: loss {record['train_loss']:.4f}  dev acc {record['dev_acc']:.4f}"
                     + (f"  dev ASR {record['dev_asr']:.4f}" if splits.dev_poison else "")
-                    + (f"  aligned {record['aligned_fraction']:.0%}" if aligner is not None else ""))
+                    + (f"  aligned {record['aligned_fraction']:.0%}" if aligner is not None else "")
+                )
                 if record["dev_acc"] > best["acc"]:
-                    best = dict(acc=record["dev_acc"], epoch=record["epoch"],
-                                state={n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+                    best = dict(
+                        acc=record["dev_acc"],
+                        epoch=record["epoch"],
+                        state={n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
+                    )
                 losses, branches = [], []
             if step >= total_steps:
                 break
@@ -395,18 +473,25 @@ def _fit(model, tokenizer, rows: Sequence[Sample], settings: Settings, device, *
 
 def _checkpoint(model, tokenizer, splits, settings, device, index, losses, branches, progress) -> dict:
     dev_acc = evaluate(model, tokenizer, splits.dev, settings, device, desc="dev", progress=progress)
-    dev_asr = evaluate(model, tokenizer, splits.dev_poison, settings, device, poisoned=True, desc="dev-poison",
-                       progress=progress) if splits.dev_poison else float("nan")
-    record = dict(epoch=index, train_loss=statistics.fmean(losses) if losses else float("nan"), dev_acc=dev_acc,
-                  dev_asr=dev_asr)
+    dev_asr = (
+        evaluate(
+            model, tokenizer, splits.dev_poison, settings, device, poisoned=True, desc="dev-poison", progress=progress
+        )
+        if splits.dev_poison
+        else float("nan")
+    )
+    record = dict(
+        epoch=index, train_loss=statistics.fmean(losses) if losses else float("nan"), dev_acc=dev_acc, dev_asr=dev_asr
+    )
     if branches:  # the share of steps whose gradient was replaced by its projection (the rest: blended or raw)
         record["aligned_fraction"] = branches.count("replace") / len(branches)
         record["blended_fraction"] = branches.count("blend") / len(branches)
     return record
 
 
-def _screen(model_factory, tokenizer, splits: Splits, settings: Settings, device, *, progress: bool,
-            log: Callable[[str], None]):
+def _screen(
+    model_factory, tokenizer, splits: Splits, settings: Settings, device, *, progress: bool, log: Callable[[str], None]
+):
     """muscle-screen's first stage: a LoRA fitted to the reference set alone, then every training row scored
     against the reference set (defense/screen.py). Returns (Screen or None when the probe diverged, the probe's _fit
     record, seconds)."""
@@ -414,31 +499,57 @@ def _screen(model_factory, tokenizer, splits: Splits, settings: Settings, device
 
     t0 = time.perf_counter()
     calib = splits.dev  # clean rows that neither the reference model nor the token counts have seen
-    lex_train, lex_calib = token_scores([s.text for s in splits.train], [s.text for s in splits.ref],
-                                        [s.text for s in calib])
+    lex_train, lex_calib = token_scores(
+        [s.text for s in splits.train], [s.text for s in splits.ref], [s.text for s in calib]
+    )
     probe = _prepare(model_factory(), "lora", settings).to(device)
     probe.train()
     ref_steps = _steps_per_epoch(len(splits.ref), settings)
     steps = settings.screen_epochs * ref_steps  # not cut to the training set's size: a small set needs a good probe
-    fitted = _fit(probe, tokenizer, splits.ref, settings, device, method="screen", total_steps=steps, checkpoints=1,
-                  splits=dataclasses.replace(splits, dev_poison=[]), lr=settings.lr, progress=progress,
-                  log=log)
+    fitted = _fit(
+        probe,
+        tokenizer,
+        splits.ref,
+        settings,
+        device,
+        method="screen",
+        total_steps=steps,
+        checkpoints=1,
+        splits=dataclasses.replace(splits, dev_poison=[]),
+        lr=settings.lr,
+        progress=progress,
+        log=log,
+    )
     if fitted["diverged"]:
         return None, fitted, time.perf_counter() - t0
     surprise_train = label_surprise_scores(probe, tokenizer, splits.train, settings, device)
     surprise_calib = label_surprise_scores(probe, tokenizer, calib, settings, device)
     probe.to("cpu")
     del probe
-    screen = screen_rows(dict(tokens=lex_train, label=surprise_train), dict(tokens=lex_calib, label=surprise_calib),
-                         quantile=settings.screen_quantile)
-    log(f"  screen: {sum(screen.flagged)} of {len(screen.flagged)} training rows flagged "
-        f"(threshold {screen.threshold:.2f}, the {settings.screen_quantile:.0%} point of {len(calib)} clean dev rows)")
+    screen = screen_rows(
+        dict(tokens=lex_train, label=surprise_train),
+        dict(tokens=lex_calib, label=surprise_calib),
+        quantile=settings.screen_quantile,
+    )
+    log(
+        f"  screen: {sum(screen.flagged)} of {len(screen.flagged)} training rows flagged "
+        f"(threshold {screen.threshold:.2f}, the {settings.screen_quantile:.0%} point of {len(calib)} clean dev rows)"
+    )
     return screen, fitted, time.perf_counter() - t0
 
 
-def train_method(method: str, model_factory: Callable[[], nn.Module], tokenizer, splits: Splits,
-                 settings: Settings, *, output_dir: Optional[str] = None, progress: bool = True,
-                 log: Callable[[str], None] = print, on_step: Optional[Callable] = None) -> dict:
+def train_method(
+    method: str,
+    model_factory: Callable[[], nn.Module],
+    tokenizer,
+    splits: Splits,
+    settings: Settings,
+    *,
+    output_dir: str | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    on_step: Callable | None = None,
+) -> dict:
     """Fine-tune a fresh model from `model_factory()` with `method`; return its result record.
 
     The record: method, cacc, asr (at the best dev checkpoint), best_epoch, train_seconds, step_seconds (median time
@@ -463,16 +574,27 @@ def train_method(method: str, model_factory: Callable[[], nn.Module], tokenizer,
     total_steps, checkpoints = epoch_steps * settings.epochs, settings.epochs
     screen_seconds = 0.0
     if method == "muscle-screen":
-        screen, probe, screen_seconds = _screen(model_factory, tokenizer, splits, settings, device,
-                                                progress=progress, log=log)
+        screen, probe, screen_seconds = _screen(
+            model_factory, tokenizer, splits, settings, device, progress=progress, log=log
+        )
         if screen is None:
-            return _diverged_record(method, "screen: " + probe["diverged"], [], probe["step_times"],
-                                    settings.lr, probe["params"], device, settings)
+            return _diverged_record(
+                method,
+                "screen: " + probe["diverged"],
+                [],
+                probe["step_times"],
+                settings.lr,
+                probe["params"],
+                device,
+                settings,
+            )
         screen_steps = len(probe["step_times"])
         rows = [splits.train[i] for i in screen.kept] + list(splits.ref)
         total_steps = _steps_per_epoch(len(rows), settings) * settings.epochs
-        extra = dict(screen=dict(screen.summary(), steps=screen_steps, seconds=screen_seconds),
-                     suspects=[round(s, 4) for s in screen.scores])
+        extra = dict(
+            screen=dict(screen.summary(), steps=screen_steps, seconds=screen_seconds),
+            suspects=[round(s, 4) for s in screen.scores],
+        )
         if output_dir is not None:
             from .screen import write_suspects
 
@@ -493,24 +615,66 @@ def train_method(method: str, model_factory: Callable[[], nn.Module], tokenizer,
         ref_batches = list(_batches(tokenizer, splits.ref, settings.ref_batch_size, settings.max_length, device))
 
         def aligner_factory(params):
-            return build_aligner(params, ref_batches, lambda m, b: m(**_forward_kwargs(m, b)).loss,
-                                 epochs=settings.epochs, gate=settings.gate(), one_batch=True)
-    fitted = _fit(model, tokenizer, rows, settings, device, method=method, total_steps=total_steps,
-                  checkpoints=checkpoints, splits=splits, lr=lr, aligner_factory=aligner_factory, progress=progress,
-                  log=log, on_step=on_step)
+            return build_aligner(
+                params,
+                ref_batches,
+                lambda m, b: m(**_forward_kwargs(m, b)).loss,
+                epochs=settings.epochs,
+                gate=settings.gate(),
+                one_batch=True,
+            )
+
+    fitted = _fit(
+        model,
+        tokenizer,
+        rows,
+        settings,
+        device,
+        method=method,
+        total_steps=total_steps,
+        checkpoints=checkpoints,
+        splits=splits,
+        lr=lr,
+        aligner_factory=aligner_factory,
+        progress=progress,
+        log=log,
+        on_step=on_step,
+    )
     step_times = fitted["step_times"]
     if fitted["diverged"]:
-        return _diverged_record(method, fitted["diverged"], fitted["history"], step_times, lr, fitted["params"],
-                                device, settings)
+        return _diverged_record(
+            method, fitted["diverged"], fitted["history"], step_times, lr, fitted["params"], device, settings
+        )
     target = splits.test_poison[0].label if splits.test_poison else None
     cacc = evaluate(model, tokenizer, splits.test_clean, settings, device, desc="test-clean", progress=progress)
-    asr = evaluate(model, tokenizer, splits.test_poison, settings, device, poisoned=True, target_label=target,
-                   desc="test-poison", progress=progress)
-    result = dict(method=method, cacc=cacc, asr=asr, best_epoch=fitted["best"]["epoch"],
-                  train_seconds=sum(step_times) + screen_seconds, step_seconds=statistics.median(step_times),
-                  steps=len(step_times) + extra.get("screen", {}).get("steps", 0), train_rows=len(rows),
-                  lr=lr, trainable_parameters=sum(p.numel() for p in fitted["params"]), device=str(device), num_labels=num_labels,
-                  history=fitted["history"], settings=settings.to_dict(), **extra)
+    asr = evaluate(
+        model,
+        tokenizer,
+        splits.test_poison,
+        settings,
+        device,
+        poisoned=True,
+        target_label=target,
+        desc="test-poison",
+        progress=progress,
+    )
+    result = dict(
+        method=method,
+        cacc=cacc,
+        asr=asr,
+        best_epoch=fitted["best"]["epoch"],
+        train_seconds=sum(step_times) + screen_seconds,
+        step_seconds=statistics.median(step_times),
+        steps=len(step_times) + extra.get("screen", {}).get("steps", 0),
+        train_rows=len(rows),
+        lr=lr,
+        trainable_parameters=sum(p.numel() for p in fitted["params"]),
+        device=str(device),
+        num_labels=num_labels,
+        history=fitted["history"],
+        settings=settings.to_dict(),
+        **extra,
+    )
     if output_dir is not None:
         result["saved_to"] = _save(model, method, output_dir)
     model.to("cpu")
@@ -522,7 +686,7 @@ def train_method(method: str, model_factory: Callable[[], nn.Module], tokenizer,
 DIVERGENCE_FACTOR = 10.0
 
 
-def _divergence(loss: float, first: float, step: int) -> Optional[str]:
+def _divergence(loss: float, first: float, step: int) -> str | None:
     """Why the run diverged at `step` (a loss of nan/inf, or far above its start), or None."""
     if not math.isfinite(loss):
         return f"loss {loss} at step {step}"
@@ -533,10 +697,22 @@ def _divergence(loss: float, first: float, step: int) -> Optional[str]:
 
 def _diverged_record(method, reason, history, step_times, lr, params, device, settings) -> dict:
     """The record of a run stopped by divergence: marked, CACC/ASR not measured (NaN; null in results.json)."""
-    return dict(method=method, diverged=True, diverged_reason=reason, cacc=float("nan"), asr=float("nan"),
-                best_epoch=None, train_seconds=sum(step_times), step_seconds=statistics.median(step_times),
-                steps=len(step_times), lr=lr, trainable_parameters=sum(p.numel() for p in params),
-                device=str(device), history=history, settings=settings.to_dict())
+    return dict(
+        method=method,
+        diverged=True,
+        diverged_reason=reason,
+        cacc=float("nan"),
+        asr=float("nan"),
+        best_epoch=None,
+        train_seconds=sum(step_times),
+        step_seconds=statistics.median(step_times),
+        steps=len(step_times),
+        lr=lr,
+        trainable_parameters=sum(p.numel() for p in params),
+        device=str(device),
+        history=history,
+        settings=settings.to_dict(),
+    )
 
 
 def _save(model, method: str, output_dir: str) -> str:
@@ -550,10 +726,21 @@ def _save(model, method: str, output_dir: str) -> str:
     return path
 
 
-def run_methods(methods: Sequence[str], model_factory: Callable[[], nn.Module], tokenizer, splits: Splits,
-                settings: Settings, *, output_dir: Optional[str] = None, save_models: bool = True,
-                save_vanilla: bool = True, progress: bool = True, log: Callable[[str], None] = print,
-                extra: Optional[dict] = None, on_step: Optional[Callable] = None) -> List[dict]:
+def run_methods(
+    methods: Sequence[str],
+    model_factory: Callable[[], nn.Module],
+    tokenizer,
+    splits: Splits,
+    settings: Settings,
+    *,
+    output_dir: str | None = None,
+    save_models: bool = True,
+    save_vanilla: bool = True,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    extra: dict | None = None,
+    on_step: Callable | None = None,
+) -> list[dict]:
     """Run every method on the same data and seed; write output_dir/results.json (and the plot) as it goes.
 
     save_models: save each adapter to output_dir/<method>/; save_vanilla: also the fully fine-tuned model (the size
@@ -573,9 +760,19 @@ def run_methods(methods: Sequence[str], model_factory: Callable[[], nn.Module], 
     plot = output_dir is not None
     for method in methods:
         log(f"== {method}")
-        results.append(train_method(method, model_factory, tokenizer, splits, settings,
-                                    output_dir=output_dir if save_models and (save_vanilla or method != "vanilla")
-                                    else None, progress=progress, log=log, on_step=on_step))
+        results.append(
+            train_method(
+                method,
+                model_factory,
+                tokenizer,
+                splits,
+                settings,
+                output_dir=output_dir if save_models and (save_vanilla or method != "vanilla") else None,
+                progress=progress,
+                log=log,
+                on_step=on_step,
+            )
+        )
         if output_dir is not None:  # after each method: an interrupted run keeps what it finished
             write_results(output_dir, results, extra=extra, complete=False)
             plot = plot and _write_plot(results, output_dir)
@@ -584,15 +781,18 @@ def run_methods(methods: Sequence[str], model_factory: Callable[[], nn.Module], 
     return results
 
 
-def _write_plot(results: List[dict], output_dir: str) -> bool:
+def _write_plot(results: list[dict], output_dir: str) -> bool:
     """results.png; without matplotlib one warning and False (the caller stops trying), never an error."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         import warnings
 
-        warnings.warn("matplotlib is not installed: results.png is skipped (pip install matplotlib); "
-                      "results.json holds every number", stacklevel=3)
+        warnings.warn(
+            "matplotlib is not installed: results.png is skipped (pip install matplotlib); "
+            "results.json holds every number",
+            stacklevel=3,
+        )
         return False
     from .plot import plot_results
 
@@ -600,8 +800,7 @@ def _write_plot(results: List[dict], output_dir: str) -> bool:
     return True
 
 
-def write_results(output_dir: str, results: List[dict], *, extra: Optional[dict] = None,
-                  complete: bool = True) -> str:
+def write_results(output_dir: str, results: list[dict], *, extra: dict | None = None, complete: bool = True) -> str:
     """output_dir/results.json: {"complete": bool, "results": [one record per method]}, strict JSON (NaN -> null).
 
     complete is False while a run is still going (or was interrupted). The file is replaced atomically (written to
@@ -621,8 +820,9 @@ def write_results(output_dir: str, results: List[dict], *, extra: Optional[dict]
 
 
 # The paper's own training recipe (its BERT/RoBERTa settings), one flag away from the defaults: `--recipe paper`.
-PAPER_RECIPE = dict(ref_size=96, ref_batch_size=16, min_ref_loss=0.4, max_raw_ratio=0.1, ga_warmup_epochs=1,
-                    freq_band=None)
+PAPER_RECIPE = dict(
+    ref_size=96, ref_batch_size=16, min_ref_loss=0.4, max_raw_ratio=0.1, ga_warmup_epochs=1, freq_band=None
+)
 RECIPES = ("default", "paper")
 
 

@@ -7,11 +7,11 @@ An adapter directory holds two files:
   checkpoint does not contain).
 Loading checks the config, the key set and every shape, and names each mismatch.
 """
+
 from __future__ import annotations
 
 import json
 import os
-from typing import Dict, Optional, Union
 
 import torch
 from torch import nn
@@ -36,7 +36,7 @@ def _config_of(model: nn.Module, caller: str) -> MuScleLoRAConfig:
     return config
 
 
-def adapter_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The tensors save_adapter writes: {state-dict key: tensor} (detached, sharing storage with the model)."""
     config = _config_of(model, "adapter_state_dict")
     layers = adapter_layers(model)
@@ -55,7 +55,7 @@ def adapter_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     return {k: state[k] for k in state if k in keys}
 
 
-def save_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> None:
+def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
     """Write the adapter of `model` (after apply_muscle_lora) to the directory `path` (created if needed)."""
     config = _config_of(model, "save_adapter")
     tensors = adapter_state_dict(model)
@@ -66,8 +66,12 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> None:
 
     # clone(): safetensors refuses tensors that share storage (tied weights), and the files must not alias the model.
     data = save({k: v.detach().to("cpu").clone().contiguous() for k, v in tensors.items()}, metadata={"format": "pt"})
-    meta = {"format_version": _FORMAT_VERSION, "model_class": type(model).__name__,
-            "model_type": getattr(getattr(model, "config", None), "model_type", None), "config": config.to_dict()}
+    meta = {
+        "format_version": _FORMAT_VERSION,
+        "model_class": type(model).__name__,
+        "model_type": getattr(getattr(model, "config", None), "model_type", None),
+        "config": config.to_dict(),
+    }
     text = json.dumps(meta, indent=2, sort_keys=True)
     # Atomically, each file: a symlink planted at either name is replaced, never written through, and a reader never
     # sees half a file.
@@ -75,7 +79,7 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     replace_atomically(os.path.join(path, CONFIG_FILE), lambda f: f.write(text.encode("utf-8")))
 
 
-def load_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
+def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load an adapter saved by save_adapter into `model` and return it.
 
     A plain model (no adapters yet) gets apply_muscle_lora with the saved config first; a model that already has
@@ -89,16 +93,19 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
             raise FileNotFoundError(f"load_adapter: {p} not found; is {path!r} a directory written by save_adapter?")
     meta = _read_meta(config_path)
     if meta.get("format_version") != _FORMAT_VERSION:
-        raise ValueError(f"load_adapter: {config_path} has format_version {meta.get('format_version')!r}, this "
-                         f"version of muscle_kernels reads {_FORMAT_VERSION}")
+        raise ValueError(
+            f"load_adapter: {config_path} has format_version {meta.get('format_version')!r}, this "
+            f"version of muscle_kernels reads {_FORMAT_VERSION}"
+        )
     try:
         saved = MuScleLoRAConfig.from_dict(meta["config"])
     except (TypeError, ValueError) as e:
-        raise ValueError(f"load_adapter: {config_path}: its \"config\" is not a MuScleLoRAConfig ({_line(e)})") \
-            from None
+        raise ValueError(f'load_adapter: {config_path}: its "config" is not a MuScleLoRAConfig ({_line(e)})') from None
     if meta.get("model_class") != type(model).__name__:
-        raise ValueError(f"load_adapter: the adapter was saved from a {meta.get('model_class')}, the model is a "
-                         f"{type(model).__name__}")
+        raise ValueError(
+            f"load_adapter: the adapter was saved from a {meta.get('model_class')}, the model is a "
+            f"{type(model).__name__}"
+        )
     current = getattr(model, CONFIG_ATTR, None)
     if current is not None:
         diff = current.diff(saved)
@@ -116,9 +123,16 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
 
         scales = {k: make_scales(*args) for k, args in scales.items()}
         plain = model.state_dict()
-        _check_tensors(path, tensors, {**{k: tuple(v.shape) for k, v in plain.items()},
-                                       **{k: shape for k, (shape, _) in _expected_shapes(model, saved).items()}},
-                       scales, only_known=False)
+        _check_tensors(
+            path,
+            tensors,
+            {
+                **{k: tuple(v.shape) for k, v in plain.items()},
+                **{k: shape for k, (shape, _) in _expected_shapes(model, saved).items()},
+            },
+            scales,
+            only_known=False,
+        )
         apply_muscle_lora(model, saved)
     else:
         from ..ops.lowrank_linear.reference import make_scales
@@ -159,13 +173,15 @@ def _read_meta(config_path: str) -> dict:
     except RecursionError:
         raise ValueError(f"load_adapter: {config_path}: not valid JSON (nested too deeply)") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
-        got = type(meta).__name__ if not isinstance(meta, dict) else "no \"config\" object"
-        raise ValueError(f"load_adapter: {config_path}: expected a JSON object with format_version, model_class "
-                         f"and a \"config\" object, got {got}")
+        got = type(meta).__name__ if not isinstance(meta, dict) else 'no "config" object'
+        raise ValueError(
+            f"load_adapter: {config_path}: expected a JSON object with format_version, model_class "
+            f'and a "config" object, got {got}'
+        )
     return meta
 
 
-def _read_weights(weights_path: str) -> Dict[str, torch.Tensor]:
+def _read_weights(weights_path: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     try:
@@ -174,8 +190,14 @@ def _read_weights(weights_path: str) -> Dict[str, torch.Tensor]:
         raise ValueError(f"load_adapter: {weights_path}: not a readable safetensors file ({_line(e)})") from None
 
 
-def _check_tensors(path, tensors: Dict[str, torch.Tensor], shapes: Dict[str, tuple], scales: Dict[str, torch.Tensor],
-                   *, only_known: bool) -> None:
+def _check_tensors(
+    path,
+    tensors: dict[str, torch.Tensor],
+    shapes: dict[str, tuple],
+    scales: dict[str, torch.Tensor],
+    *,
+    only_known: bool,
+) -> None:
     """Shapes (against `shapes`; keys unknown to it are unexpected unless `only_known`), dtypes (floating point only:
     an int64 lora_R or a bool lora_L is not an adapter), finite values, and scales equal to the config's."""
     unexpected, wrong, dtypes, bad_values, bad_scales = [], [], [], [], []
@@ -203,13 +225,15 @@ def _check_tensors(path, tensors: Dict[str, torch.Tensor], shapes: Dict[str, tup
     if bad_values:
         problems.append(f"NaN or infinite values in {bad_values[:8]}{' ...' if len(bad_values) > 8 else ''}")
     if bad_scales:
-        problems.append(f"scales that differ from the ones its config gives (k * alpha / r) in {bad_scales[:8]}"
-                        + (" ..." if len(bad_scales) > 8 else ""))
+        problems.append(
+            f"scales that differ from the ones its config gives (k * alpha / r) in {bad_scales[:8]}"
+            + (" ..." if len(bad_scales) > 8 else "")
+        )
     if problems:
         raise ValueError(f"load_adapter: {path} does not fit the model: " + " | ".join(problems))
 
 
-def _header_shapes(weights_path: str) -> Dict[str, tuple]:
+def _header_shapes(weights_path: str) -> dict[str, tuple]:
     """{key: shape} from a safetensors file's header (no tensor data read)."""
     from safetensors import safe_open
 
@@ -220,7 +244,7 @@ def _header_shapes(weights_path: str) -> Dict[str, tuple]:
         raise ValueError(f"load_adapter: {weights_path}: not a readable safetensors file ({_line(e)})") from None
 
 
-def _expected_shapes(model: nn.Module, config: MuScleLoRAConfig, scales_out: Optional[dict] = None) -> Dict[str, tuple]:
+def _expected_shapes(model: nn.Module, config: MuScleLoRAConfig, scales_out: dict | None = None) -> dict[str, tuple]:
     """{key: (shape, {axis: the config fields that set shape[axis]})} of the tensors apply_muscle_lora(model, config)
     would create, computed from the plain model's module sizes without creating anything."""
     from .heads import is_conv1d
@@ -248,12 +272,23 @@ def _expected_shapes(model: nn.Module, config: MuScleLoRAConfig, scales_out: Opt
     # scales as (band, inner rank, alpha): built by the caller only once the ranks are known to be the file's
     branches = []
     if config.lora_targets:
-        branches.append((resolve(names, config.lora_targets, "lora_targets"), config.lora_rank, "lora_rank",
-                         ((1,), config.lora_rank, config.lora_alpha)))
+        branches.append(
+            (
+                resolve(names, config.lora_targets, "lora_targets"),
+                config.lora_rank,
+                "lora_rank",
+                ((1,), config.lora_rank, config.lora_alpha),
+            )
+        )
     if config.mslr_targets:
-        branches.append((resolve(names, config.mslr_targets, "mslr_targets"),
-                         len(config.freq_band) * config.inner_rank, "inner_rank x len(freq_band)",
-                         (tuple(config.freq_band), config.inner_rank, config.mslr_alpha)))
+        branches.append(
+            (
+                resolve(names, config.mslr_targets, "mslr_targets"),
+                len(config.freq_band) * config.inner_rank,
+                "inner_rank x len(freq_band)",
+                (tuple(config.freq_band), config.inner_rank, config.mslr_alpha),
+            )
+        )
     for targets, nr, fields, scales in branches:
         for name in targets:
             if name not in sizes:
@@ -268,8 +303,9 @@ def _expected_shapes(model: nn.Module, config: MuScleLoRAConfig, scales_out: Opt
     return out
 
 
-def _check_config_against_file(model: nn.Module, config: MuScleLoRAConfig, weights_path: str,
-                               scales_out: Optional[dict] = None) -> None:
+def _check_config_against_file(
+    model: nn.Module, config: MuScleLoRAConfig, weights_path: str, scales_out: dict | None = None
+) -> None:
     """Every size the saved config sets (the ranks, the score head's width) must be the one the weights file holds,
     and every adapter tensor the config implies must be in it: a tampered or mismatched config (say inner_rank 1e7)
     is refused here, before apply_muscle_lora allocates it. Sizes the model sets (in/out features) are compared
@@ -288,12 +324,17 @@ def _check_config_against_file(model: nn.Module, config: MuScleLoRAConfig, weigh
             fields = ", ".join(f"{config_axes[a]} = {shape[a]}" for a in bad)
             wrong.append(f"{key}: saved {got}, the config ({fields}) implies {shape}")
     if wrong:
-        raise ValueError(f"load_adapter: the config in {path} does not match its weights file: "
-                         + "; ".join(wrong[:8]) + (" ..." if len(wrong) > 8 else ""))
+        raise ValueError(
+            f"load_adapter: the config in {path} does not match its weights file: "
+            + "; ".join(wrong[:8])
+            + (" ..." if len(wrong) > 8 else "")
+        )
     if missing:
         missing.sort()
-        raise ValueError(f"load_adapter: {path} does not fit the model: missing tensors "
-                         f"{missing[:8]}{' ...' if len(missing) > 8 else ''}")
+        raise ValueError(
+            f"load_adapter: {path} does not fit the model: missing tensors "
+            f"{missing[:8]}{' ...' if len(missing) > 8 else ''}"
+        )
 
 
 @torch.no_grad()
@@ -321,8 +362,9 @@ def merge_and_unload(model: nn.Module, *, collapse_head: bool = True) -> nn.Modu
     if collapse_head and isinstance(head, ScoreHead):
         weight = head.collapsed_weight()
         linear = nn.Linear(head.in_features, head.out_features, bias=False, device="meta")
-        linear.weight = nn.Parameter(weight.to(head.out_proj.weight.dtype),
-                                     requires_grad=head.out_proj.weight.requires_grad)
+        linear.weight = nn.Parameter(
+            weight.to(head.out_proj.weight.dtype), requires_grad=head.out_proj.weight.requires_grad
+        )
         model.score = linear.train(head.training)
     if hasattr(model, CONFIG_ATTR):
         delattr(model, CONFIG_ATTR)

@@ -5,9 +5,8 @@ Matching nn.Linear modules (and GPT-2's Conv1D, converted to an nn.Linear first 
 `dtype=torch.bfloat16` or a `device_map` works unchanged: each adapter is created on its base weight's device and in
 its dtype. Everything else is frozen except the config's `trainable` patterns.
 """
-from __future__ import annotations
 
-from typing import Dict, Optional
+from __future__ import annotations
 
 from torch import nn
 
@@ -17,19 +16,24 @@ from .config import MuScleLoRAConfig
 from .heads import ScoreHead, is_conv1d, linear_from_conv1d
 from .patterns import resolve
 
-__all__ = ["apply_muscle_lora", "adapter_layers", "trainable_parameter_summary", "print_trainable_parameters",
-           "CONFIG_ATTR"]
+__all__ = [
+    "apply_muscle_lora",
+    "adapter_layers",
+    "trainable_parameter_summary",
+    "print_trainable_parameters",
+    "CONFIG_ATTR",
+]
 
 # The attribute under which the applied config lives on the model (read by save_adapter / export_peft).
 CONFIG_ATTR = "muscle_lora_config"
 
 
-def adapter_layers(model: nn.Module) -> Dict[str, MuScleLoRALinear]:
+def adapter_layers(model: nn.Module) -> dict[str, MuScleLoRALinear]:
     """{module name: layer} for every MuScleLoRALinear in `model`, in model order."""
     return {n: m for n, m in model.named_modules() if isinstance(m, MuScleLoRALinear)}
 
 
-def apply_muscle_lora(model: nn.Module, config: Optional[MuScleLoRAConfig] = None, **overrides) -> nn.Module:
+def apply_muscle_lora(model: nn.Module, config: MuScleLoRAConfig | None = None, **overrides) -> nn.Module:
     """Swap the config's target modules for MuScleLoRALinear in place, freeze the rest, and return `model`.
 
     config: a MuScleLoRAConfig; None builds the paper's recipe with MuScleLoRAConfig.for_model(model, **overrides).
@@ -41,13 +45,16 @@ def apply_muscle_lora(model: nn.Module, config: Optional[MuScleLoRAConfig] = Non
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     existing = adapter_layers(model)
     if existing:
-        raise RuntimeError(f"apply_muscle_lora: the model already has MuScleLoRA layers ({next(iter(existing))}, "
-                           "...); use load_adapter to load weights into it, or merge_and_unload first")
+        raise RuntimeError(
+            f"apply_muscle_lora: the model already has MuScleLoRA layers ({next(iter(existing))}, "
+            "...); use load_adapter to load weights into it, or merge_and_unload first"
+        )
     if config is None:
         config = MuScleLoRAConfig.for_model(model, **overrides)
     elif not isinstance(config, MuScleLoRAConfig):
-        raise TypeError(f"config: expected a MuScleLoRAConfig (or None for the paper's recipe), "
-                        f"got {type(config).__name__}")
+        raise TypeError(
+            f"config: expected a MuScleLoRAConfig (or None for the paper's recipe), got {type(config).__name__}"
+        )
     elif overrides:
         config = MuScleLoRAConfig.from_dict({**config.to_dict(), **overrides})
 
@@ -80,23 +87,37 @@ def apply_muscle_lora(model: nn.Module, config: Optional[MuScleLoRAConfig] = Non
 def _replace_score_head(model: nn.Module, config: MuScleLoRAConfig) -> None:
     score = getattr(model, "score", None)
     if not isinstance(score, nn.Linear):
-        raise ValueError(f"score_head_hidden: the two-layer head replaces the model's `score` nn.Linear, but "
-                         f"{type(model).__name__}.score is {type(score).__name__}; set score_head_hidden=None")
+        raise ValueError(
+            f"score_head_hidden: the two-layer head replaces the model's `score` nn.Linear, but "
+            f"{type(model).__name__}.score is {type(score).__name__}; set score_head_hidden=None"
+        )
     if score.weight.is_meta:
-        raise ValueError("score_head_hidden: the model's score head is on the meta device (offloaded); load the "
-                         "model without disk/meta offload of the head")
-    model.score = ScoreHead(score.in_features, score.out_features, inner=config.score_head_hidden,
-                            dropout=config.score_head_dropout, device=score.weight.device, dtype=score.weight.dtype)
+        raise ValueError(
+            "score_head_hidden: the model's score head is on the meta device (offloaded); load the "
+            "model without disk/meta offload of the head"
+        )
+    model.score = ScoreHead(
+        score.in_features,
+        score.out_features,
+        inner=config.score_head_hidden,
+        dropout=config.score_head_dropout,
+        device=score.weight.device,
+        dtype=score.weight.dtype,
+    )
     model.score.train(score.training)  # a new module starts in training mode; follow the model's mode
 
 
 def _check_target(field: str, name: str, module: nn.Module) -> None:
     if not (isinstance(module, nn.Linear) or is_conv1d(module)):
-        raise TypeError(f"{field}: {name!r} is a {type(module).__name__}; adapters go on nn.Linear (or GPT-2 "
-                        "Conv1D) modules -- use a more specific pattern")
+        raise TypeError(
+            f"{field}: {name!r} is a {type(module).__name__}; adapters go on nn.Linear (or GPT-2 "
+            "Conv1D) modules -- use a more specific pattern"
+        )
     if module.weight.is_meta:
-        raise ValueError(f"{field}: {name!r} has its weight on the meta device (offloaded by device_map); "
-                         "MuScleLoRA needs the base weights in memory (CPU or GPU)")
+        raise ValueError(
+            f"{field}: {name!r} has its weight on the meta device (offloaded by device_map); "
+            "MuScleLoRA needs the base weights in memory (CPU or GPU)"
+        )
 
 
 def _swap(model: nn.Module, name: str, module: nn.Module, spec: AdapterSpec, backend: str) -> None:
@@ -124,14 +145,16 @@ def _set_trainable(model: nn.Module, patterns) -> None:
     # else is a mistake worth reporting.
     skip = {id(m.weight) for m in layers} | {id(m.bias) for m in layers if m.bias is not None}
     skip |= {id(m.lora_L) for m in layers} | {id(m.lora_R) for m in layers}
-    for pattern in ([patterns] if isinstance(patterns, str) else patterns):
+    for pattern in [patterns] if isinstance(patterns, str) else patterns:
         selected = set(resolve(names, pattern if isinstance(patterns, str) else [pattern], "trainable"))
         hits = [(n, p) for n, p in model.named_parameters() if any(q in selected for q in _prefixes(n))]
         usable = [p for _, p in hits if id(p) not in skip]
         if not usable:
-            raise ValueError(f"trainable: {pattern!r} only selects adapter layers ({[n for n, _ in hits][:4]}), "
-                             "whose factors train already and whose base weights stay frozen; drop it, or drop the "
-                             "module from lora_targets/mslr_targets to train it in full")
+            raise ValueError(
+                f"trainable: {pattern!r} only selects adapter layers ({[n for n, _ in hits][:4]}), "
+                "whose factors train already and whose base weights stay frozen; drop it, or drop the "
+                "module from lora_targets/mslr_targets to train it in full"
+            )
         for p in usable:
             p.requires_grad_(True)
 
@@ -153,14 +176,21 @@ def trainable_parameter_summary(model: nn.Module) -> dict:
         if p.requires_grad:
             trainable += p.numel()
             adapter += p.numel() if id(p) in adapter_ids else 0
-    return dict(trainable=trainable, total=total, adapter=adapter, other_trainable=trainable - adapter,
-                percent=100.0 * trainable / max(total, 1))
+    return dict(
+        trainable=trainable,
+        total=total,
+        adapter=adapter,
+        other_trainable=trainable - adapter,
+        percent=100.0 * trainable / max(total, 1),
+    )
 
 
 def print_trainable_parameters(model: nn.Module) -> str:
     """Print (and return) PEFT's one-line summary: trainable params || all params || trainable%."""
     s = trainable_parameter_summary(model)
-    line = (f"trainable params: {s['trainable']:,} (adapters {s['adapter']:,}, other {s['other_trainable']:,}) "
-            f"|| all params: {s['total']:,} || trainable%: {s['percent']:.4f}")
+    line = (
+        f"trainable params: {s['trainable']:,} (adapters {s['adapter']:,}, other {s['other_trainable']:,}) "
+        f"|| all params: {s['total']:,} || trainable%: {s['percent']:.4f}"
+    )
     print(line)
     return line

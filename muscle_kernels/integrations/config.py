@@ -27,20 +27,20 @@ initialised head is not part of the pretrained checkpoint and the adapter is use
 Patterns follow PEFT's `target_modules`: a list entry matches a module whose full name equals it or ends with
 "." + entry; a single string is a regular expression that must match the full name.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
-from typing import List, Optional, Union
 
 from .._spec import SpecError, integer, probability
 from ..nn.spec import AdapterSpec
 
 __all__ = ["MuScleLoRAConfig", "BANDS"]
 
-Patterns = Union[str, List[str]]
+Patterns = str | list[str]
 
 # The paper's frequency bands per checkpoint family (its plmDefense.py and llm configs).
 BANDS = {
@@ -93,14 +93,14 @@ class MuScleLoRAConfig:
     lora_rank: int = 8
     lora_alpha: float = 32.0
     mslr_targets: Patterns = field(default_factory=list)
-    freq_band: List[float] = field(default_factory=lambda: list(_DEFAULT.freq_band))
+    freq_band: list[float] = field(default_factory=lambda: list(_DEFAULT.freq_band))
     inner_rank: int = _DEFAULT.inner_rank
     mslr_alpha: float = 6.0  # the paper's encoder recipe (the layer's own default, 4, is its LLM one)
     dropout: float = _DEFAULT.dropout
     init: str = _DEFAULT.init
     trainable: Patterns = field(default_factory=list)
     modules_to_save: Patterns = field(default_factory=list)
-    score_head_hidden: Optional[int] = None
+    score_head_hidden: int | None = None
     score_head_dropout: float = 0.1
     backend: str = "auto"
 
@@ -110,13 +110,17 @@ class MuScleLoRAConfig:
             if isinstance(value, (tuple, set, frozenset)):
                 value = sorted(value) if isinstance(value, (set, frozenset)) else list(value)
                 setattr(self, name, value)
-            if not isinstance(value, (str, list)) or (isinstance(value, list)
-                                                       and not all(isinstance(p, str) and p for p in value)):
-                raise TypeError(f"{name}: expected a list of module-name patterns or one regular expression, "
-                                f"got {value!r}")
+            if not isinstance(value, (str, list)) or (
+                isinstance(value, list) and not all(isinstance(p, str) and p for p in value)
+            ):
+                raise TypeError(
+                    f"{name}: expected a list of module-name patterns or one regular expression, got {value!r}"
+                )
         if not self.lora_targets and not self.mslr_targets:
-            raise ValueError("MuScleLoRAConfig: give lora_targets and/or mslr_targets (module-name patterns); "
-                             "MuScleLoRAConfig.for_model(model) builds the paper's recipe")
+            raise ValueError(
+                "MuScleLoRAConfig: give lora_targets and/or mslr_targets (module-name patterns); "
+                "MuScleLoRAConfig.for_model(model) builds the paper's recipe"
+            )
         # Every adapter field goes through AdapterSpec's own check, named as this config names it.
         check = AdapterSpec.check
         self.lora_rank = check("inner_rank", self.lora_rank, name="lora_rank")
@@ -149,7 +153,7 @@ class MuScleLoRAConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "MuScleLoRAConfig":
+    def from_dict(cls, data: dict) -> MuScleLoRAConfig:
         if not isinstance(data, dict):
             raise TypeError(f"data: expected a dict, got {type(data).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
@@ -162,26 +166,26 @@ class MuScleLoRAConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "MuScleLoRAConfig":
+    def from_json(cls, text: str) -> MuScleLoRAConfig:
         return cls.from_dict(json.loads(text))
 
-    def save(self, path: Union[str, os.PathLike]) -> None:
+    def save(self, path: str | os.PathLike) -> None:
         with open(path, "w") as f:
             f.write(self.to_json())
 
     @classmethod
-    def load(cls, path: Union[str, os.PathLike]) -> "MuScleLoRAConfig":
+    def load(cls, path: str | os.PathLike) -> MuScleLoRAConfig:
         with open(path) as f:
             return cls.from_json(f.read())
 
-    def diff(self, other: "MuScleLoRAConfig") -> dict:
+    def diff(self, other: MuScleLoRAConfig) -> dict:
         """{field: (self's value, other's value)} for every field that differs."""
         a, b = self.to_dict(), other.to_dict()
         return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
 
     # -- the paper's recipes -----------------------------------------------------------------------------------------
     @classmethod
-    def for_model(cls, model, **overrides) -> "MuScleLoRAConfig":
+    def for_model(cls, model, **overrides) -> MuScleLoRAConfig:
         """The paper's recipe for `model` (a transformers model); keyword arguments override single fields."""
         recipe = _recipe(model, has_lora_targets="lora_targets" in overrides)
         unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cls)})
@@ -194,12 +198,14 @@ class MuScleLoRAConfig:
 def _model_config(model):
     config = getattr(model, "config", None)
     if config is None:
-        raise TypeError(f"model: expected a transformers model with a .config, got {type(model).__name__}; "
-                        "build MuScleLoRAConfig(lora_targets=..., mslr_targets=...) by hand for other modules")
+        raise TypeError(
+            f"model: expected a transformers model with a .config, got {type(model).__name__}; "
+            "build MuScleLoRAConfig(lora_targets=..., mslr_targets=...) by hand for other modules"
+        )
     return config
 
 
-def _lora_targets_for(model_type: str) -> Optional[List[str]]:
+def _lora_targets_for(model_type: str) -> list[str] | None:
     try:
         from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as peft_table
     except ImportError:  # peft is optional; our small table covers the paper's models
@@ -209,7 +215,7 @@ def _lora_targets_for(model_type: str) -> Optional[List[str]]:
 
 
 def _size_class(config) -> str:
-    """"large", "base" or "small" (see the module docstring)."""
+    """ "large", "base" or "small" (see the module docstring)."""
     layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None) or 0
     hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None) or 0
     if layers >= 24 or hidden >= 1024:
@@ -222,9 +228,11 @@ def _recipe(model, has_lora_targets: bool = False) -> dict:
 
     config = _model_config(model)
     if getattr(model, "muscle_lora_config", None) is not None:  # apply.CONFIG_ATTR (apply imports this module)
-        raise ValueError(f"MuScleLoRAConfig.for_model: this {type(model).__name__} already has MuScleLoRA adapters "
-                         "(apply_muscle_lora was called on it); its config is model.muscle_lora_config -- call "
-                         "for_model on the plain model")
+        raise ValueError(
+            f"MuScleLoRAConfig.for_model: this {type(model).__name__} already has MuScleLoRA adapters "
+            "(apply_muscle_lora was called on it); its config is model.muscle_lora_config -- call "
+            "for_model on the plain model"
+        )
     model_type = getattr(config, "model_type", None) or type(model).__name__
     lora_targets = _lora_targets_for(model_type)
     classifier = getattr(model, "classifier", None)
@@ -243,18 +251,37 @@ def _recipe(model, has_lora_targets: bool = False) -> dict:
             f"MuScleLoRAConfig.for_model: no recipe for {type(model).__name__} (model_type {model_type!r}): the paper's "
             "recipes need a BERT-style head (pooler.dense + classifier), a RoBERTa-style head (classifier.dense + "
             "classifier.out_proj) or an LLM `score` head. Build MuScleLoRAConfig(lora_targets=[...], "
-            "mslr_targets=[...], modules_to_save=[...]) with your model's module names instead")
+            "mslr_targets=[...], modules_to_save=[...]) with your model's module names instead"
+        )
     if lora_targets is None and not has_lora_targets:
         raise ValueError(
             f"MuScleLoRAConfig.for_model: unknown attention module names for model_type {model_type!r}; pass "
             "lora_targets=[...] (e.g. the query and value projections' names), e.g. "
-            f"MuScleLoRAConfig.for_model(model, lora_targets=['q_proj', 'v_proj'])")
+            f"MuScleLoRAConfig.for_model(model, lora_targets=['q_proj', 'v_proj'])"
+        )
 
     if family == "llm":
-        return dict(lora_targets=lora_targets, lora_rank=2, lora_alpha=8.0, mslr_targets=mslr_targets,
-                    freq_band=list(BANDS["llm"]), inner_rank=1, mslr_alpha=4.0, modules_to_save=[head],
-                    score_head_hidden=16, score_head_dropout=0.1)
+        return dict(
+            lora_targets=lora_targets,
+            lora_rank=2,
+            lora_alpha=8.0,
+            mslr_targets=mslr_targets,
+            freq_band=list(BANDS["llm"]),
+            inner_rank=1,
+            mslr_alpha=4.0,
+            modules_to_save=[head],
+            score_head_hidden=16,
+            score_head_dropout=0.1,
+        )
     size = _size_class(config)
     band = BANDS[size] if size != "base" else BANDS[f"{family}-base"]
-    return dict(lora_targets=lora_targets, lora_rank=8, lora_alpha=32.0, mslr_targets=mslr_targets,
-                freq_band=list(band), inner_rank=1, mslr_alpha=6.0, modules_to_save=[head])
+    return dict(
+        lora_targets=lora_targets,
+        lora_rank=8,
+        lora_alpha=32.0,
+        mslr_targets=mslr_targets,
+        freq_band=list(band),
+        inner_rank=1,
+        mslr_alpha=6.0,
+        modules_to_save=[head],
+    )

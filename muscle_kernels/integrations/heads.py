@@ -5,6 +5,7 @@ dropout in between, and puts the multi-scale branches on the first one. Without 
 one linear map in eval mode, `out_proj.weight @ dense.weight`, which is what lets merge_and_unload and export_peft
 collapse the head back into a plain `score` Linear that any transformers / PEFT code can load.
 """
+
 from __future__ import annotations
 
 import torch
@@ -16,8 +17,9 @@ __all__ = ["ScoreHead", "linear_from_conv1d", "conv1d_from_linear", "is_conv1d"]
 class ScoreHead(nn.Module):
     """hidden -> inner -> labels, no bias, dropout between the layers (the paper's LLMCLassificationHead)."""
 
-    def __init__(self, hidden_size: int, num_labels: int, inner: int = 16, dropout: float = 0.1, *,
-                 device=None, dtype=None):
+    def __init__(
+        self, hidden_size: int, num_labels: int, inner: int = 16, dropout: float = 0.1, *, device=None, dtype=None
+    ):
         super().__init__()
         self.dense = nn.Linear(hidden_size, inner, bias=False, device=device, dtype=dtype)
         self.dropout = nn.Dropout(dropout)

@@ -11,12 +11,12 @@ adapter layer inside them (folded into the saved weight). The paper's two-layer 
 `score` Linear it equals in eval mode, so `PeftModel.from_pretrained(AutoModelForSequenceClassification...(...),
 path)` reproduces our outputs with a stock base model.
 """
+
 from __future__ import annotations
 
 import json
 import os
 from collections import Counter
-from typing import Dict, Union
 
 import torch
 from torch import nn
@@ -41,14 +41,16 @@ def _saved_modules(model: nn.Module, config) -> list:
         if p.requires_grad and id(p) not in adapter_ids:
             owner = pname.rpartition(".")[0]
             if not owner:
-                raise ValueError(f"export_peft: the trainable parameter {pname!r} belongs to the top-level model; "
-                                 "PEFT can only save whole submodules (modules_to_save)")
+                raise ValueError(
+                    f"export_peft: the trainable parameter {pname!r} belongs to the top-level model; "
+                    "PEFT can only save whole submodules (modules_to_save)"
+                )
             names.add(owner)
     # Keep only outermost modules: PEFT wraps each one as a whole.
     return sorted(n for n in names if not any(n.startswith(o + ".") for o in names if o != n))
 
 
-def _module_state(module: nn.Module) -> Dict[str, torch.Tensor]:
+def _module_state(module: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict a stock copy of `module` expects: adapters folded in, the LLM head collapsed."""
     if isinstance(module, ScoreHead):
         return {"weight": module.collapsed_weight()}
@@ -72,7 +74,7 @@ def _module_state(module: nn.Module) -> Dict[str, torch.Tensor]:
     return out
 
 
-def peft_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+def peft_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """{PEFT key: tensor} as export_peft writes them (keys prefixed with "base_model.model.")."""
     config = _config_of(model, "export_peft")
     saved = _saved_modules(model, config)
@@ -81,8 +83,10 @@ def peft_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
         if any(name == s or name.startswith(s + ".") for s in saved):
             continue  # folded into its module's saved weights
         if layer.merged:
-            raise RuntimeError(f"export_peft: the adapter of {name!r} is merged into its base weight; unmerge() it "
-                               "first (or export the merged model with save_pretrained)")
+            raise RuntimeError(
+                f"export_peft: the adapter of {name!r} is merged into its base weight; unmerge() it "
+                "first (or export the merged model with save_pretrained)"
+            )
         s = layer.scales.float()
         tensors[f"base_model.model.{name}.lora_A.weight"] = layer.lora_L.detach().float().contiguous()
         tensors[f"base_model.model.{name}.lora_B.weight"] = (layer.lora_R.detach().float() * s).contiguous()
@@ -92,7 +96,7 @@ def peft_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     return tensors
 
 
-def export_peft(model: nn.Module, path: Union[str, os.PathLike], *, base_model_name_or_path: str = None) -> dict:
+def export_peft(model: nn.Module, path: str | os.PathLike, *, base_model_name_or_path: str = None) -> dict:
     """Write `path/adapter_config.json` and `path/adapter_model.safetensors` (a PEFT LoRA adapter); return the config.
 
     base_model_name_or_path: recorded in the config; defaults to model.config._name_or_path.
@@ -101,8 +105,7 @@ def export_peft(model: nn.Module, path: Union[str, os.PathLike], *, base_model_n
 
     config = _config_of(model, "export_peft")
     saved = _saved_modules(model, config)
-    layers = {n: m for n, m in adapter_layers(model).items()
-              if not any(n == s or n.startswith(s + ".") for s in saved)}
+    layers = {n: m for n, m in adapter_layers(model).items() if not any(n == s or n.startswith(s + ".") for s in saved)}
     if not layers and not saved:
         raise ValueError("export_peft: nothing to export (no adapter layers and no modules to save)")
     ranks = {name: m.lora_L.shape[0] for name, m in layers.items()}
@@ -110,8 +113,10 @@ def export_peft(model: nn.Module, path: Union[str, os.PathLike], *, base_model_n
     rank_pattern = {name: k for name, k in ranks.items() if k != r}
     conv = [n for n, m in layers.items() if getattr(m, "muscle_source", "linear") == "conv1d"]
     if conv and len(conv) != len(layers):
-        raise ValueError("export_peft: PEFT has one fan_in_fan_out flag per adapter, but this model mixes Conv1D "
-                         f"targets ({conv[:2]}) with nn.Linear targets; export them as separate adapters")
+        raise ValueError(
+            "export_peft: PEFT has one fan_in_fan_out flag per adapter, but this model mixes Conv1D "
+            f"targets ({conv[:2]}) with nn.Linear targets; export them as separate adapters"
+        )
     hf_config = getattr(model, "config", None)
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(hf_config, "_name_or_path", None) or None
@@ -137,8 +142,11 @@ def export_peft(model: nn.Module, path: Union[str, os.PathLike], *, base_model_n
     }
     tensors = peft_state_dict(model)
     os.makedirs(path, exist_ok=True)
-    save_file({k: v.to("cpu").clone().contiguous() for k, v in tensors.items()},
-              os.path.join(path, "adapter_model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {k: v.to("cpu").clone().contiguous() for k, v in tensors.items()},
+        os.path.join(path, "adapter_model.safetensors"),
+        metadata={"format": "pt"},
+    )
     with open(os.path.join(path, "adapter_config.json"), "w") as f:
         json.dump(peft_config, f, indent=2, sort_keys=True)
     return peft_config

@@ -18,10 +18,12 @@ Several processes (align/distributed.py): under DDP the reference gradient is av
 MuScleLoRATrainer is a thin Trainer subclass that builds the callback from a reference dataset and merges its stats
 into the Trainer's own log entries, so every reporter (TensorBoard, W&B, ...) sees them.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, List, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -48,8 +50,9 @@ def hf_loss(model: nn.Module, batch) -> torch.Tensor:
     out = model(**_to_device(batch, device))
     loss = out["loss"] if isinstance(out, dict) or hasattr(out, "keys") else getattr(out, "loss", None)
     if loss is None:
-        raise ValueError("hf_loss: the model returned no loss; reference batches must contain `labels` (or pass "
-                         "loss_fn=...)")
+        raise ValueError(
+            "hf_loss: the model returned no loss; reference batches must contain `labels` (or pass loss_fn=...)"
+        )
     return loss
 
 
@@ -73,13 +76,22 @@ class MuScleLoRACallback(TrainerCallback):
     ref_grad_norm, mean_cosine, grad_norm).
     """
 
-    def __init__(self, ref_batches=None, *, aligner=None, loss_fn: Optional[Callable[[nn.Module, Any], Any]] = None,
-                 max_grad_norm: Optional[float] = None, **aligner_kwargs):
+    def __init__(
+        self,
+        ref_batches=None,
+        *,
+        aligner=None,
+        loss_fn: Callable[[nn.Module, Any], Any] | None = None,
+        max_grad_norm: float | None = None,
+        **aligner_kwargs,
+    ):
         if aligner is None and ref_batches is None:
             raise ValueError("MuScleLoRACallback: pass ref_batches (the clean reference batches) or a ready aligner")
         if aligner is not None and (ref_batches is not None or aligner_kwargs or loss_fn is not None):
-            raise ValueError("MuScleLoRACallback: with a ready aligner, pass no ref_batches, loss_fn or aligner "
-                             "keywords (they are the aligner's)")
+            raise ValueError(
+                "MuScleLoRACallback: with a ready aligner, pass no ref_batches, loss_fn or aligner "
+                "keywords (they are the aligner's)"
+            )
         if max_grad_norm is not None and (not isinstance(max_grad_norm, (int, float)) or max_grad_norm < 0):
             raise ValueError(f"max_grad_norm: expected None or a number >= 0, got {max_grad_norm!r}")
         self.aligner = aligner
@@ -87,17 +99,19 @@ class MuScleLoRACallback(TrainerCallback):
         self.loss_fn = loss_fn or hf_loss
         self.aligner_kwargs = aligner_kwargs
         self.max_grad_norm = max_grad_norm
-        self.history: List[Dict[str, Any]] = []
-        self._pending: List[Dict[str, Any]] = []
-        self._trainer_clip: Optional[float] = None
-        self._update: Optional[AlignClipStep] = None
+        self.history: list[dict[str, Any]] = []
+        self._pending: list[dict[str, Any]] = []
+        self._trainer_clip: float | None = None
+        self._update: AlignClipStep | None = None
 
     # -- life cycle --------------------------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if getattr(args, "deepspeed", None):
-            raise ValueError("MuScleLoRACallback: DeepSpeed keeps the gradients in its own partitioned buffers, not "
-                             "in .grad, so they cannot be aligned before its optimizer step; use DDP or FSDP2 "
-                             "(fsdp_config={'fsdp_version': 2}) instead")
+            raise ValueError(
+                "MuScleLoRACallback: DeepSpeed keeps the gradients in its own partitioned buffers, not "
+                "in .grad, so they cannot be aligned before its optimizer step; use DDP or FSDP2 "
+                "(fsdp_config={'fsdp_version': 2}) instead"
+            )
         if model is None:
             raise ValueError("MuScleLoRACallback: the Trainer passed no model to the callback")
         from ..align.distributed import check_engine
@@ -127,15 +141,22 @@ class MuScleLoRACallback(TrainerCallback):
         epoch = int(state.epoch or 0)
         done = self._update(model, epoch)  # align, then clip; the Trainer steps the optimizer next
         info = done.align
-        record = dict(step=state.global_step + 1, epoch=epoch, branch=info.branch, raw_ratio=info.raw_ratio,
-                      ref_loss=info.ref_loss, ref_grad_norm=info.ref_grad_norm, mean_cosine=info.mean_cosine,
-                      grad_norm=done.grad_norm)
+        record = dict(
+            step=state.global_step + 1,
+            epoch=epoch,
+            branch=info.branch,
+            raw_ratio=info.raw_ratio,
+            ref_loss=info.ref_loss,
+            ref_grad_norm=info.ref_grad_norm,
+            mean_cosine=info.mean_cosine,
+            grad_norm=done.grad_norm,
+        )
         self.history.append(record)
         self._pending.append(record)
         return control
 
     # -- logging -----------------------------------------------------------------------------------------------------
-    def pop_log_stats(self) -> Dict[str, float]:
+    def pop_log_stats(self) -> dict[str, float]:
         """Means over the optimizer steps since the last call, as float log entries (ga_*); {} when none."""
         pending, self._pending = self._pending, []
         if not pending:
@@ -172,12 +193,22 @@ class MuScleLoRATrainer(Trainer):
     The ga_* stats join the Trainer's own training log entries.
     """
 
-    def __init__(self, *args, ref_dataset=None, ref_batches=None, ga_loss_fn=None, ga_max_grad_norm=None,
-                 aligner_kwargs: Optional[dict] = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        ref_dataset=None,
+        ref_batches=None,
+        ga_loss_fn=None,
+        ga_max_grad_norm=None,
+        aligner_kwargs: dict | None = None,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         if (ref_dataset is None) == (ref_batches is None):
-            raise ValueError("MuScleLoRATrainer: pass exactly one of ref_dataset (clean reference samples) and "
-                             "ref_batches (ready reference batches)")
+            raise ValueError(
+                "MuScleLoRATrainer: pass exactly one of ref_dataset (clean reference samples) and "
+                "ref_batches (ready reference batches)"
+            )
         if ref_dataset is not None:
             from torch.utils.data import DataLoader
 
@@ -190,10 +221,16 @@ class MuScleLoRATrainer(Trainer):
                 from torch.utils.data import DistributedSampler
 
                 sampler = DistributedSampler(ref_dataset, shuffle=True, seed=self.args.seed)
-            ref_batches = DataLoader(ref_dataset, batch_size=self.args.per_device_train_batch_size,
-                                     shuffle=sampler is None, sampler=sampler, collate_fn=self.data_collator)
-        self.muscle_callback = MuScleLoRACallback(ref_batches, loss_fn=ga_loss_fn, max_grad_norm=ga_max_grad_norm,
-                                                  **(aligner_kwargs or {}))
+            ref_batches = DataLoader(
+                ref_dataset,
+                batch_size=self.args.per_device_train_batch_size,
+                shuffle=sampler is None,
+                sampler=sampler,
+                collate_fn=self.data_collator,
+            )
+        self.muscle_callback = MuScleLoRACallback(
+            ref_batches, loss_fn=ga_loss_fn, max_grad_norm=ga_max_grad_norm, **(aligner_kwargs or {})
+        )
         self.add_callback(self.muscle_callback)
 
     def log(self, logs, *args, **kwargs):

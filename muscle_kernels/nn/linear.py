@@ -5,10 +5,11 @@ scales s_j = k_i * alpha / r live in a buffer. The forward pass is one call of t
 picks the Triton kernels on CUDA and the composed-GEMM path on the CPU. The hyper-parameters are an AdapterSpec
 (nn/spec.py), checked once.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -57,8 +58,9 @@ class MuScleLoRALinear(nn.Module):
         self._setup(base.weight, base.bias, spec, backend)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, spec: Optional[AdapterSpec] = None, *, backend: str = "auto",
-                    **fields) -> "MuScleLoRALinear":
+    def from_linear(
+        cls, linear: nn.Linear, spec: AdapterSpec | None = None, *, backend: str = "auto", **fields
+    ) -> MuScleLoRALinear:
         """Wrap an existing nn.Linear: its weight and bias Parameters are reused (not copied) and frozen.
 
         spec: an AdapterSpec; or give its fields as keywords (freq_band=..., alpha=..., as in the constructor)."""
@@ -116,8 +118,15 @@ class MuScleLoRALinear(nn.Module):
         if self.merged:
             return nn.functional.linear(x, self.weight, self.bias)
         return muscle_lora_linear(
-            x, self.weight, self.bias, self.lora_L, self.lora_R, self.scales,
-            dropout_p=self.dropout, training=self.training, backend=self.backend,
+            x,
+            self.weight,
+            self.bias,
+            self.lora_L,
+            self.lora_R,
+            self.scales,
+            dropout_p=self.dropout,
+            training=self.training,
+            backend=self.backend,
         )
 
     @torch.no_grad()
@@ -153,11 +162,13 @@ class MuScleLoRALinear(nn.Module):
         if self.merged:
             destination[prefix + self._MERGED_KEY] = torch.tensor(True)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         flag = state_dict.pop(prefix + self._MERGED_KEY, None)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
         if flag is not None and (not isinstance(flag, torch.Tensor) or flag.numel() != 1):
             error_msgs.append(f"{prefix}{self._MERGED_KEY}: expected a one-element bool tensor, got {flag!r}")
             return
@@ -179,7 +190,7 @@ class MuScleLoRALinear(nn.Module):
         return text
 
 
-def _spec_from(spec: Optional[AdapterSpec], fields: dict) -> AdapterSpec:
+def _spec_from(spec: AdapterSpec | None, fields: dict) -> AdapterSpec:
     if spec is None:
         return AdapterSpec(**fields)
     if not isinstance(spec, AdapterSpec):

@@ -3,6 +3,7 @@
 It holds the same parameters as MuScleLoRALinear and computes the same function, but the way the paper's code does:
 the dense [out, in] delta R (L * K) is rebuilt at every forward, then multiplied by alpha / r.
 """
+
 from __future__ import annotations
 
 from torch import nn

@@ -4,10 +4,10 @@ The layer (MuScleLoRALinear), the Hugging Face config (MuScleLoRAConfig, one spe
 its multi-scale targets), the training Settings and the CLI all go through these checks, so a mistake reads the same
 wherever it is made. The default values below are the only place they are written.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
 
 from .._spec import Spec, SpecError, integer, one_of, positive_number, probability, scales
 
@@ -31,14 +31,15 @@ class AdapterSpec(Spec):
     Plain LoRA of rank r is `AdapterSpec.lora(r, alpha)`: freq_band (1,), init "lora".
     """
 
-    freq_band: Tuple[float, ...] = (1, 2, 3, 4)
+    freq_band: tuple[float, ...] = (1, 2, 3, 4)
     inner_rank: int = 1
     alpha: float = 4.0
     dropout: float = 0.0
     init: str = "lora"
 
-    CHECKS = dict(freq_band=scales, inner_rank=integer(1), alpha=positive_number, dropout=probability,
-                  init=one_of(INIT_MODES))
+    CHECKS = dict(
+        freq_band=scales, inner_rank=integer(1), alpha=positive_number, dropout=probability, init=one_of(INIT_MODES)
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -52,11 +53,15 @@ class AdapterSpec(Spec):
         if max(freq_band) * per_k < FLOAT32_MAX:
             return
         name, value = (alpha_name, alpha) if per_k >= FLOAT32_MAX else (band_name, freq_band)
-        raise SpecError(name, f"values whose scales k * alpha / inner_rank stay finite in float32 (largest band "
-                              f"{max(freq_band):g}, alpha {alpha:g}, inner_rank {inner_rank})", value)
+        raise SpecError(
+            name,
+            f"values whose scales k * alpha / inner_rank stay finite in float32 (largest band "
+            f"{max(freq_band):g}, alpha {alpha:g}, inner_rank {inner_rank})",
+            value,
+        )
 
     @classmethod
-    def lora(cls, rank: int, alpha: float, dropout: float = 0.0) -> "AdapterSpec":
+    def lora(cls, rank: int, alpha: float, dropout: float = 0.0) -> AdapterSpec:
         """Plain LoRA (one branch, scale alpha / rank, as PEFT)."""
         return cls(freq_band=(1,), inner_rank=rank, alpha=alpha, dropout=dropout, init="lora")
 

@@ -9,6 +9,7 @@
 
 Importing this package never compiles or loads anything; that happens on the first call that needs the kernels.
 """
+
 from .function import align_gradients_, grad_align_apply_, grad_align_coeffs, grad_align_reduce
 from .reference import paper_align_reference
 

@@ -1,5 +1,6 @@
 """The per-tensor coefficient rule of gradient alignment (docs/alignment.md), in torch ops: the middle stage between
 `grad_align_reduce` and `grad_align_apply_`, shared by every backend."""
+
 from __future__ import annotations
 
 import torch

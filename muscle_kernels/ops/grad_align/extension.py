@@ -31,6 +31,7 @@ Switches: MUSCLE_KERNELS_NO_EXTENSION=1 uses the fallback silently; MUSCLE_KERNE
 compiler output. `python -m muscle_kernels.build` builds ahead of time; `python -m muscle_kernels.info` says what
 is in use.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -46,14 +47,26 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
 
 import torch
 
 from ..._env import DEFAULT_CUDA_ARCHS, TARGET_VERSION_DEFINE, env_flag, env_seconds, find_cuda_home
 
-__all__ = ["load_extension", "extension_info", "source_dir", "want_cuda", "has_kernel", "cuda_home",
-           "cuda_arch_list", "cache_dir", "jit_library_path", "packaged_library", "ExtensionInfo", "OPS", "FLAVOURS"]
+__all__ = [
+    "load_extension",
+    "extension_info",
+    "source_dir",
+    "want_cuda",
+    "has_kernel",
+    "cuda_home",
+    "cuda_arch_list",
+    "cache_dir",
+    "jit_library_path",
+    "packaged_library",
+    "ExtensionInfo",
+    "OPS",
+    "FLAVOURS",
+]
 
 OPS = ("grad_align_reduce", "grad_align_apply", "grad_align_fused")
 FLAVOURS = ("cpu", "cuda")
@@ -68,10 +81,10 @@ class ExtensionInfo:
 
     origin: str = ""  # "wheel" | "jit" | "fallback"; "" before the first call
     reason: str = ""  # why the fallback (origin "fallback")
-    kernels: List[str] = field(default_factory=list)  # devices with a compiled kernel: "cpu", "cuda"
-    origins: Dict[str, str] = field(default_factory=dict)  # per library: "wheel" | "jit"
-    libraries: Dict[str, str] = field(default_factory=dict)  # per library: the file loaded
-    built: List[str] = field(default_factory=list)  # libraries this process compiled
+    kernels: list[str] = field(default_factory=list)  # devices with a compiled kernel: "cpu", "cuda"
+    origins: dict[str, str] = field(default_factory=dict)  # per library: "wheel" | "jit"
+    libraries: dict[str, str] = field(default_factory=dict)  # per library: the file loaded
+    built: list[str] = field(default_factory=list)  # libraries this process compiled
     cuda_reason: str = ""  # why there is no CUDA kernel (when "cuda" is not in kernels)
     cache: str = ""
     seconds: float = 0.0
@@ -90,7 +103,7 @@ _lock = threading.Lock()
 
 
 # ---- where things are ----
-def source_dir() -> Optional[Path]:
+def source_dir() -> Path | None:
     """Where the C++/CUDA sources are: the top-level csrc/ of a source checkout (editable install), else the copy
     that the wheel carries as muscle_kernels/csrc/ (setup.py puts it there)."""
     checkout = _PACKAGE.parent
@@ -104,7 +117,7 @@ def source_dir() -> Optional[Path]:
     return None
 
 
-def packaged_library(flavour: str) -> Optional[Path]:
+def packaged_library(flavour: str) -> Path | None:
     """The library a binary wheel ships for `flavour` ("cpu"/"cuda"), if any."""
     found = sorted(_PACKAGE.glob(f"_grad_align_{flavour}*.so"))
     return found[0] if found else None
@@ -118,7 +131,7 @@ def cache_dir() -> Path:
     return Path(root) / "muscle_kernels"
 
 
-def cuda_home() -> Optional[str]:
+def cuda_home() -> str | None:
     """The CUDA toolkit to build with (see _env.find_cuda_home), or None."""
     from torch.utils import cpp_extension
 
@@ -147,7 +160,7 @@ def cuda_arch_list() -> str:
     return ";".join(archs)
 
 
-def cpu_arch_flags() -> List[str]:
+def cpu_arch_flags() -> list[str]:
     arch = os.environ.get("MUSCLE_KERNELS_CPU_ARCH", "native").strip()
     if arch in ("", "none"):
         return []
@@ -160,12 +173,15 @@ def cpu_arch_flags() -> List[str]:
 
 
 # ---- the JIT build ----
-def _flags(flavour: str) -> Dict[str, List[str]]:
+def _flags(flavour: str) -> dict[str, list[str]]:
     common = [TARGET_VERSION_DEFINE]
     if flavour == "cpu":
         return {"cflags": ["-O3", "-Wno-psabi", *common, *cpu_arch_flags()], "cuda_cflags": []}
-    return {"cflags": ["-O3", *common, "-DUSE_CUDA"],
-            "cuda_cflags": ["-O3", "-lineinfo", *common, "-DUSE_CUDA"], "archs": [cuda_arch_list()]}
+    return {
+        "cflags": ["-O3", *common, "-DUSE_CUDA"],
+        "cuda_cflags": ["-O3", "-lineinfo", *common, "-DUSE_CUDA"],
+        "archs": [cuda_arch_list()],
+    }
 
 
 def _cache_key(flavour: str, src: Path) -> str:
@@ -174,8 +190,11 @@ def _cache_key(flavour: str, src: Path) -> str:
     for path in sorted(src.iterdir()):
         if path.is_file() and path.suffix in (".cpp", ".cu", ".h", ".cuh"):
             digest.update(path.name.encode() + b"\0" + path.read_bytes())
-    digest.update(repr((flavour, _flags(flavour), torch.__version__, torch.version.cuda, sys.version_info[:2],
-                        platform.machine())).encode())
+    digest.update(
+        repr(
+            (flavour, _flags(flavour), torch.__version__, torch.version.cuda, sys.version_info[:2], platform.machine())
+        ).encode()
+    )
     return digest.hexdigest()[:16]
 
 
@@ -183,7 +202,7 @@ def _jit_path(flavour: str, src: Path) -> Path:
     return cache_dir() / f"grad_align_{flavour}-{_cache_key(flavour, src)}.so"
 
 
-def jit_library_path(flavour: str) -> Optional[Path]:
+def jit_library_path(flavour: str) -> Path | None:
     """Where a JIT build of `flavour` ("cpu"/"cuda") lives in the cache for this environment (its lock file is the
     same path with the suffix .lock); None without sources."""
     src = source_dir()
@@ -225,12 +244,18 @@ def build_lock(path: Path, timeout: float):
                 waited = time.monotonic() - start
                 holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
                 if waited >= timeout:
-                    raise TimeoutError(f"waited {timeout:g} s for the build lock {path} (held by pid {holder}); "
-                                       "set MUSCLE_KERNELS_BUILD_TIMEOUT to wait longer") from None
+                    raise TimeoutError(
+                        f"waited {timeout:g} s for the build lock {path} (held by pid {holder}); "
+                        "set MUSCLE_KERNELS_BUILD_TIMEOUT to wait longer"
+                    ) from None
                 if not said and waited >= 10:  # never wait silently
                     logging.getLogger("muscle_kernels").warning(
                         "muscle_kernels: waiting for another process (pid %s) to finish building the gradient-alignment"
-                        " kernels (lock %s; gives up after %g s)", holder, path, timeout)
+                        " kernels (lock %s; gives up after %g s)",
+                        holder,
+                        path,
+                        timeout,
+                    )
                     said = True
                 time.sleep(0.2)
         os.ftruncate(fd, 0)
@@ -386,8 +411,9 @@ def _load_flavour(flavour: str, allow_build: bool, verbose: bool) -> tuple:
             reasons.append(f"the packaged {packaged.name} did not load ({_first_line(exc)})")
     src = source_dir()
     if src is None:
-        raise FileNotFoundError("; ".join(reasons + ["the csrc/ sources are neither in the checkout nor in the "
-                                                     "installed package"]))
+        raise FileNotFoundError(
+            "; ".join(reasons + ["the csrc/ sources are neither in the checkout nor in the installed package"])
+        )
     target = _jit_path(flavour, src)  # (torch.utils.cpp_extension is imported from here on only)
     _info.cache = str(target.parent)
     if target.is_file():  # a complete build: the rename makes it appear whole, so no lock is needed
@@ -407,12 +433,14 @@ def _load_flavour(flavour: str, allow_build: bool, verbose: bool) -> tuple:
             _info.built.append(flavour)
             return "jit", str(target)
     except PermissionError as exc:
-        raise PermissionError(f"the extension cache {target.parent} is not writable ({exc.strerror}); set "
-                              "TORCH_EXTENSIONS_DIR to a writable folder, or prebuild with "
-                              "`python -m muscle_kernels.build`") from None
+        raise PermissionError(
+            f"the extension cache {target.parent} is not writable ({exc.strerror}); set "
+            "TORCH_EXTENSIONS_DIR to a writable folder, or prebuild with "
+            "`python -m muscle_kernels.build`"
+        ) from None
 
 
-def _wanted_flavours(cuda: Optional[bool]) -> List[str]:
+def _wanted_flavours(cuda: bool | None) -> list[str]:
     if cuda is False or torch.version.cuda is None:
         return ["cpu"]
     if cuda is True:
@@ -429,8 +457,9 @@ def _no_cuda_reason() -> str:
     return "no CUDA library in the wheel, and no GPU visible and TORCH_CUDA_ARCH_LIST unset, so none was built"
 
 
-def load_extension(*, cuda: Optional[bool] = None, verbose: Optional[bool] = None,
-                   allow_build: bool = True) -> Optional[ExtensionInfo]:
+def load_extension(
+    *, cuda: bool | None = None, verbose: bool | None = None, allow_build: bool = True
+) -> ExtensionInfo | None:
     """Load the kernels (building them the first time); returns the ExtensionInfo, or None after one warning.
 
     Idempotent and thread-safe: the first call decides, later calls return the same answer. `cuda=None` follows the
@@ -468,12 +497,17 @@ def load_extension(*, cuda: Optional[bool] = None, verbose: Optional[bool] = Non
                         f"muscle_kernels: could not build or load the gradient-alignment extension ({_info.reason}); "
                         "using the slower torch._foreach fallback. Set MUSCLE_KERNELS_VERBOSE_BUILD=1 to see the "
                         "compiler output, or MUSCLE_KERNELS_NO_EXTENSION=1 to skip the build.",
-                        RuntimeWarning, stacklevel=3)
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
                     return None
                 _info.cuda_reason = _first_line(exc)
-                warnings.warn(f"muscle_kernels: the CUDA kernels of the gradient-alignment extension are not "
-                              f"available ({_info.cuda_reason}); CUDA tensors use the torch._foreach fallback.",
-                              RuntimeWarning, stacklevel=3)
+                warnings.warn(
+                    f"muscle_kernels: the CUDA kernels of the gradient-alignment extension are not "
+                    f"available ({_info.cuda_reason}); CUDA tensors use the torch._foreach fallback.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
             if flavour == "cpu" and _info.libraries["cpu"] != "<already registered>":
                 _register_fakes()
         _info.kernels = [key for key in FLAVOURS if _dispatcher_has("grad_align_fused", key.upper())]

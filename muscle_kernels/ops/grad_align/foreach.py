@@ -11,10 +11,11 @@ is written in place.
 Cost: a few torch calls per bucket, plus one host sync per apply on CUDA (the coefficients are read on the host to
 pick each tensor's mode).
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Dict, Iterator, List, Sequence, Tuple
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -25,20 +26,20 @@ __all__ = ["grad_align_reduce_foreach", "grad_align_apply_foreach", "align_gradi
 CHUNK = 1 << 20  # elements per bucket: 8 MiB per float64 copy
 _NATIVE = (torch.float32, torch.float64)  # updated in their own dtype; fp16/bf16 through an fp32 copy
 
-Piece = Tuple[int, torch.Tensor, torch.Tensor]  # (tensor index, flat slice of g, the same slice of r)
+Piece = tuple[int, torch.Tensor, torch.Tensor]  # (tensor index, flat slice of g, the same slice of r)
 
 
-def _groups(grads: Sequence[torch.Tensor], idx: Sequence[int]) -> Dict[torch.dtype, List[int]]:
-    groups: Dict[torch.dtype, List[int]] = defaultdict(list)
+def _groups(grads: Sequence[torch.Tensor], idx: Sequence[int]) -> dict[torch.dtype, list[int]]:
+    groups: dict[torch.dtype, list[int]] = defaultdict(list)
     for i in idx:
         if grads[i].numel():
             groups[grads[i].dtype].append(i)
     return groups
 
 
-def _buckets(grads: Sequence[torch.Tensor], refs: Sequence[torch.Tensor], idx: Sequence[int]) -> Iterator[List[Piece]]:
+def _buckets(grads: Sequence[torch.Tensor], refs: Sequence[torch.Tensor], idx: Sequence[int]) -> Iterator[list[Piece]]:
     """Buckets of at most CHUNK elements in all; a tensor appears at most once per bucket."""
-    bucket: List[Piece] = []
+    bucket: list[Piece] = []
     size = 0
     for i in idx:
         g, r = grads[i].view(-1), refs[i].view(-1)
@@ -54,7 +55,7 @@ def _buckets(grads: Sequence[torch.Tensor], refs: Sequence[torch.Tensor], idx: S
         yield bucket
 
 
-def _acc(pieces: List[torch.Tensor]) -> List[torch.Tensor]:
+def _acc(pieces: list[torch.Tensor]) -> list[torch.Tensor]:
     """The pieces in the update's dtype: themselves for fp32/fp64, fp32 copies (one bucket at most) for fp16/bf16."""
     return pieces if pieces[0].dtype in _NATIVE else [t.float() for t in pieces]
 
@@ -81,8 +82,7 @@ def grad_align_reduce_foreach(grads: Sequence[torch.Tensor], refs: Sequence[torc
     return sums.float()
 
 
-def grad_align_apply_foreach(grads: Sequence[torch.Tensor], refs: Sequence[torch.Tensor],
-                             coeffs: torch.Tensor) -> None:
+def grad_align_apply_foreach(grads: Sequence[torch.Tensor], refs: Sequence[torch.Tensor], coeffs: torch.Tensor) -> None:
     """g <- a * r + b * g in place with (a, b) = coeffs[i], with the kernels' modes: (0, 1) leaves g untouched,
     b == 0 writes a * r without reading g, a == 0 writes b * g without reading r."""
     a_all, b_all = (c.tolist() for c in coeffs.detach().float().cpu().unbind(1))  # the fallback's one host sync
@@ -92,13 +92,13 @@ def grad_align_apply_foreach(grads: Sequence[torch.Tensor], refs: Sequence[torch
             _apply_bucket(bucket, a_all, b_all, dtype in _NATIVE)
 
 
-def _apply_bucket(bucket: List[Piece], a_all: List[float], b_all: List[float], native: bool) -> None:
+def _apply_bucket(bucket: list[Piece], a_all: list[float], b_all: list[float], native: bool) -> None:
     replace = [p for p in bucket if b_all[p[0]] == 0.0]
     scale = [p for p in bucket if a_all[p[0]] == 0.0 and b_all[p[0]] != 0.0]
     blend = [p for p in bucket if a_all[p[0]] != 0.0 and b_all[p[0]] != 0.0]
     acc = _acc
-    dst: List[torch.Tensor] = []
-    out: List[torch.Tensor] = []
+    dst: list[torch.Tensor] = []
+    out: list[torch.Tensor] = []
     if replace:
         dst += [p[1] for p in replace]
         out += torch._foreach_mul(acc([p[2] for p in replace]), [a_all[p[0]] for p in replace])
@@ -120,8 +120,9 @@ def _apply_bucket(bucket: List[Piece], a_all: List[float], b_all: List[float], n
         torch._foreach_copy_(dst, out)  # rounds fp32 results to fp16/bf16 once
 
 
-def align_gradients_foreach(grads: Sequence[torch.Tensor], refs: Sequence[torch.Tensor],
-                            raw_ratio: float = 0.0) -> torch.Tensor:
+def align_gradients_foreach(
+    grads: Sequence[torch.Tensor], refs: Sequence[torch.Tensor], raw_ratio: float = 0.0
+) -> torch.Tensor:
     stats = grad_align_reduce_foreach(grads, refs)
     grad_align_apply_foreach(grads, refs, grad_align_coeffs(stats, raw_ratio))
     return stats

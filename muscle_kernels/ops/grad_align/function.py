@@ -27,9 +27,10 @@ Backends: "auto" uses the compiled extension when it has a kernel for the device
 on first use: see extension.py) and the torch._foreach fallback otherwise; "extension" insists on the extension; "foreach" forces the
 fallback. The environment variable MUSCLE_KERNELS_GRAD_ALIGN_BACKEND overrides "auto".
 """
+
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 
@@ -38,15 +39,23 @@ from . import extension
 from .coeffs import grad_align_coeffs
 from .foreach import align_gradients_foreach, grad_align_apply_foreach, grad_align_reduce_foreach
 
-__all__ = ["align_gradients_", "grad_align_reduce", "grad_align_apply_", "grad_align_coeffs", "resolve_backend",
-           "BACKENDS"]
+__all__ = [
+    "align_gradients_",
+    "grad_align_reduce",
+    "grad_align_apply_",
+    "grad_align_coeffs",
+    "resolve_backend",
+    "BACKENDS",
+]
 
 BACKENDS = ("auto", "extension", "foreach")
 _ENV_BACKEND = "MUSCLE_KERNELS_GRAD_ALIGN_BACKEND"
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def _check_lists(grads, refs, name_g: str = "grads", name_r: str = "refs") -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+def _check_lists(
+    grads, refs, name_g: str = "grads", name_r: str = "refs"
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Validate the pair of lists; every message names the argument and the index. Kept lean (a few attribute reads
     per tensor): it runs on every training step, over hundreds of tensors."""
     if isinstance(grads, torch.Tensor) or isinstance(refs, torch.Tensor):
@@ -63,8 +72,9 @@ def _check_lists(grads, refs, name_g: str = "grads", name_r: str = "refs") -> Tu
         g_dtype, g_device = g.dtype, g.device
         if g_dtype is not r.dtype or g_dtype not in _DTYPES:
             if g_dtype not in _DTYPES:
-                raise TypeError(f"{name_g}[{i}]: dtype {g_dtype} is not supported; expected float32, float16, "
-                                "bfloat16 or float64")
+                raise TypeError(
+                    f"{name_g}[{i}]: dtype {g_dtype} is not supported; expected float32, float16, bfloat16 or float64"
+                )
             raise TypeError(f"{name_r}[{i}] has dtype {r.dtype} but {name_g}[{i}] has dtype {g_dtype}")
         if g.shape != r.shape:
             raise ValueError(f"{name_r}[{i}] has shape {tuple(r.shape)} but {name_g}[{i}] has shape {tuple(g.shape)}")
@@ -75,7 +85,7 @@ def _check_lists(grads, refs, name_g: str = "grads", name_r: str = "refs") -> Tu
     return grads, refs
 
 
-def _check_writable(grads: List[torch.Tensor], name: str, refs: List[torch.Tensor], name_r: str = "refs") -> None:
+def _check_writable(grads: list[torch.Tensor], name: str, refs: list[torch.Tensor], name_r: str = "refs") -> None:
     """The in-place stages write grads, so one rule holds on every backend (they used to differ):
     - a tensor that requires grad (a parameter itself, say) is refused, instead of being overwritten behind
       autograd's back by the kernels (the fallback would raise);
@@ -87,12 +97,16 @@ def _check_writable(grads: List[torch.Tensor], name: str, refs: List[torch.Tenso
     for i, g in enumerate(grads):
         if g.requires_grad:
             what = "a leaf tensor, e.g. a parameter" if g.is_leaf else "part of an autograd graph"
-            raise ValueError(f"{name}[{i}] requires grad ({what}); {name} is written in place: pass the gradients "
-                             "(p.grad), or detach() them")
+            raise ValueError(
+                f"{name}[{i}] requires grad ({what}); {name} is written in place: pass the gradients "
+                "(p.grad), or detach() them"
+            )
         if g.is_inference() and not inference_ok:
-            raise ValueError(f"{name}[{i}] is an inference tensor (made under torch.inference_mode()); {name} is "
-                             "written in place, which torch allows only inside inference mode: call there, or "
-                             "clone() it")
+            raise ValueError(
+                f"{name}[{i}] is an inference tensor (made under torch.inference_mode()); {name} is "
+                "written in place, which torch allows only inside inference mode: call there, or "
+                "clone() it"
+            )
     _check_no_overlap(grads, name, refs, name_r)
 
 
@@ -115,8 +129,10 @@ def _check_no_overlap(grads, name, refs, name_r) -> None:
             storage, reach_any, reach_grad = ptr, (-1, ""), (-1, "")
         other = reach_any if is_grad else reach_grad
         if first < other[0]:
-            raise ValueError(f"{other[1]} and {label} share memory; {name} is written in place, so no gradient may "
-                             "alias another gradient or a reference (pass separate tensors, e.g. clone() one)")
+            raise ValueError(
+                f"{other[1]} and {label} share memory; {name} is written in place, so no gradient may "
+                "alias another gradient or a reference (pass separate tensors, e.g. clone() one)"
+            )
         if last > reach_any[0]:
             reach_any = (last, label)
         if is_grad and last > reach_grad[0]:
@@ -140,15 +156,17 @@ def resolve_backend(backend: str, device: torch.device, op: str = "grad_align_fu
             raise RuntimeError(f"backend='extension' is not available: {why}")
         if not extension.has_kernel(op, device.type):
             why = f": {info.cuda_reason}" if device.type == "cuda" and info.cuda_reason else ""
-            raise RuntimeError(f"backend='extension': the extension has no {device.type} kernel "
-                               f"(kernels: {', '.join(info.kernels) or 'none'}){why}")
+            raise RuntimeError(
+                f"backend='extension': the extension has no {device.type} kernel "
+                f"(kernels: {', '.join(info.kernels) or 'none'}){why}"
+            )
     return backend
 
 
 class _Contiguous:
     """Contiguous stand-ins for non-contiguous gradients (the kernels need flat memory); copied back on exit."""
 
-    def __init__(self, grads: List[torch.Tensor], refs: List[torch.Tensor]):
+    def __init__(self, grads: list[torch.Tensor], refs: list[torch.Tensor]):
         self.orig = grads
         self.grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
         self.refs = [r.contiguous() for r in refs]
@@ -159,8 +177,9 @@ class _Contiguous:
                 orig.copy_(work)
 
 
-def align_gradients_(grads: Sequence[torch.Tensor], ref_grads: Sequence[torch.Tensor], *, raw_ratio: float = 0.0,
-                     backend: str = "auto") -> torch.Tensor:
+def align_gradients_(
+    grads: Sequence[torch.Tensor], ref_grads: Sequence[torch.Tensor], *, raw_ratio: float = 0.0, backend: str = "auto"
+) -> torch.Tensor:
     """Align every gradient with its reference gradient, in place (docs/alignment.md).
 
     Args:
@@ -192,8 +211,9 @@ def align_gradients_(grads: Sequence[torch.Tensor], ref_grads: Sequence[torch.Te
     return stats
 
 
-def grad_align_reduce(grads: Sequence[torch.Tensor], refs: Sequence[torch.Tensor], *,
-                      backend: str = "auto") -> torch.Tensor:
+def grad_align_reduce(
+    grads: Sequence[torch.Tensor], refs: Sequence[torch.Tensor], *, backend: str = "auto"
+) -> torch.Tensor:
     """Stage 1: stats [n, 3] fp32 = (<g_i, r_i>, ||g_i||^2, ||r_i||^2), one pass over g and r, nothing written.
 
     Under FSDP2 all-reduce (sum) the result over the shards before `grad_align_coeffs`.
@@ -208,8 +228,14 @@ def grad_align_reduce(grads: Sequence[torch.Tensor], refs: Sequence[torch.Tensor
     return grad_align_reduce_foreach(grads, refs)
 
 
-def grad_align_apply_(grads: Sequence[torch.Tensor], refs: Sequence[torch.Tensor], coeffs: torch.Tensor, *,
-                      raw_ratio: float = 0.0, backend: str = "auto") -> None:
+def grad_align_apply_(
+    grads: Sequence[torch.Tensor],
+    refs: Sequence[torch.Tensor],
+    coeffs: torch.Tensor,
+    *,
+    raw_ratio: float = 0.0,
+    backend: str = "auto",
+) -> None:
     """Stage 2: g_i <- a_i * r_i + b_i * g_i in place (see the module docstring for the two coeffs forms).
 
     Args:

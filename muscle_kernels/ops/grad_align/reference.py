@@ -3,17 +3,19 @@
 It is for tests and benchmarks (it makes fp64 copies of every tensor); the production backends are the compiled
 kernels (csrc/, loaded by extension.py) and the torch._foreach fallback (foreach.py).
 """
+
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 
 __all__ = ["paper_align_reference"]
 
 
-def paper_align_reference(grads: Sequence[torch.Tensor], refs: Sequence[torch.Tensor], raw_ratio: float = 0.0
-                          ) -> Tuple[List[torch.Tensor], torch.Tensor]:
+def paper_align_reference(
+    grads: Sequence[torch.Tensor], refs: Sequence[torch.Tensor], raw_ratio: float = 0.0
+) -> tuple[list[torch.Tensor], torch.Tensor]:
     """docs/alignment.md in float64, tensor by tensor. Returns (aligned grads in fp64, stats [n, 3] fp64).
 
     stats rows are (<g, r>, ||g||^2, ||r||^2) of the inputs. A tensor with zero g or r, or with a non-finite value in

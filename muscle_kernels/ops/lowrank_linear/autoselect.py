@@ -25,13 +25,14 @@ race and the other one runs. A device-side fault (an illegal address, a trap) ca
 sticky, the process's CUDA context is unusable afterwards and every later CUDA call fails. So a CUDA error raised while
 timing is not treated as "that candidate lost": it is raised, with the candidate's name.
 """
+
 from __future__ import annotations
 
 import contextlib
 import os
 import statistics
 import sys
-from typing import Callable, Dict, List, Optional, Tuple
+from collections.abc import Callable
 
 import torch
 
@@ -40,8 +41,8 @@ __all__ = ["CANDIDATES", "auto_choices", "cached_choice", "clear_auto_choices", 
 CANDIDATES = ("triton", "cublas")
 # Ties within this fraction go to cuBLAS: the simpler path, with no compile or autotune cost in new processes.
 _TIE = 0.02
-_CHOICES: Dict[tuple, str] = {}
-_TIMES: Dict[tuple, Dict[str, float]] = {}
+_CHOICES: dict[tuple, str] = {}
+_TIMES: dict[tuple, dict[str, float]] = {}
 _KEY_FIELDS = ("device", "dtype", "m_bucket", "out_features", "in_features", "nr", "dropout", "backward")
 
 
@@ -53,8 +54,16 @@ def _m_bucket(m: int) -> int:
 
 
 def choice_key(x2: torch.Tensor, weight: torch.Tensor, nr: int, dropout_p: float, backward: bool) -> tuple:
-    return (str(x2.device), str(x2.dtype).replace("torch.", ""), _m_bucket(x2.shape[0]), int(weight.shape[0]),
-            int(weight.shape[1]), int(nr), bool(dropout_p > 0.0), bool(backward))
+    return (
+        str(x2.device),
+        str(x2.dtype).replace("torch.", ""),
+        _m_bucket(x2.shape[0]),
+        int(weight.shape[0]),
+        int(weight.shape[1]),
+        int(nr),
+        bool(dropout_p > 0.0),
+        bool(backward),
+    )
 
 
 def cuda_timer(fn: Callable[[], object], reps: int = 10) -> float:
@@ -85,8 +94,13 @@ def _on_device(device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def decide(key: tuple, runners: Dict[str, Callable[[], object]], timer: Optional[Callable[[Callable], float]] = None,
-           can_time: bool = True, device=None) -> str:
+def decide(
+    key: tuple,
+    runners: dict[str, Callable[[], object]],
+    timer: Callable[[Callable], float] | None = None,
+    can_time: bool = True,
+    device=None,
+) -> str:
     """The cached choice for `key`, timing each of `runners` (name -> callable) with `timer` (default: cuda_timer)
     on first use, with `device` (the inputs' device) current.
 
@@ -98,17 +112,19 @@ def decide(key: tuple, runners: Dict[str, Callable[[], object]], timer: Optional
     if not can_time:
         return "triton" if "triton" in runners else next(iter(runners))
     timer = timer or cuda_timer
-    times: Dict[str, float] = {}
+    times: dict[str, float] = {}
     for name, run in runners.items():
         try:
             with _on_device(device):
                 times[name] = float(timer(run))
         except Exception as exc:  # e.g. a Triton compile failure on an unusual GPU: the other path still runs
             if _is_device_fault(exc):
-                raise RuntimeError(f"backend='auto': candidate {name!r} hit a CUDA error while being timed on "
-                                   f"{dict(zip(_KEY_FIELDS, key))}; a device fault poisons the CUDA context, so no "
-                                   "other candidate can run in this process (MUSCLE_KERNELS_BACKEND=cublas rules "
-                                   "the Triton kernels out)") from exc
+                raise RuntimeError(
+                    f"backend='auto': candidate {name!r} hit a CUDA error while being timed on "
+                    f"{dict(zip(_KEY_FIELDS, key))}; a device fault poisons the CUDA context, so no "
+                    "other candidate can run in this process (MUSCLE_KERNELS_BACKEND=cublas rules "
+                    "the Triton kernels out)"
+                ) from exc
             _say(f"muscle_kernels auto: {name} failed on {key}: {type(exc).__name__}: {exc}")
     if not times:
         raise RuntimeError(f"backend='auto': every candidate failed for {dict(zip(_KEY_FIELDS, key))}")
@@ -118,8 +134,10 @@ def decide(key: tuple, runners: Dict[str, Callable[[], object]], timer: Optional
     else:
         choice = min(times, key=times.get)
     _CHOICES[key], _TIMES[key] = choice, times
-    _say(f"muscle_kernels auto: {dict(zip(_KEY_FIELDS, key))} -> {choice} "
-         f"({', '.join(f'{n} {t:.3f} ms' for n, t in times.items())})")
+    _say(
+        f"muscle_kernels auto: {dict(zip(_KEY_FIELDS, key))} -> {choice} "
+        f"({', '.join(f'{n} {t:.3f} ms' for n, t in times.items())})"
+    )
     return choice
 
 
@@ -128,15 +146,17 @@ def _say(text: str) -> None:
         print(text, file=sys.stderr)
 
 
-def cached_choice(key: tuple) -> Optional[str]:
+def cached_choice(key: tuple) -> str | None:
     """The choice made for `key` in this process, None while it is undecided (the next `decide` would time it)."""
     return _CHOICES.get(key)
 
 
-def auto_choices() -> List[dict]:
+def auto_choices() -> list[dict]:
     """Every decision of backend="auto" in this process: the key's fields, each candidate's ms and the choice."""
-    return [dict(zip(_KEY_FIELDS, key), times_ms=dict(_TIMES.get(key, {})), choice=choice)
-            for key, choice in _CHOICES.items()]
+    return [
+        dict(zip(_KEY_FIELDS, key), times_ms=dict(_TIMES.get(key, {})), choice=choice)
+        for key, choice in _CHOICES.items()
+    ]
 
 
 def clear_auto_choices() -> None:
@@ -145,8 +165,9 @@ def clear_auto_choices() -> None:
     _TIMES.clear()
 
 
-def runners_for(impls: Dict[str, Tuple[Callable, Callable]], args: tuple, backward: bool,
-                needs: Tuple[bool, bool, bool]) -> Dict[str, Callable[[], object]]:
+def runners_for(
+    impls: dict[str, tuple[Callable, Callable]], args: tuple, backward: bool, needs: tuple[bool, bool, bool]
+) -> dict[str, Callable[[], object]]:
     """One callable per candidate that runs its forward (and backward) on the real inputs `args`
     (x2, weight, bias, lora_L, lora_R, scales, dropout_p, seed)."""
     x2, weight, bias, lora_L, lora_R, scales, p, seed = args
@@ -161,6 +182,7 @@ def runners_for(impls: Dict[str, Tuple[Callable, Callable]], args: tuple, backwa
             if backward:
                 bwd(dy, x2, weight, lora_L, lora_R, scales, t, p, seed, *needs, bits)
             return y
+
         return run
 
     return {name: make(*fb) for name, fb in impls.items()}

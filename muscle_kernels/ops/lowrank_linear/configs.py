@@ -6,18 +6,33 @@ Hopper first (wgmma wants BLOCK_M >= 64 per warp group; 128x256 with 2 warp grou
 smaller ones keep Ampere (164 KiB shared) and short M busy. BLOCK_K * element size is 128 bytes (one swizzled
 shared-memory row): 64 for fp16/bf16, 32 for fp32.
 """
+
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import torch
 import triton
 
 __all__ = [
-    "INTERPRET", "FUSE_T_MAX_R", "T_CHUNK", "FUSED_DY_MAX_R", "FUSED_DY_MAX_R_IEEE", "H100_SMEM", "BITS_CONFIG",
-    "INTERPRETER_CONFIG", "block_r", "fused_configs", "all_fused_configs", "prune_fused", "shrink_config",
-    "reduce_config", "bits_config", "fused_dy_max_r", "tf32_allowed", "precision",
+    "INTERPRET",
+    "FUSE_T_MAX_R",
+    "T_CHUNK",
+    "FUSED_DY_MAX_R",
+    "FUSED_DY_MAX_R_IEEE",
+    "H100_SMEM",
+    "BITS_CONFIG",
+    "INTERPRETER_CONFIG",
+    "block_r",
+    "fused_configs",
+    "all_fused_configs",
+    "prune_fused",
+    "shrink_config",
+    "reduce_config",
+    "bits_config",
+    "fused_dy_max_r",
+    "tf32_allowed",
+    "precision",
 ]
 
 # Read once, like Triton itself, which reads TRITON_INTERPRET when the kernels are defined.
@@ -82,13 +97,15 @@ def fused_configs(elt_size: int, precision: str = "tf32", br: int = FUSE_T_MAX_R
         while st > 2 and _fused_smem(bm, bn, bk, br, st, elt_size) > smem_limit:
             st -= 1
         if _fused_smem(bm, bn, bk, br, st, elt_size) <= smem_limit:
-            out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                                     num_warps=w, num_stages=st))
+            out.append(
+                triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=st)
+            )
     return out
 
 
-INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2},
-                                   num_warps=4, num_stages=1)
+INTERPRETER_CONFIG = triton.Config(
+    {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}, num_warps=4, num_stages=1
+)
 
 
 def all_fused_configs():
@@ -113,16 +130,21 @@ def prune_fused(configs, named_args, **kwargs):
         return configs
     elt = named_args["a_ptr"].element_size()
     br = kwargs["BLOCK_R"] if kwargs["T_MODE"] == 0 else 0
-    keep = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
-            for c in fused_configs(elt, kwargs["PRECISION"], br)}
-    return [c for c in configs
-            if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) in keep]
+    keep = {
+        (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
+        for c in fused_configs(elt, kwargs["PRECISION"], br)
+    }
+    return [
+        c
+        for c in configs
+        if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) in keep
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The shrink, the M-reduction and the dropout mask: one config each (memory-bound, nothing to autotune).
 # ----------------------------------------------------------------------------------------------------------------
-def shrink_config(br: int, elt_size: int, interpret: Optional[bool] = None):
+def shrink_config(br: int, elt_size: int, interpret: bool | None = None):
     """(BLOCK_M, BLOCK_K, warps, stages) of the shrink kernel: memory-bound, so enough stages to stream x.
     interpret=False gives the shipped (GPU) config even under the interpreter (for the config-sweep tests)."""
     if INTERPRET if interpret is None else interpret:
@@ -133,7 +155,7 @@ def shrink_config(br: int, elt_size: int, interpret: Optional[bool] = None):
     return 64, bk, 8, 3
 
 
-def reduce_config(br: int, elt_size: int, precision: str = "tf32", interpret: Optional[bool] = None):
+def reduce_config(br: int, elt_size: int, precision: str = "tf32", interpret: bool | None = None):
     """(BLOCK_M, BLOCK_N, BLOCK_R, warps, stages) of the M-reduction kernel; BLOCK_R < br splits NR over the grid."""
     if INTERPRET if interpret is None else interpret:
         return 32, 32, min(br, 64), 4, 1
@@ -146,7 +168,7 @@ def reduce_config(br: int, elt_size: int, precision: str = "tf32", interpret: Op
     return bm, 64, br, 8, 3
 
 
-def bits_config(interpret: Optional[bool] = None):
+def bits_config(interpret: bool | None = None):
     """(BLOCK_M, BLOCK_W, warps) of the dropout-mask kernel; a small block under the interpreter (numpy per block)."""
     return (32, 16, 4) if (INTERPRET if interpret is None else interpret) else BITS_CONFIG
 

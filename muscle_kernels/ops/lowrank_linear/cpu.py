@@ -8,9 +8,8 @@ the copies they cost are [n*r, out] and [n*r, M], a rounding error next to the G
 
 Dropout on the adapter input is regenerated from a seed in backward instead of storing an [M, in] mask.
 """
-from __future__ import annotations
 
-from typing import Optional, Tuple
+from __future__ import annotations
 
 import torch
 
@@ -34,13 +33,13 @@ def _dropped(x2: torch.Tensor, p: float, seed: int) -> torch.Tensor:
 def lowrank_linear_fwd_torch(
     x2: torch.Tensor,
     weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
+    bias: torch.Tensor | None,
     lora_L: torch.Tensor,
     lora_R: torch.Tensor,
     scales: torch.Tensor,
     dropout_p: float,
     seed: int,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x2: [M, in] -> (y [M, out], T [M, n*r], bits) with T = drop(x) L^T (unscaled, saved for backward); `bits` is
     empty: this path regenerates its mask from the seed (the Triton path saves a packed one)."""
     y = torch.addmm(bias, x2, weight.t()) if bias is not None else torch.mm(x2, weight.t())
@@ -65,7 +64,7 @@ def lowrank_linear_bwd_torch(
     needs_dx: bool,
     needs_dL: bool,
     needs_dR: bool,
-    bits: Optional[torch.Tensor] = None,
+    bits: torch.Tensor | None = None,
 ):
     """docs/layer.md gradients: dx = dy W + drop'((G s) L), dR = dy^T (T s), dL = (G s)^T drop(x), G = dy R."""
     s = scales.to(dy2.dtype)

@@ -24,9 +24,8 @@ backends draw it on the inputs' device and read it in the mask kernel, so CUDA-g
 (`_draw_seed`). Backward saves T = drop(x) L^T ([M, n*r]) and never an [M, out] intermediate; dropout is regenerated
 from the seed (composed path) or read from the packed mask that the Triton forward saved (1 bit per element of x).
 """
-from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from __future__ import annotations
 
 import torch
 
@@ -70,7 +69,7 @@ def _triton_usable(device: torch.device) -> bool:
     return device.type == "cuda" or _interpreting()
 
 
-def available_backends(device="cpu") -> List[str]:
+def available_backends(device="cpu") -> list[str]:
     """The backends that can run on tensors of `device` in this process."""
     device = torch.device(device)
     names = ["reference", "torch", "cublas"]
@@ -126,7 +125,9 @@ def _check_inputs(x, weight, bias, lora_L, lora_R, scales, dropout_p):
     if nr < 1:
         raise ValueError("lora_L: expected at least one row (n*r >= 1), got 0")
     if tuple(lora_R.shape) != (out_f, nr):
-        raise ValueError(f"lora_R: expected shape ({out_f}, {nr}) to match weight and lora_L, got {tuple(lora_R.shape)}")
+        raise ValueError(
+            f"lora_R: expected shape ({out_f}, {nr}) to match weight and lora_L, got {tuple(lora_R.shape)}"
+        )
     if tuple(scales.shape) != (nr,):
         raise ValueError(f"scales: expected shape ({nr},) (one scale per row of lora_L), got {tuple(scales.shape)}")
     for name, t in named[1:]:
@@ -162,13 +163,14 @@ def _is_triton(backend: str) -> bool:
     return backend in ("triton", _FUSED_DY)
 
 
-def _choose(args: tuple, needs: Tuple[bool, bool, bool], backward: bool) -> str:
+def _choose(args: tuple, needs: tuple[bool, bool, bool], backward: bool) -> str:
     """backend="auto" on CUDA: the cached or freshly timed choice between the fused kernels (and, where it changes
     anything, their variant with dR in the G pass) and cuBLAS."""
     x2, weight, _, lora_L = args[:4]
     key = autoselect.choice_key(x2, weight, lora_L.shape[0], args[6], backward)
-    can_time = not (torch.compiler.is_compiling()
-                    or (x2.device.type == "cuda" and torch.cuda.is_current_stream_capturing()))
+    can_time = not (
+        torch.compiler.is_compiling() or (x2.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+    )
     names = list(autoselect.CANDIDATES)
     timing = can_time and autoselect.cached_choice(key) is None
     # Where the backward reads dy once more for G, the variant that also computes dR in that pass races too.
@@ -197,9 +199,11 @@ def _draw_seed(x: torch.Tensor, p: float, backend: str, compiling: bool, capturi
     if _is_triton(backend):
         return torch.randint(0, 2**31 - 1, (1,), device=x.device)
     if capturing:
-        raise RuntimeError(f"dropout under CUDA-graph capture: backend {backend!r} seeds its mask from a host "
-                           "integer, which every replay would reuse; use backend='triton' (or 'auto'), or "
-                           "dropout_p=0 in the captured region")
+        raise RuntimeError(
+            f"dropout under CUDA-graph capture: backend {backend!r} seeds its mask from a host "
+            "integer, which every replay would reuse; use backend='triton' (or 'auto'), or "
+            "dropout_p=0 in the captured region"
+        )
     seed_t = torch.randint(0, 2**31 - 1, (1,))  # traced as a graph op when compiling
     return seed_t if compiling else int(seed_t.item())
 
@@ -231,14 +235,14 @@ def _bits_shape(x2: torch.Tensor, dropout_p: float, backend: str) -> tuple:
 def _fwd_op(
     x2: torch.Tensor,
     weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
+    bias: torch.Tensor | None,
     lora_L: torch.Tensor,
     lora_R: torch.Tensor,
     scales: torch.Tensor,
     dropout_p: float,
-    seed: Optional[torch.Tensor],
+    seed: torch.Tensor | None,
     backend: str,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     fwd, _ = _impl(backend)
     return fwd(x2, weight, bias, lora_L, lora_R, scales, dropout_p, _seed_arg(seed, backend))
 
@@ -246,8 +250,11 @@ def _fwd_op(
 @_fwd_op.register_fake
 def _(x2, weight, bias, lora_L, lora_R, scales, dropout_p, seed, backend):
     m = x2.shape[0]
-    return (x2.new_empty(m, weight.shape[0]), x2.new_empty(m, lora_L.shape[0], dtype=_t_dtype(x2, backend)),
-            x2.new_empty(_bits_shape(x2, dropout_p, backend), dtype=torch.int32))
+    return (
+        x2.new_empty(m, weight.shape[0]),
+        x2.new_empty(m, lora_L.shape[0], dtype=_t_dtype(x2, backend)),
+        x2.new_empty(_bits_shape(x2, dropout_p, backend), dtype=torch.int32),
+    )
 
 
 @torch.library.custom_op("muscle_kernels::lowrank_linear_bwd", mutates_args=())
@@ -261,15 +268,28 @@ def _bwd_op(
     t: torch.Tensor,
     bits: torch.Tensor,
     dropout_p: float,
-    seed: Optional[torch.Tensor],
+    seed: torch.Tensor | None,
     backend: str,
     needs_dx: bool,
     needs_dL: bool,
     needs_dR: bool,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _, bwd = _impl(backend)
-    dx, dL, dR = bwd(dy2, x2, weight, lora_L, lora_R, scales, t, dropout_p, _seed_arg(seed, backend), needs_dx,
-                     needs_dL, needs_dR, bits)
+    dx, dL, dR = bwd(
+        dy2,
+        x2,
+        weight,
+        lora_L,
+        lora_R,
+        scales,
+        t,
+        dropout_p,
+        _seed_arg(seed, backend),
+        needs_dx,
+        needs_dL,
+        needs_dR,
+        bits,
+    )
     # A custom op cannot return None: an empty tensor stands for "not needed".
     empty = x2.new_empty(0)
     return (dx if dx is not None else empty, dL if dL is not None else empty, dR if dR is not None else empty)
@@ -303,22 +323,37 @@ def _input_grads(bwd, need, has_bias: bool, dy2, x2, weight, lora_L, lora_R, sca
     dW = dy2.t().mm(x2) if need[1] else None
     db = dy2.sum(0) if (has_bias and need[2]) else None
     # The custom op returns empty tensors for the gradients not needed (it cannot return None): dropped here.
-    return (dx if need[0] else None, dW, db, dL if need[3] else None, dR if need[4] else None,
-            None, None, None, None)
+    return (dx if need[0] else None, dW, db, dL if need[3] else None, dR if need[4] else None, None, None, None, None)
 
 
 def _bwd_via_op(backend: str):
     """_bwd_op with the backends' backward signature, for _input_grads."""
+
     def bwd(dy2, x2, weight, lora_L, lora_R, scales, t, dropout_p, seed, needs_dx, needs_dL, needs_dR, bits):
-        return _bwd_op(dy2, x2, weight, lora_L, lora_R, scales, t, bits, dropout_p, seed, backend, needs_dx,
-                       needs_dL, needs_dR)
+        return _bwd_op(
+            dy2, x2, weight, lora_L, lora_R, scales, t, bits, dropout_p, seed, backend, needs_dx, needs_dL, needs_dR
+        )
+
     return bwd
 
 
 def _backward(ctx, dy2, _dt, _dbits):
     x2, weight, lora_L, lora_R, scales, t, bits, seed = ctx.saved_tensors
-    return _input_grads(_bwd_via_op(ctx.backend), ctx.needs_input_grad, ctx.has_bias, dy2, x2, weight, lora_L,
-                        lora_R, scales, t, bits, ctx.dropout_p, seed)
+    return _input_grads(
+        _bwd_via_op(ctx.backend),
+        ctx.needs_input_grad,
+        ctx.has_bias,
+        dy2,
+        x2,
+        weight,
+        lora_L,
+        lora_R,
+        scales,
+        t,
+        bits,
+        ctx.dropout_p,
+        seed,
+    )
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -340,14 +375,27 @@ class _LowRankLinearFunction(torch.autograd.Function):
     def backward(ctx, dy2, _dt, _dbits):
         x2, weight, lora_L, lora_R, scales, t, bits = ctx.saved_tensors
         _, bwd = _impl(ctx.backend)
-        return _input_grads(bwd, ctx.needs_input_grad, ctx.has_bias, dy2, x2, weight, lora_L, lora_R, scales, t,
-                            bits, ctx.dropout_p, ctx.seed)
+        return _input_grads(
+            bwd,
+            ctx.needs_input_grad,
+            ctx.has_bias,
+            dy2,
+            x2,
+            weight,
+            lora_L,
+            lora_R,
+            scales,
+            t,
+            bits,
+            ctx.dropout_p,
+            ctx.seed,
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # Public function.
 # --------------------------------------------------------------------------------------------------------------------
-def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
     if not torch.is_autocast_enabled(device_type):
         return None
     return torch.get_autocast_dtype(device_type)
@@ -356,7 +404,7 @@ def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
 def muscle_lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
+    bias: torch.Tensor | None,
     lora_L: torch.Tensor,
     lora_R: torch.Tensor,
     scales: torch.Tensor,

@@ -32,6 +32,7 @@ Design (docs/layer.md, M = all leading dims flattened, R = n*r padded to BLOCK_R
 - fp32 accumulation everywhere. Under the Triton interpreter tl.dot on bf16 multiplies raw bits, so UPCAST (set
   when interpreting) casts every dot operand to fp32.
 """
+
 from __future__ import annotations
 
 import triton
@@ -44,8 +45,18 @@ from .configs import all_fused_configs, prune_fused
 # alignment hint), so a random seed would compile a new variant of the kernel in 1 of 16 training steps. The launcher
 # keeps the seed below 2^31, so its type (i32) never changes either.
 @triton.jit(do_not_specialize=["seed"])
-def _dropout_bits_kernel(bits_ptr, M, W, stride_bm, seed, seed_ptr, p, SEED_FROM_PTR: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr):
+def _dropout_bits_kernel(
+    bits_ptr,
+    M,
+    W,
+    stride_bm,
+    seed,
+    seed_ptr,
+    p,
+    SEED_FROM_PTR: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+):
     """The packed dropout keep-mask of an [M, K] input: bit b of int32 word (m, w) keeps x[m, 32 w + b];
     W = cdiv(K, 32).
 
@@ -110,13 +121,46 @@ def _write_partial(ptr, acc, mask, ATOMIC: tl.constexpr):
 
 @triton.jit
 def _fused_lowrank_mm_kernel(
-    a_ptr, b_ptr, p_ptr, q_ptr, s_ptr, bias_ptr, t_ptr, c_ptr,
-    bits_ptr, M, N, K, NR, m_bucket, drop_scale,
-    stride_am, stride_ak, stride_bk, stride_bn, stride_pr, stride_pk, stride_qn, stride_qr,
-    stride_tm, stride_tr, stride_cm, stride_cn, stride_bits,
-    HAS_BIAS: tl.constexpr, T_MODE: tl.constexpr, STORE_T: tl.constexpr, OUT_DROP: tl.constexpr,
-    BLOCK_R: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    a_ptr,
+    b_ptr,
+    p_ptr,
+    q_ptr,
+    s_ptr,
+    bias_ptr,
+    t_ptr,
+    c_ptr,
+    bits_ptr,
+    M,
+    N,
+    K,
+    NR,
+    m_bucket,
+    drop_scale,
+    stride_am,
+    stride_ak,
+    stride_bk,
+    stride_bn,
+    stride_pr,
+    stride_pk,
+    stride_qn,
+    stride_qr,
+    stride_tm,
+    stride_tr,
+    stride_cm,
+    stride_cn,
+    stride_bits,
+    HAS_BIAS: tl.constexpr,
+    T_MODE: tl.constexpr,
+    STORE_T: tl.constexpr,
+    OUT_DROP: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     # Grouped launch order: GROUP_M row tiles share each column tile of B while it is hot in L2.
     pid = tl.program_id(0)
@@ -149,11 +193,13 @@ def _fused_lowrank_mm_kernel(
             rc = r0 + rr
             rc_ok = rc < NR
             rc64 = rc.to(tl.int64)
-            t = tl.load(t_ptr + rm_safe[:, None] * stride_tm + rc64[None, :] * stride_tr, mask=rc_ok[None, :],
-                        other=0.0)
+            t = tl.load(
+                t_ptr + rm_safe[:, None] * stride_tm + rc64[None, :] * stride_tr, mask=rc_ok[None, :], other=0.0
+            )
             sc = tl.load(s_ptr + rc, mask=rc_ok, other=0.0)
-            q = tl.load(q_ptr + rn_safe[None, :] * stride_qn + rc64[:, None] * stride_qr, mask=rc_ok[:, None],
-                        other=0.0)
+            q = tl.load(
+                q_ptr + rn_safe[None, :] * stride_qn + rc64[:, None] * stride_qr, mask=rc_ok[:, None], other=0.0
+            )
             if UPCAST:
                 q = q.to(tl.float32)
             acc = tl.dot((t * sc[None, :]).to(q.dtype), q, acc, input_precision=PRECISION)
@@ -198,8 +244,11 @@ def _fused_lowrank_mm_kernel(
         s = tl.load(s_ptr + rr, mask=r_ok, other=0.0)
         if STORE_T:
             if pid_n == 0:
-                tl.store(t_ptr + rm.to(tl.int64)[:, None] * stride_tm + rr64[None, :] * stride_tr, t_acc,
-                         mask=m_ok[:, None] & r_ok[None, :])
+                tl.store(
+                    t_ptr + rm.to(tl.int64)[:, None] * stride_tm + rr64[None, :] * stride_tr,
+                    t_acc,
+                    mask=m_ok[:, None] & r_ok[None, :],
+                )
         q = tl.load(q_ptr + rn_safe[None, :] * stride_qn + rr64[:, None] * stride_qr, mask=r_ok[:, None], other=0.0)
         if UPCAST:
             q = q.to(tl.float32)
@@ -212,12 +261,37 @@ def _fused_lowrank_mm_kernel(
 
 @triton.jit
 def _shrink_kernel(
-    a_ptr, p_ptr, t_ptr, bits_ptr, ts_ptr, s_ptr, dr_ptr,
-    M, K, NR, k_per_split, drop_scale,
-    stride_am, stride_ak, stride_pr, stride_pk, stride_tm, stride_tr, stride_bits,
-    stride_tsm, stride_tsr, stride_drk, stride_drr,
-    HAS_DROP: tl.constexpr, ATOMIC: tl.constexpr, EVEN_K: tl.constexpr, FUSED_DR: tl.constexpr,
-    BLOCK_R: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+    a_ptr,
+    p_ptr,
+    t_ptr,
+    bits_ptr,
+    ts_ptr,
+    s_ptr,
+    dr_ptr,
+    M,
+    K,
+    NR,
+    k_per_split,
+    drop_scale,
+    stride_am,
+    stride_ak,
+    stride_pr,
+    stride_pk,
+    stride_tm,
+    stride_tr,
+    stride_bits,
+    stride_tsm,
+    stride_tsr,
+    stride_drk,
+    stride_drr,
+    HAS_DROP: tl.constexpr,
+    ATOMIC: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    FUSED_DR: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     """T[M, NR] (fp32) = drop(A)[M, K] @ P[NR, K]^T. Split over K (ATOMIC adds into a zeroed T) when M is short.
@@ -243,8 +317,11 @@ def _shrink_kernel(
     if FUSED_DR:
         # (T s) of this row tile, loaded once; rows past M (wrapped onto valid ones above) contribute nothing.
         sc = tl.load(s_ptr + rr, mask=r_ok, other=0.0)
-        ts = tl.load(ts_ptr + rm_safe[:, None] * stride_tsm + rr64[None, :] * stride_tsr,
-                     mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+        ts = tl.load(
+            ts_ptr + rm_safe[:, None] * stride_tsm + rr64[None, :] * stride_tsr,
+            mask=m_ok[:, None] & r_ok[None, :],
+            other=0.0,
+        )
         ts = (ts * sc[None, :]).to(a_ptr.dtype.element_ty)
         if UPCAST:
             ts = ts.to(tl.float32)
@@ -261,8 +338,9 @@ def _shrink_kernel(
             a = tl.load(a_rows + kk64[None, :] * stride_ak, mask=k_ok[None, :], other=0.0)
             pt = tl.load(p_cols + kk64[:, None] * stride_pk, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
         if HAS_DROP:
-            a = tl.where(_kept(bits_ptr, stride_bits, rm_safe, k0, tl.cdiv(K, 32), BLOCK_M, BLOCK_K, 1), a,
-                         0.0).to(a.dtype)
+            a = tl.where(_kept(bits_ptr, stride_bits, rm_safe, k0, tl.cdiv(K, 32), BLOCK_M, BLOCK_K, 1), a, 0.0).to(
+                a.dtype
+            )
         if UPCAST:
             a = a.to(tl.float32)
             pt = pt.to(tl.float32)
@@ -284,11 +362,30 @@ def _shrink_kernel(
 
 @triton.jit
 def _reduce_m_kernel(
-    a_ptr, g_ptr, s_ptr, c_ptr, bits_ptr,
-    M, N, NR, m_per_split, drop_scale,
-    stride_am, stride_an, stride_gm, stride_gr, stride_cn, stride_cr, stride_bits,
-    HAS_DROP: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_R: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    a_ptr,
+    g_ptr,
+    s_ptr,
+    c_ptr,
+    bits_ptr,
+    M,
+    N,
+    NR,
+    m_per_split,
+    drop_scale,
+    stride_am,
+    stride_an,
+    stride_gm,
+    stride_gr,
+    stride_cn,
+    stride_cr,
+    stride_bits,
+    HAS_DROP: tl.constexpr,
+    ATOMIC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -312,8 +409,9 @@ def _reduce_m_kernel(
         if HAS_DROP:
             keep = _kept(bits_ptr, stride_bits, rm % M, pid_n * BLOCK_N, tl.cdiv(N, 32), BLOCK_M, BLOCK_N, 0)
             a_t = tl.where(keep, a_t, 0.0).to(a_t.dtype)
-        g = tl.load(g_ptr + rm64[:, None] * stride_gm + rr64[None, :] * stride_gr, mask=m_ok[:, None] & r_ok[None, :],
-                    other=0.0)
+        g = tl.load(
+            g_ptr + rm64[:, None] * stride_gm + rr64[None, :] * stride_gr, mask=m_ok[:, None] & r_ok[None, :], other=0.0
+        )
         if UPCAST:
             a_t = a_t.to(tl.float32)
         gs = (g * s[None, :]).to(a_t.dtype)

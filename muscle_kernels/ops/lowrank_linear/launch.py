@@ -27,25 +27,44 @@ guard for the inputs' device, so tensors on `cuda:1` launch on `cuda:1` whatever
 Tests force configs, launch modes, split counts and NaN-filled outputs through `force_configs` (one
 `Overrides` object, restored when the block ends).
 """
+
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple
 
 import torch
 import triton
 
 from .configs import (
-    FUSE_T_MAX_R, FUSED_DY_MAX_R, INTERPRET, T_CHUNK, bits_config, block_r, fused_dy_max_r, precision, reduce_config,
+    FUSE_T_MAX_R,
+    FUSED_DY_MAX_R,
+    INTERPRET,
+    T_CHUNK,
+    bits_config,
+    block_r,
+    fused_dy_max_r,
+    precision,
+    reduce_config,
     shrink_config,
 )
 from .kernels import _dropout_bits_kernel, _reduce_m_kernel, _shrink_kernel, fused_even, fused_tuned
 
 __all__ = [
-    "lowrank_linear_fwd_triton", "lowrank_linear_bwd_triton", "lowrank_linear_bwd_triton_fused_dy", "uses_fused_dy",
-    "dropout_mask_triton", "unpack_bits", "force_configs", "Overrides", "Mat", "Dropout", "FusedOperands",
-    "FusedMode", "FusedDR",
+    "lowrank_linear_fwd_triton",
+    "lowrank_linear_bwd_triton",
+    "lowrank_linear_bwd_triton_fused_dy",
+    "uses_fused_dy",
+    "dropout_mask_triton",
+    "unpack_bits",
+    "force_configs",
+    "Overrides",
+    "Mat",
+    "Dropout",
+    "FusedOperands",
+    "FusedMode",
+    "FusedDR",
 ]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -67,12 +86,13 @@ class Overrides:
         config it picked); shrink: (BLOCK_M, BLOCK_K, warps, stages); reduce: (BLOCK_M, BLOCK_N, BLOCK_R, warps,
         stages) (configs.py).
     """
+
     fill_nan: bool = False
-    fuse_t: Optional[bool] = None
-    split: Optional[int] = None
-    fused: Optional[triton.Config] = None
-    shrink: Optional[tuple] = None
-    reduce: Optional[tuple] = None
+    fuse_t: bool | None = None
+    split: int | None = None
+    fused: triton.Config | None = None
+    shrink: tuple | None = None
+    reduce: tuple | None = None
 
 
 # The innermost force_configs block's overrides last; only force_configs pushes and pops.
@@ -101,23 +121,25 @@ def force_configs(fused=None, shrink=None, reduce=None, *, fuse_t=None, split=No
 class Mat(NamedTuple):
     """A matrix operand read through strides: element (i, j) at data[i * strides[0] + j * strides[1]], so that a
     transposed view (W read as W^T, R as R^T) costs no copy."""
+
     data: torch.Tensor
-    strides: Tuple[int, int]
+    strides: tuple[int, int]
 
     @classmethod
-    def of(cls, t: torch.Tensor) -> "Mat":
+    def of(cls, t: torch.Tensor) -> Mat:
         return cls(t, (t.stride(0), t.stride(1)))
 
     @classmethod
-    def transposed(cls, t: torch.Tensor) -> "Mat":
+    def transposed(cls, t: torch.Tensor) -> Mat:
         return cls(t, (t.stride(1), t.stride(0)))
 
 
 class Dropout(NamedTuple):
     """The dropout of one launch: its probability (the 1 / (1 - p) factor) and the packed keep-mask it reads
     (None where the launch masks nothing)."""
+
     p: float
-    bits: Optional[torch.Tensor]
+    bits: torch.Tensor | None
 
 
 NO_DROPOUT = Dropout(0.0, None)
@@ -125,12 +147,13 @@ NO_DROPOUT = Dropout(0.0, None)
 
 class FusedOperands(NamedTuple):
     """The fused GEMM's C [M, N] = A B + ((A P^T) * s) Q^T (+ bias) (kernels.py: `_fused_lowrank_mm_kernel`)."""
+
     a: torch.Tensor  # [M, K]: x (forward) or dy (backward dx)
     b: Mat  # [K, N]: W^T or W
     p: Mat  # [NR, K]: L or R^T
     q: Mat  # [N, NR]: R or L^T
     s: torch.Tensor  # [NR] fp32 scales
-    bias: Optional[torch.Tensor]  # [N], forward only
+    bias: torch.Tensor | None  # [N], forward only
     t: torch.Tensor  # [M, NR] fp32 A P^T (T or G): loaded in T_MODE 1, stored with STORE_T, else a stand-in
     c: torch.Tensor  # [M, N]: y or dx
 
@@ -138,6 +161,7 @@ class FusedOperands(NamedTuple):
 class FusedMode(NamedTuple):
     """How the fused GEMM gets A P^T: accumulated in its K loop (t_mode 0, stored when store_t) or loaded (1);
     out_drop: the loaded part is masked by dropout (backward dx)."""
+
     t_mode: int
     store_t: bool
     out_drop: bool
@@ -145,6 +169,7 @@ class FusedMode(NamedTuple):
 
 class FusedDR(NamedTuple):
     """The backward G shrink's extra output, dr += dy^T (ts * s) in the same pass over dy (`_shrink_kernel`)."""
+
     ts: torch.Tensor  # [M, NR] fp32: the forward's T
     s: torch.Tensor  # [NR] fp32 scales
     dr: torch.Tensor  # [out, NR] fp32, zeroed
@@ -224,16 +249,28 @@ def _dropout_bits(m: int, k: int, p: float, seed, device) -> torch.Tensor:
         bm, bw, warps = bits_config()
         seed_i, seed_ptr, from_ptr = _seed_args(seed, device)
         _dropout_bits_kernel[(triton.cdiv(m, bm), triton.cdiv(w, bw))](
-            bits, m, w, bits.stride(0), seed_i, seed_ptr, float(p), SEED_FROM_PTR=from_ptr,
-            BLOCK_M=bm, BLOCK_W=bw, num_warps=warps)
+            bits,
+            m,
+            w,
+            bits.stride(0),
+            seed_i,
+            seed_ptr,
+            float(p),
+            SEED_FROM_PTR=from_ptr,
+            BLOCK_M=bm,
+            BLOCK_W=bw,
+            num_warps=warps,
+        )
     return bits
 
 
 def _check_bits(bits, m, k, device):
     want = (m, triton.cdiv(k, 32))
     if bits.dtype != torch.int32 or tuple(bits.shape) != want or bits.stride(1) != 1 or bits.device != device:
-        raise ValueError(f"bits: expected the forward's packed dropout mask, int32 {want} with unit column stride on "
-                         f"{device}, got {bits.dtype} {tuple(bits.shape)} strides {bits.stride()} on {bits.device}")
+        raise ValueError(
+            f"bits: expected the forward's packed dropout mask, int32 {want} with unit column stride on "
+            f"{device}, got {bits.dtype} {tuple(bits.shape)} strides {bits.stride()} on {bits.device}"
+        )
 
 
 def _check_dtypes(x2, **others):
@@ -247,7 +284,7 @@ def _check_dtypes(x2, **others):
 # ----------------------------------------------------------------------------------------------------------------
 # One launcher per kernel: configs, grid, strides.
 # ----------------------------------------------------------------------------------------------------------------
-def _launch_shrink(a, p: Mat, t, drop: Dropout, fused_dr: Optional[FusedDR] = None):
+def _launch_shrink(a, p: Mat, t, drop: Dropout, fused_dr: FusedDR | None = None):
     """t[M, NR] (fp32) = drop(a) @ P^T, P [NR, K]; the mask from drop.bits.
     fused_dr: also dr += a^T (ts * s) in the same pass (see `FusedDR`)."""
     m, k = a.shape
@@ -265,12 +302,40 @@ def _launch_shrink(a, p: Mat, t, drop: Dropout, fused_dr: Optional[FusedDR] = No
     bits = _no_bits(a.device) if drop.bits is None else drop.bits
     ts, s, dr = fused_dr if fused_dr is not None else (t, t, t)  # unused without FUSED_DR
     _shrink_kernel[(m_tiles, split)](
-        a, p.data, t, bits, ts, s, dr, m, k, nr, k_per_split, 1.0 / (1.0 - drop.p),
-        a.stride(0), a.stride(1), p.strides[0], p.strides[1], t.stride(0), t.stride(1), bits.stride(0),
-        ts.stride(0), ts.stride(-1), dr.stride(0), dr.stride(-1),
-        HAS_DROP=drop.p > 0.0, ATOMIC=split > 1, EVEN_K=k % bk == 0, FUSED_DR=fused_dr is not None,
-        BLOCK_R=br, UPCAST=INTERPRET,
-        PRECISION=precision(a.dtype), BLOCK_M=bm, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+        a,
+        p.data,
+        t,
+        bits,
+        ts,
+        s,
+        dr,
+        m,
+        k,
+        nr,
+        k_per_split,
+        1.0 / (1.0 - drop.p),
+        a.stride(0),
+        a.stride(1),
+        p.strides[0],
+        p.strides[1],
+        t.stride(0),
+        t.stride(1),
+        bits.stride(0),
+        ts.stride(0),
+        ts.stride(-1),
+        dr.stride(0),
+        dr.stride(-1),
+        HAS_DROP=drop.p > 0.0,
+        ATOMIC=split > 1,
+        EVEN_K=k % bk == 0,
+        FUSED_DR=fused_dr is not None,
+        BLOCK_R=br,
+        UPCAST=INTERPRET,
+        PRECISION=precision(a.dtype),
+        BLOCK_M=bm,
+        BLOCK_K=bk,
+        num_warps=warps,
+        num_stages=stages,
     )
 
 
@@ -290,10 +355,32 @@ def _launch_reduce(a, g, s, c: Mat, drop: Dropout):
         c.data.zero_()
     bits = _no_bits(a.device) if drop.bits is None else drop.bits
     _reduce_m_kernel[(triton.cdiv(n, bn), split, triton.cdiv(nr, br))](
-        a, g, s, c.data, bits, m, n, nr, m_per_split, 1.0 / (1.0 - drop.p),
-        a.stride(0), a.stride(1), g.stride(0), g.stride(1), c.strides[0], c.strides[1], bits.stride(0),
-        HAS_DROP=drop.p > 0.0, ATOMIC=split > 1, BLOCK_R=br, UPCAST=INTERPRET,
-        PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
+        a,
+        g,
+        s,
+        c.data,
+        bits,
+        m,
+        n,
+        nr,
+        m_per_split,
+        1.0 / (1.0 - drop.p),
+        a.stride(0),
+        a.stride(1),
+        g.stride(0),
+        g.stride(1),
+        c.strides[0],
+        c.strides[1],
+        bits.stride(0),
+        HAS_DROP=drop.p > 0.0,
+        ATOMIC=split > 1,
+        BLOCK_R=br,
+        UPCAST=INTERPRET,
+        PRECISION=prec,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        num_warps=warps,
+        num_stages=stages,
     )
 
 
@@ -308,16 +395,47 @@ def _launch_fused(ops: FusedOperands, mode: FusedMode, drop: Dropout):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
     bits = _no_bits(a.device) if drop.bits is None else drop.bits
-    args = (a, ops.b.data, ops.p.data, ops.q.data, ops.s, ops.bias if ops.bias is not None else ops.s, ops.t, c, bits,
-            m, n, k, nr, _m_bucket(m), 1.0 / (1.0 - drop.p),
-            a.stride(0), a.stride(1), *ops.b.strides, *ops.p.strides, *ops.q.strides,
-            ops.t.stride(0), ops.t.stride(1), c.stride(0), c.stride(1), bits.stride(0))
-    meta = dict(HAS_BIAS=ops.bias is not None, T_MODE=mode.t_mode, STORE_T=mode.store_t, OUT_DROP=mode.out_drop,
-                BLOCK_R=br, UPCAST=INTERPRET, PRECISION=precision(a.dtype))
+    args = (
+        a,
+        ops.b.data,
+        ops.p.data,
+        ops.q.data,
+        ops.s,
+        ops.bias if ops.bias is not None else ops.s,
+        ops.t,
+        c,
+        bits,
+        m,
+        n,
+        k,
+        nr,
+        _m_bucket(m),
+        1.0 / (1.0 - drop.p),
+        a.stride(0),
+        a.stride(1),
+        *ops.b.strides,
+        *ops.p.strides,
+        *ops.q.strides,
+        ops.t.stride(0),
+        ops.t.stride(1),
+        c.stride(0),
+        c.stride(1),
+        bits.stride(0),
+    )
+    meta = dict(
+        HAS_BIAS=ops.bias is not None,
+        T_MODE=mode.t_mode,
+        STORE_T=mode.store_t,
+        OUT_DROP=mode.out_drop,
+        BLOCK_R=br,
+        UPCAST=INTERPRET,
+        PRECISION=precision(a.dtype),
+    )
     forced = _forced().fused
     if forced is not None:
-        fused_even[grid(forced.kwargs)](*args, **meta, **forced.kwargs, num_warps=forced.num_warps,
-                                        num_stages=forced.num_stages)
+        fused_even[grid(forced.kwargs)](
+            *args, **meta, **forced.kwargs, num_warps=forced.num_warps, num_stages=forced.num_stages
+        )
     else:
         fused_tuned[grid](*args, **meta)
 
@@ -339,8 +457,7 @@ def _fwd(x2, weight, bias, lora_L, lora_R, scales, dropout_p, seed):
     p = float(dropout_p)
     y = _alloc((m, n), x2.dtype, x2.device)
     t = _alloc((m, nr), torch.float32, x2.device)
-    bits = _dropout_bits(m, k, p, seed, x2.device) if p > 0.0 else torch.empty(0, dtype=torch.int32,
-                                                                                   device=x2.device)
+    bits = _dropout_bits(m, k, p, seed, x2.device) if p > 0.0 else torch.empty(0, dtype=torch.int32, device=x2.device)
     if m == 0:
         return y, t, bits
     s = scales.to(device=x2.device, dtype=torch.float32).contiguous()
@@ -348,13 +465,17 @@ def _fwd(x2, weight, bias, lora_L, lora_R, scales, dropout_p, seed):
     if not fuse:
         _launch_shrink(x2, Mat.of(lora_L), t, Dropout(p, bits if p > 0.0 else None))
     # The GEMM's B [in, out] is W^T, P [n*r, in] is L, Q [out, n*r] is R; the mask is applied by the shrink.
-    _launch_fused(FusedOperands(x2, Mat.transposed(weight), Mat.of(lora_L), Mat.of(lora_R), s, bias, t, y),
-                  FusedMode(t_mode=0 if fuse else 1, store_t=fuse, out_drop=False), Dropout(p, None))
+    _launch_fused(
+        FusedOperands(x2, Mat.transposed(weight), Mat.of(lora_L), Mat.of(lora_R), s, bias, t, y),
+        FusedMode(t_mode=0 if fuse else 1, store_t=fuse, out_drop=False),
+        Dropout(p, None),
+    )
     return y, t, bits
 
 
-def lowrank_linear_bwd_triton(dy2, x2, weight, lora_L, lora_R, scales, t, dropout_p, seed,
-                              needs_dx, needs_dL, needs_dR, bits=None, fused_dy=False):
+def lowrank_linear_bwd_triton(
+    dy2, x2, weight, lora_L, lora_R, scales, t, dropout_p, seed, needs_dx, needs_dL, needs_dR, bits=None, fused_dy=False
+):
     """docs/layer.md: dx = dy W + drop'((G s) L), dR = dy^T (T s), dL = (G s)^T drop(x), with G = dy R.
 
     bits: the forward's packed dropout mask; None (or empty) regenerates it from `seed`, the same mask.
@@ -363,15 +484,18 @@ def lowrank_linear_bwd_triton(dy2, x2, weight, lora_L, lora_R, scales, t, dropou
     "triton-fdy"."""
     _check_dtypes(x2, dy=dy2, weight=weight, lora_L=lora_L, lora_R=lora_R)
     with _device_guard(x2.device):
-        return _bwd(dy2, x2, weight, lora_L, lora_R, scales, t, dropout_p, seed, needs_dx, needs_dL, needs_dR, bits,
-                    fused_dy)
+        return _bwd(
+            dy2, x2, weight, lora_L, lora_R, scales, t, dropout_p, seed, needs_dx, needs_dL, needs_dR, bits, fused_dy
+        )
 
 
-def lowrank_linear_bwd_triton_fused_dy(dy2, x2, weight, lora_L, lora_R, scales, t, dropout_p, seed,
-                                       needs_dx, needs_dL, needs_dR, bits=None):
+def lowrank_linear_bwd_triton_fused_dy(
+    dy2, x2, weight, lora_L, lora_R, scales, t, dropout_p, seed, needs_dx, needs_dL, needs_dR, bits=None
+):
     """`lowrank_linear_bwd_triton` with fused_dy=True (the backward of auto's "triton-fdy" candidate)."""
-    return lowrank_linear_bwd_triton(dy2, x2, weight, lora_L, lora_R, scales, t, dropout_p, seed, needs_dx,
-                                     needs_dL, needs_dR, bits, fused_dy=True)
+    return lowrank_linear_bwd_triton(
+        dy2, x2, weight, lora_L, lora_R, scales, t, dropout_p, seed, needs_dx, needs_dL, needs_dR, bits, fused_dy=True
+    )
 
 
 def uses_fused_dy(nr: int, dropout_p: float, dtype: torch.dtype) -> bool:
@@ -381,8 +505,9 @@ def uses_fused_dy(nr: int, dropout_p: float, dtype: torch.dtype) -> bool:
     return not _fuse_t(nr, dropout_p) and block_r(nr) <= limit
 
 
-def _bwd(dy2, x2, weight, lora_L, lora_R, scales, t, dropout_p, seed, needs_dx, needs_dL, needs_dR, bits,
-         fused_dy=False):
+def _bwd(
+    dy2, x2, weight, lora_L, lora_R, scales, t, dropout_p, seed, needs_dx, needs_dL, needs_dR, bits, fused_dy=False
+):
     m, k = x2.shape
     n, nr = weight.shape[0], lora_L.shape[0]
     p = float(dropout_p)
@@ -397,9 +522,11 @@ def _bwd(dy2, x2, weight, lora_L, lora_R, scales, t, dropout_p, seed, needs_dx, 
     else:
         bits = None
     if m == 0:
-        return (_alloc((0, k), x2.dtype, dev) if needs_dx else None,
-                torch.zeros_like(lora_L) if needs_dL else None,
-                torch.zeros_like(lora_R) if needs_dR else None)
+        return (
+            _alloc((0, k), x2.dtype, dev) if needs_dx else None,
+            torch.zeros_like(lora_L) if needs_dL else None,
+            torch.zeros_like(lora_R) if needs_dR else None,
+        )
     s = scales.to(device=dev, dtype=torch.float32).contiguous()
     dx = dL = dR = None
     g = None
@@ -409,8 +536,13 @@ def _bwd(dy2, x2, weight, lora_L, lora_R, scales, t, dropout_p, seed, needs_dx, 
     # dR from the pass that reads dy for G, when there is such a pass (G is not accumulated in the dx GEMM).
     shrink_g = (needs_dx and not fuse) or (needs_dL and not needs_dx)
     fused_dr = None
-    if fused_dy and needs_dR and shrink_g and uses_fused_dy(nr, p, x2.dtype) \
-            and not torch.are_deterministic_algorithms_enabled():
+    if (
+        fused_dy
+        and needs_dR
+        and shrink_g
+        and uses_fused_dy(nr, p, x2.dtype)
+        and not torch.are_deterministic_algorithms_enabled()
+    ):
         dr32 = torch.zeros((n, nr), dtype=torch.float32, device=dev)
         fused_dr = FusedDR(t.to(torch.float32).contiguous(), s, dr32)  # T is fp32 already: no copy
     if needs_dx:
@@ -421,10 +553,13 @@ def _bwd(dy2, x2, weight, lora_L, lora_R, scales, t, dropout_p, seed, needs_dx, 
             _launch_shrink(dy2, r_as_p, g, NO_DROPOUT, fused_dr)
         # B[k', n'] = W[k', n'] (k' over out, n' over in); Q[n', r] = L[r, n']. Without a G to store (fused, no dL)
         # the scales stand in for T's pointer, never read.
-        _launch_fused(FusedOperands(dy2, Mat.of(weight), r_as_p, Mat.transposed(lora_L), s, None,
-                                    g if g is not None else s[None, :], dx),
-                      FusedMode(t_mode=0 if fuse else 1, store_t=fuse and needs_dL, out_drop=p > 0.0),
-                      Dropout(p, bits))
+        _launch_fused(
+            FusedOperands(
+                dy2, Mat.of(weight), r_as_p, Mat.transposed(lora_L), s, None, g if g is not None else s[None, :], dx
+            ),
+            FusedMode(t_mode=0 if fuse else 1, store_t=fuse and needs_dL, out_drop=p > 0.0),
+            Dropout(p, bits),
+        )
     elif needs_dL:
         g = _alloc((m, nr), torch.float32, dev)
         _launch_shrink(dy2, r_as_p, g, NO_DROPOUT, fused_dr)

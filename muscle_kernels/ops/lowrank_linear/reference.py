@@ -9,9 +9,10 @@ from autograd.
 with L = [L_1; ...; L_n] ([n*r, in], branch-major rows), R = [R_1 ... R_n] ([out, n*r]) and s_j = k_i * alpha / r for
 every row j of branch i.
 """
+
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -28,11 +29,11 @@ def make_scales(freq_band: Sequence[float], inner_rank: int, alpha: float, *, dt
 def lowrank_linear_reference(
     x: torch.Tensor,
     weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
+    bias: torch.Tensor | None,
     lora_L: torch.Tensor,
     lora_R: torch.Tensor,
     scales: torch.Tensor,
-    dropout_mask: Optional[torch.Tensor] = None,
+    dropout_mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """y = x W^T + b + ((drop(x) L^T) * s) R^T, computed in x's dtype.
