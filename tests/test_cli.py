@@ -83,36 +83,11 @@ def test_defend_end_to_end(tmp_path, capsys, tiny_bert_dir):
     words = sorted({w for t, _ in rows for w in t.replace(",", " ,").split()} | {"cf", "mn", "bb", "tq"})
     model_dir = tiny_bert_dir(words)
     out = tmp_path / "out"
-    code = main(
-        [
-            "defend",
-            "--model",
-            str(model_dir),
-            "--train",
-            str(tmp_path / "train.csv"),
-            "--test-clean",
-            str(tmp_path / "test.csv"),
-            "--attack",
-            "addsent",
-            "--poison-rate",
-            "0.2",
-            "--method",
-            "lora,muscle-ga",
-            "--epochs",
-            "1",
-            "--ref-size",
-            "8",
-            "--batch-size",
-            "16",
-            "--max-length",
-            "48",
-            "--output",
-            str(out),
-            "--no-progress",
-            "--device",
-            "cpu",
-        ]
-    )
+    # a tiny run: 1 epoch, 8 reference rows, AddSent on 20% of the training rows
+    common = ["defend", "--model", str(model_dir), "--train", str(tmp_path / "train.csv"), "--test-clean"]
+    common += [str(tmp_path / "test.csv"), "--attack", "addsent", "--poison-rate", "0.2", "--epochs", "1"]
+    common += ["--ref-size", "8", "--batch-size", "16", "--max-length", "48", "--no-progress", "--device", "cpu"]
+    code = main(common + ["--method", "lora,muscle-ga", "--output", str(out)])
     assert code == 0
     printed = capsys.readouterr().out
     assert "muscle-ga" in printed and "CACC" in printed
@@ -127,34 +102,7 @@ def test_defend_end_to_end(tmp_path, capsys, tiny_bert_dir):
 
     # No --method: the default, muscle-screen, which also writes every training row's suspicion.
     out = tmp_path / "default"
-    code = main(
-        [
-            "defend",
-            "--model",
-            str(model_dir),
-            "--train",
-            str(tmp_path / "train.csv"),
-            "--test-clean",
-            str(tmp_path / "test.csv"),
-            "--attack",
-            "addsent",
-            "--poison-rate",
-            "0.2",
-            "--epochs",
-            "1",
-            "--ref-size",
-            "8",
-            "--batch-size",
-            "16",
-            "--max-length",
-            "48",
-            "--output",
-            str(out),
-            "--no-progress",
-            "--device",
-            "cpu",
-        ]
-    )
+    code = main(common + ["--output", str(out)])
     assert code == 0
     (result,) = json.loads((out / "results.json").read_text())["results"]
     assert result["method"] == "muscle-screen" and "screen:" in capsys.readouterr().out
