@@ -351,16 +351,39 @@ def _plot(rows, path):
     plt.close(fig)
 
 
+COLORS = {
+    "lora": "#d65f5f",
+    "refonly": "#ee854a",
+    "clean": "#6acc64",
+    "muscle": "#956cb4",
+    "muscle-ga": "#8c613c",
+    "muscle-screen": "#4878d0",
+    "vanilla": "#797979",
+}
+
+
 def _plot_curve(rows, path):
-    """CACC and ASR against the training set's size, one line per method, one column per attack."""
+    """CACC and ASR against the training set's size, one line per method (one colour each), one column per attack
+    measured at two sizes or more (per tag)."""
     plt = _pyplot()
     if plt is None:
         return
-    attacks = sorted({r["attack"] for r in rows})
-    fig, axes = plt.subplots(2, len(attacks), figsize=(3.6 * len(attacks), 6), squeeze=False, sharex=True)
-    for col, attack in enumerate(attacks):
+    panels = sorted(
+        {
+            (r["tag"], r["attack"])
+            for r in rows
+            if len({x["train"] for x in rows if (x["tag"], x["attack"]) == (r["tag"], r["attack"])}) > 1
+        }
+    )
+    if not panels:
+        return
+    fig, axes = plt.subplots(2, len(panels), figsize=(4 * len(panels) + 1, 6), squeeze=False, sharex=True)
+    for col, (tag, attack) in enumerate(panels):
         for method in sorted({r["method"] for r in rows}, key=_order):
-            sub = sorted((r for r in rows if r["attack"] == attack and r["method"] == method), key=lambda r: r["train"])
+            sub = sorted(
+                (r for r in rows if (r["tag"], r["attack"], r["method"]) == (tag, attack, method)),
+                key=lambda r: r["train"],
+            )
             if not sub:
                 continue
             for row, key in enumerate(("cacc", "asr")):
@@ -371,8 +394,9 @@ def _plot_curve(rows, path):
                     marker="o",
                     capsize=2,
                     label=method,
+                    color=COLORS.get(method),
                 )
-        axes[0][col].set_title(attack, fontsize=9)
+        axes[0][col].set_title(f"{attack} ({tag})", fontsize=9)
         axes[1][col].set_xlabel("training rows")
         axes[1][col].set_xscale("log")
     axes[0][0].set_ylabel("CACC %")
