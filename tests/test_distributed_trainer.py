@@ -63,7 +63,7 @@ def runs(tmp_path_factory):
         str(out),
     ]
     try:
-        proc = subprocess.run(cmd, env=env, cwd=str(out), capture_output=True, text=True, timeout=240)
+        proc = subprocess.run(cmd, env=env, cwd=str(out), capture_output=True, text=True, timeout=900)
     except subprocess.TimeoutExpired as e:
         raise AssertionError(f"accelerate launch did not finish within {e.timeout} s (a hang)") from None
     assert proc.returncode == 0, f"accelerate launch failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
