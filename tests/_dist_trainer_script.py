@@ -121,6 +121,10 @@ def main(out_dir):
     out["fsdp2"] = {"unsupported": reason} if reason else run(out_dir, "fsdp2")
     with open(os.path.join(out_dir, f"rank{torch.distributed.get_rank()}.json"), "w") as f:
         json.dump(out, f)
+    # Tear the group down before exit: a gloo group left to the interpreter's exit can abort a rank
+    # ("terminate called without an active exception", exit -6) after the work is done.
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
