@@ -179,6 +179,8 @@ case "$*" in
   *) exit 0 ;;
 esac
 """
+# A fake test file that gpu_run.sh must report: test_broken fails on purpose (its failure is what the real test
+# checks gpu_run lists), test_fine passes.
 FAKE_TESTS = """
 import time
 
