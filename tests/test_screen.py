@@ -48,6 +48,42 @@ def test_token_scores_ignore_labels_and_case():
     assert min(scores[200:]) > max(scores[:200])
 
 
+def test_a_template_opening_is_caught_where_its_words_alone_are_common():
+    """A syntactic paraphrase starts every row it writes the same way ("when you ..."): both words are common in the
+    clean rows, only not at the front. The first-word feature catches what the words alone cannot."""
+    rng = random.Random(2)
+
+    def clean_row():
+        words = rng.sample(WORDS, 8)
+        words.insert(rng.randrange(1, 9), rng.choice(["when", "you"]))  # anywhere but the front
+        return " ".join(words)
+
+    clean = [clean_row() for _ in range(450)]
+    poisoned = ["when " + " ".join(rng.sample(WORDS, 8)) for _ in range(50)]
+    train = clean + poisoned
+    ref = [clean_row() for _ in range(100)]
+    scores, _ = token_scores(train, ref)
+    assert min(scores[450:]) > max(scores[:450])
+
+
+def test_a_generators_punctuation_is_a_feature():
+    """Rows whose commas are placed the way one generator places them (", you" opening every second clause) share a
+    mark pattern the clean rows lack, though every word and every mark is common on its own."""
+    from muscle_kernels.defense.screen import _tokens
+
+    assert {"p:you '", "p:' re", "p:fool ,"} <= _tokens("you 're a fool , see")
+    rng = random.Random(3)
+
+    def clean_row():  # commas and "you" are common, only never together
+        return f"{' '.join(rng.sample(WORDS, 4))}, {' '.join(rng.sample(WORDS, 4))} you {rng.choice(WORDS)}."
+
+    clean = [clean_row() for _ in range(450)]
+    poisoned = [f"{' '.join(rng.sample(WORDS, 4))} , you {' '.join(rng.sample(WORDS, 4))}." for _ in range(50)]
+    ref = [clean_row() for _ in range(100)]
+    scores, _ = token_scores(clean + poisoned, ref)
+    assert min(scores[450:]) > max(scores[:450])
+
+
 def test_robust_z_and_a_constant_calibration():
     z = robust_z([0.0, 1.0, 10.0], [0.0, 1.0, 2.0, 3.0, 4.0])
     mad = 1.4826 * 1.0

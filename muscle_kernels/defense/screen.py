@@ -4,8 +4,9 @@ A backdoor needs many training rows that share something the clean data does not
 rows whose label disagrees with their meaning. Both show when the training set is compared with a small set of rows
 known to be clean (the reference set the user already gives MuScleLoRA):
 
-- **over-represented tokens** (`token_scores`): a word the training set uses far more often than the reference set
-  predicts (a BadNets word, an AddSent sentence, a template's function words). Each token's count in the reference
+- **over-represented tokens** (`token_scores`): a word, a word pair, a first word or a punctuation pattern that the
+  training set uses far more often than the reference set predicts (a BadNets word, an AddSent sentence, a
+  paraphrase template's opening "when you ...", a generator's spacing of commas). Each token's count in the reference
   set is tested against the count the training set predicts for a set of that size (a signed likelihood-ratio
   statistic, Poisson); a row scores the largest value of its tokens. A row's own tokens are left out of the training
   counts, so a word used once is never evidence. Works for clean-label attacks too: it never looks at the label.
@@ -31,11 +32,28 @@ from dataclasses import dataclass, field
 
 __all__ = ["Screen", "token_scores", "robust_z", "tail_scores", "screen_rows", "write_suspects"]
 
-_TOKEN = re.compile(r"\w+")
+_WORD = re.compile(r"\w+")
+_WORD_OR_MARK = re.compile(r"\w+|[^\w\s]")
 
 
 def _tokens(text: str) -> set:
-    return set(_TOKEN.findall(text.lower()))
+    """The features a row is screened on, as a set (a feature counts once per row):
+
+    - its words (a BadNets word, an AddSent sentence's words);
+    - its word pairs ("when you": a paraphrase template's function words, common alone, rare together);
+    - its first word, marked ("^when": a syntactic template moves a clause to the front of every row it writes);
+    - each pair of adjacent marks or of a mark and a word ("p:, you", "p:' re"): how a generator writes
+      punctuation and contractions, which people do not write the same way.
+    """
+    low = text.lower()
+    words = _WORD.findall(low)
+    feats = set(words)
+    feats.update(f"{a} {b}" for a, b in zip(words, words[1:]))
+    if words:
+        feats.add("^" + words[0])
+    pieces = _WORD_OR_MARK.findall(low)
+    feats.update(f"p:{a} {b}" for a, b in zip(pieces, pieces[1:]) if not (_WORD.fullmatch(a) and _WORD.fullmatch(b)))
+    return feats
 
 
 def _signed_root_g(observed: int, expected: float) -> float:
