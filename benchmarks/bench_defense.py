@@ -176,6 +176,7 @@ def run_one(attack_dir, method, seed, args, settings_kw, log, train_size=None):
             precision_at_k=precision,
             recall=sum(a and b for a, b in zip(flagged, flags)) / max(1, sum(flags)),
             flagged_clean=sum(a and not b for a, b in zip(flagged, flags)),
+            parts={name: detection(part, flags)[0] for name, part in result.get("suspect_parts", {}).items()},
         )
     return result
 

@@ -55,6 +55,9 @@ def test_all_methods_write_results_and_reloadable_adapters(setup):
         if r["method"] == "muscle-screen":  # the screen's own steps, then 2 epochs over the kept rows + reference
             kept = 100 - r["screen"]["flagged"]
             assert r["train_rows"] == kept + 8 and len(r["suspects"]) == 100
+            assert sorted(r["suspect_parts"]) == ["label", "tokens"]
+            assert all(len(v) == 100 for v in r["suspect_parts"].values())
+            assert r["suspects"] == [max(p) for p in zip(*r["suspect_parts"].values())], "suspicion: the larger part"
             assert r["steps"] == r["screen"]["steps"] + 2 * -(-(kept + 8) // 16)
         else:  # refonly: as many steps as the others, on the 8 reference rows
             assert r["steps"] == 2 * 7 and r["train_rows"] == (8 if r["method"] == "refonly" else 100)

@@ -555,7 +555,8 @@ def train_method(
     The record: method, cacc, asr (at the best dev checkpoint), best_epoch, train_seconds, step_seconds (median time
     of one optimizer step), steps, history (per checkpoint: dev accuracy, dev ASR, train loss, share of aligned
     steps), settings; muscle-screen adds `screen` (rows flagged, threshold, screening steps and seconds) and
-    `suspects` (each training row's suspicion score, in the training set's order).
+    `suspects` (each training row's suspicion score, in the training set's order) and `suspect_parts` (each part's
+    tail score, by part name, in the same order).
     With `output_dir`, the adapter (or, for vanilla, the full model) goes to output_dir/<method>/ (muscle-screen also
     writes output_dir/suspects.csv).
     `on_step(step, model, method=method)` is called before the first step (step 0) and after every optimizer step
@@ -594,6 +595,7 @@ def train_method(
         extra = dict(
             screen=dict(screen.summary(), steps=screen_steps, seconds=screen_seconds),
             suspects=[round(s, 4) for s in screen.scores],
+            suspect_parts={name: [round(v, 4) for v in part] for name, part in screen.parts.items()},
         )
         if output_dir is not None:
             from .screen import write_suspects
