@@ -4,6 +4,7 @@ measuring only: the screen never reads it).
 
     python benchmarks/bench_screen.py --data ../shared/data/hsol,../shared/data/agnews --parts tokens --seeds 0,1,2
     python benchmarks/bench_screen.py --data ../shared/data/hsol --parts tokens,label --seeds 0     # trains probes
+    python benchmarks/bench_screen.py --data ../shared/data/hsol --features words,first --seeds 0,1,2  # an ablation
 
 `--parts tokens` needs no model (seconds); `label` trains muscle-screen's reference-set LoRA for each run (minutes on
 a CPU). The rows are drawn like bench_defense.py draws them (same seed, same sizes: the same training, reference and
@@ -24,6 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_defense import _attack_dirs, _attack_name, _subsample, detection  # noqa: E402
 
+from muscle_kernels.defense.screen import FEATURES  # noqa: E402
+
 
 def screen_one(attack_dir, seed, args, parts):
     from muscle_kernels.defense.paper_data import load_paper_folder
@@ -43,7 +46,10 @@ def screen_one(attack_dir, seed, args, parts):
     raw_train, raw_calib = {}, {}
     if "tokens" in parts:
         raw_train["tokens"], raw_calib["tokens"] = token_scores(
-            [s.text for s in splits.train], [s.text for s in splits.ref], [s.text for s in splits.dev]
+            [s.text for s in splits.train],
+            [s.text for s in splits.ref],
+            [s.text for s in splits.dev],
+            features=args.features.split(","),
         )
     if "label" in parts:
         import torch
@@ -96,6 +102,11 @@ def main(argv=None):
     p.add_argument("--dev-size", type=int, default=1000)
     p.add_argument("--ref-size", type=int, default=200)
     p.add_argument("--quantile", type=float, default=0.9)
+    p.add_argument(
+        "--features",
+        default=",".join(FEATURES),
+        help=f"the token part's kinds of feature, some of {','.join(FEATURES)} (default: all, as muscle-screen)",
+    )
     p.add_argument("--out", default="benchmarks/out/screen")
     args = p.parse_args(argv)
     parts = args.parts.split(",")

@@ -66,6 +66,21 @@ def test_a_template_opening_is_caught_where_its_words_alone_are_common():
     assert min(scores[450:]) > max(scores[:450])
 
 
+def test_feature_kinds_can_be_chosen_for_an_ablation():
+    from muscle_kernels.defense.screen import FEATURES, _tokens
+
+    text = "When you go , see"
+    assert _tokens(text) == _tokens(text, FEATURES)
+    assert _tokens(text, ["words"]) == {"when", "you", "go", "see"}
+    assert _tokens(text, ["first"]) == {"^when"}
+    assert _tokens(text, ["pairs"]) == {"when you", "you go", "go see"}
+    assert _tokens(text, ["marks"]) == {"p:go ,", "p:, see"}
+    with pytest.raises(ValueError, match="features: expected some of words, pairs, first, marks"):
+        token_scores(["a"], ["b"], features=["words", "chars"])
+    with pytest.raises(ValueError, match="features"):
+        token_scores(["a"], ["b"], features=[])
+
+
 def test_a_generators_punctuation_is_a_feature():
     """Rows whose commas are placed the way one generator places them (", you" opening every second clause) share a
     mark pattern the clean rows lack, though every word and every mark is common on its own."""

@@ -30,29 +30,37 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["Screen", "token_scores", "robust_z", "tail_scores", "screen_rows", "write_suspects"]
+__all__ = ["FEATURES", "Screen", "token_scores", "robust_z", "tail_scores", "screen_rows", "write_suspects"]
 
 _WORD = re.compile(r"\w+")
 _WORD_OR_MARK = re.compile(r"\w+|[^\w\s]")
 
 
-def _tokens(text: str) -> set:
-    """The features a row is screened on, as a set (a feature counts once per row):
+FEATURES = ("words", "pairs", "first", "marks")
 
-    - its words (a BadNets word, an AddSent sentence's words);
-    - its word pairs ("when you": a paraphrase template's function words, common alone, rare together);
-    - its first word, marked ("^when": a syntactic template moves a clause to the front of every row it writes);
-    - each pair of adjacent marks or of a mark and a word ("p:, you", "p:' re"): how a generator writes
+
+def _tokens(text: str, features: Sequence[str] = FEATURES) -> set:
+    """The features a row is screened on, as a set (a feature counts once per row); `features` picks the kinds:
+
+    - `words`: its words (a BadNets word, an AddSent sentence's words);
+    - `pairs`: its word pairs ("when you": a paraphrase template's function words, common alone, rare together);
+    - `first`: its first word, marked ("^when": a syntactic template moves a clause to the front of every row it
+      writes);
+    - `marks`: each pair of adjacent marks or of a mark and a word ("p:, you", "p:' re"): how a generator writes
       punctuation and contractions, which people do not write the same way.
     """
     low = text.lower()
     words = _WORD.findall(low)
-    feats = set(words)
-    feats.update(f"{a} {b}" for a, b in zip(words, words[1:]))
-    if words:
+    feats = set(words) if "words" in features else set()
+    if "pairs" in features:
+        feats.update(f"{a} {b}" for a, b in zip(words, words[1:]))
+    if "first" in features and words:
         feats.add("^" + words[0])
-    pieces = _WORD_OR_MARK.findall(low)
-    feats.update(f"p:{a} {b}" for a, b in zip(pieces, pieces[1:]) if not (_WORD.fullmatch(a) and _WORD.fullmatch(b)))
+    if "marks" in features:
+        pieces = _WORD_OR_MARK.findall(low)
+        feats.update(
+            f"p:{a} {b}" for a, b in zip(pieces, pieces[1:]) if not (_WORD.fullmatch(a) and _WORD.fullmatch(b))
+        )
     return feats
 
 
@@ -64,20 +72,30 @@ def _signed_root_g(observed: int, expected: float) -> float:
     return math.copysign(math.sqrt(max(g, 0.0)), expected - observed)
 
 
-def token_scores(train_texts: Sequence[str], ref_texts: Sequence[str], other_texts: Sequence[str] = ()) -> tuple:
+def token_scores(
+    train_texts: Sequence[str],
+    ref_texts: Sequence[str],
+    other_texts: Sequence[str] = (),
+    *,
+    features: Sequence[str] = FEATURES,
+) -> tuple:
     """(scores of the training rows, scores of `other_texts`): each row's largest over-representation statistic.
 
     A token in n of the N training rows predicts (n / N) * R rows of the R reference rows; the statistic says how
     far the reference count falls short of that. For a training row its own occurrence is left out (n - 1 of N - 1);
-    `other_texts` (calibration rows, not in the training set) are scored against the full counts."""
+    `other_texts` (calibration rows, not in the training set) are scored against the full counts. `features`: the
+    kinds of feature scored (`FEATURES`, all by default; fewer for an ablation)."""
+    unknown = sorted(set(features) - set(FEATURES))
+    if unknown or not features:
+        raise ValueError(f"features: expected some of {', '.join(FEATURES)}, got {list(features)!r}")
     if not train_texts or not ref_texts:
         raise ValueError(
             f"token_scores: needs training rows and reference rows, got {len(train_texts)} and {len(ref_texts)}"
         )
-    train_sets = [_tokens(t) for t in train_texts]
+    train_sets = [_tokens(t, features) for t in train_texts]
     n_train, n_ref = len(train_sets), len(ref_texts)
     in_train = Counter(t for s in train_sets for t in s)
-    in_ref = Counter(t for text in ref_texts for t in _tokens(text))
+    in_ref = Counter(t for text in ref_texts for t in _tokens(text, features))
 
     def row(tokens, own: int) -> float:
         best = 0.0
@@ -89,7 +107,7 @@ def token_scores(train_texts: Sequence[str], ref_texts: Sequence[str], other_tex
             best = max(best, _signed_root_g(in_ref[t], expected))
         return best
 
-    return ([row(s, 1) for s in train_sets], [row(_tokens(t), 0) for t in other_texts])
+    return ([row(s, 1) for s in train_sets], [row(_tokens(t, features), 0) for t in other_texts])
 
 
 def _median(xs: Sequence[float]) -> float:
