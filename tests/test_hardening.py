@@ -7,7 +7,6 @@ regression fails the test instead of taking the machine down.
 """
 
 import json
-import math
 import os
 import resource
 import subprocess
@@ -592,64 +591,6 @@ def test_planted_symlinks_are_replaced_not_followed(tmp_path):
     assert not (out / "results.json").is_symlink() and json.loads((out / "results.json").read_text())["complete"]
     assert not (out / "results.png").is_symlink() and (out / "results.png").read_bytes()[:4] == b"\x89PNG"
     assert oct((out / "results.json").stat().st_mode & 0o777) == oct(0o644)
-
-
-# -- a merged layer's state -------------------------------------------------------------------------------------------
-def test_merged_state_dict_loads_into_a_fresh_layer():
-    from muscle_kernels import MuScleLoRALinear
-
-    torch.manual_seed(0)
-    layer = MuScleLoRALinear(12, 10, freq_band=(1, 2, 3), inner_rank=2, alpha=4.0)
-    with torch.no_grad():
-        layer.lora_R.normal_()
-    x = torch.randn(5, 12)
-    want = layer(x)
-    base = layer.weight.detach().clone()
-    layer.merge()
-    state = layer.state_dict()
-    fresh = MuScleLoRALinear(12, 10, freq_band=(1, 2, 3), inner_rank=2, alpha=4.0)
-    fresh.load_state_dict(state)  # strict
-    assert fresh.merged
-    torch.testing.assert_close(fresh(x), want)
-    fresh.unmerge()
-    torch.testing.assert_close(fresh.weight, base)
-    torch.testing.assert_close(fresh(x), want)
-
-    # an unmerged state dict keeps exactly its tensors, and loading it into a merged layer unmerges the flag
-    assert list(fresh.state_dict()) == ["weight", "bias", "lora_L", "lora_R", "scales"]
-    layer.load_state_dict(fresh.state_dict())
-    assert not layer.merged
-    torch.testing.assert_close(layer(x), want)
-
-
-def test_merged_model_state_dict_round_trip():
-    from muscle_kernels import apply_muscle_lora
-    from muscle_kernels.integrations.apply import adapter_layers
-
-    config = transformers.BertConfig(
-        vocab_size=30,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=24,
-        max_position_embeddings=32,
-    )
-    torch.manual_seed(1)
-    model = apply_muscle_lora(transformers.BertForSequenceClassification(config)).eval()
-    with torch.no_grad():
-        for layer in adapter_layers(model).values():
-            layer.lora_R.normal_()
-    ids = torch.randint(0, 30, (2, 7))
-    want = model(input_ids=ids).logits
-    for layer in adapter_layers(model).values():
-        layer.merge()
-    torch.manual_seed(2)
-    fresh = apply_muscle_lora(transformers.BertForSequenceClassification(config)).eval()
-    fresh.load_state_dict(model.state_dict())
-    assert all(m.merged for m in adapter_layers(fresh).values())
-    got = fresh(input_ids=ids).logits
-    assert math.isfinite(float(got.abs().max()))
-    torch.testing.assert_close(got, want)
 
 
 def test_results_json_takes_paths(tmp_path):
