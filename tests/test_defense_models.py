@@ -54,3 +54,10 @@ def test_gguf_loaded_once_copies_get_fresh_heads(tmp_path, monkeypatch):
     assert torch.equal(a.score.weight, b.score.weight), "same seed, same head"
     assert not torch.equal(a.score.weight, c.score.weight), "another seed, another head"
     assert torch.equal(a.model.embed_tokens.weight, c.model.embed_tokens.weight), "the backbone is shared"
+
+
+def test_new_head_loads_a_fresh_head(tiny_model_dir):
+    from muscle_kernels.defense.models import classifier_factory
+
+    factory, _ = classifier_factory(tiny_model_dir, 3, new_head=True)
+    assert factory().config.num_labels == 3

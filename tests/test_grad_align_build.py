@@ -165,6 +165,15 @@ def test_info_reports_versions_and_backends(tmp_path):
     assert not any(tmp_path.iterdir()), "info must not build anything"
 
 
+def test_info_reports_a_bad_backend_switch(monkeypatch):
+    from muscle_kernels.info import report_lines
+
+    monkeypatch.setenv("MUSCLE_KERNELS_GRAD_ALIGN_BACKEND", "bogus")
+    text = "\n".join(report_lines())
+    assert "forced" not in text
+    assert "grad_align: configuration error: MUSCLE_KERNELS_GRAD_ALIGN_BACKEND: expected one of" in text
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(
     not os.environ.get("MUSCLE_KERNELS_TORCH_211"),

@@ -1,5 +1,6 @@
-"""The torch._foreach fallback is as accurate as the kernels and needs O(chunk) extra memory (issue 15), and both
-backends refuse a gradient that requires grad the same way."""
+"""The torch._foreach fallback is as accurate as the kernels and needs O(chunk) extra memory (issue 15); where <g, r>
+nearly cancels, the extension's sums are at least as accurate as the fallback's (issue 20); and both backends follow
+one rule for a gradient that requires grad, for grads that share memory and for inference tensors."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import torch
 
 from muscle_kernels.ops.grad_align import align_gradients_, extension, grad_align_apply_, grad_align_reduce
 from muscle_kernels.ops.grad_align.foreach import CHUNK
+
+from .utils import nearly_orthogonal
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -114,3 +117,86 @@ def test_grads_that_require_grad_are_refused_by_every_backend(backend):
     assert stats.shape == (2, 3) and torch.isfinite(stats).all()
     leaf.grad = torch.randn(4, 3)
     align_gradients_([leaf.grad], [refs[1]], backend=backend)
+
+
+# -- aliasing and inference tensors: one rule on both backends ---------------------------------------------------------
+def alias_cases():
+    g = torch.randn(6)
+    big = torch.randn(10)
+    return {
+        "same tensor as grad and ref": (
+            [g],
+            [g],
+            "grads\\[0\\] and ref_grads\\[0\\] share memory|ref_grads\\[0\\] and grads\\[0\\] share memory",
+        ),
+        "one grad twice": ([g, g], [torch.randn(6), torch.randn(6)], "grads\\[0\\] and grads\\[1\\] share memory"),
+        "overlapping views": ([big[:6], big[4:]], [torch.randn(6), torch.randn(6)], "share memory"),
+        "grad inside a ref's span": ([torch.randn(4), big[5:9]], [big[0:4], big[2:6]], "share memory"),
+    }
+
+
+@pytest.mark.parametrize("backend", ["foreach", "extension"])
+@pytest.mark.parametrize("case", list(alias_cases()))
+def test_aliasing_refused_on_every_backend(backend, case):
+    from muscle_kernels.ops.grad_align.function import align_gradients_, grad_align_apply_
+
+    grads, refs, match = alias_cases()[case]
+    before = [g.clone() for g in grads]
+    with pytest.raises(ValueError, match=match):
+        align_gradients_(grads, refs, backend=backend)
+    with pytest.raises(ValueError, match="share memory"):
+        grad_align_apply_(grads, refs, torch.ones(len(grads)), backend=backend)
+    assert all(torch.equal(a, b) for a, b in zip(grads, before)), "nothing written"
+
+
+def test_refs_may_share_memory():
+    from muscle_kernels.ops.grad_align.function import align_gradients_
+
+    r = torch.randn(6)
+    g1, g2 = torch.randn(6), torch.randn(6)
+    want = [g1.clone(), g2.clone()]
+    align_gradients_(want, [r.clone(), r.clone()], backend="foreach")
+    align_gradients_([g1, g2], [r, r], backend="foreach")
+    torch.testing.assert_close([g1, g2], want)
+
+
+@pytest.mark.parametrize("backend", ["foreach", "extension"])
+def test_inference_tensors_one_rule(backend):
+    from muscle_kernels.ops.grad_align.function import align_gradients_
+
+    with torch.inference_mode():
+        g, r = torch.randn(8), torch.randn(8)
+    with pytest.raises(ValueError, match=r"grads\[0\] is an inference tensor"):
+        align_gradients_([g], [r], backend=backend)
+
+
+def test_inference_tensors_inside_inference_mode():
+    from muscle_kernels.ops.grad_align.function import align_gradients_
+
+    with torch.inference_mode():
+        g, r = torch.randn(8), torch.randn(8)
+        align_gradients_([g], [r], backend="foreach")
+        torch.testing.assert_close(g, (g @ r) / (r @ r) * r)
+
+
+# -- the extension's sums are at least as accurate as the fallback's where <g, r> nearly cancels -----------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_extension_dot_as_accurate_as_the_fallback(dtype):
+    from muscle_kernels.ops.grad_align.function import grad_align_reduce
+
+    from .test_grad_align import _backend_or_skip
+
+    _backend_or_skip("extension", "cpu")
+    worst = {"extension": 0.0, "foreach": 0.0}
+    for seed in range(300):
+        g, r = nearly_orthogonal(seed, dtype=dtype)
+        exact = g.double() @ r.double()
+        errors = {}
+        for backend in worst:
+            got = grad_align_reduce([g], [r], backend=backend)[0, 0].double()
+            errors[backend] = abs(float((got - exact) / exact))
+            worst[backend] = max(worst[backend], errors[backend])
+        # the stats are fp32: one rounding (6e-8) is the floor of both
+        assert errors["extension"] <= max(errors["foreach"], 1.2e-7), (seed, errors)
+    assert worst["extension"] <= 1.2e-7, worst
+    # the CUDA kernel's counterpart (fp64 reference, needs a GPU): tests/test_grad_align_gpu.py::test_nearly_cancelling_dot

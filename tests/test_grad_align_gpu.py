@@ -128,12 +128,12 @@ def test_mixed_dtypes_with_empty_tensors():
     assert torch.equal(stats[[0, 2, 7]].cpu(), torch.zeros(3, 3)), "empty tensors have zero stats"
 
 
-# Issue 20, row 19: the CPU kernel's test (tests/test_hardening2.py) has its CUDA counterpart here, which gpu_run.sh runs.
+# Issue 20, row 19: the CUDA counterpart of the CPU kernel's test in tests/test_grad_align_fallback.py (gpu_run.sh).
 @pytest.mark.skipif(
     not torch.cuda.is_available(),
     reason="needs a CUDA device: checks the CUDA kernel's fp64 sums of <g, r> against an fp64 "
     "reference where the dot nearly cancels (row 19); the CPU kernel's test is in "
-    "test_hardening2.py",
+    "test_grad_align_fallback.py",
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_nearly_cancelling_dot(dtype):

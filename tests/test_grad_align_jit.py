@@ -2,7 +2,8 @@
 its lock and temporary folder behind and a later process neither hangs nor rebuilds twice; two processes that need
 the first build at the same moment build once and both load it; a complete build in a read-only cache loads without
 the lock; a lock held by a live process times out into the fallback with a warning instead of hanging; a typo in a
-switch is an error. Every child process has a hard timeout, so a regression fails instead of hanging CI.
+switch is an error; a build that is stopped (timeout, Ctrl-C) stops the compilers it started, since ninja runs in its
+own process group. Every child process has a hard timeout, so a regression fails instead of hanging CI.
 
 One real CPU build per session (a few seconds with the stable-ABI headers), in a fresh cache.
 """
@@ -182,3 +183,53 @@ def test_a_typo_in_a_switch_is_an_error(tmp_path):
     )
     assert proc.returncode != 0
     assert "MUSCLE_KERNELS_NO_EXTENSION: expected 1/0" in proc.stderr and "'ture'" in proc.stderr, proc.stderr[-2000:]
+
+
+# -- a stopped JIT build stops its compilers too: ninja runs in its own process group ----------------------------------
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited (its parent may not reap it)
+    except FileNotFoundError:
+        return False
+
+
+def test_interrupted_build_command_stops_its_children(tmp_path):
+    import subprocess
+    import time
+
+    from muscle_kernels.ops.grad_align.extension import _run_in_own_group
+
+    pidfile = tmp_path / "child.pid"
+    # sh stands for ninja, the background sleep for a compiler it started
+    with pytest.raises(subprocess.TimeoutExpired):
+        _run_in_own_group(["sh", "-c", f"sleep 60 & echo $! > {pidfile}; wait"], timeout=2)
+    child = int(pidfile.read_text())
+    for _ in range(50):
+        if not alive(child):
+            break
+        time.sleep(0.1)
+    assert not alive(child), "the build's child process outlived the interrupted build"
+
+
+def test_jit_build_runs_ninja_in_its_own_group(tmp_path, monkeypatch):
+    from torch.utils import cpp_extension
+
+    from muscle_kernels.ops.grad_align import extension
+
+    seen = {}
+
+    def fake_load(**kw):
+        seen["run"] = cpp_extension.subprocess.run
+        seen["check_output"] = cpp_extension.subprocess.check_output
+        out = tmp_path / "lib.so"
+        out.write_bytes(b"")
+        return str(out)
+
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    extension._compile("cpu", extension.source_dir(), tmp_path / "target.so", False)
+    import subprocess
+
+    assert seen["run"] is extension._run_in_own_group
+    assert seen["check_output"] is subprocess.check_output
+    assert cpp_extension.subprocess is subprocess, "restored after the build"

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import math
 import os
 
 import pytest
@@ -23,6 +24,7 @@ from muscle_kernels.integrations.apply import print_trainable_parameters, traina
 from muscle_kernels.integrations.config import BANDS  # noqa: E402
 from muscle_kernels.integrations.heads import ScoreHead  # noqa: E402
 
+from .tiny_models import tiny_bert  # noqa: E402
 from .utils import assert_close  # noqa: E402
 
 transformers.logging.set_verbosity_error()
@@ -337,6 +339,36 @@ def test_merge_and_unload_reproduces_logits(kind, tmp_path):
     assert_close(f"{kind} reloaded merged logits", want, reloaded(**x).logits, atol=1e-4)
 
 
+def test_merged_model_state_dict_round_trip():
+    from muscle_kernels import apply_muscle_lora
+    from muscle_kernels.integrations.apply import adapter_layers
+
+    config = transformers.BertConfig(
+        vocab_size=30,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=24,
+        max_position_embeddings=32,
+    )
+    torch.manual_seed(1)
+    model = apply_muscle_lora(transformers.BertForSequenceClassification(config)).eval()
+    with torch.no_grad():
+        for layer in adapter_layers(model).values():
+            layer.lora_R.normal_()
+    ids = torch.randint(0, 30, (2, 7))
+    want = model(input_ids=ids).logits
+    for layer in adapter_layers(model).values():
+        layer.merge()
+    torch.manual_seed(2)
+    fresh = apply_muscle_lora(transformers.BertForSequenceClassification(config)).eval()
+    fresh.load_state_dict(model.state_dict())
+    assert all(m.merged for m in adapter_layers(fresh).values())
+    got = fresh(input_ids=ids).logits
+    assert math.isfinite(float(got.abs().max()))
+    torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_peft_export_reproduces_logits(kind, tmp_path):
     peft = pytest.importorskip("peft", reason="export_peft is checked against the real peft library")
@@ -441,6 +473,14 @@ def test_recipe_errors_say_what_to_pass():
         MuScleLoRAConfig.for_model(tiny_model("bert"), rank=4)
 
 
+def test_for_model_on_an_adapted_model():
+    from muscle_kernels import MuScleLoRAConfig, apply_muscle_lora
+
+    model = apply_muscle_lora(tiny_bert())
+    with pytest.raises(ValueError, match="already has MuScleLoRA adapters"):
+        MuScleLoRAConfig.for_model(model)
+
+
 @pytest.mark.parametrize(
     "field,value,message",
     [
@@ -461,6 +501,15 @@ def test_config_rejects_bad_values(field, value, message):
     kwargs[field] = value
     with pytest.raises((ValueError, TypeError), match=message):
         MuScleLoRAConfig(**kwargs)
+
+
+def test_config_scales_must_be_finite():
+    from muscle_kernels import MuScleLoRAConfig
+
+    with pytest.raises(ValueError, match="^mslr_alpha: expected values whose scales"):
+        MuScleLoRAConfig(mslr_targets=["classifier"], mslr_alpha=1e300)
+    with pytest.raises(ValueError, match="^lora_alpha: expected values whose scales"):
+        MuScleLoRAConfig(lora_targets=["query"], lora_alpha=1e300)
 
 
 def test_config_json_round_trip(tmp_path):

@@ -193,6 +193,33 @@ def test_merge_unmerge_round_trip(dtype):
         layer.unmerge()
 
 
+def test_merged_state_dict_loads_into_a_fresh_layer():
+    from muscle_kernels import MuScleLoRALinear
+
+    torch.manual_seed(0)
+    layer = MuScleLoRALinear(12, 10, freq_band=(1, 2, 3), inner_rank=2, alpha=4.0)
+    with torch.no_grad():
+        layer.lora_R.normal_()
+    x = torch.randn(5, 12)
+    want = layer(x)
+    base = layer.weight.detach().clone()
+    layer.merge()
+    state = layer.state_dict()
+    fresh = MuScleLoRALinear(12, 10, freq_band=(1, 2, 3), inner_rank=2, alpha=4.0)
+    fresh.load_state_dict(state)  # strict
+    assert fresh.merged
+    torch.testing.assert_close(fresh(x), want)
+    fresh.unmerge()
+    torch.testing.assert_close(fresh.weight, base)
+    torch.testing.assert_close(fresh(x), want)
+
+    # an unmerged state dict keeps exactly its tensors, and loading it into a merged layer unmerges the flag
+    assert list(fresh.state_dict()) == ["weight", "bias", "lora_L", "lora_R", "scales"]
+    layer.load_state_dict(fresh.state_dict())
+    assert not layer.merged
+    torch.testing.assert_close(layer(x), want)
+
+
 def test_extra_repr_is_readable():
     layer = MuScleLoRALinear(12, 6, bias=False, freq_band=(1, 4, 8), inner_rank=1, alpha=6, dropout=0.1)
     text = repr(layer)

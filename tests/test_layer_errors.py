@@ -99,6 +99,25 @@ def test_layer_config_errors(kw, match):
         MuScleLoRALinear.from_linear(nn.Linear(8, 4), **kw)
 
 
+@pytest.mark.parametrize(
+    "kw, name",
+    [
+        (dict(freq_band=(1e300,)), "freq_band"),
+        (dict(alpha=1e300), "alpha"),
+        (dict(freq_band=(1, 1e38), alpha=8.0), "freq_band"),
+    ],
+)
+def test_layer_scales_must_be_finite(kw, name):
+    from muscle_kernels import MuScleLoRALinear
+
+    with pytest.raises(
+        ValueError,
+        match=rf"^{name}: expected values whose scales k \* alpha / inner_rank stay "
+        "finite in float32",
+    ):
+        MuScleLoRALinear(8, 4, **kw)
+
+
 @pytest.mark.parametrize("name", ["in_features", "out_features"])
 def test_layer_size_errors(name):
     kw = dict(in_features=8, out_features=4)

@@ -1,6 +1,8 @@
 """Tiny BERT classifiers built from a config, with a word-level tokenizer over the test's texts: no downloads,
-seconds to train. Shared by the pipeline, CLI and recorder tests."""
+seconds to train. Shared by the pipeline, CLI and recorder tests; and a tiny BERT with its saved adapter for the
+adapter-file and CLI tests."""
 
+import torch
 import transformers
 
 
@@ -38,3 +40,26 @@ def save_tiny_bert(folder, words):
     transformers.BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(folder)
     tiny_factory(len(words) + 7, layers=1)().save_pretrained(folder)
     return str(folder)
+
+
+def tiny_bert(hidden=32):
+    """A random 1-layer 2-label BERT over 30 token ids (hidden size `hidden`)."""
+    config = transformers.BertConfig(
+        vocab_size=30,
+        hidden_size=hidden,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=32,
+    )
+    return transformers.BertForSequenceClassification(config)
+
+
+def saved_adapter(tmp_path, hidden=32):
+    """The folder save_adapter writes for tiny_bert(hidden) with the default recipe (seed 0)."""
+    from muscle_kernels import apply_muscle_lora, save_adapter
+
+    torch.manual_seed(0)
+    path = tmp_path / f"adapter{hidden}"
+    save_adapter(apply_muscle_lora(tiny_bert(hidden)), path)
+    return path
