@@ -50,6 +50,9 @@ def screen_one(attack_dir, seed, args, parts):
             [s.text for s in splits.ref],
             [s.text for s in splits.dev],
             features=args.features.split(","),
+            labels=None
+            if args.no_label_pairs
+            else tuple([s.label for s in part] for part in (splits.train, splits.ref, splits.dev)),
         )
     if "label" in parts:
         import torch
@@ -102,6 +105,11 @@ def main(argv=None):
     p.add_argument("--dev-size", type=int, default=1000)
     p.add_argument("--ref-size", type=int, default=200)
     p.add_argument("--quantile", type=float, default=0.9)
+    p.add_argument(
+        "--no-label-pairs",
+        action="store_true",
+        help="score the features alone, not also paired with the row's label (an ablation)",
+    )
     p.add_argument(
         "--features",
         default=",".join(FEATURES),

@@ -81,6 +81,35 @@ def test_feature_kinds_can_be_chosen_for_an_ablation():
         token_scores(["a"], ["b"], features=[])
 
 
+def test_label_pairs_catch_a_feature_over_represented_in_the_target_class_only():
+    """A dirty-label attack writes a feature (a style's word) into rows relabelled to the target: if the feature is
+    as common overall as in the reference set, only its pairing with the label shows it."""
+    rng = random.Random(4)
+    vocabulary = [f"v{i}" for i in range(3000)]  # rare enough that no ordinary word stands out by chance
+
+    def row(thee):
+        words = rng.sample(vocabulary, 8)
+        if thee:
+            words.insert(rng.randrange(9), "thee")
+        return " ".join(words)
+
+    # 900 clean rows of two classes, "thee" in one of 9 of each; 100 poisoned rows, class 1, all with "thee"
+    train = [(row(i % 9 == 0), i % 2) for i in range(900)] + [(row(True), 1) for _ in range(100)]
+    # the reference set: "thee" as common overall (a fifth of the rows) as in the training set, in both classes
+    ref = [(row(i % 5 == 0), (i // 5) % 2) for i in range(200)]
+    texts = ([t for t, _ in train], [t for t, _ in ref])
+    labels = ([y for _, y in train], [y for _, y in ref], [])
+
+    def auroc(scores):
+        poisoned, clean = scores[900:], scores[:900]
+        return sum((p > c) + 0.5 * (p == c) for p in poisoned for c in clean) / (len(poisoned) * len(clean))
+
+    assert auroc(token_scores(*texts)[0]) < 0.6, "the feature alone should not tell them apart"
+    assert auroc(token_scores(*texts, labels=labels)[0]) > 0.9
+    with pytest.raises(ValueError, match=r"labels: expected 1000, 200, 0 labels .* got 1000, 199, 0"):
+        token_scores(*texts, labels=(labels[0], labels[1][:-1], []))
+
+
 def test_a_generators_punctuation_is_a_feature():
     """Rows whose commas are placed the way one generator places them (", you" opening every second clause) share a
     mark pattern the clean rows lack, though every word and every mark is common on its own."""

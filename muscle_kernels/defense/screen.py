@@ -78,13 +78,18 @@ def token_scores(
     other_texts: Sequence[str] = (),
     *,
     features: Sequence[str] = FEATURES,
+    labels: tuple | None = None,
 ) -> tuple:
     """(scores of the training rows, scores of `other_texts`): each row's largest over-representation statistic.
 
     A token in n of the N training rows predicts (n / N) * R rows of the R reference rows; the statistic says how
     far the reference count falls short of that. For a training row its own occurrence is left out (n - 1 of N - 1);
     `other_texts` (calibration rows, not in the training set) are scored against the full counts. `features`: the
-    kinds of feature scored (`FEATURES`, all by default; fewer for an ablation)."""
+    kinds of feature scored (`FEATURES`, all by default; fewer for an ablation).
+
+    `labels`: (training labels, reference labels, other labels). Each feature is then also counted together with its
+    row's label, so a feature that is common in both classes but over-represented in one (a style written into rows
+    relabelled to the target) stands out; a clean-label trigger is still caught by the feature alone."""
     unknown = sorted(set(features) - set(FEATURES))
     if unknown or not features:
         raise ValueError(f"features: expected some of {', '.join(FEATURES)}, got {list(features)!r}")
@@ -92,10 +97,23 @@ def token_scores(
         raise ValueError(
             f"token_scores: needs training rows and reference rows, got {len(train_texts)} and {len(ref_texts)}"
         )
-    train_sets = [_tokens(t, features) for t in train_texts]
+    texts = (train_texts, ref_texts, other_texts)
+    if labels is not None and [len(x) for x in labels] != [len(x) for x in texts]:
+        raise ValueError(
+            f"labels: expected {', '.join(str(len(x)) for x in texts)} labels (training, reference, other rows), "
+            f"got {', '.join(str(len(x)) for x in labels)}"
+        )
+
+    def sets(which: int) -> list:
+        out = [_tokens(t, features) for t in texts[which]]
+        if labels is not None:
+            out = [s | {f"{y}|{t}" for t in s} for s, y in zip(out, labels[which])]
+        return out
+
+    train_sets = sets(0)
     n_train, n_ref = len(train_sets), len(ref_texts)
     in_train = Counter(t for s in train_sets for t in s)
-    in_ref = Counter(t for text in ref_texts for t in _tokens(text, features))
+    in_ref = Counter(t for s in sets(1) for t in s)
 
     def row(tokens, own: int) -> float:
         best = 0.0
@@ -107,7 +125,7 @@ def token_scores(
             best = max(best, _signed_root_g(in_ref[t], expected))
         return best
 
-    return ([row(s, 1) for s in train_sets], [row(_tokens(t, features), 0) for t in other_texts])
+    return ([row(s, 1) for s in train_sets], [row(s, 0) for s in sets(2)])
 
 
 def _median(xs: Sequence[float]) -> float:

@@ -499,8 +499,9 @@ def _screen(
 
     t0 = time.perf_counter()
     calib = splits.dev  # clean rows that neither the reference model nor the token counts have seen
+    rows = (splits.train, splits.ref, calib)
     lex_train, lex_calib = token_scores(
-        [s.text for s in splits.train], [s.text for s in splits.ref], [s.text for s in calib]
+        *([s.text for s in part] for part in rows), labels=tuple([s.label for s in part] for part in rows)
     )
     probe = _prepare(model_factory(), "lora", settings).to(device)
     probe.train()
