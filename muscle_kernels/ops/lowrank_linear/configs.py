@@ -50,7 +50,7 @@ T_CHUNK = 32
 # at 64 on sm_90 (benchmarks/sm90_report.py).
 FUSED_DY_MAX_R = 64
 FUSED_DY_MAX_R_IEEE = 16
-# Widest padded n*r for which the backward may compute dR inside the dx GEMM (fold_dx), fp16/bf16 only: its programs
+# Widest padded n*r for which the backward may compute dR inside the dx GEMM (dr_pass "dx"), fp16/bf16 only: programs
 # hold a [BLOCK_M, n*r] (T s) tile for the whole K loop and make a [BLOCK_K, n*r] fp32 partial per step, on top of the
 # [BLOCK_M, BLOCK_N] accumulator. benchmarks/sm90_report.py: every shipped fp16/bf16 tile compiles without spills at
 # 64; fp32 (TF32 or not) spilled with G in the K loop even at 16 (212-228 bytes at 128x256), so fp32 does not fold.
@@ -65,7 +65,7 @@ def fused_dy_max_r(precision: str) -> int:
 
 
 def fold_dx_max_r(elt_size: int) -> int:
-    """fold_dx's widest padded n*r for operands of elt_size bytes; 0: that element size never folds (fp32)."""
+    """The widest padded n*r folded into the dx GEMM for operands of elt_size bytes; 0: never folds (fp32)."""
     return FOLD_DX_MAX_R if elt_size == 2 else 0
 
 

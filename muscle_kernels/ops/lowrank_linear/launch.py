@@ -4,7 +4,8 @@
         -> (y [M, out], T [M, n*r] fp32, bits: the packed dropout mask [M, cdiv(in, 32)] int32 or, without
             dropout, empty)
     lowrank_linear_bwd_triton(dy2, x2, weight, lora_L, lora_R, scales, t, dropout_p, seed,
-                              needs_dx, needs_dL, needs_dR, bits=None) -> (dx | None, dL | None, dR | None)
+                              needs_dx, needs_dL, needs_dR, bits=None, dr_pass=None)
+        -> (dx | None, dL | None, dR | None); dr_pass "g" / "dx": dR inside the G shrink / the dx GEMM
     dropout_mask_triton(shape, p, seed, device) -> the bool keep-mask that the kernels apply (unpacked)
 
 The seed is an int or a one-element integer tensor on the inputs' device (what function.py passes, drawn there by
@@ -403,7 +404,8 @@ def _launch_fused(ops: FusedOperands, mode: FusedMode, drop: Dropout, fold: Fuse
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
     bits = _no_bits(a.device) if drop.bits is None else drop.bits
-    ts, _, dr = fold if fold is not None else (ops.t, None, ops.t)  # unused without FOLD_DR
+    # Stand-ins without FOLD_DR (never read); the fold's scales are ops.s, already an argument.
+    ts, _, dr = fold if fold is not None else (ops.t, None, ops.t)
     args = (
         a,
         ops.b.data,
