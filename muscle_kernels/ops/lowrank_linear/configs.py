@@ -45,15 +45,15 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 FUSE_T_MAX_R = 32
 # Chunk of n*r per tl.dot when the GEMM loads a precomputed T (T_MODE 1): 64 spills at 128x256 on sm_90.
 T_CHUNK = 32
-# Widest padded n*r for which the backward may compute dR in the G pass (fused_dy): a [BLOCK_K, n*r] fp32 partial per
-# step, and (M / BLOCK_M) * out * n*r atomic adds in all. fp32 without TF32 (FMA dots, operands in registers) spilled
+# Widest padded n*r for which the backward may compute dR in the G pass (dr_pass "g"): a [BLOCK_K, n*r] fp32 partial
+# per step, and (M / BLOCK_M) * out * n*r atomic adds in all. fp32 without TF32 (FMA dots, operands in registers) spilled
 # at 64 on sm_90 (benchmarks/sm90_report.py).
 FUSED_DY_MAX_R = 64
 FUSED_DY_MAX_R_IEEE = 16
 # Widest padded n*r for which the backward may compute dR inside the dx GEMM (dr_pass "dx"), fp16/bf16 only: programs
 # hold a [BLOCK_M, n*r] (T s) tile for the whole K loop and make a [BLOCK_K, n*r] fp32 partial per step, on top of the
 # [BLOCK_M, BLOCK_N] accumulator. benchmarks/sm90_report.py: every shipped fp16/bf16 tile compiles without spills at
-# 64; fp32 (TF32 or not) spilled with G in the K loop even at 16 (212-228 bytes at 128x256), so fp32 does not fold.
+# 64; fp32 (TF32 or not) spilled with G in the K loop even at 16 (benchmarks/RESULTS.md), so fp32 does not fold.
 FOLD_DX_MAX_R = 64
 H100_SMEM = 227 * 1024
 # (BLOCK_M, BLOCK_W, warps) of the dropout-mask kernel: 2048 words (65536 mask bits) per program.
@@ -96,7 +96,8 @@ _FUSED_SHAPES_IEEE = [
 
 def _fused_smem(bm, bn, bk, br, stages, elt, fold_r=0):
     # One pipeline stage holds an A, a B and (T accumulated in the loop only) a P tile; dR folded in adds the (T s)
-    # tile, held for the whole loop, and room for its fp32 [BLOCK_K, n*r] partial (the sm_90 compiles: +12-32 KiB).
+    # tile, held for the whole loop, and room for its fp32 [BLOCK_K, n*r] partial (an upper bound of what the sm_90
+    # report's compiles add).
     return stages * (bm * bk + bk * bn + bk * br) * elt + fold_r * (bm * elt + bk * 4)
 
 
