@@ -5,7 +5,9 @@ dropout p) and in one run:
 - bare:        frozen nn.Linear (cuBLAS): the floor
 - peft:        PEFT's LoRA layer (peft.tuners.lora.Linear) with r = n*r and the same function
 - paper:       the paper's MultiScaleLowRankLinear (dense R (L*K) delta rebuilt at every forward)
-- ours:        MuScleLoRALinear, backend "auto" (the faster of the two below, chosen on first use)
+- ours:        MuScleLoRALinear, backend "auto" (the fastest of the two below and, where they apply, the variants
+               with dR inside another pass over dy: triton-fdy, in the G pass, and triton-fdx, folded into the dx
+               GEMM; chosen on first use, each candidate's time printed in the auto-choice lines)
 - ours-triton: the fused Triton kernels
 - ours-cublas: the cuBLAS-composed path (addmm, then one addmm_ of (T s) with R^T; backward likewise)
 - ours-shrink: the Triton kernels with T always from the separate shrink kernel (decides FUSE_T_MAX_R)
@@ -13,11 +15,11 @@ Modes: fwd (training forward, autograd on), bwd (backward alone, graph retained)
 a network); W is frozen, L and R are trained. TFLOP/s counts the bare layer's FLOPs (2*M*in*out per GEMM). Peak memory
 is the allocator's peak during one call, above what was allocated before.
 
-Before any timing, y, dx, dL and dR of every fast path (triton, shrink mode, cublas) are checked against an fp32
-reference on the same bf16 inputs with the tests' rule (error at most 2x that of plain PyTorch in bf16, plus one
-rounding step of the output's magnitude); dropout cases use each path's own mask. A failed check is printed as
-"check FAIL" and makes the exit status 1; the timings still run. Each case's goal lines (issue 9) and new `auto`
-choices are printed (and flushed) as the case ends, and all of them again at the end.
+Before any timing, y, dx, dL and dR of every fast path (triton, shrink mode, cublas, triton-fdy, triton-fdx) are
+checked against an fp32 reference on the same bf16 inputs with the tests' rule (error at most 2x that of plain
+PyTorch in bf16, plus one rounding step of the output's magnitude); dropout cases use each path's own mask. A failed
+check is printed as "check FAIL" and makes the exit status 1; the timings still run. Each case's goal lines (issue 9)
+and new `auto` choices are printed (and flushed) as the case ends, and all of them again at the end.
 
     python benchmarks/bench_linear_gpu.py --quick          # 8192 tokens x 3 shapes x n*r {16, 64}, + dropout 0.1
                                                            # (n*r 16, 64 and the dropout case first)
@@ -56,6 +58,7 @@ RANKS = [16, 64]  # n*r; MSLR with 4 branches: freq_band (1, 2, 3, 4), inner_ran
 PROVIDERS = ("bare", "peft", "paper", "ours", "ours-triton", "ours-cublas", "ours-shrink")
 BACKEND_OF = {"ours": "auto", "ours-triton": "triton", "ours-cublas": "cublas", "ours-shrink": "triton"}
 MODES = ("fwd", "bwd", "fwd+bwd")
+CHECKED = "cublas, triton, shrink, triton-fdy, triton-fdx"  # the paths check_case compares with the reference
 DRY_CASES = [(37, 48, 80, 16, 0.0), (37, 48, 80, 16, 0.1)]
 
 
@@ -137,8 +140,10 @@ def check_case(layer, x, p, seed=1234):
         ("cublas", cpu.lowrank_linear_fwd_torch, cpu.lowrank_linear_bwd_torch, "torch", None),
         ("triton", launch.lowrank_linear_fwd_triton, launch.lowrank_linear_bwd_triton, "triton", None),
         ("shrink", launch.lowrank_linear_fwd_triton, launch.lowrank_linear_bwd_triton, "triton", False),
-        # dR in the backward's G pass (auto's third candidate; its time is in the printed auto choices)
+        # dR in the backward's G pass, and dR folded into the dx GEMM: auto's other candidates, timed in its race
+        # beside "triton" and "cublas" (each candidate's time is in the printed auto choices)
         ("triton-fdy", launch.lowrank_linear_fwd_triton, launch.lowrank_linear_bwd_triton_fused_dy, "triton", None),
+        ("triton-fdx", launch.lowrank_linear_fwd_triton, launch.lowrank_linear_bwd_triton_fold_dx, "triton", None),
     ]
     bad = []
     eps = {torch.float16: 2**-10, torch.bfloat16: 2**-7, torch.float32: 2**-20}[dtype]
@@ -246,7 +251,7 @@ def run(case_list, out_csv: Path, cuda_graph: bool, device, budget_s=None, rep=1
         bad = check_case(layers["ours"][0], x, p)
         failures += bool(bad)
         tag = f"({tokens}, {in_f}, {out_f}, nr={nr}, p={p})"
-        print(f"check {'ok  ' if not bad else 'FAIL'} {tag}: y, dx, dL, dR of cublas, triton, shrink, triton-fdy")
+        print(f"check {'ok  ' if not bad else 'FAIL'} {tag}: y, dx, dL, dR of {CHECKED}")
         for line in bad:
             print(f"check FAIL {tag}: {line}")
         case_rows = []

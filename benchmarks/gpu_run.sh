@@ -15,11 +15,14 @@
 #                                    machine's torch is 2.11, so this is the build against 2.11's own headers
 #                                    (offline: tools/build_against_torch.py with the 2.11 wheel)
 #   bench_linear 120-150 s    150 s  benchmarks/bench_linear_gpu.py --quick: every case checked (y, dx, dL, dR vs
-#                                    fp32), then timed. Case 1 (n*r 16) compiles ~30 variants (4 autotuned GEMM
-#                                    modes x 6 configs, shrink, reductions): ~25 s of compiles + ~15 s of checks
-#                                    and timings (7 providers x 3 modes); case 2 (n*r 64) and case 3 (dropout) ~15
-#                                    variants each: ~25 s; the other 4 cases only re-tune (~10 s each). No case
-#                                    starts after 110 s; each case's goal line is printed as it ends.
+#                                    fp32), then timed. Case 1 (n*r 16) compiles ~36 variants (5 autotuned GEMM
+#                                    modes x 6 configs, the 5th being dx with dR folded in for auto's "triton-fdx",
+#                                    shrink, reductions): ~30 s of compiles + ~15 s of checks and timings (7
+#                                    providers x 3 modes); case 2 (n*r 64) and case 3 (dropout) ~21 variants each:
+#                                    ~30 s; the other 4 cases only re-tune (~11 s each). No case starts after 110 s,
+#                                    so the fold's ~15 s of compiles cost about one of the last shapes (the three
+#                                    first cases hold every kind of figure); each case's goal line is printed as it
+#                                    ends.
 #   tests         60-90 s      90 s  the GPU-only tests (Triton kernels and configs at real shapes, registration, auto
 #                                    choice, device guard, CUDA grad-align), in parallel (pytest-xdist) with a
 #                                    per-test timeout when the plugins exist; stopped with SIGINT so that pytest

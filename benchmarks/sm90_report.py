@@ -44,6 +44,25 @@ def _precision(dtype: str) -> str:
     return "ieee" if dtype == "fp32-ieee" else "tf32"
 
 
+def _fold_variants(configs, elt: int, unit: tuple):
+    """The dx GEMM with dR folded in (auto's "triton-fdx") at its widest n*r: with G in the K loop (which caps it at
+    FUSE_T_MAX_R there) and with G loaded under dropout. None for fp32, which does not fold."""
+    fold_r = configs.fold_dx_max_r(elt)
+    if not fold_r:
+        return []
+    in_loop = min(fold_r, configs.FUSE_T_MAX_R)
+    loaded = min(fold_r, configs.T_CHUNK)
+    fold = dict(HAS_BIAS=False, FOLD_DR=True)
+    return [
+        ("dx G-in-loop+dR", unit, dict(fold, T_MODE=0, STORE_T=True, OUT_DROP=False, FOLD_R=in_loop, BLOCK_R=in_loop)),
+        (
+            "dx G-loaded+drop+dR",
+            unit,
+            dict(fold, T_MODE=1, STORE_T=False, OUT_DROP=True, FOLD_R=fold_r, BLOCK_R=loaded),
+        ),
+    ]
+
+
 def _jobs(subset: bool):
     """Every (kernel, variant, dtype, constexprs, unit strides, warps, stages) that the launchers can ship."""
     from muscle_kernels.ops.lowrank_linear import configs
@@ -54,6 +73,7 @@ def _jobs(subset: bool):
         # Forward: A = x [M, in], B[k, n] = W[n, k]; backward dx: A = dy, B[k, n] = W[k, n] (other unit strides).
         fwd_unit = ("stride_ak", "stride_bk", "stride_pk", "stride_qr", "stride_tr", "stride_cn")
         dx_unit = ("stride_ak", "stride_bn", "stride_pr", "stride_qn", "stride_tr", "stride_cn")
+        plain = dict(FOLD_DR=False, FOLD_R=16)
         variants = [
             (
                 "fwd T-in-loop",
@@ -76,8 +96,11 @@ def _jobs(subset: bool):
                 dict(HAS_BIAS=False, T_MODE=1, STORE_T=False, OUT_DROP=True, BLOCK_R=configs.T_CHUNK),
             ),
         ]
+        variants = [(name, unit, dict(ce, **plain)) for name, unit, ce in variants]
+        variants += _fold_variants(configs, elt, dx_unit + ("stride_tsr", "stride_drr"))
         for name, unit, ce in variants:
-            cfgs = configs.fused_configs(elt, prec, ce["BLOCK_R"] if ce["T_MODE"] == 0 else 0)
+            fold = ce["FOLD_R"] if ce["FOLD_DR"] else 0
+            cfgs = configs.fused_configs(elt, prec, ce["BLOCK_R"] if ce["T_MODE"] == 0 else 0, fold_r=fold)
             for c in cfgs[:1] if subset else cfgs:
                 # EVEN_K: LLM layers' K is a multiple of BLOCK_K (the masked loop compiles to the same tiles).
                 meta = dict(ce, UPCAST=False, PRECISION=prec, EVEN_K=True, **c.kwargs)

@@ -137,32 +137,50 @@ def test_the_op_times_both_paths_on_first_use(monkeypatch, times, expected):
     assert [c["backward"] for c in autoselect.auto_choices()] == [True, False]
 
 
+# The scripted time of each candidate: whichever races last is the fastest, so a variant that races is chosen.
+_TIMES = {"triton": 2.0, "cublas": 3.0, "triton-fdy": 1.5, "triton-fdx": 1.0}
+
+
 @pytest.mark.skipif("triton" not in function.available_backends("cpu"), reason="needs TRITON_INTERPRET=1")
 @pytest.mark.parametrize(
-    "nr,p,races", [(40, 0.0, True), (8, 0.2, True), (8, 0.0, False)], ids=["wide", "dropout", "narrow"]
+    "nr,p,x_grad,deterministic,extra",
+    [
+        (40, 0.0, True, False, ["triton-fdy", "triton-fdx"]),
+        (8, 0.2, True, False, ["triton-fdy", "triton-fdx"]),
+        (8, 0.0, True, False, ["triton-fdx"]),
+        (40, 0.0, False, False, ["triton-fdy"]),
+        (8, 0.0, False, False, []),
+        (40, 0.0, True, True, []),
+    ],
+    ids=["wide", "dropout", "narrow", "wide-no-dx", "narrow-no-dx", "deterministic"],
 )
-def test_fused_dy_races_where_the_backward_has_a_g_pass(monkeypatch, nr, p, races):
-    """n*r > 32 or dropout: the Triton backward reads dy for G in a pass of its own, and "triton-fdy" (dR in that
-    pass) is timed as a third candidate; otherwise it would run the same kernels, and is not."""
+def test_atomic_dr_variants_race_where_they_change_something(monkeypatch, nr, p, x_grad, deterministic, extra):
+    """dR inside another pass over dy races as its own candidate where that pass exists: "triton-fdy" where the
+    backward reads dy for G in a pass of its own (n*r > 32 or dropout), "triton-fdx" where it computes dx (the dx
+    GEMM). Elsewhere they would run the same kernels as "triton", and in deterministic mode their atomics are off:
+    they do not race."""
     monkeypatch.setattr(function, "resolve_backend", lambda backend, device: "auto")
-    timer = FakeTimer(2.0, 3.0, 1.0)  # triton, cublas, triton-fdy
+    if deterministic:
+        monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    names = ["triton", "cublas", *extra]
+    timer = FakeTimer(*(_TIMES[n] for n in names))
     monkeypatch.setattr(autoselect, "cuda_timer", timer)
     x, w, b, lo, ro, s, dy = _problem(torch.float32, 37, 24, 40, nr)
-    x.requires_grad_(), lo.requires_grad_(), ro.requires_grad_()
+    x.requires_grad_(x_grad), lo.requires_grad_(), ro.requires_grad_()
     torch.manual_seed(3)
     y = muscle_lora_linear(x, w, b, lo, ro, s, dropout_p=p, training=True)
     y.backward(dy)
     (entry,) = autoselect.auto_choices()
-    assert timer.calls == (3 if races else 2)
-    assert entry["choice"] == ("triton-fdy" if races else "triton")
-    assert set(entry["times_ms"]) == ({"triton", "cublas", "triton-fdy"} if races else {"triton", "cublas"})
+    assert timer.calls == len(names) and set(entry["times_ms"]) == set(names)
+    assert entry["choice"] == (names[-1] if extra else "triton")
     mask = None
     if p > 0:
         torch.manual_seed(3)
         seed = int(torch.randint(0, 2**31 - 1, (1,), device=x.device).item())  # the Triton path's draw
         mask = triton_launch().dropout_mask_triton(x.shape, p, seed, x.device)
     ref = _reference(x.detach(), w, b, lo.detach(), ro.detach(), s, dy, mask, p)
-    for name, got in (("y", y), ("dx", x.grad), ("dL", lo.grad), ("dR", ro.grad)):
+    grads = [("dx", x.grad)] if x_grad else []
+    for name, got in [("y", y), *grads, ("dL", lo.grad), ("dR", ro.grad)]:
         assert_close(name, ref[name], got)
 
 
@@ -229,7 +247,9 @@ def test_auto_on_cuda_times_both_and_is_correct():
     y = muscle_lora_linear(xg, w, b, lg, rg, s)
     y.backward(dy)
     (entry,) = autoselect.auto_choices()
-    assert set(entry["times_ms"]) == {"triton", "cublas"} and entry["choice"] in ("triton", "cublas")
+    # n*r 16 in bf16 with dx and dR wanted: dR folded into the dx GEMM races too
+    assert set(entry["times_ms"]) == {"triton", "cublas", "triton-fdx"}
+    assert entry["choice"] in entry["times_ms"]
     assert all(t > 0 for t in entry["times_ms"].values())
     cpu = [v.cpu() for v in (x, w, b, lo, ro, s, dy)]
     ref = _reference(*cpu, None, 0.0)

@@ -33,15 +33,17 @@ def _ptxas_present() -> bool:
 
 needs_ptxas = pytest.mark.skipif(not _ptxas_present(), reason="Triton's CUDA backend / ptxas is not installed")
 
-# One of each kind: the biggest forward tile, the dropout backward tile, the widest shrink and reduction, the mask, and the
-# fp32-without-TF32 reduction that once spilled.
+# One of each kind: the biggest forward tile, the dropout backward tile, the dx tiles with dR folded in (auto's
+# "triton-fdx", at their widest n*r), the widest shrink and reduction, the mask, and the fp32-without-TF32 reduction
+# that once spilled.
 SCRIPT = """
 import json, sys
 sys.path.insert(0, {bench!r})
 import sm90_report as r
 rows = r.report_rows(subset=True, progress=False, dtypes=("bf16", "fp32-ieee"),
-                     variants=("fwd T-in-loop", "dx G-loaded+drop", "dL drop+split", "dR split", "drop+split",
-                               "G+dR fused", "dropout mask", "dropout mask, seed on device"))
+                     variants=("fwd T-in-loop", "dx G-loaded+drop", "dx G-in-loop+dR", "dx G-loaded+drop+dR",
+                               "dL drop+split", "dR split", "drop+split", "G+dR fused", "dropout mask",
+                               "dropout mask, seed on device"))
 rows = [x for x in rows if x["dtype"] == "bf16" or x["variant"] == "dR split"]
 print(json.dumps({{"rows": rows, "failures": r.failures(rows)}}))
 """
@@ -66,6 +68,8 @@ def test_sm90_report_subset_passes():
     for want in [
         ("fwd T-in-loop", "bf16"),
         ("dx G-loaded+drop", "bf16"),
+        ("dx G-in-loop+dR", "bf16"),
+        ("dx G-loaded+drop+dR", "bf16"),
         ("dL drop+split", "bf16"),
         ("dR split", "bf16"),
         ("dR split", "fp32-ieee"),
@@ -84,7 +88,14 @@ def test_sm90_report_subset_passes():
         # int64 offsets: no pointer offset inside a loop is an index * stride product in 32 bits
         assert r["loop_i32_offsets"] == [], f"{r['kernel']} {r['variant']}: i32 offsets {r['loop_i32_offsets']}"
         # Every split reduction ends in atomics (ATOMIC=True in these jobs): all relaxed, so no per-element fence.
-        has_atomics = r["variant"] in ("dL drop+split", "dR split", "drop+split", "G+dR fused")
+        has_atomics = r["variant"] in (
+            "dL drop+split",
+            "dR split",
+            "drop+split",
+            "G+dR fused",
+            "dx G-in-loop+dR",
+            "dx G-loaded+drop+dR",
+        )
         assert bool(r["atomics"]) == has_atomics, f"{r['kernel']} {r['variant']}: {r['atomics']} atomics"
         assert r["atomics_not_relaxed"] == 0, f"{r['kernel']} {r['variant']}: acq_rel atomics"
         assert r["sass_membar_gpu"] in (0, None), f"{r['kernel']} {r['variant']}: MEMBAR.GPU {r['sass_membar_gpu']}"

@@ -76,7 +76,19 @@ def _cast(dtype, *tensors):
 
 
 def _check_all(
-    dtype, x, w, b, lo, ro, s, dy, p=0.0, seed=0, needs=(True, True, True), scales_dtype=torch.float32, fused_dy=False
+    dtype,
+    x,
+    w,
+    b,
+    lo,
+    ro,
+    s,
+    dy,
+    p=0.0,
+    seed=0,
+    needs=(True, True, True),
+    scales_dtype=torch.float32,
+    dr_pass=None,
 ):
     mask = launch.dropout_mask_triton(x.shape, p, seed, DEVICE).cpu() if p > 0 else None
     ref_y, ref_dx, ref_dl, ref_dr = _reference(x, w, b, lo, ro, s, dy, mask, p)
@@ -85,7 +97,7 @@ def _check_all(
     y, t, bits = launch.lowrank_linear_fwd_triton(xc, wc, bc, lc, rc, sc, p, seed)
     assert y.dtype == dtype and t.dtype == torch.float32
     dx, dl, dr = launch.lowrank_linear_bwd_triton(
-        dyc, xc, wc, lc, rc, sc, t, p, seed, *needs, bits=bits, fused_dy=fused_dy
+        dyc, xc, wc, lc, rc, sc, t, p, seed, *needs, bits=bits, dr_pass=dr_pass
     )
 
     # Plain PyTorch in the same dtype (the torch path) sets the error budget for fp16/bf16.
@@ -279,25 +291,93 @@ def test_fused_dy_computes_dr_in_the_g_pass(monkeypatch, forced, nr, p, needs, s
     calls = []
     real = launch._launch_reduce
     monkeypatch.setattr(launch, "_launch_reduce", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
-    _check_all(torch.float32, *_problem(37, 48, 72, nr, True, seed=14), p=p, seed=3, needs=needs, fused_dy=True)
+    _check_all(torch.float32, *_problem(37, 48, 72, nr, True, seed=14), p=p, seed=3, needs=needs, dr_pass="g")
     # dR came from the G pass: the only reduction left is dL's over x ([37, 48]), none over dy ([37, 72]).
-    assert (37, 72) not in calls, "fused_dy: dR was still reduced in a pass of its own"
+    assert (37, 72) not in calls, "dr_pass g: dR was still reduced in a pass of its own"
     if ON_GPU or split is None:
-        _check_all(torch.bfloat16, *_problem(37, 48, 72, nr, True, seed=15), needs=needs, fused_dy=True)
+        _check_all(torch.bfloat16, *_problem(37, 48, 72, nr, True, seed=15), needs=needs, dr_pass="g")
 
 
-def test_fused_dy_is_off_in_deterministic_mode(monkeypatch):
+@pytest.mark.parametrize("dr_pass", ["g", "dx"])
+def test_atomic_dr_variants_are_off_in_deterministic_mode(monkeypatch, dr_pass):
     x, w, b, lo, ro, s, dy = _cast(torch.float32, *_problem(37, 48, 72, 64, True, seed=16))
     y, t, _ = launch.lowrank_linear_fwd_triton(x, w, b, lo, ro, s, 0.0, 0)
     monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
     plain = launch.lowrank_linear_bwd_triton(dy, x, w, lo, ro, s, t, 0.0, 0, True, True, True)
-    calls = []
-    real = launch._launch_reduce
-    monkeypatch.setattr(launch, "_launch_reduce", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
-    fused = launch.lowrank_linear_bwd_triton(dy, x, w, lo, ro, s, t, 0.0, 0, True, True, True, fused_dy=True)
+    calls = _reductions_over(monkeypatch)
+    fused = launch.lowrank_linear_bwd_triton(dy, x, w, lo, ro, s, t, 0.0, 0, True, True, True, dr_pass=dr_pass)
     assert (37, 72) in calls, "deterministic mode: dR must come from its own (atomics-free) reduction over dy"
     for name, a, c in zip(("dx", "dL", "dR"), plain, fused):
         assert torch.equal(a, c), f"{name}: deterministic mode must run the atomics-free reduction"
+
+
+def _reductions_over(monkeypatch):
+    """The first operand's shape of every `_launch_reduce` from now on: (M, out) is dR's reduction over dy."""
+    calls = []
+    real = launch._launch_reduce
+    monkeypatch.setattr(launch, "_launch_reduce", lambda *a, **k: calls.append(tuple(a[0].shape)) or real(*a, **k))
+    return calls
+
+
+# (M, in, out, n*r, p, a low precision): odd M over several row tiles (their atomics meet in dR), in over several
+# column tiles (only the first may add into dR), out = the dx GEMM's K, with a ragged last K step (72) or none (96,
+# EVEN_K); in != out, so that dL's reduction over x tells itself from dR's over dy.
+FOLD_CASES = [
+    pytest.param(130, 48, 72, 4, 0.0, torch.bfloat16, id="G-in-loop-nr4"),
+    pytest.param(37, 130, 96, 16, 0.0, torch.float16, id="G-in-loop-nr16-evenK"),
+    pytest.param(130, 48, 72, 40, 0.0, torch.float16, id="G-loaded-nr40"),
+    pytest.param(37, 48, 72, 64, 0.0, torch.bfloat16, id="G-loaded-nr64"),
+    pytest.param(130, 80, 72, 16, 0.2, None, id="dropout-nr16"),
+]
+
+
+@pytest.mark.parametrize("needs", [(True, True, True), (True, False, True)], ids=["all", "dx+dR"])
+@pytest.mark.parametrize("m,k,n,nr,p,low", FOLD_CASES)
+def test_fold_dx_computes_dr_in_the_dx_gemm(monkeypatch, m, k, n, nr, p, low, needs):
+    assert launch.uses_fold_dx(nr, torch.bfloat16)
+    calls = _reductions_over(monkeypatch)
+    problem = _problem(m, k, n, nr, True, seed=30 + nr)
+    _check_all(torch.float32, *problem, p=p, seed=7, needs=needs, dr_pass="dx")
+    assert (m, n) not in calls, "dr_pass dx: dR was still reduced in a pass of its own over dy"
+    assert ((m, k) in calls) == needs[1], "dL keeps its own reduction over x (when wanted)"
+    if low is not None:  # under dropout: test_fold_dx_with_dropout_in_low_precision
+        _check_all(low, *problem, needs=needs, dr_pass="dx")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_fold_dx_with_dropout_in_low_precision(monkeypatch, dtype):
+    # The same comparison as test_dropout_matches_reference_with_the_kernel_mask (no same-dtype baseline for this
+    # mask): dtype tolerances against the fp64 reference.
+    calls = _reductions_over(monkeypatch)
+    x, w, b, lo, ro, s, dy = _problem(130, 80, 72, 16, True, seed=31)
+    mask = launch.dropout_mask_triton(x.shape, 0.2, 9, DEVICE).cpu()
+    ref = _reference(x, w, b, lo, ro, s, dy, mask, 0.2)[1:]
+    xc, wc, bc, lc, rc, dyc = _cast(dtype, x, w, b, lo, ro, dy)
+    sc = s.float().to(DEVICE)
+    _, t, bits = launch.lowrank_linear_fwd_triton(xc, wc, bc, lc, rc, sc, 0.2, 9)
+    got = launch.lowrank_linear_bwd_triton(dyc, xc, wc, lc, rc, sc, t, 0.2, 9, True, True, True, bits, "dx")
+    assert calls == [(130, 80)], f"dr_pass dx: expected dL's reduction over x only, got reductions over {calls}"
+    for name, r, g in zip(("dx", "dL", "dR"), ref, got):
+        assert g.dtype == dtype, f"{name}: dtype {g.dtype}"
+        assert_close(name, r, g.cpu(), atol=4 * _atol(dtype, r))
+
+
+def test_fold_dx_falls_back_where_it_cannot_run(monkeypatch):
+    """Without dx there is no GEMM to fold into; above FOLD_DX_MAX_R the (T s) tile does not fit: dR's own reduction
+    runs, with the plain path's result. An unknown pass is refused."""
+    calls = _reductions_over(monkeypatch)
+    assert not launch.uses_fold_dx(configs.FOLD_DX_MAX_R + 1, torch.bfloat16)
+    for m, nr, needs in ((37, 16, (False, True, True)), (38, configs.FOLD_DX_MAX_R + 1, (True, True, True))):
+        x, w, b, lo, ro, s, dy = _cast(torch.float32, *_problem(m, 48, 72, nr, True, seed=32))
+        _, t, _ = launch.lowrank_linear_fwd_triton(x, w, b, lo, ro, s, 0.0, 0)
+        plain = launch.lowrank_linear_bwd_triton(dy, x, w, lo, ro, s, t, 0.0, 0, *needs)
+        calls.clear()
+        folded = launch.lowrank_linear_bwd_triton(dy, x, w, lo, ro, s, t, 0.0, 0, *needs, dr_pass="dx")
+        assert (m, 72) in calls, f"M={m} n*r={nr} needs={needs}: dR must come from its own reduction"
+        for name, a, c in zip(("dx", "dL", "dR"), plain, folded):
+            assert (a is None and c is None) or torch.equal(a, c), f"{name}: differs from the plain path"
+    with pytest.raises(ValueError, match="dr_pass: expected one of"):
+        launch.lowrank_linear_bwd_triton(dy, x, w, lo, ro, s, t, 0.0, 0, True, True, True, dr_pass="dL")
 
 
 def test_a_mask_of_the_wrong_shape_is_refused():

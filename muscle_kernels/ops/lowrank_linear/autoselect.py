@@ -4,8 +4,10 @@ Neither path wins everywhere: the fused kernels save the adapter's extra passes 
 GEMM on most GPUs and shapes. So, like Triton's autotune, the first call of each problem class times both on the real
 inputs (forward, plus backward when gradients are wanted) and remembers the faster one for the rest of the process.
 Where the Triton backward reads dy in a pass of its own for G (n*r > 32 or dropout), a third candidate,
-"triton-fdy", also computes dR in that pass (with atomics): whether that beats a second read of dy is a property of
-the GPU, so it is timed like the others.
+"triton-fdy", also computes dR in that pass (with atomics); where it computes dx (fp16/bf16, n*r up to 64), a fourth,
+"triton-fdx", computes dR inside the dx GEMM (with atomics), so that no pass over dy is left for dR. Whether either
+beats a separate read of dy is a property of the GPU, so they are timed like the others (never in deterministic
+mode, where their atomics are off).
 
 A problem class (the cache key) is (device, dtype, M bucket (next power of two), out, in, n*r, dropout on/off,
 backward wanted). The choice is visible and can be forced:

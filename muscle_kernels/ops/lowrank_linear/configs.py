@@ -20,6 +20,7 @@ __all__ = [
     "T_CHUNK",
     "FUSED_DY_MAX_R",
     "FUSED_DY_MAX_R_IEEE",
+    "FOLD_DX_MAX_R",
     "H100_SMEM",
     "BITS_CONFIG",
     "INTERPRETER_CONFIG",
@@ -31,6 +32,7 @@ __all__ = [
     "reduce_config",
     "bits_config",
     "fused_dy_max_r",
+    "fold_dx_max_r",
     "tf32_allowed",
     "precision",
 ]
@@ -43,11 +45,16 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 FUSE_T_MAX_R = 32
 # Chunk of n*r per tl.dot when the GEMM loads a precomputed T (T_MODE 1): 64 spills at 128x256 on sm_90.
 T_CHUNK = 32
-# Widest padded n*r for which the backward may compute dR in the G pass (fused_dy): a [BLOCK_K, n*r] fp32 partial per
-# step, and (M / BLOCK_M) * out * n*r atomic adds in all. fp32 without TF32 (FMA dots, operands in registers) spilled
+# Widest padded n*r for which the backward may compute dR in the G pass (dr_pass "g"): a [BLOCK_K, n*r] fp32 partial
+# per step, and (M / BLOCK_M) * out * n*r atomic adds in all. fp32 without TF32 (FMA dots, operands in registers) spilled
 # at 64 on sm_90 (benchmarks/sm90_report.py).
 FUSED_DY_MAX_R = 64
 FUSED_DY_MAX_R_IEEE = 16
+# Widest padded n*r for which the backward may compute dR inside the dx GEMM (dr_pass "dx"), fp16/bf16 only: programs
+# hold a [BLOCK_M, n*r] (T s) tile for the whole K loop and make a [BLOCK_K, n*r] fp32 partial per step, on top of the
+# [BLOCK_M, BLOCK_N] accumulator. benchmarks/sm90_report.py: every shipped fp16/bf16 tile compiles without spills at
+# 64; fp32 (TF32 or not) spilled with G in the K loop even at 16 (benchmarks/RESULTS.md), so fp32 does not fold.
+FOLD_DX_MAX_R = 64
 H100_SMEM = 227 * 1024
 # (BLOCK_M, BLOCK_W, warps) of the dropout-mask kernel: 2048 words (65536 mask bits) per program.
 BITS_CONFIG = (64, 32, 4)
@@ -55,6 +62,11 @@ BITS_CONFIG = (64, 32, 4)
 
 def fused_dy_max_r(precision: str) -> int:
     return FUSED_DY_MAX_R_IEEE if precision == "ieee" else FUSED_DY_MAX_R
+
+
+def fold_dx_max_r(elt_size: int) -> int:
+    """The widest padded n*r folded into the dx GEMM for operands of elt_size bytes; 0: never folds (fp32)."""
+    return FOLD_DX_MAX_R if elt_size == 2 else 0
 
 
 def block_r(nr: int) -> int:
@@ -82,21 +94,26 @@ _FUSED_SHAPES_IEEE = [
 ]
 
 
-def _fused_smem(bm, bn, bk, br, stages, elt):
-    # One pipeline stage holds an A, a B and (T accumulated in the loop only) a P tile.
-    return stages * (bm * bk + bk * bn + bk * br) * elt
+def _fused_smem(bm, bn, bk, br, stages, elt, fold_r=0):
+    # One pipeline stage holds an A, a B and (T accumulated in the loop only) a P tile; dR folded in adds the (T s)
+    # tile, held for the whole loop, and room for its fp32 [BLOCK_K, n*r] partial (an upper bound of what the sm_90
+    # report's compiles add).
+    return stages * (bm * bk + bk * bn + bk * br) * elt + fold_r * (bm * elt + bk * 4)
 
 
-def fused_configs(elt_size: int, precision: str = "tf32", br: int = FUSE_T_MAX_R, smem_limit: int = H100_SMEM):
+def fused_configs(
+    elt_size: int, precision: str = "tf32", br: int = FUSE_T_MAX_R, smem_limit: int = H100_SMEM, fold_r: int = 0
+):
     """The shipped configs of the fused GEMM for an element size (bytes) and tl.dot precision, fitted to shared
-    memory. br: the P tile's width in the K loop (0 when T is loaded, T_MODE 1)."""
+    memory. br: the P tile's width in the K loop (0 when T is loaded, T_MODE 1); fold_r: the width of dR folded into
+    the dx GEMM (0: not folded)."""
     bk = 128 // elt_size
     out = []
     shapes = _FUSED_SHAPES_IEEE if elt_size == 4 and precision == "ieee" else _FUSED_SHAPES
     for bm, bn, w, st in shapes:
-        while st > 2 and _fused_smem(bm, bn, bk, br, st, elt_size) > smem_limit:
+        while st > 2 and _fused_smem(bm, bn, bk, br, st, elt_size, fold_r) > smem_limit:
             st -= 1
-        if _fused_smem(bm, bn, bk, br, st, elt_size) <= smem_limit:
+        if _fused_smem(bm, bn, bk, br, st, elt_size, fold_r) <= smem_limit:
             out.append(
                 triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=st)
             )
@@ -130,9 +147,10 @@ def prune_fused(configs, named_args, **kwargs):
         return configs
     elt = named_args["a_ptr"].element_size()
     br = kwargs["BLOCK_R"] if kwargs["T_MODE"] == 0 else 0
+    fold_r = kwargs["FOLD_R"] if kwargs["FOLD_DR"] else 0
     keep = {
         (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
-        for c in fused_configs(elt, kwargs["PRECISION"], br)
+        for c in fused_configs(elt, kwargs["PRECISION"], br, fold_r=fold_r)
     }
     return [
         c

@@ -144,28 +144,45 @@ def _check_inputs(x, weight, bias, lora_L, lora_R, scales, dropout_p):
 # --------------------------------------------------------------------------------------------------------------------
 # Custom ops (forward and backward) and their autograd formula.
 # --------------------------------------------------------------------------------------------------------------------
-_FUSED_DY = "triton-fdy"  # an internal name: users choose among BACKENDS, "auto" may also pick this one
+# Internal names: users choose among BACKENDS, "auto" may also pick these. Both are "triton" with dR computed inside
+# another backward pass over dy, through fp32 atomics: the G shrink's ("triton-fdy") or the dx GEMM's ("triton-fdx").
+_FUSED_DY = "triton-fdy"
+_FOLD_DX = "triton-fdx"
+# The Triton backends and the name of each one's backward in launch.py (they share the forward).
+_TRITON_BWD = {
+    "triton": "lowrank_linear_bwd_triton",
+    _FUSED_DY: "lowrank_linear_bwd_triton_fused_dy",
+    _FOLD_DX: "lowrank_linear_bwd_triton_fold_dx",
+}
 
 
 def _impl(backend: str):
     """(forward, backward) implementations of a concrete backend ("torch" and "cublas" share the composed GEMMs;
-    "triton-fdy", which only "auto" picks, is "triton" with dR computed in the backward's pass over dy for G)."""
-    if backend == "triton":
+    the Triton variants share the forward)."""
+    if _is_triton(backend):
         ops = _triton_launch()
-        return ops.lowrank_linear_fwd_triton, ops.lowrank_linear_bwd_triton
-    if backend == _FUSED_DY:
-        ops = _triton_launch()
-        return ops.lowrank_linear_fwd_triton, ops.lowrank_linear_bwd_triton_fused_dy
+        return ops.lowrank_linear_fwd_triton, getattr(ops, _TRITON_BWD[backend])
     return lowrank_linear_fwd_torch, lowrank_linear_bwd_torch
 
 
 def _is_triton(backend: str) -> bool:
-    return backend in ("triton", _FUSED_DY)
+    return backend in _TRITON_BWD
+
+
+def _atomic_dr_variants(x2: torch.Tensor, nr: int, dropout_p: float, needs: tuple[bool, bool, bool]) -> list[str]:
+    """The Triton variants that compute dR inside another pass over dy and change something for this backward:
+    "triton-fdy" where the backward reads dy once more for G, "triton-fdx" where it computes dx. Neither in
+    deterministic mode, where their atomics are off and they would run (and be timed as) plain "triton"."""
+    if not needs[2] or torch.are_deterministic_algorithms_enabled():
+        return []
+    ops = _triton_launch()
+    names = [_FUSED_DY] if ops.uses_fused_dy(nr, dropout_p, x2.dtype) else []
+    return names + ([_FOLD_DX] if needs[0] and ops.uses_fold_dx(nr, x2.dtype) else [])
 
 
 def _choose(args: tuple, needs: tuple[bool, bool, bool], backward: bool) -> str:
-    """backend="auto" on CUDA: the cached or freshly timed choice between the fused kernels (and, where it changes
-    anything, their variant with dR in the G pass) and cuBLAS."""
+    """backend="auto" on CUDA: the cached or freshly timed choice between the fused kernels (and, where they change
+    anything, their variants with dR in another pass over dy) and cuBLAS."""
     x2, weight, _, lora_L = args[:4]
     key = autoselect.choice_key(x2, weight, lora_L.shape[0], args[6], backward)
     can_time = not (
@@ -173,9 +190,8 @@ def _choose(args: tuple, needs: tuple[bool, bool, bool], backward: bool) -> str:
     )
     names = list(autoselect.CANDIDATES)
     timing = can_time and autoselect.cached_choice(key) is None
-    # Where the backward reads dy once more for G, the variant that also computes dR in that pass races too.
-    if timing and backward and needs[2] and _triton_launch().uses_fused_dy(lora_L.shape[0], args[6], x2.dtype):
-        names.append(_FUSED_DY)
+    if timing and backward:
+        names += _atomic_dr_variants(x2, lora_L.shape[0], args[6], needs)
     if timing:
         runners = autoselect.runners_for({name: _impl(name) for name in names}, args, backward, needs)
     else:

@@ -16,6 +16,9 @@ Design (docs/layer.md, M = all leading dims flattened, R = n*r padded to BLOCK_R
   the GEMM, i.e. 2-6% on an H100); the tile loads it and seeds its accumulator with ``(T * s) Q^T`` before the K loop
   (masked by dropout first in backward, so one [BLOCK_M, BLOCK_N] accumulator is ever live). Used for large R and
   whenever dropout is on, because the in-loop product would have to mask the A tile again in every N tile.
+  FOLD_DR (backward dx only, either mode): dR = dy^T (T s) is folded into the same K loop. The programs of the first
+  column tile hold their rows' (T s) [BLOCK_M, n*r] and add ``A_tile^T (T s)`` into an fp32 dR [out, n*r] per K step
+  with relaxed atomics, so dR needs no pass over dy of its own; the other column tiles skip it at run time.
 - `_reduce_m_kernel` computes the adapter gradients, ``C[N, NR] = drop(A)[M, N]^T (B[M, NR] * s)``:
   dR [out, NR] = dy^T (T * s) (A = dy), and dL^T [in, NR] = drop(x)^T (G * s) (A = x, written through transposed
   strides into dL [NR, in]). Tiny outputs, a long reduction over M, memory-bound on the read of A. Each program owns
@@ -120,6 +123,37 @@ def _write_partial(ptr, acc, mask, ATOMIC: tl.constexpr):
 
 
 @triton.jit
+def _scaled_t_rows(ts_ptr, s_ptr, like_ptr, rows, rows_ok, rr, r_ok, stride_tsm, stride_tsr, UPCAST: tl.constexpr):
+    """(T s)[rows] [ROWS, R], the B operand of dR = dy^T (T s), loaded once per program. Rounded to the dtype of
+    like_ptr (dy's), as the dR reduction rounds it, so that the dot runs on the tensor cores; rows past M (the
+    wrapped-around ones of the main loop) read as zero and add nothing."""
+    sc = tl.load(s_ptr + rr, mask=r_ok, other=0.0)
+    ts = tl.load(
+        ts_ptr + rows[:, None] * stride_tsm + rr.to(tl.int64)[None, :] * stride_tsr,
+        mask=rows_ok[:, None] & r_ok[None, :],
+        other=0.0,
+    )
+    ts = (ts * sc[None, :]).to(like_ptr.dtype.element_ty)
+    if UPCAST:
+        ts = ts.to(tl.float32)
+    return ts
+
+
+@triton.jit
+def _add_dr_partial(
+    dr_ptr, a, ts, kk, k_lim, rr, r_ok, stride_drk, stride_drr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr
+):
+    """dR[kk, rr] += a^T ts for one [ROWS, BLOCK_K] tile a of dy (columns kk, those < k_lim valid): the row tiles
+    meet in an fp32 dR through atomics. sem="relaxed": dR is only read after the kernel (see _write_partial)."""
+    dr = tl.dot(tl.trans(a), ts, input_precision=PRECISION)
+    at = dr_ptr + kk.to(tl.int64)[:, None] * stride_drk + rr.to(tl.int64)[None, :] * stride_drr
+    if EVEN_K:
+        tl.atomic_add(at, dr, mask=r_ok[None, :], sem="relaxed")
+    else:
+        tl.atomic_add(at, dr, mask=(kk < k_lim)[:, None] & r_ok[None, :], sem="relaxed")
+
+
+@triton.jit
 def _fused_lowrank_mm_kernel(
     a_ptr,
     b_ptr,
@@ -130,6 +164,8 @@ def _fused_lowrank_mm_kernel(
     t_ptr,
     c_ptr,
     bits_ptr,
+    ts_ptr,
+    dr_ptr,
     M,
     N,
     K,
@@ -149,10 +185,16 @@ def _fused_lowrank_mm_kernel(
     stride_cm,
     stride_cn,
     stride_bits,
+    stride_tsm,
+    stride_tsr,
+    stride_drk,
+    stride_drr,
     HAS_BIAS: tl.constexpr,
     T_MODE: tl.constexpr,
     STORE_T: tl.constexpr,
     OUT_DROP: tl.constexpr,
+    FOLD_DR: tl.constexpr,
+    FOLD_R: tl.constexpr,
     BLOCK_R: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -217,6 +259,13 @@ def _fused_lowrank_mm_kernel(
     b_cols = b_ptr + rn_safe[None, :] * stride_bn
     if T_MODE == 0:
         p_cols = p_ptr + rr64[None, :] * stride_pr
+    if FOLD_DR:
+        # Backward (A = dy): dR = dy^T (T s) folded into this GEMM. Only the first column tile's programs add their
+        # rows' share (as STORE_T stores G), so each dy tile is counted once; the others skip it at run time.
+        rd = tl.arange(0, FOLD_R)
+        rd_ok = rd < NR
+        ts = _scaled_t_rows(ts_ptr, s_ptr, a_ptr, rm_safe, m_ok, rd, rd_ok, stride_tsm, stride_tsr, UPCAST)
+        fold = pid_n == 0
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
         kk64 = kk.to(tl.int64)
@@ -231,6 +280,9 @@ def _fused_lowrank_mm_kernel(
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        if FOLD_DR:
+            if fold:
+                _add_dr_partial(dr_ptr, a, ts, kk, K, rd, rd_ok, stride_drk, stride_drr, EVEN_K, PRECISION)
         if T_MODE == 0:
             if EVEN_K:
                 pt = tl.load(p_cols + kk64[:, None] * stride_pk, mask=r_ok[None, :], other=0.0)
@@ -315,16 +367,7 @@ def _shrink_kernel(
     a_rows = a_ptr + rm_safe[:, None] * stride_am
     p_cols = p_ptr + rr64[None, :] * stride_pr
     if FUSED_DR:
-        # (T s) of this row tile, loaded once; rows past M (wrapped onto valid ones above) contribute nothing.
-        sc = tl.load(s_ptr + rr, mask=r_ok, other=0.0)
-        ts = tl.load(
-            ts_ptr + rm_safe[:, None] * stride_tsm + rr64[None, :] * stride_tsr,
-            mask=m_ok[:, None] & r_ok[None, :],
-            other=0.0,
-        )
-        ts = (ts * sc[None, :]).to(a_ptr.dtype.element_ty)
-        if UPCAST:
-            ts = ts.to(tl.float32)
+        ts = _scaled_t_rows(ts_ptr, s_ptr, a_ptr, rm_safe, m_ok, rr, r_ok, stride_tsm, stride_tsr, UPCAST)
     for k0 in range(k_start, k_end, BLOCK_K):
         kk = k0 + rk
         # int64 before the stride: k * stride_pk reaches 2^31 for long K. (Pointer tensors carried around this loop, as
@@ -346,13 +389,7 @@ def _shrink_kernel(
             pt = pt.to(tl.float32)
         acc = tl.dot(a, pt, acc, input_precision=PRECISION)
         if FUSED_DR:
-            dr = tl.dot(tl.trans(a), ts, input_precision=PRECISION)
-            dr_at = dr_ptr + kk64[:, None] * stride_drk + rr64[None, :] * stride_drr
-            # relaxed: DR is only read after the kernel (see _write_partial); acq_rel would fence every element.
-            if EVEN_K:
-                tl.atomic_add(dr_at, dr, mask=r_ok[None, :], sem="relaxed")
-            else:
-                tl.atomic_add(dr_at, dr, mask=k_ok[:, None] & r_ok[None, :], sem="relaxed")
+            _add_dr_partial(dr_ptr, a, ts, kk, k_end, rr, r_ok, stride_drk, stride_drr, EVEN_K, PRECISION)
     if HAS_DROP:
         acc = acc * drop_scale
     t = t_ptr + rm.to(tl.int64)[:, None] * stride_tm + rr64[None, :] * stride_tr
@@ -429,9 +466,10 @@ def _reduce_m_kernel(
 # EVEN_K (K a multiple of BLOCK_K, as in every LLM layer) drops the K masks from the main loop's loads.
 fused_even = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(_fused_lowrank_mm_kernel)
 # Autotuned per (M bucket, N, K, n*r, mode, B's layout, dtypes): a new token count within a power-of-two bucket
-# reuses the tuned config instead of re-tuning.
+# reuses the tuned config instead of re-tuning. FOLD_DR is its own mode: its first column tile does more work and its
+# atomics scale with M / BLOCK_M, so the best tile may differ from the plain dx GEMM's.
 fused_tuned = triton.autotune(
     configs=all_fused_configs(),
-    key=["m_bucket", "N", "K", "NR", "T_MODE", "OUT_DROP", "stride_bk", "PRECISION"],
+    key=["m_bucket", "N", "K", "NR", "T_MODE", "OUT_DROP", "FOLD_DR", "stride_bk", "PRECISION"],
     prune_configs_by={"early_config_prune": prune_fused},
 )(fused_even)

@@ -4,7 +4,8 @@
         -> (y [M, out], T [M, n*r] fp32, bits: the packed dropout mask [M, cdiv(in, 32)] int32 or, without
             dropout, empty)
     lowrank_linear_bwd_triton(dy2, x2, weight, lora_L, lora_R, scales, t, dropout_p, seed,
-                              needs_dx, needs_dL, needs_dR, bits=None) -> (dx | None, dL | None, dR | None)
+                              needs_dx, needs_dL, needs_dR, bits=None, dr_pass=None)
+        -> (dx | None, dL | None, dR | None); dr_pass "g" / "dx": dR inside the G shrink / the dx GEMM
     dropout_mask_triton(shape, p, seed, device) -> the bool keep-mask that the kernels apply (unpacked)
 
 The seed is an int or a one-element integer tensor on the inputs' device (what function.py passes, drawn there by
@@ -19,6 +20,7 @@ configs in configs.py):
               dropout:                 the packed keep-mask first, saved for backward        (+1 launch)
     backward  dx (+ G for dL):         fused GEMM dx = dy W + ((dy R) s) L, same two modes   (1-2 launches)
               dR = dy^T (T s), dL = (G s)^T drop(x): M-reductions                           (1 launch each)
+              (dR in the G shrink or in the dx GEMM with dr_pass "g" / "dx": no launch of its own)
 
 fp32 inputs use TF32 in tl.dot only when torch allows TF32 for matmuls (`torch.backends.cuda.matmul.fp32_precision`,
 or the legacy `allow_tf32` where the new API is unset or missing), IEEE otherwise. Every launch runs under a device
@@ -32,18 +34,21 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import torch
 import triton
 
 from .configs import (
+    FOLD_DX_MAX_R,
     FUSE_T_MAX_R,
     FUSED_DY_MAX_R,
     INTERPRET,
     T_CHUNK,
     bits_config,
     block_r,
+    fold_dx_max_r,
     fused_dy_max_r,
     precision,
     reduce_config,
@@ -55,7 +60,9 @@ __all__ = [
     "lowrank_linear_fwd_triton",
     "lowrank_linear_bwd_triton",
     "lowrank_linear_bwd_triton_fused_dy",
+    "lowrank_linear_bwd_triton_fold_dx",
     "uses_fused_dy",
+    "uses_fold_dx",
     "dropout_mask_triton",
     "unpack_bits",
     "force_configs",
@@ -168,7 +175,8 @@ class FusedMode(NamedTuple):
 
 
 class FusedDR(NamedTuple):
-    """The backward G shrink's extra output, dr += dy^T (ts * s) in the same pass over dy (`_shrink_kernel`)."""
+    """dR computed inside another backward pass over dy, dr += dy^T (ts * s): the G shrink's (dr_pass "g",
+    `_shrink_kernel`) or the dx GEMM's (dr_pass "dx", `_fused_lowrank_mm_kernel` with FOLD_DR)."""
 
     ts: torch.Tensor  # [M, NR] fp32: the forward's T
     s: torch.Tensor  # [NR] fp32 scales
@@ -384,7 +392,8 @@ def _launch_reduce(a, g, s, c: Mat, drop: Dropout):
     )
 
 
-def _launch_fused(ops: FusedOperands, mode: FusedMode, drop: Dropout):
+def _launch_fused(ops: FusedOperands, mode: FusedMode, drop: Dropout, fold: FusedDR | None = None):
+    """The fused GEMM; fold (backward dx only): also dr += dy^T (ts * s) from the dy tiles it streams."""
     a, c = ops.a, ops.c
     m, k = a.shape
     n = c.shape[1]
@@ -395,6 +404,8 @@ def _launch_fused(ops: FusedOperands, mode: FusedMode, drop: Dropout):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
     bits = _no_bits(a.device) if drop.bits is None else drop.bits
+    # Stand-ins without FOLD_DR (never read); the fold's scales are ops.s, already an argument.
+    ts, _, dr = fold if fold is not None else (ops.t, None, ops.t)
     args = (
         a,
         ops.b.data,
@@ -405,6 +416,8 @@ def _launch_fused(ops: FusedOperands, mode: FusedMode, drop: Dropout):
         ops.t,
         c,
         bits,
+        ts,
+        dr,
         m,
         n,
         k,
@@ -421,12 +434,18 @@ def _launch_fused(ops: FusedOperands, mode: FusedMode, drop: Dropout):
         c.stride(0),
         c.stride(1),
         bits.stride(0),
+        ts.stride(0),
+        ts.stride(1),
+        dr.stride(0),
+        dr.stride(1),
     )
     meta = dict(
         HAS_BIAS=ops.bias is not None,
         T_MODE=mode.t_mode,
         STORE_T=mode.store_t,
         OUT_DROP=mode.out_drop,
+        FOLD_DR=fold is not None,
+        FOLD_R=block_r(nr) if fold is not None else 16,
         BLOCK_R=br,
         UPCAST=INTERPRET,
         PRECISION=precision(a.dtype),
@@ -473,41 +492,67 @@ def _fwd(x2, weight, bias, lora_L, lora_R, scales, dropout_p, seed):
     return y, t, bits
 
 
+# Where the backward may compute dR (lowrank_linear_bwd_triton's dr_pass).
+_DR_PASSES = (None, "g", "dx")
+
+
 def lowrank_linear_bwd_triton(
-    dy2, x2, weight, lora_L, lora_R, scales, t, dropout_p, seed, needs_dx, needs_dL, needs_dR, bits=None, fused_dy=False
+    dy2, x2, weight, lora_L, lora_R, scales, t, dropout_p, seed, needs_dx, needs_dL, needs_dR, bits=None, dr_pass=None
 ):
     """docs/layer.md: dx = dy W + drop'((G s) L), dR = dy^T (T s), dL = (G s)^T drop(x), with G = dy R.
 
     bits: the forward's packed dropout mask; None (or empty) regenerates it from `seed`, the same mask.
-    fused_dy: where G has its own pass over dy (n*r > 32 or dropout), compute dR in that pass too, with fp32 atomics
-    (n*r up to 64, 16 for fp32 without TF32; never in deterministic mode). backend="auto" times this variant as
-    "triton-fdy"."""
+    dr_pass: where dR is computed. None: a reduction over dy of its own (deterministic). Otherwise inside another pass
+    over dy, the row tiles meeting in dR through fp32 atomics (so never in deterministic mode, which runs the
+    reduction):
+    - "g": where G has its own pass over dy (n*r > 32 or dropout), in that pass (n*r up to 64, 16 for fp32 without
+      TF32). backend="auto" times this variant as "triton-fdy".
+    - "dx": where dx is computed, in the dx GEMM, which streams every dy tile anyway: its first column tile's programs
+      add dy_tile^T (T s) (fp16/bf16, n*r up to FOLD_DX_MAX_R, either GEMM mode, with or without dropout). No pass
+      over dy is left for dR. backend="auto" times it as "triton-fdx".
+    Where the asked pass does not exist or n*r does not fit, dR falls back to its reduction."""
+    if dr_pass not in _DR_PASSES:
+        raise ValueError(f"dr_pass: expected one of {_DR_PASSES}, got {dr_pass!r}")
     _check_dtypes(x2, dy=dy2, weight=weight, lora_L=lora_L, lora_R=lora_R)
     with _device_guard(x2.device):
         return _bwd(
-            dy2, x2, weight, lora_L, lora_R, scales, t, dropout_p, seed, needs_dx, needs_dL, needs_dR, bits, fused_dy
+            dy2, x2, weight, lora_L, lora_R, scales, t, dropout_p, seed, needs_dx, needs_dL, needs_dR, bits, dr_pass
         )
 
 
-def lowrank_linear_bwd_triton_fused_dy(
-    dy2, x2, weight, lora_L, lora_R, scales, t, dropout_p, seed, needs_dx, needs_dL, needs_dR, bits=None
-):
-    """`lowrank_linear_bwd_triton` with fused_dy=True (the backward of auto's "triton-fdy" candidate)."""
-    return lowrank_linear_bwd_triton(
-        dy2, x2, weight, lora_L, lora_R, scales, t, dropout_p, seed, needs_dx, needs_dL, needs_dR, bits, fused_dy=True
-    )
+# The backwards of auto's "triton-fdy" and "triton-fdx" candidates (the backends' backward signature).
+lowrank_linear_bwd_triton_fused_dy = functools.partial(lowrank_linear_bwd_triton, dr_pass="g")
+lowrank_linear_bwd_triton_fold_dx = functools.partial(lowrank_linear_bwd_triton, dr_pass="dx")
 
 
 def uses_fused_dy(nr: int, dropout_p: float, dtype: torch.dtype) -> bool:
-    """Whether fused_dy changes anything for this n*r, dropout and dtype (G has its own pass over dy, n*r fits)."""
+    """Whether dr_pass="g" changes anything for this n*r, dropout and dtype (G has its own pass over dy, n*r fits)."""
     # The limit is a register budget of compiled kernels; the interpreter runs every width (for the tests).
     limit = FUSED_DY_MAX_R if INTERPRET else fused_dy_max_r(precision(dtype))
     return not _fuse_t(nr, dropout_p) and block_r(nr) <= limit
 
 
-def _bwd(
-    dy2, x2, weight, lora_L, lora_R, scales, t, dropout_p, seed, needs_dx, needs_dL, needs_dR, bits, fused_dy=False
-):
+def uses_fold_dx(nr: int, dtype: torch.dtype) -> bool:
+    """Whether dr_pass="dx" changes anything for this n*r and dtype when dx and dR are both wanted (the dx GEMM reads dy
+    in every mode, with or without dropout, so only the width of the (T s) tile it holds limits it)."""
+    limit = FOLD_DX_MAX_R if INTERPRET else fold_dx_max_r(dtype.itemsize)
+    return block_r(nr) <= limit
+
+
+def _dr_source(wanted, needs_dx, needs_dR, shrink_g, nr, p, dtype):
+    """The pass over dy that also computes dR: "g" (the G shrink), "dx" (the dx GEMM), or None (dR's own
+    reduction). wanted: the pass the caller asked for; it is kept only where it exists and fits, and never in
+    deterministic mode (the row tiles meet through atomics)."""
+    if not needs_dR or torch.are_deterministic_algorithms_enabled():
+        return None
+    if wanted == "g" and shrink_g and uses_fused_dy(nr, p, dtype):
+        return "g"
+    if wanted == "dx" and needs_dx and uses_fold_dx(nr, dtype):
+        return "dx"
+    return None
+
+
+def _bwd(dy2, x2, weight, lora_L, lora_R, scales, t, dropout_p, seed, needs_dx, needs_dL, needs_dR, bits, dr_pass):
     m, k = x2.shape
     n, nr = weight.shape[0], lora_L.shape[0]
     p = float(dropout_p)
@@ -533,16 +578,11 @@ def _bwd(
     # P[r, k'] = R^T[r, k'] = R[k', r] (the K of this GEMM runs over out)
     r_as_p = Mat.transposed(lora_R)
     fuse = _fuse_t(nr, p)  # dropout needs the masked low-rank part first (T_MODE 1)
-    # dR from the pass that reads dy for G, when there is such a pass (G is not accumulated in the dx GEMM).
+    # The G shrink reads dy when G is not accumulated in the dx GEMM; dR may come from it or from the dx GEMM.
     shrink_g = (needs_dx and not fuse) or (needs_dL and not needs_dx)
+    dr_in = _dr_source(dr_pass, needs_dx, needs_dR, shrink_g, nr, p, x2.dtype)
     fused_dr = None
-    if (
-        fused_dy
-        and needs_dR
-        and shrink_g
-        and uses_fused_dy(nr, p, x2.dtype)
-        and not torch.are_deterministic_algorithms_enabled()
-    ):
+    if dr_in is not None:
         dr32 = torch.zeros((n, nr), dtype=torch.float32, device=dev)
         fused_dr = FusedDR(t.to(torch.float32).contiguous(), s, dr32)  # T is fp32 already: no copy
     if needs_dx:
@@ -550,7 +590,7 @@ def _bwd(
         if needs_dL or not fuse:
             g = _alloc((m, nr), torch.float32, dev)
         if not fuse:
-            _launch_shrink(dy2, r_as_p, g, NO_DROPOUT, fused_dr)
+            _launch_shrink(dy2, r_as_p, g, NO_DROPOUT, fused_dr if dr_in == "g" else None)
         # B[k', n'] = W[k', n'] (k' over out, n' over in); Q[n', r] = L[r, n']. Without a G to store (fused, no dL)
         # the scales stand in for T's pointer, never read.
         _launch_fused(
@@ -559,10 +599,11 @@ def _bwd(
             ),
             FusedMode(t_mode=0 if fuse else 1, store_t=fuse and needs_dL, out_drop=p > 0.0),
             Dropout(p, bits),
+            fused_dr if dr_in == "dx" else None,
         )
     elif needs_dL:
         g = _alloc((m, nr), torch.float32, dev)
-        _launch_shrink(dy2, r_as_p, g, NO_DROPOUT, fused_dr)
+        _launch_shrink(dy2, r_as_p, g, NO_DROPOUT, fused_dr if dr_in == "g" else None)
     if needs_dL:
         dl32 = _alloc((nr, k), torch.float32, dev)
         # dL^T [in, n*r] written through dL's transposed strides
