@@ -194,3 +194,13 @@ def test_info_command(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "muscle_kernels" in out and "torch" in out and "grad_align" in out
+
+
+@pytest.mark.parametrize("command", ["demo", "defend", "analyze", "info"])
+def test_help_prints_single_percent_signs(capsys, command):
+    # argparse %-formats argument help but not a description, so a "%%" written there reaches the user as is.
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and f"muscle-lora {command}" in out
+    assert "%%" not in out

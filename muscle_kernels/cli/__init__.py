@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo",
         help="the built-in experiment (offline, a few minutes on a CPU)",
-        description="all-MiniLM-L6-v2 on the shipped review corpus poisoned with BadNets at 10%%; "
+        description="all-MiniLM-L6-v2 on the shipped review corpus poisoned with BadNets at 10%; "
         "compares the methods and writes results.json and a plot.",
     )
     demo.add_argument(
