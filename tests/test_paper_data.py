@@ -90,6 +90,11 @@ def test_missing_pieces_are_named(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no training set"):
         resolve_training_set(str(tmp_path / "empty"))
+    attack_folder(tmp_path / "dataset" / "badnets")
+    attack_folder(tmp_path / "dataset" / "addsent")
+    (tmp_path / "dataset" / "notes").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"it holds attack folders \(addsent, badnets\): pass one of them"):
+        resolve_training_set(str(tmp_path / "dataset"))
     root = attack_folder(tmp_path / "c")
     (root / "test-poison.csv").unlink()
     with pytest.raises(FileNotFoundError, match="missing test-poison.csv"):

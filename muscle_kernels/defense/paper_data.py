@@ -88,9 +88,19 @@ def resolve_training_set(directory: str, *, setting: str | None = None, rate: fl
         if os.path.isfile(here):
             # no mixed sets: only the folder's own file, checked by check_training_set (a pool is refused there)
             return here, directory
+        # a dataset folder (hsol/) one level above its attack folders is the likeliest mistake: name them
+        attacks = sorted(
+            d
+            for d in os.listdir(directory)
+            if os.path.isdir(os.path.join(directory, d))
+            and (
+                find_training_sets(os.path.join(directory, d)) or os.path.isfile(os.path.join(directory, d, TRAIN_FILE))
+            )
+        )
+        hint = f"; it holds attack folders ({', '.join(attacks)}): pass one of them" if attacks else ""
         raise FileNotFoundError(
             f"{directory}: no training set (expected <setting>/<rate>/{TRAIN_FILE}, e.g. "
-            f"mix/0.1/{TRAIN_FILE}, or {TRAIN_FILE})"
+            f"mix/0.1/{TRAIN_FILE}, or {TRAIN_FILE}){hint}"
         )
     wanted = " ".join(
         x for x in (setting and f"--poison-setting {setting}", rate is not None and f"--poison-rate {rate}") if x
