@@ -204,3 +204,17 @@ def test_help_prints_single_percent_signs(capsys, command):
     out = capsys.readouterr().out
     assert e.value.code == 0 and f"muscle-lora {command}" in out
     assert "%%" not in out
+
+
+def test_result_table_columns_line_up_for_long_method_names():
+    from muscle_kernels.cli import format_table
+
+    rows = [
+        dict(method=m, cacc=0.9975, asr=a, best_epoch=2, train_seconds=367.7, step_seconds=1.168)
+        for m, a in (("lora", 1.0), ("refonly", 0.0072), ("muscle-screen", 0.0))
+    ]
+    lines = format_table(rows).splitlines()
+    # every column ends at the same character in the header and in each row, whatever the method's name
+    ends = {len(line) for line in lines}
+    assert len(ends) == 1, lines
+    assert [line.index("%") for line in lines[1:]] == [lines[1].index("%")] * 3

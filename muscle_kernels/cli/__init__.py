@@ -337,16 +337,17 @@ def _check_device(name: str) -> None:
 
 
 def format_table(results) -> str:
-    lines = [f"{'method':<10} {'CACC':>8} {'ASR':>8} {'best ep':>7} {'train s':>8} {'step s':>7}"]
+    w = max([len("method"), *(len(r["method"]) for r in results)])  # muscle-screen is 13 characters
+    lines = [f"{'method':<{w}} {'CACC':>8} {'ASR':>8} {'best ep':>7} {'train s':>8} {'step s':>7}"]
     for r in results:
         if r.get("diverged"):  # its CACC / ASR were not measured: a broken model's numbers are no defense
             lines.append(
-                f"{r['method']:<10} {'diverged':>8} {'diverged':>8} {'-':>7} "
+                f"{r['method']:<{w}} {'diverged':>8} {'diverged':>8} {'-':>7} "
                 f"{r['train_seconds']:>8.1f} {r['step_seconds']:>7.3f}  ({r.get('diverged_reason', '')})"
             )
             continue
         lines.append(
-            f"{r['method']:<10} {100 * r['cacc']:>7.2f}% {100 * r['asr']:>7.2f}% {r['best_epoch']:>7d} "
+            f"{r['method']:<{w}} {100 * r['cacc']:>7.2f}% {100 * r['asr']:>7.2f}% {r['best_epoch']:>7d} "
             f"{r['train_seconds']:>8.1f} {r['step_seconds']:>7.3f}"
         )
     return "\n".join(lines)
