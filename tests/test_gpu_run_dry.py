@@ -187,7 +187,7 @@ import time
 
 
 def test_broken():
-    assert 1 == 2, "the failure that must be listed"
+    raise AssertionError("the failure that must be listed")
 
 
 def test_fine():
