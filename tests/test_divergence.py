@@ -19,6 +19,24 @@ def test_divergence_rule():
     assert "more than 10 x its start" in _divergence(11.0, 0.69, 7)
 
 
+def test_an_aligned_run_is_watched_on_its_reference_loss():
+    """muscle-ga refuses to fit the rows that disagree with the reference set: their training loss may grow far above
+    its start (11.4 against 0.70 on HSOL AddSent, the model at 94% CACC) without the model breaking. Its reference
+    loss, the one it follows, is watched; its training loss has to stay finite."""
+    from muscle_kernels.defense.train import DivergenceWatch
+
+    plain = DivergenceWatch()
+    assert plain(1, 0.7) is None and "loss 11.4 at step 2" in plain(2, 11.4)
+    aligned = DivergenceWatch()
+    assert aligned(1, 0.7, aligned=True, ref_loss=0.69) is None
+    assert aligned(2, 11.4, aligned=True, ref_loss=0.0) is None  # the reference set fitted, training loss up
+    assert aligned(3, 12.9, aligned=True, ref_loss=None) is None  # a step without a reference batch
+    assert "loss nan at step 4" in aligned(4, float("nan"), aligned=True, ref_loss=0.1)
+    assert "reference loss nan at step 5" in aligned(5, 3.0, aligned=True, ref_loss=float("nan"))
+    why = aligned(6, 3.0, aligned=True, ref_loss=10.5)
+    assert why.startswith("reference loss 10.5 at step 6, more than 10 x its start 0.69"), why
+
+
 def test_non_finite_weights_after_the_last_step_mark_a_divergence(tmp_path):
     """The last update can break the weights after the last loss was computed (finite): still diverged."""
     from muscle_kernels.align.step import AlignClipStep

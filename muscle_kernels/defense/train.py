@@ -407,7 +407,7 @@ def _fit(
     if on_step is not None:
         on_step(0, model, method=method)
     step = 0
-    first_loss = None
+    watch = DivergenceWatch()
     bar = tqdm(total=total_steps, desc=method, leave=False, disable=not progress)
     losses, branches = [], []
     while step < total_steps:
@@ -431,8 +431,11 @@ def _fit(
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
             if on_step is not None:
                 on_step(step, model, method=method)
-            first_loss = losses[0] if first_loss is None else first_loss
-            diverged = _divergence(losses[-1], first_loss, step)
+            if aligner is None:
+                diverged = watch(step, losses[-1])
+            else:  # a step that aligned nothing ("skipped") has no reference loss
+                ref_loss = None if done.align.branch == "skipped" else done.align.ref_loss
+                diverged = watch(step, losses[-1], aligned=True, ref_loss=ref_loss)
             if (
                 diverged is None
                 and step == ends[len(history)]
@@ -689,13 +692,37 @@ def train_method(
 DIVERGENCE_FACTOR = 10.0
 
 
-def _divergence(loss: float, first: float, step: int) -> str | None:
+def _divergence(loss: float, first: float, step: int, name: str = "loss") -> str | None:
     """Why the run diverged at `step` (a loss of nan/inf, or far above its start), or None."""
     if not math.isfinite(loss):
-        return f"loss {loss} at step {step}"
+        return f"{name} {loss} at step {step}"
     if math.isfinite(first) and loss > DIVERGENCE_FACTOR * max(first, 1.0):
-        return f"loss {loss:.4g} at step {step}, more than {DIVERGENCE_FACTOR:g} x its start {first:.4g}"
+        return f"{name} {loss:.4g} at step {step}, more than {DIVERGENCE_FACTOR:g} x its start {first:.4g}"
     return None
+
+
+class DivergenceWatch:
+    """The divergence rule over a run, on the loss the run follows.
+
+    A plain run descends its training loss, so that loss is watched. An aligned run (muscle-ga) moves along the
+    reference gradient: it refuses to fit the rows that disagree with the reference set, and its model grows
+    confident, so the training loss of those rows may rise far above its start while the classifier is sound.
+    There the reference loss is watched for growth; the training loss only has to stay finite (a NaN training
+    gradient would reach the weights)."""
+
+    def __init__(self):
+        self.first: dict[str, float] = {}
+
+    def __call__(self, step: int, loss: float, aligned: bool = False, ref_loss: float | None = None) -> str | None:
+        """Why the run diverged at `step`, or None. ref_loss: None at an aligned step that had no reference batch."""
+        if not aligned:
+            return self._check("loss", loss, step)
+        if not math.isfinite(loss):
+            return f"loss {loss} at step {step}"
+        return None if ref_loss is None else self._check("reference loss", ref_loss, step)
+
+    def _check(self, name: str, value: float, step: int) -> str | None:
+        return _divergence(value, self.first.setdefault(name, value), step, name)
 
 
 def _diverged_record(method, reason, history, step_times, lr, params, device, settings) -> dict:
