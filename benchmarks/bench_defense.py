@@ -378,7 +378,7 @@ def _plot_curve(rows, path):
     )
     if not panels:
         return
-    fig, axes = plt.subplots(2, len(panels), figsize=(4 * len(panels) + 1, 6), squeeze=False, sharex=True)
+    fig, axes = plt.subplots(2, len(panels), figsize=(4 * len(panels) + 1, 6), squeeze=False, sharex="col")
     for col, (tag, attack) in enumerate(panels):
         for method in sorted({r["method"] for r in rows}, key=_order):
             sub = sorted(
@@ -400,6 +400,10 @@ def _plot_curve(rows, path):
         axes[0][col].set_title(f"{attack} ({tag})", fontsize=9)
         axes[1][col].set_xlabel("training rows")
         axes[1][col].set_xscale("log")
+        sizes = sorted({r["train"] for r in rows if (r["tag"], r["attack"]) == (tag, attack)})
+        for ax in (axes[0][col], axes[1][col]):  # the measured sizes only: log-scale minor labels overlap
+            ax.minorticks_off()
+            ax.set_xticks(sizes, [f"{n:,}" for n in sizes])
     axes[0][0].set_ylabel("CACC %")
     axes[1][0].set_ylabel("ASR %")
     axes[0][0].legend(fontsize=7)
