@@ -8,7 +8,9 @@
 mixed training set is found the same way). Every (attack, method, seed) run is subsampled to `--train-size` training
 rows, `--dev-size` clean dev rows (the muscle-ga reference set is drawn from them), `--test-size` clean and
 `--poison-test-size` poisoned test rows, with the run's seed; the training settings are `muscle-lora defend`'s
-defaults unless `--recipe` or `--set key=value` change them.
+defaults unless `--recipe` or `--set key=value` change them. The evaluation rows depend on the seed alone and the
+training rows of a smaller `--train-size` are a subset of a larger one's (`--draw nested`), so the points of a
+learning curve differ only in their training rows; `--draw v1` repeats the earlier runs' draw.
 
 Each run is saved as it finishes (runs/<tag>/<attack>/<method>-s<seed>.json under --out), so an interrupted benchmark
 picks up where it stopped; then the summary is written: summary.csv (one row per tag, attack and method), summary.md
@@ -75,6 +77,42 @@ def _subsample(samples, n, rng):
     return [samples[i] for i in idx]
 
 
+def _first_of_shuffle(samples, n, seed):
+    """The first n rows of one shuffle per seed, in file order: a smaller n gives a subset of a larger one."""
+    order = list(range(len(samples)))
+    random.Random(seed).shuffle(order)
+    return [samples[i] for i in sorted(order[: len(samples) if n is None else n])]
+
+
+# `nested`: the evaluation rows come from the seed alone, and the training rows are the first N of one shuffle, so
+# every point of a learning curve is scored on the same dev, reference and test rows, and each training set holds the
+# smaller ones; the curve then shows what the extra rows do, not which test rows were drawn.
+# `v1`: the draw of the runs before 2026-12-07 (the dev and test rows were drawn after the training rows, so they
+# changed with --train-size); kept so that those run files reproduce.
+DRAWS = ("nested", "v1")
+TRAIN_STREAM = 104729  # the training shuffle's seed offset: its own stream, apart from the evaluation draws
+CLEAN_STREAM = 7919
+
+
+def draw_splits(found, seed, train_size, dev_size, test_size, poison_test_size, draw="nested"):
+    """(train, dev, test_clean, test_poison, dev_poison) of one run; see DRAWS."""
+    if draw not in DRAWS:
+        raise ValueError(f"draw: {draw!r} is not one of {', '.join(DRAWS)}")
+    if draw == "v1":
+        rng = random.Random(seed)
+        train = _subsample(found["train"], train_size, rng)
+    else:
+        rng = random.Random(seed)
+        train = _first_of_shuffle(found["train"], train_size, seed + TRAIN_STREAM)
+    return (
+        train,
+        _subsample(found["dev"], dev_size, rng),
+        _subsample(found["test_clean"], test_size, rng),
+        _subsample(found["test_poison"], poison_test_size, rng),
+        _subsample(found.get("dev_poison", []), poison_test_size // 2, rng),
+    )
+
+
 def detection(scores, flags):
     """(AUROC, precision at the true poison count) of suspicion scores against the poison flags (ties count half).
     The flags are ground truth for measuring only: the method never sees them."""
@@ -98,7 +136,7 @@ def detection(scores, flags):
     return auroc, sum(flags[i] for i in top) / len(pos)
 
 
-def _clean_rows(attack_dir, train, full_train, n, rng):
+def _clean_rows(attack_dir, train, full_train, n, seed, draw):
     """`clean`'s training rows: the same rows without their poison where train-clean.csv lines up with the training
     file (AG News), else as many rows drawn from train-clean.csv (HSOL's files are in different orders)."""
     from muscle_kernels.defense.data import load_paper_csv
@@ -113,7 +151,9 @@ def _clean_rows(attack_dir, train, full_train, n, rng):
     if aligned:
         index = {id(s): i for i, s in enumerate(full_train)}
         return [clean[index[id(s)]] for s in train]
-    return _subsample(clean, n, rng)
+    if draw == "v1":
+        return _subsample(clean, n, random.Random(seed + CLEAN_STREAM))
+    return _first_of_shuffle(clean, n, seed + CLEAN_STREAM)
 
 
 def run_one(attack_dir, method, seed, args, settings_kw, log, train_size=None):
@@ -125,18 +165,13 @@ def run_one(attack_dir, method, seed, args, settings_kw, log, train_size=None):
     from muscle_kernels.defense.train import Settings, Splits, run_methods
 
     found = load_paper_folder(attack_dir, setting=args.poison_setting, rate=args.poison_rate)
-    rng = random.Random(seed)
-    train = _subsample(found["train"], train_size, rng)
-    splits = Splits(
-        train=train,
-        dev=_subsample(found["dev"], args.dev_size, rng),
-        test_clean=_subsample(found["test_clean"], args.test_size, rng),
-        test_poison=_subsample(found["test_poison"], args.poison_test_size, rng),
-        dev_poison=_subsample(found.get("dev_poison", []), args.poison_test_size // 2, rng),
+    train, dev, test_clean, test_poison, dev_poison = draw_splits(
+        found, seed, train_size, args.dev_size, args.test_size, args.poison_test_size, args.draw
     )
+    splits = Splits(train=train, dev=dev, test_clean=test_clean, test_poison=test_poison, dev_poison=dev_poison)
     flags = [s.poisoned for s in train]
     if method == "clean":
-        splits.train = _clean_rows(attack_dir, train, found["train"], len(train), random.Random(seed + 7919))
+        splits.train = _clean_rows(attack_dir, train, found["train"], len(train), seed, args.draw)
     # the methods never see the flag: the training rows are handed over without it
     splits.train = [dataclasses.replace(s, poisoned=False) for s in splits.train]
     settings = Settings(**{**settings_kw, "seed": seed})
@@ -158,6 +193,7 @@ def run_one(attack_dir, method, seed, args, settings_kw, log, train_size=None):
         attack=_attack_name(attack_dir),
         seed=seed,
         source=found["source"],
+        draw=args.draw,
         num_labels=num_labels,
         sizes=dict(
             train=len(splits.train),
@@ -440,6 +476,13 @@ def main(argv=None):
     p.add_argument("--dev-size", type=int, default=800)
     p.add_argument("--test-size", type=int, default=800)
     p.add_argument("--poison-test-size", type=int, default=400)
+    p.add_argument(
+        "--draw",
+        choices=DRAWS,
+        default="nested",
+        help="how each run's rows are drawn: nested (default; the same dev, reference and test rows at every "
+        "--train-size, the training rows nested) or v1 (the runs before 2026-12-07)",
+    )
     p.add_argument("--recipe", default="default", help="default or paper (muscle-lora defend --recipe)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a Settings field, repeatable")
     p.add_argument("--tag", default=None, help="name of this configuration in the summary (default: from --set)")
@@ -484,6 +527,12 @@ def main(argv=None):
             out / "runs" / tag.replace("/", "_").replace(" ", "_") / attack / f"{method}-n{size or 'all'}-s{seed}.json"
         )
         if path.exists():
+            # a run file drawn another way would sit beside this benchmark's runs as if comparable
+            was = json.loads(path.read_text()).get("draw", "v1")
+            if was != args.draw:
+                raise SystemExit(
+                    f"{path}: run with --draw {was}, this benchmark uses --draw {args.draw}; use another --out"
+                )
             continue
         t0 = time.perf_counter()
         print(f"[{i}/{len(jobs)}] {tag} | {attack} | {size or 'all'} rows | {method} | seed {seed}", flush=True)
