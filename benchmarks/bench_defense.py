@@ -280,7 +280,7 @@ def summarise(out: Path):
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     _plot(rows, out / "defense.png")
     if len({r["train"] for r in rows}) > 1:
-        _plot_curve(rows, out / "learning_curve.png")
+        _plot_curve(rows, out / "learning_curve.png", runs)
     print("\n".join(lines))
     return rows
 
@@ -399,9 +399,10 @@ COLORS = {
 }
 
 
-def _plot_curve(rows, path):
+def _plot_curve(rows, path, runs=()):
     """CACC and ASR against the training set's size, one line per method (one colour each), one column per attack
-    measured at two sizes or more (per tag)."""
+    measured at two sizes or more (per tag). Each seed's own runs are drawn faintly behind the mean: with nested
+    draws a seed's points differ only in their training rows, so its line shows the gain the mean summarises."""
     plt = _pyplot()
     if plt is None:
         return
@@ -423,7 +424,20 @@ def _plot_curve(rows, path):
             )
             if not sub:
                 continue
+            seeds = {}
+            for r in runs:
+                if (r["tag"], r["attack"], r["method"]) == (tag, attack, method):
+                    seeds.setdefault(r["seed"], []).append(r)
             for row, key in enumerate(("cacc", "asr")):
+                for one in seeds.values():
+                    one = sorted(one, key=lambda r: r["sizes"]["train"])
+                    axes[row][col].plot(
+                        [r["sizes"]["train"] for r in one],
+                        [100 * r[key] for r in one],
+                        color=COLORS.get(method),
+                        alpha=0.25,
+                        linewidth=1,
+                    )
                 axes[row][col].errorbar(
                     [r["train"] for r in sub],
                     [r[f"{key}_mean"] for r in sub],
@@ -442,7 +456,12 @@ def _plot_curve(rows, path):
             ax.set_xticks(sizes, [f"{n:,}" for n in sizes])
     axes[0][0].set_ylabel("CACC %")
     axes[1][0].set_ylabel("ASR %")
-    axes[0][0].legend(fontsize=7)
+    # one legend for the figure: a method measured in only some columns is still named
+    labels = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            labels.setdefault(label, handle)
+    axes[0][0].legend(labels.values(), labels.keys(), fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -67,3 +67,37 @@ def test_a_run_file_of_another_draw_is_not_mixed_in(tmp_path):
     argv = ["--data", str(data), "--methods", "lora", "--seeds", "0", "--train-size", "4", "--out", str(out)]
     with pytest.raises(SystemExit, match="--draw v1.*--draw nested"):
         main([*argv, "--model", str(tmp_path / "no-model")])
+
+
+def _run_file(out, method, size, seed, cacc):
+    path = out / "runs" / "ref200" / "toy-badnets" / f"{method}-n{size}-s{seed}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    run = dict(
+        tag="ref200",
+        attack="toy-badnets",
+        method=method,
+        seed=seed,
+        draw="nested",
+        cacc=cacc,
+        asr=0.05 + 0.01 * seed,
+        train_seconds=10.0,
+        step_seconds=0.1,
+        steps=100,
+        sizes=dict(train=size, poisoned=size // 10, dev=100, ref=20, test_clean=200, test_poison=50),
+    )
+    path.write_text(json.dumps(run))
+
+
+def test_the_summary_of_two_sizes_draws_the_curve_with_each_seed(tmp_path):
+    from bench_defense import summarise
+
+    for seed, (small, large) in enumerate([(0.80, 0.83), (0.82, 0.81), (0.79, 0.84)]):
+        _run_file(tmp_path, "muscle-screen", 200, seed, small)
+        _run_file(tmp_path, "muscle-screen", 500, seed, large)
+    _run_file(tmp_path, "clean", 500, 0, 0.86)  # a method measured at one size only still gets its point
+    summarise(tmp_path)
+    table = (tmp_path / "summary.md").read_text()
+    assert "| ref200 | toy-badnets | 200 | muscle-screen | 3 | 80.3" in table
+    assert "| ref200 | toy-badnets | 500 | muscle-screen | 3 | 82.7" in table
+    for name in ("learning_curve.png", "defense.png"):
+        assert (tmp_path / name).stat().st_size > 10_000
