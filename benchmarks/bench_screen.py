@@ -7,8 +7,9 @@ measuring only: the screen never reads it).
     python benchmarks/bench_screen.py --data ../shared/data/hsol --features words,first --seeds 0,1,2  # an ablation
 
 `--parts tokens` needs no model (seconds); `label` trains muscle-screen's reference-set LoRA for each run (minutes on
-a CPU). The rows are drawn like bench_defense.py draws them (same seed, same sizes: the same training, reference and
-dev rows), so the numbers match that benchmark's muscle-screen runs. Writes screen.csv and screen.md under --out.
+a CPU). The rows are drawn like bench_defense.py draws them (same seed, sizes and `--draw`: the same training,
+reference and dev rows), so the numbers match that benchmark's muscle-screen runs. Writes screen.csv and screen.md
+under --out.
 """
 
 from __future__ import annotations
@@ -16,14 +17,13 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import random
 import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_defense import _attack_dirs, _attack_name, _subsample, detection  # noqa: E402
+from bench_defense import DRAWS, _attack_dirs, _attack_name, detection, draw_splits  # noqa: E402
 
 from muscle_kernels.defense.screen import FEATURES  # noqa: E402
 
@@ -34,9 +34,8 @@ def screen_one(attack_dir, seed, args, parts):
     from muscle_kernels.defense.train import Settings, Splits, split_reference
 
     found = load_paper_folder(attack_dir)
-    rng = random.Random(seed)  # the draws of bench_defense.run_one, in its order
-    train = _subsample(found["train"], args.train_size, rng)
-    dev = _subsample(found["dev"], args.dev_size, rng)
+    # bench_defense's draw (no test rows: the screen is scored on the training rows)
+    train, dev, *_ = draw_splits(found, seed, args.train_size, args.dev_size, 0, 0, args.draw)
     flags = [s.poisoned for s in train]
     splits = Splits(
         train=[dataclasses.replace(s, poisoned=False) for s in train], dev=dev, test_clean=[], test_poison=[]
@@ -105,6 +104,7 @@ def main(argv=None):
     p.add_argument("--dev-size", type=int, default=1000)
     p.add_argument("--ref-size", type=int, default=200)
     p.add_argument("--quantile", type=float, default=0.9)
+    p.add_argument("--draw", choices=DRAWS, default="nested", help="bench_defense.py's --draw")
     p.add_argument(
         "--no-label-pairs",
         action="store_true",
