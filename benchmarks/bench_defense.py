@@ -98,11 +98,10 @@ def draw_splits(found, seed, train_size, dev_size, test_size, poison_test_size, 
     """(train, dev, test_clean, test_poison, dev_poison) of one run; see DRAWS."""
     if draw not in DRAWS:
         raise ValueError(f"draw: {draw!r} is not one of {', '.join(DRAWS)}")
-    if draw == "v1":
-        rng = random.Random(seed)
+    rng = random.Random(seed)
+    if draw == "v1":  # the training rows from the evaluation rows' stream, before them
         train = _subsample(found["train"], train_size, rng)
     else:
-        rng = random.Random(seed)
         train = _first_of_shuffle(found["train"], train_size, seed + TRAIN_STREAM)
     return (
         train,
